@@ -1,0 +1,50 @@
+# fedgate — two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EDGES ?= 2
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo up test lint typecheck imports pytest bench gpu-check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU build of torch first (it lies on this disk); an unpinned torch would pull CUDA
+	$(BIN)/pip install --quiet "torch==2.13.0" "numpy<2"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install fedgate with its dev tools
+
+demo: $(STAMP) ## start a local stack, infer through the gateway, stop cleanly
+	$(BIN)/fedgate demo --edges $(EDGES)
+
+up: $(STAMP) ## run the whole stack locally until Ctrl-C
+	$(BIN)/fedgate up --edges $(EDGES)
+
+lint: $(STAMP) ## ruff, mypy and the import contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy fedcore gateway edge_runtime trainer fedgate
+	$(BIN)/lint-imports
+
+pytest: $(STAMP) ## the test suite alone (exit 5, no test ran, fails)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test: lint pytest ## lint, type-check, then the whole suite against real nats-server and tritonserver
+
+bench: $(STAMP) ## run every benchmark script
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+gpu-check: $(STAMP) ## one edge on the GPU: inference latency and training step time
+	$(BIN)/python benchmarks/gpu_check.py
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

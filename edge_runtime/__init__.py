@@ -1,0 +1,1 @@
+"""Edge runtime: supervises a local tritonserver, heartbeats, learns from local traffic."""

@@ -1,0 +1,50 @@
+"""The error hierarchy every fedgate package builds on.
+
+Each package has one base class deriving from :class:`FedgateError`. Errors carry
+structured fields (``reason`` and friends) so callers and metrics never parse messages.
+"""
+
+from __future__ import annotations
+
+
+class FedgateError(Exception):
+    """Base of every error fedgate raises on purpose."""
+
+
+class ConfigError(FedgateError):
+    """A setting is missing, malformed or inconsistent."""
+
+
+class ProcessError(FedgateError):
+    """A supervised process could not start, become ready or stop.
+
+    ``name`` is the process (``nats-server``, ``tritonserver[edge-1]``), ``reason`` a short
+    machine-readable cause (``binary-missing``, ``port-in-use``, ``exited``, ``timeout``).
+    """
+
+    def __init__(self, name: str, reason: str, detail: str) -> None:
+        self.name = name
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{name}: {reason}: {detail}")
+
+
+class ModelSpecError(FedgateError):
+    """A model spec is inconsistent, or a tensor does not match it."""
+
+
+class ArtifactError(FedgateError):
+    """A model artifact is unsigned, tampered, or otherwise must not be loaded.
+
+    ``reason`` is one of ``missing-manifest``, ``bad-signature``, ``digest-mismatch``,
+    ``unlisted-file``, ``missing-file``, ``unsafe-path``, ``malformed``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"artifact rejected ({reason}): {detail}")
+
+
+class KeyFileError(FedgateError):
+    """A key file is missing, unreadable, of the wrong type, or too widely readable."""

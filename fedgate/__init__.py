@@ -1,0 +1,1 @@
+"""Composition root: the fedgate CLI and the local launcher."""

@@ -1,0 +1,1 @@
+"""Trainer: rounds, aggregation, evaluation, signed ONNX releases."""
