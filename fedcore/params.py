@@ -1,0 +1,56 @@
+"""Model parameters as one flat FP32 vector, in the module's ``state_dict`` order.
+
+Updates travel and aggregate as flat vectors; the layout (names and shapes) is derived
+from the model spec, so both ends agree without sending it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedcore.errors import ModelSpecError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def layout(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every floating-point tensor in ``state_dict`` order."""
+    return [
+        (name, tuple(t.shape)) for name, t in module.state_dict().items() if t.is_floating_point()
+    ]
+
+
+def flatten(module: torch.nn.Module) -> np.ndarray:
+    """All floating-point parameters and buffers as one contiguous FP32 vector (a copy)."""
+    parts = [
+        t.detach().to("cpu").reshape(-1).float().numpy()
+        for t in module.state_dict().values()
+        if t.is_floating_point()
+    ]
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def load_flat(module: torch.nn.Module, vector: np.ndarray) -> None:
+    """Write a flat FP32 vector back into ``module`` (shape-checked)."""
+    import torch
+
+    state = module.state_dict()
+    total = sum(t.numel() for t in state.values() if t.is_floating_point())
+    if vector.ndim != 1 or vector.size != total:
+        raise ModelSpecError(f"parameter vector has {vector.size} values, model needs {total}")
+    offset = 0
+    new_state = {}
+    for name, t in state.items():
+        if not t.is_floating_point():
+            new_state[name] = t
+            continue
+        n = t.numel()
+        chunk = np.ascontiguousarray(vector[offset : offset + n], dtype=np.float32)
+        new_state[name] = torch.from_numpy(chunk.copy()).reshape(t.shape).to(t.dtype)
+        offset += n
+    module.load_state_dict(new_state)
