@@ -48,3 +48,41 @@ class ArtifactError(FedgateError):
 
 class KeyFileError(FedgateError):
     """A key file is missing, unreadable, of the wrong type, or too widely readable."""
+
+
+class EnvelopeError(FedgateError):
+    """A sealed model update is refused, or cannot be built.
+
+    ``reason`` is one of :attr:`REASONS`, so logs and metrics never parse messages;
+    ``detail`` says what exactly was wrong.
+    """
+
+    REASONS = frozenset(
+        {
+            "malformed",
+            "truncated",
+            "oversize",
+            "unsupported-suite",
+            "unknown-edge",
+            "bad-signature",
+            "decrypt-failed",
+            "wrong-model",
+            "wrong-round",
+            "stale-round",
+            "base-mismatch",
+            "non-finite",
+            "decode-error",
+        }
+    )
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown envelope rejection reason {reason!r}")
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"update rejected ({reason}): {detail}")
+
+
+class CodecError(EnvelopeError):
+    """An update payload does not decode at its fixed dtype (``decode-error``), or holds
+    non-finite values (``non-finite``)."""
