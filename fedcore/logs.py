@@ -16,7 +16,7 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 
 
 class JsonFormatter(logging.Formatter):
-    """Format records as JSON with ``ts``, ``level``, ``service``, ``logger``, ``msg`` and extras."""
+    """Records as JSON: ``ts``, ``level``, ``service``, ``logger``, ``msg`` and extras."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -33,7 +33,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+                out[key] = (
+                    value if isinstance(value, str | int | float | bool | None) else str(value)
+                )
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

@@ -6,9 +6,10 @@ from the model spec, so both ends agree without sending it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedcore.errors import ModelSpecError
 
@@ -23,7 +24,7 @@ def layout(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     ]
 
 
-def flatten(module: torch.nn.Module) -> np.ndarray:
+def flatten(module: torch.nn.Module) -> NDArray[Any]:
     """All floating-point parameters and buffers as one contiguous FP32 vector (a copy)."""
     parts = [
         t.detach().to("cpu").reshape(-1).float().numpy()
@@ -32,10 +33,11 @@ def flatten(module: torch.nn.Module) -> np.ndarray:
     ]
     if not parts:
         return np.zeros(0, dtype=np.float32)
-    return np.concatenate(parts).astype(np.float32, copy=False)
+    out: NDArray[Any] = np.concatenate(parts).astype(np.float32, copy=False)
+    return out
 
 
-def load_flat(module: torch.nn.Module, vector: np.ndarray) -> None:
+def load_flat(module: torch.nn.Module, vector: NDArray[Any]) -> None:
     """Write a flat FP32 vector back into ``module`` (shape-checked)."""
     import torch
 

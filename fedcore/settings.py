@@ -20,7 +20,9 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid", frozen=True)
 
-    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
+    )
     nats_user: str = Field(description="NATS user name of this service")
     nats_password_file: Path = Field(description="file holding the NATS password (mode 0600)")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")

@@ -8,16 +8,22 @@ input/output names and dynamic batch axis (``fedcore.onnx_export``), the Triton
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedcore.errors import ModelSpecError
 
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
 if TYPE_CHECKING:
     import torch
+
+Split = tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]  # x/y train, x/y test
 
 # Open Inference Protocol datatype -> (numpy dtype, Triton config type)
 DATATYPES: dict[str, tuple[str, str]] = {
@@ -41,6 +47,8 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ModelSpecError(f"tensor name {self.name!r} must be an identifier")
         if self.datatype not in DATATYPES:
             raise ModelSpecError(f"tensor {self.name!r}: unsupported datatype {self.datatype!r}")
         if any(d < 1 for d in self.shape):
@@ -63,7 +71,10 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     module_factory: Callable[[], torch.nn.Module] = field(repr=False)
-    preprocess: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    preprocess: Callable[[NDArray[Any]], NDArray[Any]] = field(repr=False)
+    dataset: Callable[[], tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]] = field(
+        repr=False
+    )
     input_convention: str
     max_batch_size: int = 64
     preferred_batch_sizes: tuple[int, ...] = (8, 32)
@@ -72,13 +83,17 @@ class ModelSpec:
     opset: int = 17
 
     def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ModelSpecError(f"model name {self.name!r} must be an identifier")
         names = [t.name for t in (*self.inputs, *self.outputs)]
         if len(set(names)) != len(names):
             raise ModelSpecError(f"model {self.name!r}: tensor names must be unique, got {names}")
         if not self.inputs or not self.outputs:
             raise ModelSpecError(f"model {self.name!r}: needs at least one input and one output")
         if any(b > self.max_batch_size for b in self.preferred_batch_sizes):
-            raise ModelSpecError(f"model {self.name!r}: preferred batch sizes exceed max_batch_size")
+            raise ModelSpecError(
+                f"model {self.name!r}: preferred batch sizes exceed max_batch_size"
+            )
 
     def build_module(self) -> torch.nn.Module:
         """A fresh torch module for this model (random initial weights)."""

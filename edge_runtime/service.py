@@ -1,0 +1,124 @@
+"""The edge runtime service: prepare the repository, run Triton, heartbeat to the fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import nats
+from nats.aio.client import Client as NATS
+
+from edge_runtime.repository import detect_kind, prepare_model
+from edge_runtime.settings import EdgeSettings
+from edge_runtime.triton import TritonServer
+from fedcore import subjects
+from fedcore.keys import ed25519_public_from_hex, read_secret
+from fedcore.wire import Heartbeat, ModelState
+
+log = logging.getLogger(__name__)
+
+
+class EdgeRuntime:
+    """One edge. ``start`` prepares and loads; ``run`` heartbeats until ``stop``."""
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        self.kind = detect_kind() if settings.instance_kind == "auto" else settings.instance_kind
+        self.repository = settings.data_dir / "model_repository"
+        self.triton = TritonServer(
+            name=f"tritonserver[{settings.edge_id}]",
+            repository=self.repository,
+            work_dir=settings.data_dir / "triton",
+            host=settings.triton_host,
+            http_port=settings.triton_http_port,
+            grpc_port=settings.triton_grpc_port,
+            metrics_port=settings.triton_metrics_port,
+            control_secret=read_secret(settings.triton_control_secret_file),
+            exit_timeout_s=settings.exit_timeout_s,
+        )
+        self._nc: NATS | None = None
+        self._seq = 0
+        self._stopping = asyncio.Event()
+        self._stopped = False
+
+    def start_triton(self) -> None:
+        """Install verified versions, start Triton and load every model (main thread)."""
+        trusted = ed25519_public_from_hex(self.settings.trainer_public_key_file.read_text())
+        for model in self.settings.models:
+            prepare_model(
+                self.repository, self.settings.seed_artifacts_dir, model, self.kind, trusted
+            )
+        self.triton.start(self.settings.ready_timeout_s)
+        for model in self.settings.models:
+            self.triton.load(model)
+            log.info("model %s loaded", model, extra={"model": model})
+
+    def heartbeat(self) -> Heartbeat:
+        """The current heartbeat, from Triton's repository index."""
+        states: dict[str, ModelState] = {m: ModelState() for m in self.settings.models}
+        for entry in self.triton.index():
+            name, version = str(entry.get("name")), str(entry.get("version"))
+            if name not in states or not version.isdigit():
+                continue
+            if entry.get("state") == "READY":
+                states[name].ready.append(int(version))
+            elif entry.get("state") == "UNAVAILABLE" and entry.get("reason"):
+                states[name].failed[int(version)] = str(entry["reason"])
+        self._seq += 1
+        device = "cuda" if self.kind == "KIND_GPU" else "cpu"
+        return Heartbeat(
+            edge_id=self.settings.edge_id,
+            url=self.triton.url,
+            seq=self._seq,
+            ts=time.time(),
+            models=states,
+            device=device,
+        )
+
+    async def run(self) -> None:
+        """Connect to NATS and heartbeat until :meth:`request_stop`."""
+        s = self.settings
+        self._nc = await nats.connect(
+            servers=s.nats_url.split(","),
+            user=s.nats_user,
+            password=s.nats_password(),
+            name=f"edge:{s.edge_id}",
+            max_reconnect_attempts=-1,
+        )
+        subject = subjects.heartbeat(s.edge_id)
+        while not self._stopping.is_set():
+            beat = await asyncio.to_thread(self.heartbeat)
+            await self._nc.publish(subject, beat.encode())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), s.heartbeat_interval_s)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Leave the fleet, close NATS, then stop Triton. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._nc is not None and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(subjects.leave(self.settings.edge_id), b"")
+                await asyncio.wait_for(self._nc.drain(), 5)
+        self.triton.stop()
+
+
+async def serve(settings: EdgeSettings) -> None:
+    """Run one edge until SIGTERM or SIGINT."""
+    runtime = EdgeRuntime(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runtime.request_stop)
+    try:
+        runtime.start_triton()
+        log.info("edge %s ready at %s", settings.edge_id, runtime.triton.url)
+        await runtime.run()
+    finally:
+        await runtime.shutdown()

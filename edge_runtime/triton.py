@@ -1,0 +1,169 @@
+"""The edge's own tritonserver: the binary bundled in ``nvidia-pytriton``, supervised.
+
+Explicit model-control mode; the model-repository API is restricted by a secret header,
+so only this runtime can load or unload models. Ports bind to the edge's private address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import ModelLoadError
+from fedcore.process import ManagedProcess
+
+log = logging.getLogger(__name__)
+
+CONTROL_HEADER = "fedgate-control-key"
+
+
+@dataclass(frozen=True)
+class TritonDist:
+    """Where the bundled Triton lives inside the nvidia-pytriton wheel."""
+
+    root: Path
+
+    @classmethod
+    def find(cls) -> TritonDist:
+        import pytriton
+
+        return cls(Path(pytriton.__file__).parent / "tritonserver")
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def libs(self) -> Path:
+        return self.root.parent.parent / "nvidia_pytriton.libs"
+
+    def stub(self) -> Path:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+
+
+def prepare_backends(dist: TritonDist, target: Path) -> Path:
+    """Copy the python backend with the stub for this Python into ``target`` (once)."""
+    python_dir = target / "python"
+    if not (python_dir / "triton_python_backend_stub").exists():
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(dist.root / "backends", target)
+        shutil.copy2(dist.stub(), python_dir / "triton_python_backend_stub")
+    return target
+
+
+class TritonServer:
+    """Start, probe, control and stop one tritonserver."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        repository: Path,
+        work_dir: Path,
+        host: str,
+        http_port: int,
+        grpc_port: int,
+        metrics_port: int,
+        control_secret: str,
+        exit_timeout_s: int = 10,
+    ) -> None:
+        self.host = host
+        self.http_port = http_port
+        self.control_secret = control_secret
+        self.exit_timeout_s = exit_timeout_s
+        dist = TritonDist.find()
+        backends = prepare_backends(dist, work_dir / "backends")
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = ":".join(
+            p for p in (str(dist.libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        # The python-backend stub runs models with this interpreter's environment.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        argv = [
+            str(dist.binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            f"--http-restricted-api=model-repository:{CONTROL_HEADER}={control_secret}",
+            f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={control_secret}",
+            f"--http-address={host}",
+            f"--http-port={http_port}",
+            f"--grpc-address={host}",
+            f"--grpc-port={grpc_port}",
+            f"--metrics-address={host}",
+            f"--metrics-port={metrics_port}",
+            f"--exit-timeout-secs={exit_timeout_s}",
+            "--strict-readiness=true",
+            "--log-verbose=0",
+        ]
+        ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        self.process = ManagedProcess(
+            name, argv, log_path=work_dir / "tritonserver.log", env=env, cwd=work_dir, ports=ports
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, control: bool = False
+    ) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"}
+        if control:
+            headers[CONTROL_HEADER] = self.control_secret
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)  # noqa: S310 - our own loopback URL
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:  # noqa: S310
+                return int(resp.status), bytes(resp.read())
+        except urllib.error.HTTPError as err:
+            return int(err.code), bytes(err.read())
+
+    def live(self) -> bool:
+        return self._request("GET", "/v2/health/live")[0] == 200
+
+    def start(self, timeout: float) -> None:
+        """Start and wait until the server answers ``/v2/health/live``."""
+        self.process.start()
+        self.process.wait_ready(self.live, timeout)
+
+    def load(self, model: str) -> None:
+        """Load (or reload) ``model`` through the repository API; raise with Triton's reason."""
+        status, body = self._request("POST", f"/v2/repository/models/{model}/load", b"{}", True)
+        if status != 200:
+            raise ModelLoadError(model, None, _error_text(body))
+
+    def unload(self, model: str) -> None:
+        status, body = self._request("POST", f"/v2/repository/models/{model}/unload", b"{}", True)
+        if status != 200:
+            raise ModelLoadError(model, None, "unload failed: " + _error_text(body))
+
+    def index(self) -> list[dict[str, Any]]:
+        """Triton's repository index: name, version, state, reason per model version."""
+        import json
+
+        status, body = self._request("POST", "/v2/repository/index", b"{}", True)
+        if status != 200:
+            return []
+        entries = json.loads(body)
+        return [e for e in entries if isinstance(e, dict)]
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for Triton's drain deadline (plus slack), then kill what is left."""
+        return self.process.stop(timeout=self.exit_timeout_s + 5)
+
+
+def _error_text(body: bytes) -> str:
+    import json
+
+    try:
+        return str(json.loads(body).get("error", body.decode(errors="replace")))
+    except ValueError:
+        return body.decode(errors="replace")

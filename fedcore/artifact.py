@@ -1,0 +1,168 @@
+"""Signed model artifacts: a version directory plus ``manifest.json``.
+
+The manifest lists the SHA-256 of every file, the model, version, parent version and
+round, and carries the trainer's Ed25519 signature over its canonical JSON. An edge
+verifies the signature against the trainer key it trusts (never a key the artifact
+names), refuses symlinks, unlisted files and unsafe names, and checks every digest before
+anything reaches the Triton model repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedcore.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_MAX_MANIFEST = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a signed version directory contains."""
+
+    model: str
+    version: int
+    parent_version: int | None
+    round: int | None
+    files: dict[str, str]  # file name -> SHA-256 hex
+    format: int = FORMAT
+
+    def canonical(self) -> bytes:
+        """The exact bytes that are signed."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _regular_files(directory: Path) -> list[str]:
+    names = []
+    for entry in os.scandir(directory):
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            raise ArtifactError("unsafe-path", f"{entry.name!r} is not a regular file")
+        if not _SAFE_NAME.match(entry.name):
+            raise ArtifactError("unsafe-path", f"file name {entry.name!r} is not allowed")
+        names.append(entry.name)
+    return sorted(names)
+
+
+def sign_version_dir(
+    directory: Path,
+    key: ed25519.Ed25519PrivateKey,
+    *,
+    model: str,
+    version: int,
+    parent_version: int | None = None,
+    round_id: int | None = None,
+) -> Manifest:
+    """Hash every file in ``directory``, sign the manifest, write ``manifest.json``."""
+    files = {n: sha256_file(directory / n) for n in _regular_files(directory) if n != MANIFEST}
+    manifest = Manifest(model, version, parent_version, round_id, files)
+    body = {"manifest": asdict(manifest), "signature": key.sign(manifest.canonical()).hex()}
+    (directory / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _parse_manifest(directory: Path) -> tuple[Manifest, bytes]:
+    path = directory / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        raise ArtifactError("missing-manifest", f"{directory} has no {MANIFEST}")
+    if path.stat().st_size > _MAX_MANIFEST:
+        raise ArtifactError("malformed", f"{MANIFEST} is larger than {_MAX_MANIFEST} bytes")
+    try:
+        body = json.loads(path.read_text())
+        fields = body["manifest"]
+        manifest = Manifest(
+            model=str(fields["model"]),
+            version=int(fields["version"]),
+            parent_version=fields["parent_version"],
+            round=fields["round"],
+            files={str(k): str(v) for k, v in dict(fields["files"]).items()},
+            format=int(fields["format"]),
+        )
+        signature = bytes.fromhex(body["signature"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError("malformed", f"{MANIFEST} cannot be parsed: {exc}") from None
+    if manifest.format != FORMAT:
+        raise ArtifactError("malformed", f"manifest format {manifest.format} is not {FORMAT}")
+    return manifest, signature
+
+
+def verify_version_dir(
+    directory: Path,
+    trusted: ed25519.Ed25519PublicKey,
+    *,
+    model: str | None = None,
+    version: int | None = None,
+) -> Manifest:
+    """Verify signature, file list and every digest; return the manifest or raise."""
+    manifest, signature = _parse_manifest(directory)
+    try:
+        trusted.verify(signature, manifest.canonical())
+    except InvalidSignature:
+        raise ArtifactError(
+            "bad-signature", f"{directory}: not signed by the trusted key"
+        ) from None
+    if model is not None and manifest.model != model:
+        raise ArtifactError("malformed", f"manifest is for model {manifest.model!r}, not {model!r}")
+    if version is not None and manifest.version != version:
+        raise ArtifactError(
+            "malformed", f"manifest is for version {manifest.version}, not {version}"
+        )
+    present = set(_regular_files(directory)) - {MANIFEST}
+    for name in manifest.files:
+        if not _SAFE_NAME.match(name):
+            raise ArtifactError("unsafe-path", f"manifest lists unsafe name {name!r}")
+    if extra := sorted(present - set(manifest.files)):
+        raise ArtifactError("unlisted-file", f"files not in the manifest: {extra}")
+    if missing := sorted(set(manifest.files) - present):
+        raise ArtifactError("missing-file", f"files in the manifest but absent: {missing}")
+    for name, digest in manifest.files.items():
+        if sha256_file(directory / name) != digest:
+            raise ArtifactError("digest-mismatch", f"{name}: SHA-256 differs from the manifest")
+    return manifest
+
+
+def install_version(
+    source: Path, model_dir: Path, trusted: ed25519.Ed25519PublicKey, *, version: int
+) -> Manifest:
+    """Verify ``source`` and place it at ``model_dir/<version>`` atomically.
+
+    Files are copied to a staging directory beside the model directory, verified again
+    there (the copy is what Triton will read), then renamed into place.
+    """
+    manifest = verify_version_dir(source, trusted, model=model_dir.name, version=version)
+    staging_root = model_dir.parent / ".staging"
+    staging = staging_root / f"{model_dir.name}-{version}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for name in (*manifest.files, MANIFEST):
+        shutil.copyfile(source / name, staging / name, follow_symlinks=False)
+    verify_version_dir(staging, trusted, model=model_dir.name, version=version)
+    target = model_dir / str(version)
+    if target.exists():
+        shutil.rmtree(target)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging.rename(target)
+    return manifest

@@ -1,0 +1,84 @@
+"""Wire messages on NATS, sans-IO: pure encode/decode, tested without a broker.
+
+Messages are compact JSON validated strictly on decode; a malformed message raises
+:class:`WireError` naming the message type and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedcore.errors import FedgateError
+
+EDGE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class WireError(FedgateError):
+    """A message on the wire could not be decoded."""
+
+    def __init__(self, message_type: str, detail: str) -> None:
+        self.message_type = message_type
+        self.detail = detail
+        super().__init__(f"malformed {message_type}: {detail}")
+
+
+def check_edge_id(value: str) -> str:
+    """Edge ids are lowercase DNS-label-like names (they appear in NATS subjects)."""
+    if not EDGE_ID.match(value):
+        raise ValueError(f"edge id {value!r} must match {EDGE_ID.pattern}")
+    return value
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "<root>"
+            raise WireError(cls.__name__, f"{where}: {first['msg']}") from None
+
+
+class ModelState(_Message):
+    """One model on one edge: ready versions, and versions that failed with the reason."""
+
+    ready: list[int] = Field(default_factory=list)
+    failed: dict[int, str] = Field(default_factory=dict)
+
+
+class Heartbeat(_Message):
+    """An edge's periodic announcement: where to reach it and what it serves."""
+
+    edge_id: str
+    url: str
+    seq: int = Field(ge=0)
+    ts: float
+    models: dict[str, ModelState]
+    inflight: int = Field(default=0, ge=0)
+    device: str = "cpu"
+
+    @field_validator("edge_id")
+    @classmethod
+    def _edge_id(cls, v: str) -> str:
+        return check_edge_id(v)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+$", v):
+            raise ValueError(f"url {v!r} must be http(s)://host:port")
+        return v
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    """Decode a heartbeat or raise :class:`WireError`."""
+    return Heartbeat.decode(data)

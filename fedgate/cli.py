@@ -1,0 +1,124 @@
+"""The ``fedgate`` command: ``up``, ``demo``, ``status`` (more subcommands join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from fedcore.errors import FedgateError
+from fedcore.logs import configure_logging
+from fedgate.launcher import Stack, StackConfig
+
+log = logging.getLogger("fedgate")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
+    p.add_argument("--edges", type=int, default=2, help="number of edge runtimes (default 2)")
+    p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (default 8080)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(data_dir),
+        help=f"state directory (default {data_dir})",
+    )
+    p.add_argument("--log-level", default="INFO")
+
+
+def _stack_config(args: argparse.Namespace) -> StackConfig:
+    if args.edges < 1:
+        raise FedgateError("--edges must be at least 1")
+    return StackConfig(
+        data_dir=args.data_dir.resolve(), edges=args.edges, port=args.port, log_level=args.log_level
+    )
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = Stack(_stack_config(args))
+    try:
+        _out(f"starting {args.edges} edge(s); logs under {stack.config.data_dir / 'logs'}")
+        stack.start()
+        _out(f"gateway:  {stack.gateway_url}  (Open Inference Protocol v2 under /v2)")
+        _out(f"fleet:    {stack.gateway_url}/v1/edges")
+        _out(f"nats:     {stack.nats_url}")
+        for edge_id, ports in stack.edge_ports.items():
+            _out(
+                f"{edge_id}:   triton http://{stack.config.host}:{ports.http} (private to the edge)"
+            )
+        _out("ready; Ctrl-C stops the stack")
+        while True:
+            time.sleep(1)
+            if dead := stack.failed():
+                log.error("processes exited: %s; see their logs", ", ".join(dead))
+                return 1
+    except Interrupted as sig:
+        _out(f"{sig}: stopping")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        _out("stopped")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedgate.demo import run_demo
+
+    return run_demo(_stack_config(args), _out)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedgate.status import print_status
+
+    return print_status(args.url, _out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the whole stack locally until Ctrl-C")
+    _add_stack_args(up, ".fedgate")
+    up.set_defaults(func=cmd_up)
+    demo = sub.add_parser("demo", help="start the stack, infer through the gateway, stop")
+    _add_stack_args(demo, ".fedgate/demo")
+    demo.set_defaults(func=cmd_demo)
+    status = sub.add_parser("status", help="print the fleet of a running gateway")
+    status.add_argument("--url", default="http://127.0.0.1:8080", help="gateway URL")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging("fedgate", getattr(args, "log_level", "INFO"), json_lines=False)
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        code: int = args.func(args)
+    except FedgateError as exc:
+        log.error("%s", exc)
+        return 1
+    except Interrupted:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

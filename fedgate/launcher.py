@@ -1,0 +1,251 @@
+"""The local launcher: the whole stack on one machine, each service its own process.
+
+Order of start: nats-server, trainer bootstrap (signed version 1), trainer, edges (each
+with its own tritonserver), gateway. Stop runs in reverse, each with a deadline, and
+leaves no process behind. Secrets and keys are created under the data directory on first
+start (development convenience; production mounts them, see the README).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedcore.errors import ProcessError
+from fedcore.keys import generate_ed25519, load_ed25519, public_hex, write_public, write_secret
+from fedcore.process import ManagedProcess, free_port
+from fedgate.natsconf import render_nats_config, write_nats_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What ``fedgate up`` was asked for."""
+
+    data_dir: Path
+    edges: int = 2
+    port: int = 8080
+    host: str = "127.0.0.1"
+    nats_port: int = 0  # 0: pick a free port
+    log_level: str = "INFO"
+    ready_timeout_s: float = 180.0
+
+
+@dataclass
+class EdgePorts:
+    http: int
+    grpc: int
+    metrics: int
+
+
+@dataclass
+class Stack:
+    """The processes of one local stack."""
+
+    config: StackConfig
+    processes: list[ManagedProcess] = field(default_factory=list)
+    nats_url: str = ""
+    edge_ports: dict[str, EdgePorts] = field(default_factory=dict)
+    _stopped: bool = False
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def edge_ids(self) -> list[str]:
+        return [f"edge-{i + 1}" for i in range(self.config.edges)]
+
+    # -- secrets ---------------------------------------------------------------------
+    def _secret(self, name: str) -> Path:
+        path = self.config.data_dir / "secrets" / name
+        if not path.exists():
+            write_secret(path, secrets.token_urlsafe(24))
+        return path
+
+    def _signing_key(self) -> Path:
+        keys = self.config.data_dir / "keys"
+        private, public = keys / "trainer-signing.key", keys / "trainer-signing.pub"
+        if not private.exists():
+            generate_ed25519(private)
+        write_public(public, public_hex(load_ed25519(private)))
+        return private
+
+    def _service_env(self, prefix: str, user: str, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        settings = {
+            "NATS_URL": self.nats_url,
+            "NATS_USER": user,
+            "NATS_PASSWORD_FILE": str(self._secret(f"nats-{user}.pass")),
+            "LOG_LEVEL": self.config.log_level,
+        }
+        for key, value in (settings | extra).items():
+            env[f"{prefix}{key}"] = value
+        return env
+
+    # -- processes -------------------------------------------------------------------
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], ports: dict[str, int]
+    ) -> ManagedProcess:
+        proc = ManagedProcess(
+            name, argv, log_path=self.config.data_dir / "logs" / f"{name}.log", env=env, ports=ports
+        )
+        proc.start()
+        self.processes.append(proc)
+        return proc
+
+    def _start_nats(self) -> None:
+        cfg = self.config
+        port = cfg.nats_port or free_port()
+        monitor = free_port()
+        users = {
+            u: _read(self._secret(f"nats-{u}.pass")) for u in ["trainer", "gateway", *self.edge_ids]
+        }
+        conf = cfg.data_dir / "nats" / "nats.conf"
+        write_nats_config(
+            conf,
+            render_nats_config(
+                host=cfg.host,
+                port=port,
+                monitor_port=monitor,
+                store_dir=cfg.data_dir / "nats" / "jetstream",
+                users=users,
+            ),
+        )
+        binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
+        proc = self._spawn(
+            "nats-server",
+            [binary, "-c", str(conf)],
+            dict(os.environ),
+            {"client": port, "monitor": monitor},
+        )
+        proc.wait_ready(
+            lambda: _http_ok(f"http://{cfg.host}:{monitor}/healthz?js-enabled-only=true"), 30
+        )
+        self.nats_url = f"nats://{cfg.host}:{port}"
+
+    def _bootstrap_trainer(self, env: dict[str, str]) -> None:
+        log.info("preparing version 1 of the models (first start trains briefly)")
+        log_path = self.config.data_dir / "logs" / "trainer-bootstrap.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as out:
+            result = subprocess.run(
+                [sys.executable, "-m", "trainer", "bootstrap"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=600,
+                check=False,
+            )
+        if result.returncode != 0:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+            raise ProcessError(
+                "trainer bootstrap", "exited", f"exit code {result.returncode}:\n{tail}"
+            )
+
+    def _start_trainer(self) -> None:
+        d = self.config.data_dir / "trainer"
+        env = self._service_env(
+            "FEDGATE_TRAINER_",
+            "trainer",
+            {"DATA_DIR": str(d), "SIGNING_KEY_FILE": str(self._signing_key())},
+        )
+        self._bootstrap_trainer(env)
+        self._spawn("trainer", [sys.executable, "-m", "trainer", "serve"], env, {})
+
+    def _start_edge(self, edge_id: str) -> ManagedProcess:
+        ports = EdgePorts(free_port(), free_port(), free_port())
+        self.edge_ports[edge_id] = ports
+        d = self.config.data_dir / "edges" / edge_id
+        env = self._service_env(
+            "FEDGATE_EDGE_",
+            edge_id,
+            {
+                "EDGE_ID": edge_id,
+                "DATA_DIR": str(d),
+                "SEED_ARTIFACTS_DIR": str(self.config.data_dir / "trainer" / "artifacts"),
+                "TRAINER_PUBLIC_KEY_FILE": str(
+                    self.config.data_dir / "keys" / "trainer-signing.pub"
+                ),
+                "TRITON_CONTROL_SECRET_FILE": str(self._secret(f"triton-control-{edge_id}")),
+                "TRITON_HOST": self.config.host,
+                "TRITON_HTTP_PORT": str(ports.http),
+                "TRITON_GRPC_PORT": str(ports.grpc),
+                "TRITON_METRICS_PORT": str(ports.metrics),
+                "READY_TIMEOUT_S": str(self.config.ready_timeout_s),
+            },
+        )
+        return self._spawn(edge_id, [sys.executable, "-m", "edge_runtime"], env, {})
+
+    def _start_gateway(self) -> ManagedProcess:
+        env = self._service_env(
+            "FEDGATE_GATEWAY_", "gateway", {"HOST": self.config.host, "PORT": str(self.config.port)}
+        )
+        return self._spawn(
+            "gateway", [sys.executable, "-m", "gateway"], env, {"http": self.config.port}
+        )
+
+    def start(self) -> None:
+        """Start everything and wait until the gateway routes to every edge."""
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._signing_key()
+        self._start_nats()
+        self._start_trainer()
+        edges = [self._start_edge(e) for e in self.edge_ids]
+        gateway = self._start_gateway()
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        for proc in edges:
+            proc.wait_ready(self._edge_probe(proc.name), max(1.0, deadline - time.monotonic()))
+        gateway.wait_ready(self._gateway_sees_all, max(1.0, deadline - time.monotonic()))
+
+    def _edge_probe(self, edge_id: str) -> Callable[[], bool]:
+        url = f"http://{self.config.host}:{self.edge_ports[edge_id].http}/v2/health/ready"
+        return lambda: _http_ok(url)
+
+    def _gateway_sees_all(self) -> bool:
+        with urllib.request.urlopen(self.gateway_url + "/v1/edges", timeout=2) as resp:  # noqa: S310
+            edges = json.loads(resp.read())["edges"]
+        return len(edges) == self.config.edges and all(
+            any(m["ready"] for m in e["models"].values()) for e in edges
+        )
+
+    def failed(self) -> list[str]:
+        """Processes that have exited on their own."""
+        return [p.name for p in self.processes if p.exited() is not None]
+
+    def stop(self) -> None:
+        """Stop in reverse start order, each with a deadline. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for proc in reversed(self.processes):
+            timeout = 30.0 if proc.name.startswith("edge-") else 15.0
+            try:
+                proc.stop(timeout=timeout)
+            except ProcessError as exc:
+                log.error("%s", exc)
+        log.info("stack stopped")
+
+
+def _read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback probe
+            return int(resp.status) == 200
+    except (OSError, ValueError):
+        return False

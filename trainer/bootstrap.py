@@ -1,0 +1,100 @@
+"""Version 1 of a model: brief centralised training on a small public seed set.
+
+Version 1 is deliberately modest (a tenth of the public train split by default): the
+edges improve it from their own traffic. It is exported to ONNX, checked against torch,
+given its generated ``model.py`` and signed like every later version.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from numpy.typing import NDArray
+
+from fedcore.artifact import MANIFEST, sign_version_dir
+from fedcore.onnx_export import check_onnx_matches_torch, export_onnx
+from fedcore.params import flatten
+from fedcore.spec import ModelSpec
+from fedcore.triton_model import MODEL_PY, ONNX_FILE, render_model_py
+
+log = logging.getLogger(__name__)
+
+
+def train_seed_model(spec: ModelSpec, fraction: float, epochs: int, seed: int) -> NDArray[Any]:
+    """Train ``spec``'s module briefly on a seed slice; return its flat parameters."""
+    import torch
+
+    torch.manual_seed(seed)
+    x_train, y_train, _, _ = spec.dataset()
+    rng = np.random.default_rng(seed)
+    take = rng.permutation(len(y_train))[: max(10, int(len(y_train) * fraction))]
+    x = torch.from_numpy(x_train[take])
+    y = torch.from_numpy(y_train[take])
+    module = spec.build_module()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y))
+        for start in range(0, len(y), 32):
+            idx = perm[start : start + 32]
+            opt.zero_grad()
+            loss_fn(module(x[idx]), y[idx]).backward()
+            opt.step()
+    return flatten(module)
+
+
+def write_version(
+    spec: ModelSpec,
+    params: NDArray[Any],
+    directory: Path,
+    key: ed25519.Ed25519PrivateKey,
+    *,
+    version: int,
+    parent_version: int | None = None,
+    round_id: int | None = None,
+) -> None:
+    """Export, check, render ``model.py`` and sign one version directory."""
+    from fedcore.params import load_flat
+
+    module = spec.build_module()
+    load_flat(module, params)
+    directory.mkdir(parents=True, exist_ok=True)
+    export_onnx(spec, module, directory / ONNX_FILE)
+    _, _, x_test, _ = spec.dataset()
+    check_onnx_matches_torch(spec, module, directory / ONNX_FILE, x_test[:64])
+    (directory / MODEL_PY).write_text(render_model_py(spec))
+    sign_version_dir(
+        directory,
+        key,
+        model=spec.name,
+        version=version,
+        parent_version=parent_version,
+        round_id=round_id,
+    )
+
+
+def ensure_version_one(
+    spec: ModelSpec,
+    artifacts: Path,
+    state: Path,
+    key: ed25519.Ed25519PrivateKey,
+    *,
+    fraction: float,
+    epochs: int,
+    seed: int,
+) -> Path:
+    """Create version 1 of ``spec`` if it does not exist yet; return its directory."""
+    directory = artifacts / spec.name / "1"
+    if (directory / MANIFEST).exists():
+        return directory
+    log.info("training version 1 of %s on a %.0f%% seed set", spec.name, fraction * 100)
+    params = train_seed_model(spec, fraction, epochs, seed)
+    state.mkdir(parents=True, exist_ok=True)
+    np.save(state / f"{spec.name}-1.npy", params, allow_pickle=False)
+    write_version(spec, params, directory, key, version=1)
+    log.info("version 1 of %s written to %s", spec.name, directory)
+    return directory
