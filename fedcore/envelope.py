@@ -109,7 +109,9 @@ def suite_of(key: RecipientPrivateKey | RecipientPublicKey) -> str:
     """The suite name a recipient key belongs to."""
     if isinstance(key, x25519.X25519PrivateKey | x25519.X25519PublicKey):
         return SUITE_X25519
-    return SUITE_MLKEM768_X25519
+    if isinstance(key, hpke.MLKEM768X25519PrivateKey | hpke.MLKEM768X25519PublicKey):
+        return SUITE_MLKEM768_X25519
+    raise TypeError(f"{type(key).__name__} is not an X25519 or ML-KEM-768+X25519 key")
 
 
 def seal_update(

@@ -108,7 +108,7 @@ class UpdateHeader:
 
     def encode(self) -> bytes:
         """The canonical bytes: compact JSON, keys sorted, ASCII."""
-        fields = dataclasses.asdict(self)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     @classmethod

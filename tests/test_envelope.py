@@ -392,6 +392,11 @@ def test_suite_mismatch_with_receiver_key_is_unsupported() -> None:
         generate_recipient_key("rsa-2048")
 
 
+def test_recipient_must_be_a_kem_key() -> None:
+    with pytest.raises(TypeError, match="Ed25519PublicKey is not an X25519"):
+        seal(recipient=EDGE.public_key())
+
+
 def _expect(**overrides):
     expected = {"model": "digits", "round": 3, "base_version": 2, "base_digest": BASE}
     expected.update(overrides)
