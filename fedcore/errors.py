@@ -50,6 +50,22 @@ class KeyFileError(FedgateError):
     """A key file is missing, unreadable, of the wrong type, or too widely readable."""
 
 
+class SecAggError(FedgateError):
+    """A secure-aggregation round cannot go on, or a message in it is refused.
+
+    ``reason`` is a short machine-readable cause (``bad-signature``, ``both-shares-requested``,
+    ``below-threshold``, ``malformed``, ...; the full list is in ``fedcore.secagg``), ``edge``
+    the edge the problem is about when there is one.
+    """
+
+    def __init__(self, reason: str, detail: str, edge: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.edge = edge
+        where = f" [edge {edge}]" if edge is not None else ""
+        super().__init__(f"secure aggregation refused ({reason}){where}: {detail}")
+
+
 class EnvelopeError(FedgateError):
     """A sealed model update is refused, or cannot be built.
 

@@ -1,0 +1,301 @@
+"""The trainer side of a secure-aggregation round, as a sans-IO state machine.
+
+Each phase has ``receive_*`` methods (one per incoming message, refusing wrong ones with
+:class:`SecAggError` without disturbing the round) and a ``close_*`` method the driver
+calls when everyone answered or the phase deadline passed; it returns the messages to send
+next and raises ``below-threshold`` when too few edges are left. Masked inputs are summed
+as they arrive, so memory does not grow with the number of edges. :meth:`finish`
+reconstructs the survivors' self-mask seeds and the dropped edges' mask keys, removes the
+masks and returns the exact integer sum and its dequantised float sum.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from numpy.typing import NDArray
+
+from fedcore.errors import SecAggError
+from fedcore.secagg import agreement, shamir
+from fedcore.secagg.config import SecAggConfig, round_params
+from fedcore.secagg.graph import build_graph, is_connected
+from fedcore.secagg.messages import (
+    AdvertBundle,
+    EncryptedShare,
+    KeyAdvert,
+    MaskedInput,
+    RoundSetup,
+    ShareBundle,
+    SurvivorList,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fedcore.secagg.prg import add_mask
+from fedcore.secagg.quantize import dequantize_sum
+
+
+class ServerPhase(enum.Enum):
+    """Which messages the server accepts now."""
+
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASKED_INPUT = "masked-input"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The outcome of a round: exact integer sum and float sum of the survivors' updates."""
+
+    int_sum: NDArray[np.uint32]
+    float_sum: NDArray[np.float64]
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+    def mean(self) -> NDArray[np.float64]:
+        """The unweighted mean update of the survivors."""
+        return self.float_sum / len(self.survivors)
+
+
+class SecAggServer:
+    """The trainer's view of one round over the cohort ``enrolled`` (edge -> Ed25519 key)."""
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        round_id: str,
+        enrolled: Mapping[str, ed25519.Ed25519PublicKey],
+        dim: int,
+        round_seed: bytes | None = None,
+    ) -> None:
+        if dim < 1:
+            raise SecAggError("malformed", f"dim must be >= 1, got {dim}")
+        people = tuple(sorted(enrolled))
+        self.params = round_params(config, len(people))
+        seed = round_seed if round_seed is not None else os.urandom(32)
+        self.setup = RoundSetup(round_id, seed, people, dim, config)
+        self._digest = self.setup.digest()
+        self._enrolled = dict(enrolled)
+        self.graph = build_graph(people, seed, self.params.neighbours)
+        self._x = {e: i + 1 for i, e in enumerate(people)}
+        self.phase = ServerPhase.ADVERTISE
+        self._adverts: dict[str, KeyAdvert] = {}
+        self._bundles: dict[str, ShareBundle] = {}
+        self._sum = np.zeros(dim, dtype="<u4")
+        self._masked: set[str] = set()
+        self._survivors: tuple[str, ...] = ()
+        self._signatures: dict[str, SurvivorSignature] = {}
+        self._requests: dict[str, UnmaskRequest] = {}
+        self._seed_shares: dict[str, list[shamir.Share]] = {}
+        self._key_shares: dict[str, list[shamir.Share]] = {}
+        self._answered: set[str] = set()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _in_phase(self, phase: ServerPhase, edge: str | None = None) -> None:
+        if self.phase is not phase:
+            raise SecAggError("wrong-phase", f"server is in {self.phase.value}", edge)
+
+    def _expect(
+        self, phase: ServerPhase, round_id: str, edge: str, allowed: Container[str]
+    ) -> None:
+        self._in_phase(phase, edge)
+        if round_id != self.setup.round_id:
+            raise SecAggError("wrong-round", f"message for round {round_id!r}", edge)
+        if edge not in allowed:
+            raise SecAggError("unexpected-sender", f"not expected in {phase.value}", edge)
+
+    def threshold(self, edge: str) -> int:
+        """Shares needed to reconstruct ``edge``'s secrets."""
+        return self.params.shamir_threshold(len(self.graph[edge]))
+
+    def _need(self, alive: int, what: str) -> None:
+        if alive < self.params.min_survivors:
+            raise SecAggError(
+                "below-threshold",
+                f"{alive} edges {what}, at least {self.params.min_survivors} needed",
+            )
+
+    # -- advertise -------------------------------------------------------------------
+
+    def receive_advert(self, advert: KeyAdvert) -> None:
+        """Accept an edge's key advertisement if its enrolled key signed it for this round."""
+        self._expect(ServerPhase.ADVERTISE, advert.round_id, advert.edge, self._enrolled)
+        if advert.edge in self._adverts:
+            raise SecAggError("duplicate", "second key advertisement", advert.edge)
+        agreement.verify_advert(advert, self._enrolled[advert.edge], self._digest)
+        self._adverts[advert.edge] = advert
+
+    def close_adverts(self) -> dict[str, AdvertBundle]:
+        """Each advertiser's bundle of its advertised neighbours' adverts."""
+        self._in_phase(ServerPhase.ADVERTISE)
+        self._need(len(self._adverts), "advertised keys")
+        self.phase = ServerPhase.SHARE
+        return {
+            u: AdvertBundle(
+                self.setup.round_id,
+                u,
+                tuple(self._adverts[v] for v in self.graph[u] if v in self._adverts),
+            )
+            for u in self._adverts
+        }
+
+    # -- share keys ------------------------------------------------------------------
+
+    def receive_shares(self, bundle: ShareBundle) -> None:
+        """Accept an edge's encrypted shares: exactly one per advertised neighbour."""
+        self._expect(ServerPhase.SHARE, bundle.round_id, bundle.edge, self._adverts)
+        if bundle.edge in self._bundles:
+            raise SecAggError("duplicate", "second share bundle", bundle.edge)
+        expected = sorted(v for v in self.graph[bundle.edge] if v in self._adverts)
+        got = sorted(s.recipient for s in bundle.shares)
+        if got != expected or any(s.sender != bundle.edge for s in bundle.shares):
+            raise SecAggError(
+                "malformed", "shares must go exactly to the advertised neighbours", bundle.edge
+            )
+        self._bundles[bundle.edge] = bundle
+
+    def close_shares(self) -> dict[str, ShareBundle]:
+        """Route the shares: each edge that shared gets those addressed to it."""
+        self._in_phase(ServerPhase.SHARE)
+        self._need(len(self._bundles), "shared keys")
+        self.phase = ServerPhase.MASKED_INPUT
+        inbox: dict[str, list[EncryptedShare]] = {u: [] for u in self._bundles}
+        for bundle in self._bundles.values():
+            for item in bundle.shares:
+                if item.recipient in inbox:
+                    inbox[item.recipient].append(item)
+        return {u: ShareBundle(self.setup.round_id, u, tuple(s)) for u, s in inbox.items()}
+
+    # -- masked input ----------------------------------------------------------------
+
+    def receive_masked_input(self, msg: MaskedInput) -> None:
+        """Add an edge's masked input to the running sum (modulo 2**32)."""
+        self._expect(ServerPhase.MASKED_INPUT, msg.round_id, msg.edge, self._bundles)
+        if msg.edge in self._masked:
+            raise SecAggError("duplicate", "second masked input", msg.edge)
+        if len(msg.values) != 4 * self.setup.dim:
+            raise SecAggError(
+                "shape-mismatch",
+                f"{len(msg.values)} bytes, expected {4 * self.setup.dim}",
+                msg.edge,
+            )
+        np.add(self._sum, np.frombuffer(msg.values, dtype="<u4"), out=self._sum)
+        self._masked.add(msg.edge)
+
+    def close_masked_inputs(self) -> SurvivorList:
+        """The survivor list every survivor is asked to sign."""
+        self._in_phase(ServerPhase.MASKED_INPUT)
+        self._need(len(self._masked), "sent masked inputs")
+        if not is_connected(self._masked, self.graph):
+            raise SecAggError("disconnected-survivors", "the survivors' graph is disconnected")
+        self._survivors = tuple(sorted(self._masked))
+        self.phase = ServerPhase.CONSISTENCY
+        return SurvivorList(self.setup.round_id, self._survivors)
+
+    # -- consistency -----------------------------------------------------------------
+
+    def receive_survivor_signature(self, msg: SurvivorSignature) -> None:
+        """Accept a survivor's signature over the survivor list."""
+        self._expect(ServerPhase.CONSISTENCY, msg.round_id, msg.edge, self._masked)
+        if msg.edge in self._signatures:
+            raise SecAggError("duplicate", "second survivor signature", msg.edge)
+        key = self._enrolled[msg.edge]
+        if not agreement.survivors_signed(key, msg.signature, self._digest, self._survivors):
+            raise SecAggError("bad-signature", "survivor list signature invalid", msg.edge)
+        self._signatures[msg.edge] = msg
+
+    def close_signatures(self) -> dict[str, UnmaskRequest]:
+        """Per signer: its neighbours' signatures and which share of which peer to reveal."""
+        self._in_phase(ServerPhase.CONSISTENCY)
+        self._need(len(self._signatures), "signed the survivor list")
+        dropped = set(self._bundles) - self._masked
+        for u in set(self._masked) | dropped:
+            self._reconstructable(u, self._signatures)
+        self.phase = ServerPhase.UNMASK
+        for c in self._signatures:
+            near = self.graph[c]
+            self._requests[c] = UnmaskRequest(
+                self.setup.round_id,
+                c,
+                self._survivors,
+                tuple(self._signatures[v] for v in near if v in self._signatures),
+                tuple(v for v in near if v in self._masked),
+                tuple(v for v in near if v in dropped),
+            )
+        return dict(self._requests)
+
+    def _reconstructable(self, edge: str, holders: Mapping[str, object]) -> None:
+        have = sum(1 for v in self.graph[edge] if v in holders)
+        if have < self.threshold(edge):
+            raise SecAggError(
+                "below-threshold",
+                f"{have} of its neighbours remain, {self.threshold(edge)} shares needed",
+                edge,
+            )
+
+    # -- unmask ----------------------------------------------------------------------
+
+    def receive_unmask(self, msg: UnmaskResponse) -> None:
+        """Accept an edge's revealed shares, exactly the ones it was asked for."""
+        self._expect(ServerPhase.UNMASK, msg.round_id, msg.edge, self._requests)
+        if msg.edge in self._answered:
+            raise SecAggError("duplicate", "second unmask response", msg.edge)
+        req = self._requests[msg.edge]
+        seeds = tuple(s.peer for s in msg.self_mask_shares)
+        keys = tuple(s.peer for s in msg.mask_key_shares)
+        if seeds != req.self_mask_peers or keys != req.mask_key_peers:
+            raise SecAggError("malformed", "response does not match the request", msg.edge)
+        x = self._x[msg.edge]
+        parsed = [
+            (self._seed_shares, s.peer, shamir.share_from_bytes(x, s.value))
+            for s in msg.self_mask_shares
+        ] + [
+            (self._key_shares, s.peer, shamir.share_from_bytes(x, s.value))
+            for s in msg.mask_key_shares
+        ]
+        for store, peer, share in parsed:
+            store.setdefault(peer, []).append(share)
+        self._answered.add(msg.edge)
+
+    def _seed(self, edge: str) -> bytes:
+        seed = shamir.combine(self._seed_shares.get(edge, []), self.threshold(edge))
+        commitment = agreement.seed_commitment(self._digest, edge, seed)
+        if commitment != self._adverts[edge].seed_commitment:
+            raise SecAggError("reconstruction-mismatch", "seed does not match its commitment", edge)
+        return seed
+
+    def _mask_key(self, edge: str) -> x25519.X25519PrivateKey:
+        raw = shamir.combine(self._key_shares.get(edge, []), self.threshold(edge))
+        if not agreement.public_matches(raw, self._adverts[edge].mask_pk):
+            raise SecAggError("reconstruction-mismatch", "key does not match its advert", edge)
+        return x25519.X25519PrivateKey.from_private_bytes(raw)
+
+    def finish(self) -> AggregateResult:
+        """Remove every mask and return the survivors' sum; ``below-threshold`` if unable."""
+        self._in_phase(ServerPhase.UNMASK)
+        total = self._sum.copy()
+        scratch = np.empty_like(total)
+        for u in self._survivors:
+            key = agreement.self_mask_key(self._seed(u), self._digest, u)
+            add_mask(total, key, -1, scratch)
+        dropped = tuple(sorted(set(self._bundles) - self._masked))
+        for v in dropped:
+            private = self._mask_key(v)
+            for u in self.graph[v]:
+                if u in self._masked:
+                    pair = agreement.pair_mask_key(
+                        private, self._adverts[u].mask_pk, self._digest, v, u
+                    )
+                    add_mask(total, pair, -1 if u < v else 1, scratch)
+        self.phase = ServerPhase.DONE
+        float_sum = dequantize_sum(total, len(self._survivors), self.params)
+        return AggregateResult(total, float_sum, self._survivors, dropped)
