@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from fedcore.keys import generate_ed25519, public_hex
 from fedcore.models import get_spec
+from fedcore.process import ManagedProcess
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,58 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline and state != "Z":
             found.append(f"{entry}: {cmdline.strip()}")
     return found
+
+
+@dataclass(frozen=True)
+class NatsServer:
+    url: str
+    users: dict[str, str]  # user -> password
+    password_files: dict[str, Path]
+    store_dir: Path
+    process: ManagedProcess
+
+
+def start_nats(root: Path, users: list[str]) -> NatsServer:
+    """A real nats-server with JetStream on disk and one password user per name."""
+    import secrets
+    import shutil
+    import sys
+    import urllib.request
+
+    from fedcore.keys import write_secret
+    from fedcore.process import free_port
+    from fedgate.natsconf import render_nats_config, write_nats_config
+
+    passwords = {u: secrets.token_urlsafe(16) for u in users}
+    files = {}
+    for user, password in passwords.items():
+        files[user] = root / "secrets" / f"nats-{user}.pass"
+        write_secret(files[user], password)
+    port, monitor = free_port(), free_port()
+    conf = root / "nats.conf"
+    store = root / "jetstream"
+    write_nats_config(
+        conf,
+        render_nats_config(
+            host="127.0.0.1", port=port, monitor_port=monitor, store_dir=store, users=passwords
+        ),
+    )
+    binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
+    proc = ManagedProcess("nats-server", [binary, "-c", str(conf)], log_path=root / "nats.log")
+    proc.start()
+
+    def healthy() -> bool:
+        url = f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status) == 200
+
+    proc.wait_ready(healthy, timeout=30)
+    return NatsServer(f"nats://127.0.0.1:{port}", passwords, files, store, proc)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A fresh nats-server per test, users ``trainer``, ``gateway``, ``edge-1..3``."""
+    server = start_nats(tmp_path / "nats", ["trainer", "gateway", "edge-1", "edge-2", "edge-3"])
+    yield server
+    server.process.stop()

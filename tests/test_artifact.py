@@ -91,7 +91,11 @@ def test_install_places_a_verified_copy_and_refuses_bad_ones(tmp_path: Path) -> 
     d = make_version(tmp_path)
     model_dir = tmp_path / "repo" / "digits"
     install_version(d, model_dir, TRUSTED, version=3)
-    assert sorted(p.name for p in (model_dir / "3").iterdir()) == [MANIFEST, "model.onnx", "model.py"]
+    assert sorted(p.name for p in (model_dir / "3").iterdir()) == [
+        MANIFEST,
+        "model.onnx",
+        "model.py",
+    ]
     bad = make_version(tmp_path / "b", version=4)
     (bad / "model.onnx").write_bytes(b"tampered")
     with pytest.raises(ArtifactError):

@@ -27,7 +27,9 @@ def test_port_in_use_is_named(tmp_path: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         assert port_in_use(port)
-        proc = ManagedProcess("srv", [sys.executable, "-c", "pass"], log_path=tmp_path / "l.log", ports={"http": port})
+        proc = ManagedProcess(
+            "srv", [sys.executable, "-c", "pass"], log_path=tmp_path / "l.log", ports={"http": port}
+        )
         with pytest.raises(ProcessError, match=f"http port {port} is already in use") as info:
             proc.start()
         assert info.value.reason == "port-in-use"
@@ -46,7 +48,9 @@ def test_early_exit_reports_log_tail(tmp_path: Path) -> None:
 
 
 def test_readiness_timeout(tmp_path: Path) -> None:
-    proc = ManagedProcess("srv", [sys.executable, "-c", "import time; time.sleep(30)"], log_path=tmp_path / "l.log")
+    proc = ManagedProcess(
+        "srv", [sys.executable, "-c", "import time; time.sleep(30)"], log_path=tmp_path / "l.log"
+    )
     proc.start()
     try:
         with pytest.raises(ProcessError, match="not ready after 0s") as info:

@@ -74,7 +74,9 @@ def test_flat_parameters_round_trip() -> None:
     module = spec.build_module()
     vec = flatten(module)
     assert vec.dtype == np.float32
-    assert vec.size == sum(int(np.prod(s)) for _, s in layout(module)) == 64 * 64 + 64 + 64 * 10 + 10
+    assert (
+        vec.size == sum(int(np.prod(s)) for _, s in layout(module)) == 64 * 64 + 64 + 64 * 10 + 10
+    )
     other = spec.build_module()
     load_flat(other, vec)
     x = torch.rand(3, 64)
@@ -99,7 +101,9 @@ def test_preprocess_scales_pixels_to_unit_range() -> None:
         ("x", "FP32", (0,), "dims must be positive"),
     ],
 )
-def test_tensor_spec_validation(name: str, datatype: str, shape: tuple[int, ...], message: str) -> None:
+def test_tensor_spec_validation(
+    name: str, datatype: str, shape: tuple[int, ...], message: str
+) -> None:
     with pytest.raises(ModelSpecError, match=message):
         TensorSpec(name, datatype, shape)
 

@@ -8,8 +8,12 @@ from fedcore.wire import Heartbeat, ModelState, WireError, decode_heartbeat
 from gateway.fleet import Fleet
 
 
-def beat(edge: str, ready: list[int], seq: int = 1, url: str = "http://127.0.0.1:9000") -> Heartbeat:
-    return Heartbeat(edge_id=edge, url=url, seq=seq, ts=1.0, models={"digits": ModelState(ready=ready)})
+def beat(
+    edge: str, ready: list[int], seq: int = 1, url: str = "http://127.0.0.1:9000"
+) -> Heartbeat:
+    return Heartbeat(
+        edge_id=edge, url=url, seq=seq, ts=1.0, models={"digits": ModelState(ready=ready)}
+    )
 
 
 def test_heartbeat_round_trip() -> None:
