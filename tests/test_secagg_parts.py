@@ -13,7 +13,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fedcore.errors import ConfigError, SecAggError
 from fedcore.secagg import SecAggConfig, check_compatible, round_params
 from fedcore.secagg.codec import Reader, Writer
-from fedcore.secagg.config import max_quant_bits
+from fedcore.secagg.config import (
+    ROUND_FAILURE_TARGET,
+    failure_bound,
+    max_quant_bits,
+    neighbours_for,
+)
 from fedcore.secagg.graph import build_graph, is_connected
 from fedcore.secagg.messages import KeyAdvert, MaskedInput, RoundSetup
 from fedcore.secagg.prg import add_mask, derive_key, mask
@@ -233,3 +238,29 @@ def test_fixed_size_fields_are_checked():
     short = KeyAdvert("r", "e", b"k" * 31, b"m" * 32, b"c" * 32, b"s" * 64)
     with pytest.raises(SecAggError, match="cipher key must be 32 bytes"):
         KeyAdvert.from_bytes(short.to_bytes())
+
+
+def test_graph_sizing_for_expected_dropout():
+    # default: 2 ceil(log2 n)
+    assert neighbours_for(100, 0.5, None) == 14
+    # k = 14, t = 8: a round fails if 7 of someone's 14 neighbours drop
+    assert 0.01 < failure_bound(100, 14, 0.5, 0.1) < 0.03
+    k = neighbours_for(100, 0.5, 0.1)
+    assert k == 20 and failure_bound(100, k, 0.5, 0.1) <= ROUND_FAILURE_TARGET
+    assert round_params(SecAggConfig(expected_dropout=0.1), 100).neighbours == 20
+    # 30% at n = 100 needs (almost) everyone as a neighbour
+    assert round_params(SecAggConfig(expected_dropout=0.3), 100).neighbours == 99
+    with pytest.raises(ConfigError, match="not both"):
+        SecAggConfig(neighbours=10, expected_dropout=0.1)
+    with pytest.raises(ConfigError):
+        SecAggConfig(expected_dropout=0.5)
+
+
+def test_setup_flags_are_canonical():
+    setup = RoundSetup("r", b"s" * 32, ("a", "b", "c"), 4, SecAggConfig(expected_dropout=0.2))
+    data = setup.to_bytes()
+    assert RoundSetup.from_bytes(data) == setup
+    for bad in [data[:-9] + b"\x02" + data[-8:], data[:-9] + b"\x00" + data[-8:]]:
+        with pytest.raises(SecAggError) as exc:
+            RoundSetup.from_bytes(bad)
+        assert exc.value.reason == "malformed"

@@ -139,24 +139,21 @@ def decrypt_share(
         raise SecAggError("bad-share", "share ciphertext failed authentication", sender) from None
 
 
-def _survivor_payload(digest: bytes, survivors: Sequence[str]) -> bytes:
+def survivor_payload(digest: bytes, survivors: Sequence[str]) -> bytes:
+    """What survivor signatures cover: the round digest and the sorted survivor list."""
     w = Writer().text("fedgate/secagg/v1/survivors").blob(digest)
     return w.texts(tuple(survivors)).finish()
 
 
-def sign_survivors(
-    identity: ed25519.Ed25519PrivateKey, digest: bytes, survivors: Sequence[str]
-) -> bytes:
-    """Sign the survivor list of round ``digest``."""
-    return identity.sign(_survivor_payload(digest, survivors))
+def sign_survivors(identity: ed25519.Ed25519PrivateKey, payload: bytes) -> bytes:
+    """Sign a :func:`survivor_payload`."""
+    return identity.sign(payload)
 
 
-def survivors_signed(
-    signer: ed25519.Ed25519PublicKey, signature: bytes, digest: bytes, survivors: Sequence[str]
-) -> bool:
-    """Whether ``signature`` is ``signer``'s over this round's ``survivors``."""
+def survivors_signed(signer: ed25519.Ed25519PublicKey, signature: bytes, payload: bytes) -> bool:
+    """Whether ``signature`` is ``signer``'s over the :func:`survivor_payload` ``payload``."""
     try:
-        signer.verify(signature, _survivor_payload(digest, survivors))
+        signer.verify(signature, payload)
     except InvalidSignature:
         return False
     return True

@@ -94,6 +94,7 @@ class SecAggClient:
         self._peers: dict[str, KeyAdvert] = {}
         self._held: dict[str, tuple[bytes, bytes]] = {}
         self._signed: tuple[str, ...] = ()
+        self._signed_payload = b""
         self.quantized: NDArray[np.uint32] | None = None
 
     # -- helpers ---------------------------------------------------------------------
@@ -249,7 +250,8 @@ class SecAggClient:
         self.phase = ClientPhase.FAILED
         self._check_survivors(rnd, msg.survivors)
         self._signed = msg.survivors
-        signature = agreement.sign_survivors(self._identity, rnd.digest, msg.survivors)
+        self._signed_payload = agreement.survivor_payload(rnd.digest, msg.survivors)
+        signature = agreement.sign_survivors(self._identity, self._signed_payload)
         self.phase = ClientPhase.SIGNED
         return SurvivorSignature(rnd.setup.round_id, self.edge, signature)
 
@@ -278,7 +280,7 @@ class SecAggClient:
         for sig in req.signatures:
             ok = sig.edge in rnd.neighbours and sig.edge in self._signed
             if ok and agreement.survivors_signed(
-                self._enrolled[sig.edge], sig.signature, rnd.digest, self._signed
+                self._enrolled[sig.edge], sig.signature, self._signed_payload
             ):
                 valid.add(sig.edge)
         if len(valid) < rnd.threshold:

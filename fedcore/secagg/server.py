@@ -92,6 +92,7 @@ class SecAggServer:
         self._sum = np.zeros(dim, dtype="<u4")
         self._masked: set[str] = set()
         self._survivors: tuple[str, ...] = ()
+        self._survivor_payload = b""
         self._signatures: dict[str, SurvivorSignature] = {}
         self._requests: dict[str, UnmaskRequest] = {}
         self._seed_shares: dict[str, list[shamir.Share]] = {}
@@ -198,6 +199,7 @@ class SecAggServer:
         if not is_connected(self._masked, self.graph):
             raise SecAggError("disconnected-survivors", "the survivors' graph is disconnected")
         self._survivors = tuple(sorted(self._masked))
+        self._survivor_payload = agreement.survivor_payload(self._digest, self._survivors)
         self.phase = ServerPhase.CONSISTENCY
         return SurvivorList(self.setup.round_id, self._survivors)
 
@@ -209,7 +211,7 @@ class SecAggServer:
         if msg.edge in self._signatures:
             raise SecAggError("duplicate", "second survivor signature", msg.edge)
         key = self._enrolled[msg.edge]
-        if not agreement.survivors_signed(key, msg.signature, self._digest, self._survivors):
+        if not agreement.survivors_signed(key, msg.signature, self._survivor_payload):
             raise SecAggError("bad-signature", "survivor list signature invalid", msg.edge)
         self._signatures[msg.edge] = msg
 
