@@ -1,0 +1,88 @@
+"""The trainer's errors: one base, :class:`TrainerError`, with structured fields.
+
+Every error carries a short machine-readable ``reason`` (used as a metrics label and in
+log records) and a human ``detail``; subclasses add the fields callers act on. Callers
+never parse messages.
+"""
+
+from __future__ import annotations
+
+from fedcore.errors import FedgateError
+
+
+class TrainerError(FedgateError):
+    """Base of every error the trainer raises on purpose.
+
+    ``reason`` is a short kebab-case cause; ``detail`` says what was wrong, in words.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class UnknownStrategyError(TrainerError):
+    """The settings name an aggregation strategy that does not exist.
+
+    ``name`` is what was asked for, ``known`` the names that exist.
+    """
+
+    def __init__(self, name: str, known: tuple[str, ...]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(
+            "unknown-strategy", f"no strategy named {name!r}; known: {', '.join(known)}"
+        )
+
+
+class StrategyConfigError(TrainerError):
+    """A strategy option is unknown or out of range. ``option`` names it."""
+
+    def __init__(self, strategy: str, option: str, detail: str) -> None:
+        self.strategy = strategy
+        self.option = option
+        super().__init__("bad-strategy-option", f"{strategy}: {option}: {detail}")
+
+
+class UpdateRejected(TrainerError):
+    """One update cannot be folded into the round; the round state is unchanged.
+
+    ``reason`` is one of ``wrong-size``, ``wrong-dtype``, ``non-finite``, ``bad-weight``,
+    ``buffer-full``.
+    """
+
+
+class AggregationError(TrainerError):
+    """A round cannot be finalised (``empty-round``, ``wrong-state``, ``wrong-size``)."""
+
+
+class PrivacyBudgetExceeded(TrainerError):
+    """A differentially private release would spend more than the model's budget.
+
+    Nothing was recorded or released. ``spent`` is the epsilon already spent,
+    ``would_be`` the epsilon after the refused release, ``budget`` the limit, all at
+    ``delta``.
+    """
+
+    def __init__(
+        self, model: str, spent: float, would_be: float, budget: float, delta: float
+    ) -> None:
+        self.model = model
+        self.spent = spent
+        self.would_be = would_be
+        self.budget = budget
+        self.delta = delta
+        super().__init__(
+            "privacy-budget-exhausted",
+            f"model {model!r}: epsilon would reach {would_be:.4g} > budget {budget:.4g} "
+            f"(spent {spent:.4g}, delta {delta:.3g})",
+        )
+
+
+class LedgerError(TrainerError):
+    """The privacy ledger cannot be read, written or trusted.
+
+    ``reason`` is one of ``ledger-corrupt``, ``ledger-io``, ``duplicate-release``.
+    A corrupt ledger is never reset silently: that would forget spent privacy.
+    """
