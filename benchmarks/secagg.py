@@ -7,7 +7,10 @@ Two rounds per (n, d): no dropout, and 10% of the edges dropping after sharing t
 (before their masked input), which is the trainer's expensive case: it must reconstruct
 each dropped edge's mask key and regenerate its pairwise masks with every neighbour.
 
-Columns (per edge figures are means over the edges that took part in every step):
+Times are CPU time of this process (``time.process_time``), so other load on the machine
+distorts them less than wall time would. Columns (per edge figures are means over the
+edges that took part in every step):
+
 - ``k``/``t``: neighbours per edge and Shamir threshold; ``bits``: quantisation bits.
 - ``edge ms``: CPU time of one edge for the whole protocol (clip, quantise, masks,
   Shamir, AES-GCM, signatures); ``edge KB up/down``: bytes it sends and receives.
@@ -33,6 +36,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from numpy.typing import NDArray
 
 from fedcore.secagg import (
     AdvertBundle,
@@ -62,19 +66,20 @@ class Meter:
     received: dict[str, int] = field(default_factory=dict)
 
     def time(self, party: str, fn: Callable[..., T], *args: Any) -> T:
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU time: steadier than wall time on a shared machine
         out = fn(*args)
-        self.seconds[party] = self.seconds.get(party, 0.0) + time.perf_counter() - t0
+        self.seconds[party] = self.seconds.get(party, 0.0) + time.process_time() - t0
         return out
 
     def send(self, sender: str, receiver: str, msg: Any, cls: type[T]) -> T:
         data = self.time(sender, msg.to_bytes)
         self.sent[sender] = self.sent.get(sender, 0) + len(data)
         self.received[receiver] = self.received.get(receiver, 0) + len(data)
-        return self.time(receiver, cls.from_bytes, data)  # type: ignore[attr-defined]
+        decoded: T = self.time(receiver, cls.from_bytes, data)  # type: ignore[attr-defined]
+        return decoded
 
 
-def make_update(i: int, d: int) -> np.ndarray:
+def make_update(i: int, d: int) -> NDArray[np.float32]:
     """Edge ``i``'s update: float32, L2 norm about 0.5 (inside the clipping bound)."""
     return np.random.default_rng(i).normal(0.0, 0.5 / np.sqrt(d), d).astype(np.float32)
 
@@ -117,7 +122,7 @@ def secure_round(
     return m, result, server
 
 
-def plain_round(names: list[str], d: int, dropped: set[str]) -> tuple[Meter, np.ndarray]:
+def plain_round(names: list[str], d: int, dropped: set[str]) -> tuple[Meter, NDArray[np.float64]]:
     m = Meter()
     total = np.zeros(d, dtype=np.float64)
     for i, e in enumerate(names):
