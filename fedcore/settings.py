@@ -7,11 +7,15 @@ values with defaults: they are read from files named by settings (``*_file``).
 
 from __future__ import annotations
 
+import ssl
+import stat
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fedcore.errors import KeyFileError
 from fedcore.keys import read_secret
 
 
@@ -25,9 +29,52 @@ class ServiceSettings(BaseSettings):
     )
     nats_user: str = Field(description="NATS user name of this service")
     nats_password_file: Path = Field(description="file holding the NATS password (mode 0600)")
+    nats_tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signs the NATS server certificate (turns on TLS)"
+    )
+    nats_tls_cert_file: Path | None = Field(
+        default=None, description="this service's NATS client certificate (mutual TLS)"
+    )
+    nats_tls_key_file: Path | None = Field(
+        default=None, description="private key of the client certificate (mode 0600)"
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_json: bool = Field(default=True, description="structured JSON log lines on stderr")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.nats_tls_cert_file is None) != (self.nats_tls_key_file is None):
+            raise ValueError("nats_tls_cert_file and nats_tls_key_file go together")
+        return self
 
     def nats_password(self) -> str:
         """The NATS password, read from its file at call time."""
         return read_secret(self.nats_password_file)
+
+    def nats_tls_context(self) -> ssl.SSLContext | None:
+        """The ``tls=`` argument of ``nats.connect``: None unless a NATS TLS file is set.
+
+        Verifies the server against ``nats_tls_ca_file`` (the system store when unset) and
+        presents the client certificate when one is configured. TLS 1.2 at least.
+        """
+        if self.nats_tls_ca_file is None and self.nats_tls_cert_file is None:
+            return None
+        ca = str(self.nats_tls_ca_file) if self.nats_tls_ca_file is not None else None
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.nats_tls_cert_file is not None and self.nats_tls_key_file is not None:
+            _check_private(self.nats_tls_key_file)
+            ctx.load_cert_chain(self.nats_tls_cert_file, self.nats_tls_key_file)
+        return ctx
+
+
+def _check_private(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise KeyFileError(f"private key file {path} does not exist") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"private key file {path} is accessible by group or others "
+            f"(mode {stat.S_IMODE(mode):o}); chmod 600 it"
+        )

@@ -12,7 +12,9 @@ from types import FrameType
 
 from fedcore.errors import FedgateError
 from fedcore.logs import configure_logging
+from fedgate.keys_cmd import add_keys_commands
 from fedgate.launcher import Stack, StackConfig
+from fedgate.tls_cmd import add_tls_parser
 
 log = logging.getLogger("fedgate")
 
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the fleet of a running gateway")
     status.add_argument("--url", default="http://127.0.0.1:8080", help="gateway URL")
     status.set_defaults(func=cmd_status)
+    keys = sub.add_parser("keys", help="create keys and certificates")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    add_tls_parser(keys_sub, _out)
+    add_keys_commands(keys_sub, _out)
     return parser
 
 

@@ -1,10 +1,34 @@
-"""The local nats-server's configuration: JetStream on disk, one user per service."""
+"""The local nats-server's configuration: JetStream on disk, one user per service, optional mTLS."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class NatsTls:
+    """Server TLS for client connections. ``verify``: clients must present a certificate
+    signed by ``ca_file`` (mutual TLS); a client without one is refused at the handshake."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    verify: bool = True
+    timeout_s: float = 2.0
+
+    def render(self) -> str:
+        return (
+            "tls {\n"
+            f'  cert_file: "{self.cert_file}"\n'
+            f'  key_file: "{self.key_file}"\n'
+            f'  ca_file: "{self.ca_file}"\n'
+            f"  verify: {'true' if self.verify else 'false'}\n"
+            f"  timeout: {self.timeout_s}\n"
+            "}\n"
+        )
 
 
 def render_nats_config(
@@ -15,8 +39,10 @@ def render_nats_config(
     store_dir: Path,
     users: Mapping[str, str],
     max_payload: int = 8 * 1024 * 1024,
+    tls: NatsTls | None = None,
 ) -> str:
-    """nats-server config text. ``users`` maps user name to password.
+    """nats-server config text. ``users`` maps user name to password; ``tls`` turns on
+    TLS (mutual by default) for client connections; the monitoring port stays plain HTTP.
 
     ``sync_interval: always`` fsyncs every write before acknowledging it: acknowledged
     updates survive a power loss (see REFERENCE.md on JetStream durability).
@@ -33,6 +59,7 @@ def render_nats_config(
         f'  store_dir: "{store_dir}"\n'
         "  sync_interval: always\n"
         "}\n"
+        f"{tls.render() if tls is not None else ''}"
         "authorization {\n"
         "  users: [\n"
         f"{user_lines}\n"
