@@ -25,7 +25,7 @@ from fedcore.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _MAX_MANIFEST = 64 * 1024
 
 
@@ -60,7 +60,7 @@ def _regular_files(directory: Path) -> list[str]:
         mode = entry.stat(follow_symlinks=False).st_mode
         if not stat.S_ISREG(mode):
             raise ArtifactError("unsafe-path", f"{entry.name!r} is not a regular file")
-        if not _SAFE_NAME.match(entry.name):
+        if not SAFE_NAME.match(entry.name):
             raise ArtifactError("unsafe-path", f"file name {entry.name!r} is not allowed")
         names.append(entry.name)
     return sorted(names)
@@ -131,7 +131,7 @@ def verify_version_dir(
         )
     present = set(_regular_files(directory)) - {MANIFEST}
     for name in manifest.files:
-        if not _SAFE_NAME.match(name):
+        if not SAFE_NAME.match(name):
             raise ArtifactError("unsafe-path", f"manifest lists unsafe name {name!r}")
     if extra := sorted(present - set(manifest.files)):
         raise ArtifactError("unlisted-file", f"files not in the manifest: {extra}")
