@@ -6,6 +6,7 @@ from the model spec, so both ends agree without sending it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,3 +57,14 @@ def load_flat(module: torch.nn.Module, vector: NDArray[Any]) -> None:
         new_state[name] = torch.from_numpy(chunk.copy()).reshape(t.shape).to(t.dtype)
         offset += n
     module.load_state_dict(new_state)
+
+
+def load_weights_file(path: Path, expected: int | None = None) -> NDArray[Any]:
+    """Read a flat FP32 ``weights.npy`` without pickle; check its size when given."""
+    vector = np.load(path, allow_pickle=False)
+    if vector.dtype != np.dtype("<f4") or vector.ndim != 1:
+        raise ModelSpecError(f"{path}: expected a flat little-endian FP32 vector")
+    if expected is not None and vector.size != expected:
+        raise ModelSpecError(f"{path}: {vector.size} values, the model has {expected}")
+    out: NDArray[Any] = vector
+    return out

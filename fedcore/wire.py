@@ -82,3 +82,35 @@ class Heartbeat(_Message):
 def decode_heartbeat(data: bytes) -> Heartbeat:
     """Decode a heartbeat or raise :class:`WireError`."""
     return Heartbeat.decode(data)
+
+
+ROUNDS_BUCKET = "fedgate_rounds"
+"""KV bucket holding the open round of each model under the key ``<model>``."""
+
+
+class RoundAnnouncement(_Message):
+    """The trainer's word on a model's open round, written to KV ``fedgate_rounds/<model>``.
+
+    ``mode`` ``sync``: edges in ``sampled`` (all edges when None) train from
+    ``base_version`` and send one update for ``round`` before ``deadline_ts``.
+    ``mode`` ``async``: any edge may send an update whenever it has trained, from any
+    version at most ``max_staleness`` behind ``base_version``; the trainer aggregates
+    every ``buffer_size`` updates. ``state`` is ``open`` or ``closed``.
+    """
+
+    model: str
+    round: int = Field(ge=1)
+    mode: str = Field(pattern="^(sync|async)$")
+    base_version: int = Field(ge=1)
+    base_digest: str = Field(pattern="^[0-9a-f]{64}$")
+    opened_ts: float
+    deadline_ts: float
+    sampled: list[str] | None = None
+    min_updates: int = Field(default=1, ge=1)
+    buffer_size: int = Field(default=1, ge=1)
+    max_staleness: int = Field(default=0, ge=0)
+    state: str = Field(default="open", pattern="^(open|closed)$")
+
+    def invites(self, edge_id: str) -> bool:
+        """True when ``edge_id`` may send an update for this round."""
+        return self.state == "open" and (self.sampled is None or edge_id in self.sampled)

@@ -19,7 +19,7 @@ from fedcore.artifact import MANIFEST, sign_version_dir
 from fedcore.onnx_export import check_onnx_matches_torch, export_onnx
 from fedcore.params import flatten
 from fedcore.spec import ModelSpec
-from fedcore.triton_model import MODEL_PY, ONNX_FILE, render_model_py
+from fedcore.triton_model import MODEL_PY, ONNX_FILE, WEIGHTS_FILE, render_model_py
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def write_version(
     _, _, x_test, _ = spec.dataset()
     check_onnx_matches_torch(spec, module, directory / ONNX_FILE, x_test[:64])
     (directory / MODEL_PY).write_text(render_model_py(spec))
+    # the flat FP32 parameters, for edges that fine-tune from this version (no pickle)
+    np.save(directory / WEIGHTS_FILE, params.astype("<f4"), allow_pickle=False)
     sign_version_dir(
         directory,
         key,
