@@ -1,0 +1,195 @@
+"""Rounds of one model, sans-IO: open, weigh and fold updates, decide when to close.
+
+Synchronous rounds sample edges, wait for ``min_updates`` until a deadline (closing early
+once every sampled edge has reported) and fold each update weighted by its sample count.
+Asynchronous (buffered) aggregation accepts updates from any edge trained on a version at
+most ``max_staleness`` behind the current one, weighs them by samples times
+``(1 + staleness) ** -staleness_exponent`` and closes every ``buffer_size`` updates.
+The service (``trainer.service``) does the I/O: announcing, ingesting, releasing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedcore.wire import RoundAnnouncement
+from trainer.errors import TrainerError
+from trainer.strategies.base import RoundState, Strategy
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How rounds of a model run (from the trainer's settings)."""
+
+    mode: Literal["sync", "async"] = "sync"
+    min_updates: int = 2
+    deadline_s: float = 60.0
+    sample_fraction: float = 1.0
+    buffer_size: int = 3
+    max_staleness: int = 2
+    staleness_exponent: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.min_updates < 1 or self.buffer_size < 1 or self.max_staleness < 0:
+            raise TrainerError("bad-round-policy", "min_updates and buffer_size must be >= 1")
+        if not (0.0 < self.sample_fraction <= 1.0) or self.deadline_s <= 0:
+            raise TrainerError("bad-round-policy", "sample_fraction in (0, 1], deadline_s > 0")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What a folded update leaves in the round record (never the update itself)."""
+
+    update_id: str
+    edge_id: str
+    samples: int
+    base_version: int
+    weight: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OpenRound:
+    """The open round: its announcement and what has been folded into it."""
+
+    announcement: RoundAnnouncement
+    state: RoundState
+    folded: dict[str, Contribution] = field(default_factory=dict)
+
+    @property
+    def round(self) -> int:
+        return self.announcement.round
+
+    def edges(self) -> set[str]:
+        return {c.edge_id for c in self.folded.values()}
+
+
+def sample_edges(edges: list[str], fraction: float, rng: random.Random) -> list[str] | None:
+    """A sorted sample of ``ceil(fraction * n)`` edges; None (everyone) when fraction is 1."""
+    if fraction >= 1.0 or not edges:
+        return None
+    k = max(1, math.ceil(fraction * len(edges)))
+    return sorted(rng.sample(sorted(edges), k))
+
+
+def staleness_weight(samples: int, staleness: int, exponent: float) -> float:
+    """``samples * (1 + staleness) ** -exponent``: older bases count less."""
+    return float(samples) * float((1.0 + staleness) ** (-exponent))
+
+
+class RoundBook:
+    """Round bookkeeping for one model over a strategy and the current global version."""
+
+    def __init__(
+        self,
+        model: str,
+        policy: RoundPolicy,
+        strategy: Strategy,
+        *,
+        version: int,
+        digest: str,
+        params: NDArray[Any],
+        next_round: int = 1,
+        seed: int | None = None,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self.strategy = strategy
+        self.version = version
+        self.digest = digest
+        self.params = params
+        self.next_round = next_round
+        self.current: OpenRound | None = None
+        self._rng = random.Random(seed)  # noqa: S311 - client sampling, not a secret
+
+    def open(self, fleet: list[str], now: float | None = None) -> RoundAnnouncement:
+        """Open the next round over ``fleet`` (edge ids seen alive) and announce it."""
+        t = time.time() if now is None else now
+        p = self.policy
+        sync = p.mode == "sync"
+        announcement = RoundAnnouncement(
+            model=self.model,
+            round=self.next_round,
+            mode=p.mode,
+            base_version=self.version,
+            base_digest=self.digest,
+            opened_ts=t,
+            deadline_ts=t + p.deadline_s,
+            sampled=sample_edges(fleet, p.sample_fraction, self._rng) if sync else None,
+            min_updates=p.min_updates if sync else p.buffer_size,
+            buffer_size=1 if sync else p.buffer_size,
+            max_staleness=0 if sync else p.max_staleness,
+        )
+        state = self.strategy.start(self.params.size, round_id=f"{self.model}-{self.next_round}")
+        self.current = OpenRound(announcement, state)
+        self.next_round += 1
+        return announcement
+
+    def accepts_base(self, base_version: int) -> bool:
+        """True when an update trained from ``base_version`` may join the open round."""
+        lag = self.version - base_version
+        return 0 <= lag <= (self.policy.max_staleness if self.policy.mode == "async" else 0)
+
+    def fold(self, contribution: Contribution, vector: NDArray[Any]) -> Contribution:
+        """Fold one accepted update with its weight; returns the contribution recorded."""
+        rnd = self._require_open()
+        if contribution.update_id in rnd.folded:
+            return rnd.folded[contribution.update_id]
+        staleness = self.version - contribution.base_version
+        weight = staleness_weight(
+            max(1, contribution.samples), staleness, self.policy.staleness_exponent
+        )
+        recorded = Contribution(
+            contribution.update_id,
+            contribution.edge_id,
+            contribution.samples,
+            contribution.base_version,
+            weight,
+            dict(contribution.metrics),
+        )
+        self.strategy.fold(rnd.state, np.asarray(vector, dtype=np.float32), weight)
+        rnd.folded[contribution.update_id] = recorded
+        return recorded
+
+    def verdict(self, now: float | None = None) -> Literal["wait", "close", "fail"]:
+        """``close`` when enough updates are in, ``fail`` past the deadline without them."""
+        rnd = self._require_open()
+        t = time.time() if now is None else now
+        a = rnd.announcement
+        count = len(rnd.folded)
+        if self.policy.mode == "async":
+            return "close" if count >= self.policy.buffer_size else "wait"
+        everyone = a.sampled is not None and set(a.sampled) <= rnd.edges()
+        if count >= a.min_updates and (everyone or t >= a.deadline_ts):
+            return "close"
+        if t >= a.deadline_ts:
+            return "fail" if count < a.min_updates else "close"
+        return "wait"
+
+    def finalize(self) -> NDArray[Any]:
+        """The candidate parameters from the open round (the round stays open until
+        :meth:`advance` or :meth:`abandon`)."""
+        rnd = self._require_open()
+        out: NDArray[Any] = self.strategy.finalize(rnd.state, self.params)
+        return out
+
+    def advance(self, version: int, digest: str, params: NDArray[Any]) -> None:
+        """The candidate was released as ``version``: it is the new base."""
+        self.version, self.digest, self.params = version, digest, params
+        self.current = None
+
+    def abandon(self) -> None:
+        """Close the open round without a new version."""
+        self.current = None
+
+    def _require_open(self) -> OpenRound:
+        if self.current is None:
+            raise TrainerError("no-open-round", f"{self.model}: no round is open")
+        return self.current
