@@ -102,3 +102,30 @@ class EnvelopeError(FedgateError):
 class CodecError(EnvelopeError):
     """An update payload does not decode at its fixed dtype (``decode-error``), or holds
     non-finite values (``non-finite``)."""
+
+
+class TransportError(FedgateError):
+    """An update could not be moved over the bus, or a transport message is malformed.
+
+    ``reason`` is a short machine-readable cause: ``bad-pointer`` (a pointer message
+    does not decode, or the object it names does not match it), ``object-missing``,
+    ``bad-subject``, ``publish-failed``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"transport ({reason}): {detail}")
+
+
+class EnrollmentError(FedgateError):
+    """The edge registry is malformed, or an enrollment or revocation is refused.
+
+    ``reason`` is one of ``malformed``, ``unknown-edge``, ``already-enrolled``,
+    ``key-revoked``, ``io``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"edge registry ({reason}): {detail}")

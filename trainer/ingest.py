@@ -1,0 +1,459 @@
+"""Ingest sealed updates from JetStream: verify, decrypt, check, decode, record, fold, ack.
+
+For each message of the trainer's durable pull consumer:
+
+1. the subject names the model and the edge; a pointer message is resolved from the
+   object store (size limit first, then size and SHA-256 against the pointer);
+2. a revoked edge is refused before any crypto; ``open_update`` verifies the edge's
+   signature (unknown edge, bad signature) and decrypts with the trainer's HPKE key;
+   the signed header must name the subject's model and edge;
+3. ``check_header`` against the round open now (:class:`RoundSource`), then the payload
+   is decoded at its fixed dtype (decode error, non-finite);
+4. the ledger records (model, round, edge); if a record is there already, the message is
+   a duplicate (same update id) or a second update of that edge: acked, not folded;
+5. the aggregator folds it; only then is the message acknowledged.
+
+A refused update is logged with its reason, counted, and terminated (``+TERM``) so it is
+not redelivered. A transient failure (NATS, the object store) leaves the message for
+redelivery with a delay. Nothing a bad input does stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+
+from fedcore.compression import Vector, decode_update
+from fedcore.enrollment import EdgeRegistry, EdgeStatus
+from fedcore.envelope import (
+    RecipientPrivateKey,
+    UpdateHeader,
+    check_header,
+    open_update,
+    read_header_unverified,
+)
+from fedcore.errors import EnvelopeError, FedgateError, TransportError
+from fedcore.transport import (
+    TRAINER_CONSUMER,
+    UPDATES_OBJECT_BUCKET,
+    UPDATES_STREAM,
+    UpdatePointer,
+    is_pointer,
+    parse_update_subject,
+    sha256_hex,
+)
+from trainer.bus import updates_consumer_config
+from trainer.ingest_metrics import IngestMetrics
+from trainer.ledger import LedgerRecord, UpdateLedger
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = (TimeoutError, nats.errors.Error)
+
+
+@dataclass(frozen=True)
+class RoundTarget:
+    """The round open for a model: what an update must be for, and its tensor sizes.
+
+    :meth:`check` is strict (this round, this base model); a buffered asynchronous round
+    that accepts stale bases can pass a subclass whose ``check`` says so.
+    """
+
+    model: str
+    round: int
+    base_version: int
+    base_digest: str
+    sizes: tuple[int, ...]
+
+    def check(self, header: UpdateHeader) -> None:
+        """Raise ``EnvelopeError`` (wrong-model, stale-round, wrong-round, base-mismatch)
+        unless the verified ``header`` belongs to this round."""
+        check_header(
+            header,
+            model=self.model,
+            round=self.round,
+            base_version=self.base_version,
+            base_digest=self.base_digest,
+        )
+
+
+class RoundSource(Protocol):
+    """Which round of ``model`` is open now (``None``: none is)."""
+
+    def target(self, model: str) -> RoundTarget | None: ...
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    """A verified, decoded update, recorded in the ledger, ready to fold."""
+
+    header: UpdateHeader
+    vector: Vector
+    digest: str
+    stream_seq: int
+
+
+class Aggregator(Protocol):
+    """Folds accepted updates into the running round state.
+
+    ``fold`` may refuse by raising an exception with a ``reason`` attribute; the round
+    state must then be unchanged (the ledger record is released again).
+    """
+
+    def fold(self, update: AcceptedUpdate) -> None: ...
+
+
+class EdgeDirectory(Protocol):
+    """The edge registry in force now (``trainer.registry.RegistryFile`` is one)."""
+
+    def current(self) -> EdgeRegistry: ...
+
+
+class Verdict(Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+    RETRY = "retry"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message; ``reason`` is set for rejections and retries."""
+
+    verdict: Verdict
+    reason: str | None = None
+    update_id: str | None = None
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Limits and timings of the ingestor."""
+
+    max_update_bytes: int = 64 * 1024 * 1024
+    batch: int = 16
+    fetch_timeout_s: float = 1.0
+    ack_timeout_s: float = 5.0
+    object_timeout_s: float = 60.0
+    retry_delay_s: float = 2.0
+    ack_wait_s: float = 30.0
+    durable: str = TRAINER_CONSUMER
+    stream: str = UPDATES_STREAM
+    object_bucket: str = UPDATES_OBJECT_BUCKET
+    model: str | None = None  # consume one model's updates only
+
+
+class Refused(FedgateError):
+    """An update is rejected for ``reason`` (internal to the ingestor)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class RecoveryError(FedgateError):
+    """An accepted update cannot be folded again from the stream (see :meth:`refold`)."""
+
+
+class UpdateIngestor:
+    """The trainer's consumer of updates. ``bind`` then ``run`` (or ``poll``)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        recipient: RecipientPrivateKey,
+        edges: EdgeDirectory,
+        rounds: RoundSource,
+        aggregator: Aggregator,
+        ledger: UpdateLedger,
+        metrics: IngestMetrics,
+        options: IngestOptions | None = None,
+    ) -> None:
+        self._js = js
+        self._recipient = recipient
+        self._edges = edges
+        self._rounds = rounds
+        self._aggregator = aggregator
+        self._ledger = ledger
+        self.metrics = metrics
+        self.options = options or IngestOptions()
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    def consumer_config(self) -> ConsumerConfig:
+        o = self.options
+        return updates_consumer_config(durable=o.durable, model=o.model, ack_wait_s=o.ack_wait_s)
+
+    async def bind(self) -> None:
+        """Create (or update) the durable consumer and bind a pull subscription to it."""
+        await self._js.add_consumer(self.options.stream, config=self.consumer_config())
+        self._sub = await self._js.pull_subscribe_bind(
+            durable=self.options.durable, stream=self.options.stream
+        )
+
+    async def fetch(self, batch: int | None = None, timeout_s: float | None = None) -> list[Msg]:
+        """Messages from the consumer (none when the fetch times out)."""
+        if self._sub is None:
+            raise RuntimeError("bind() the ingestor first")
+        o = self.options
+        try:
+            return await self._sub.fetch(batch or o.batch, timeout=timeout_s or o.fetch_timeout_s)
+        except nats.errors.TimeoutError:
+            return []
+
+    async def poll(self, batch: int | None = None, timeout_s: float | None = None) -> list[Outcome]:
+        """Fetch one batch and handle every message of it."""
+        return [await self.handle(msg) for msg in await self.fetch(batch, timeout_s)]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until ``stop`` is set; connection trouble is logged and waited out."""
+        while not stop.is_set():
+            try:
+                await self.poll()
+            except _TRANSIENT as exc:
+                log.warning("update fetch failed; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(self.options.retry_delay_s)
+
+    async def handle(self, msg: Msg) -> Outcome:
+        """Process one message and settle it: ack, term or nak."""
+        outcome = await self.process(msg)
+        await self.settle(msg, outcome)
+        return outcome
+
+    async def process(self, msg: Msg) -> Outcome:
+        """Everything but the acknowledgement (split out so a crash before it can be
+        simulated); counts and logs the outcome."""
+        meta = msg.metadata
+        seq, delivered = meta.sequence.stream, meta.num_delivered
+        context = {"subject": msg.subject, "seq": seq, "delivered": delivered}
+        try:
+            header = await self._accept(msg.subject, msg.data, seq)
+        except (Refused, EnvelopeError, TransportError) as exc:
+            return self._rejected(exc.reason, exc.detail, context)
+        except _TRANSIENT as exc:
+            return self._retry(repr(exc), context)
+        except Exception as exc:  # a bug must not stop the trainer or lose the update
+            log.exception("update handling failed unexpectedly", extra=context)
+            return self._retry(f"internal error: {exc!r}", context)
+        if isinstance(header, Outcome):
+            return header
+        self.metrics.accepted.inc()
+        log.info(
+            "update accepted",
+            extra={
+                **context,
+                "edge": header.edge_id,
+                "model": header.model,
+                "round": header.round,
+                "update_id": header.update_id,
+                "num_samples": header.num_samples,
+            },
+        )
+        return Outcome(Verdict.ACCEPTED, update_id=header.update_id)
+
+    async def settle(self, msg: Msg, outcome: Outcome) -> None:
+        """Acknowledge as the outcome says; a failed ack only means a later duplicate."""
+        try:
+            if outcome.verdict is Verdict.ACCEPTED:
+                await msg.ack_sync(timeout=self.options.ack_timeout_s)
+            elif outcome.verdict is Verdict.DUPLICATE:
+                await msg.ack()
+            elif outcome.verdict is Verdict.REJECTED:
+                await msg.term()
+            else:
+                await msg.nak(delay=self.options.retry_delay_s)
+        except _TRANSIENT as exc:
+            log.warning(
+                "acknowledgement failed; the message will come again",
+                extra={"verdict": outcome.verdict.value, "error": repr(exc)},
+            )
+
+    # -- the pipeline ------------------------------------------------------------------
+    async def _accept(self, subject: str, data: bytes, seq: int) -> UpdateHeader | Outcome:
+        model, edge_id = parse_update_subject(subject)
+        envelope, path = await self._resolve(data)
+        self.metrics.wire_bytes.labels(path=path).observe(len(envelope))
+        target = self._rounds.target(model)
+        registry = self._edges.current()
+        header, vector = await asyncio.to_thread(
+            self._verify, envelope, model, edge_id, registry, target
+        )
+        update = AcceptedUpdate(header, vector, sha256_hex(envelope), seq)
+        return await self._record_and_fold(update)
+
+    async def _resolve(self, data: bytes) -> tuple[bytes, str]:
+        """The envelope bytes of a message, fetched from the object store for a pointer."""
+        limit = self.options.max_update_bytes
+        if not is_pointer(data):
+            if len(data) > limit:
+                raise Refused("oversize", f"message is {len(data)} bytes, over {limit}")
+            return data, "inline"
+        pointer = UpdatePointer.decode(data)
+        if pointer.size > limit:
+            raise Refused("oversize", f"pointer names {pointer.size} bytes, over {limit}")
+        if pointer.bucket != self.options.object_bucket:
+            raise Refused("bad-pointer", f"pointer names bucket {pointer.bucket!r}")
+        envelope = await self._get_object(pointer)
+        pointer.check(envelope)
+        return envelope, "object"
+
+    async def _get_object(self, pointer: UpdatePointer) -> bytes:
+        store = await self._js.object_store(pointer.bucket)
+        try:
+            info = await store.get_info(pointer.name)
+        except nats.js.errors.NotFoundError:
+            raise Refused("object-missing", f"object {pointer.name} does not exist") from None
+        if info.size != pointer.size:
+            raise Refused(
+                "bad-pointer", f"object is {info.size} bytes, pointer says {pointer.size}"
+            )
+        sink = io.BytesIO()
+        try:
+            await asyncio.wait_for(
+                store.get(pointer.name, writeinto=sink), self.options.object_timeout_s
+            )
+        except nats.js.errors.DigestMismatchError:
+            raise Refused("bad-pointer", f"object {pointer.name} fails its digest") from None
+        except nats.js.errors.NotFoundError:
+            raise Refused("object-missing", f"object {pointer.name} does not exist") from None
+        return sink.getvalue()
+
+    def _verify(
+        self,
+        envelope: bytes,
+        model: str,
+        edge_id: str,
+        registry: EdgeRegistry,
+        target: RoundTarget | None,
+        accepted_before: bool = False,
+    ) -> tuple[UpdateHeader, Vector]:
+        """Signature, decryption, header and payload checks (CPU only, in a thread).
+
+        ``accepted_before``: the update is in the ledger already (refold), so an edge
+        revoked since then still has its key looked up.
+        """
+        claimed = read_header_unverified(envelope)
+        if registry.status(claimed.edge_id) is EdgeStatus.REVOKED and not accepted_before:
+            raise Refused("revoked-edge", f"edge {claimed.edge_id!r} is revoked")
+        header, payload = open_update(
+            envelope,
+            recipient=self._recipient,
+            edge_keys=registry.lookup_any if accepted_before else registry.lookup,
+            max_payload=self.options.max_update_bytes,
+        )
+        if (header.model, header.edge_id) != (model, edge_id):
+            raise Refused(
+                "subject-mismatch",
+                f"signed for {header.model}/{header.edge_id}, published as {model}/{edge_id}",
+            )
+        if target is None:
+            raise Refused("no-open-round", f"no round of {model!r} is open")
+        target.check(header)
+        return header, decode_update(payload, header.compression, target.sizes)
+
+    async def _record_and_fold(self, update: AcceptedUpdate) -> UpdateHeader | Outcome:
+        h = update.header
+        record = LedgerRecord.now(h.update_id, update.digest, update.stream_seq, h.num_samples)
+        claim = await self._ledger.record(h.model, h.round, h.edge_id, record)
+        if not claim.first:
+            if claim.record.update_id == h.update_id:
+                log.info(
+                    "update already counted",
+                    extra={"reason": "duplicate", "update_id": h.update_id, "edge": h.edge_id},
+                )
+                self.metrics.rejected.labels(reason="duplicate").inc()
+                return Outcome(Verdict.DUPLICATE, "duplicate", h.update_id)
+            raise Refused(
+                "second-update",
+                f"edge {h.edge_id!r} already contributed {claim.record.update_id} "
+                f"to round {h.round}",
+            )
+        try:
+            self._aggregator.fold(update)
+        except Exception as exc:
+            reason = getattr(exc, "reason", None)
+            await self._release(h, claim.revision)
+            if not isinstance(reason, str):
+                log.exception("fold failed", extra={"update_id": h.update_id})
+                reason = "fold-failed"
+            raise Refused(reason, f"aggregator refused the update: {exc}") from None
+        return h
+
+    async def _release(self, h: UpdateHeader, revision: int) -> None:
+        try:
+            await self._ledger.release(h.model, h.round, h.edge_id, revision)
+        except _TRANSIENT as exc:
+            log.error(
+                "ledger claim of an unfolded update not released; recover() will refold it",
+                extra={"update_id": h.update_id, "error": repr(exc)},
+            )
+
+    def _rejected(self, reason: str, detail: str, context: dict[str, object]) -> Outcome:
+        self.metrics.rejected.labels(reason=reason).inc()
+        log.warning("update rejected", extra={**context, "reason": reason, "detail": detail})
+        return Outcome(Verdict.REJECTED, reason)
+
+    def _retry(self, detail: str, context: dict[str, object]) -> Outcome:
+        self.metrics.retried.inc()
+        log.warning("update left for redelivery", extra={**context, "detail": detail})
+        return Outcome(Verdict.RETRY, "transient")
+
+    # -- recovery ----------------------------------------------------------------------
+    async def refold(self, target: RoundTarget, folded: Collection[str]) -> list[str]:
+        """Fold again every update the ledger accepted for ``target``'s round whose id is
+        not in ``folded`` (the ids a restored round checkpoint already holds).
+
+        Each is read back from the stream by the sequence its ledger record names and
+        checked against that record (digest, update id, edge) before folding. Returns
+        the refolded update ids. Raises :class:`RecoveryError` if one cannot be read.
+        """
+        records = await self._ledger.accepted(target.model, target.round)
+        done: list[str] = []
+        for edge_id, record in sorted(records.items()):
+            if record.update_id in folded:
+                continue
+            update = await self._reload(target, edge_id, record)
+            self._aggregator.fold(update)
+            done.append(record.update_id)
+            log.info("accepted update folded again", extra={"update_id": record.update_id})
+        return done
+
+    async def _reload(
+        self, target: RoundTarget, edge_id: str, record: LedgerRecord
+    ) -> AcceptedUpdate:
+        try:
+            raw = await self._js.get_msg(self.options.stream, record.stream_seq)
+            subject, data = raw.subject or "", raw.data or b""
+            model, subject_edge = parse_update_subject(subject)
+            envelope, _ = await self._resolve(data)
+        except (FedgateError, *_TRANSIENT) as exc:
+            raise RecoveryError(
+                f"update {record.update_id} (seq {record.stream_seq}) cannot be read: {exc!r}"
+            ) from None
+        if sha256_hex(envelope) != record.digest or subject_edge != edge_id:
+            raise RecoveryError(
+                f"stream message {record.stream_seq} is not update {record.update_id}"
+            )
+        registry = self._edges.current()
+        try:
+            header, vector = await asyncio.to_thread(
+                self._verify, envelope, model, subject_edge, registry, target, True
+            )
+        except (Refused, EnvelopeError) as exc:
+            raise RecoveryError(f"update {record.update_id} no longer verifies: {exc}") from None
+        if header.update_id != record.update_id:
+            raise RecoveryError(
+                f"stream message {record.stream_seq} is not update {record.update_id}"
+            )
+        return AcceptedUpdate(header, vector, record.digest, record.stream_seq)
