@@ -11,6 +11,7 @@ import time
 import nats
 from nats.aio.client import Client as NATS
 
+from edge_runtime.publisher import UpdatePublisher, load_edge_keys
 from edge_runtime.repository import detect_kind, prepare_model
 from edge_runtime.settings import EdgeSettings
 from edge_runtime.triton import TritonServer
@@ -39,6 +40,11 @@ class EdgeRuntime:
             control_secret=read_secret(settings.triton_control_secret_file),
             exit_timeout_s=settings.exit_timeout_s,
         )
+        # Updates are signed with this edge's identity and sealed to the trainer's HPKE key.
+        self.signer, self.trainer_hpke = load_edge_keys(
+            settings.identity_key_file, settings.trainer_hpke_public_key_file
+        )
+        self.publisher: UpdatePublisher | None = None
         self._nc: NATS | None = None
         self._seq = 0
         self._stopping = asyncio.Event()
@@ -87,6 +93,9 @@ class EdgeRuntime:
             password=s.nats_password(),
             name=f"edge:{s.edge_id}",
             max_reconnect_attempts=-1,
+        )
+        self.publisher = UpdatePublisher.for_connection(
+            self._nc, ack_timeout_s=s.update_ack_timeout_s, attempts=s.update_publish_attempts
         )
         subject = subjects.heartbeat(s.edge_id)
         while not self._stopping.is_set():

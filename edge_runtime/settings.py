@@ -26,6 +26,16 @@ class EdgeSettings(ServiceSettings):
     trainer_public_key_file: Path = Field(
         description="hex Ed25519 public key of the trainer, the only signer this edge trusts"
     )
+    identity_key_file: Path = Field(
+        description="this edge's Ed25519 private key (0600): signs its model updates"
+    )
+    trainer_hpke_public_key_file: Path = Field(
+        description="hex X25519 public key of the trainer: updates are sealed to it (HPKE)"
+    )
+    update_ack_timeout_s: float = Field(
+        default=5.0, gt=0, description="wait for JetStream's ack of an update, per attempt"
+    )
+    update_publish_attempts: int = Field(default=4, ge=1, description="publish tries per update")
     triton_control_secret_file: Path = Field(
         description="file holding the secret header value that guards Triton's model-control API"
     )

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.errors import ProcessError
-from fedcore.keys import generate_ed25519, load_ed25519, public_hex, write_public, write_secret
+from fedcore.keys import write_secret
 from fedcore.process import ManagedProcess, free_port
+from fedgate.keys_cmd import KeyLayout, init_keys
 from fedgate.natsconf import render_nats_config, write_nats_config
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,12 @@ class Stack:
             write_secret(path, secrets.token_urlsafe(24))
         return path
 
+    def _keys(self) -> KeyLayout:
+        """Trainer keys, edge identities and the edge registry (``fedgate keys init``)."""
+        return init_keys(self.config.data_dir / "keys", self.edge_ids)
+
     def _signing_key(self) -> Path:
-        keys = self.config.data_dir / "keys"
-        private, public = keys / "trainer-signing.key", keys / "trainer-signing.pub"
-        if not private.exists():
-            generate_ed25519(private)
-        write_public(public, public_hex(load_ed25519(private)))
-        return private
+        return self._keys().signing_key
 
     def _service_env(self, prefix: str, user: str, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
@@ -157,10 +157,16 @@ class Stack:
 
     def _start_trainer(self) -> None:
         d = self.config.data_dir / "trainer"
+        keys = self._keys()
         env = self._service_env(
             "FEDGATE_TRAINER_",
             "trainer",
-            {"DATA_DIR": str(d), "SIGNING_KEY_FILE": str(self._signing_key())},
+            {
+                "DATA_DIR": str(d),
+                "SIGNING_KEY_FILE": str(keys.signing_key),
+                "HPKE_PRIVATE_KEY_FILE": str(keys.hpke_key),
+                "EDGE_REGISTRY_FILE": str(keys.registry),
+            },
         )
         self._bootstrap_trainer(env)
         self._spawn("trainer", [sys.executable, "-m", "trainer", "serve"], env, {})
@@ -169,6 +175,7 @@ class Stack:
         ports = EdgePorts(free_port(), free_port(), free_port())
         self.edge_ports[edge_id] = ports
         d = self.config.data_dir / "edges" / edge_id
+        keys = KeyLayout(self.config.data_dir / "keys")
         env = self._service_env(
             "FEDGATE_EDGE_",
             edge_id,
@@ -179,6 +186,8 @@ class Stack:
                 "TRAINER_PUBLIC_KEY_FILE": str(
                     self.config.data_dir / "keys" / "trainer-signing.pub"
                 ),
+                "IDENTITY_KEY_FILE": str(keys.edge_key(edge_id)),
+                "TRAINER_HPKE_PUBLIC_KEY_FILE": str(keys.hpke_pub),
                 "TRITON_CONTROL_SECRET_FILE": str(self._secret(f"triton-control-{edge_id}")),
                 "TRITON_HOST": self.config.host,
                 "TRITON_HTTP_PORT": str(ports.http),

@@ -12,10 +12,15 @@ import logging
 import signal
 
 import nats
+from nats.aio.client import Client as NATS
 
-from fedcore.keys import load_ed25519
+from fedcore.keys import load_ed25519, load_x25519
 from fedcore.models import get_spec
+from fedcore.transport import StreamSpec
 from trainer.bootstrap import ensure_version_one
+from trainer.bus import ensure_transport
+from trainer.ledger import UpdateLedger
+from trainer.registry import RegistryFile, edges_bucket, mirror_registry
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -36,9 +41,26 @@ def bootstrap(settings: TrainerSettings) -> None:
         )
 
 
+async def prepare_transport(nc: NATS, settings: TrainerSettings, registry: RegistryFile) -> None:
+    """Create the updates stream, object bucket and ledger; mirror the edge registry."""
+    js = nc.jetstream()
+    spec = StreamSpec(
+        duplicate_window_s=settings.updates_duplicate_window_s,
+        max_age_s=settings.updates_max_age_s,
+        max_msg_size=nc.max_payload,
+        replicas=settings.nats_replicas,
+    )
+    await ensure_transport(js, spec)
+    await UpdateLedger.open(js, replicas=settings.nats_replicas)
+    edges = await edges_bucket(js, replicas=settings.nats_replicas)
+    await mirror_registry(edges, registry.current())
+
+
 async def serve(settings: TrainerSettings) -> None:
     """Bootstrap, connect to NATS and run until SIGTERM or SIGINT."""
     await asyncio.to_thread(bootstrap, settings)
+    load_x25519(settings.hpke_private_key_file)  # fail at start on a missing or loose key
+    registry = RegistryFile(settings.edge_registry_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -50,8 +72,9 @@ async def serve(settings: TrainerSettings) -> None:
         name="trainer",
         max_reconnect_attempts=-1,
     )
-    log.info("trainer ready", extra={"models": ",".join(settings.models)})
     try:
+        await prepare_transport(nc, settings, registry)
+        log.info("trainer ready", extra={"models": ",".join(settings.models)})
         await stop.wait()
     finally:
         with contextlib.suppress(Exception):

@@ -23,6 +23,25 @@ class TrainerSettings(ServiceSettings):
     )
     bootstrap_epochs: int = Field(default=8, ge=1)
     seed: int = 0
+    hpke_private_key_file: Path = Field(
+        description="X25519 private key (0600) edges seal their updates to (HPKE)"
+    )
+    edge_registry_file: Path = Field(
+        description="enrolled edges and their Ed25519 public keys (fedgate keys enroll)"
+    )
+    max_update_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="largest sealed update accepted, in bytes"
+    )
+    updates_duplicate_window_s: float = Field(
+        default=120.0, gt=0, description="JetStream deduplication window of the updates stream"
+    )
+    updates_max_age_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="how long the updates stream keeps messages"
+    )
+    updates_ack_wait_s: float = Field(
+        default=30.0, gt=0, description="redelivery delay of an unacknowledged update"
+    )
+    nats_replicas: int = Field(default=1, description="replicas of streams and buckets (1 or 3)")
 
     @property
     def artifacts_dir(self) -> Path:
