@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from nats.js.api import StorageType
 
-from fedcore.transport import UPDATES_STREAM
+from fedcore.transport import UPDATES_STREAM, StreamSpec
 from tests.conftest import NatsServer
 from tests.transport_harness import DIM, TARGET, SumAggregator, open_bus, seal
+from trainer.bus import ensure_transport
 from trainer.ingest import IngestOptions, Verdict
 from trainer.ledger import LedgerRecord
 from trainer.registry import edges_bucket, mirror_registry
@@ -158,3 +160,21 @@ async def test_registry_mirror_in_kv(nats_server: NatsServer, tmp_path: Path) ->
         await kv.put("edge-9", b"{}")
         await mirror_registry(kv, registry)
         assert sorted(await kv.keys()) == ["edge-1", "edge-3"]
+
+
+async def test_transport_setup_is_idempotent_and_updates_the_stream(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with open_bus(nats_server, tmp_path) as bus:
+        js = bus.trainer_nc.jetstream()
+        spec = StreamSpec(duplicate_window_s=30.0, max_msg_size=bus.trainer_nc.max_payload)
+        await ensure_transport(js, spec)
+        await ensure_transport(js, spec)
+        info = await js.stream_info(UPDATES_STREAM)
+        assert info.config.duplicate_window == 30.0
+        assert info.config.storage == StorageType.FILE
+        assert info.config.subjects == ["fedgate.updates.>"]
+        assert info.config.max_msg_size == bus.trainer_nc.max_payload
+        await bus.ingestor.bind()  # a second bind reuses the durable consumer
+        consumer = await js.consumer_info(UPDATES_STREAM, "trainer-updates")
+        assert consumer.config.ack_wait == 1.0 and consumer.config.max_deliver == -1

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedcore.enrollment import EdgeRecord, EdgeRegistry, EdgeStatus, load_registry
-from fedcore.errors import EnrollmentError
+from fedcore.errors import EnrollmentError, KeyFileError
 from fedcore.keys import load_ed25519, load_x25519, public_hex
 from fedgate.cli import main
 from fedgate.keys_cmd import KeyLayout, enroll_edge, init_keys, revoke_edge
@@ -101,7 +101,7 @@ def test_cli_keys_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_loose_private_key_is_refused(tmp_path: Path) -> None:
     layout = init_keys(tmp_path, ["edge-1"])
     os.chmod(layout.hpke_key, 0o644)
-    with pytest.raises(Exception, match="chmod 600"):
+    with pytest.raises(KeyFileError, match="chmod 600"):
         init_keys(tmp_path, ["edge-1"])
 
 
