@@ -21,6 +21,7 @@ import nats
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from nats.aio.client import Client as NATS
 
 from fedcore.errors import FedgateError, KeyFileError
 from fedcore.keys import write_secret
@@ -98,14 +99,15 @@ def test_bad_edge_ids_are_refused(tmp_path: Path, bad: str) -> None:
 def _settings(tmp_path: Path, tls_dir: Path, name: str | None) -> ServiceSettings:
     pw = tmp_path / "pw"
     write_secret(pw, "x")
-    extra = {}
+    extra: dict[str, Path] = {}
     if name is not None:
-        extra = {
-            "nats_tls_cert_file": tls_dir / f"{name}.crt",
-            "nats_tls_key_file": tls_dir / f"{name}.key",
-        }
+        extra = {"cert": tls_dir / f"{name}.crt", "key": tls_dir / f"{name}.key"}
     return ServiceSettings(
-        nats_user="u", nats_password_file=pw, nats_tls_ca_file=tls_dir / "ca.crt", **extra
+        nats_user="u",
+        nats_password_file=pw,
+        nats_tls_ca_file=tls_dir / "ca.crt",
+        nats_tls_cert_file=extra.get("cert"),
+        nats_tls_key_file=extra.get("key"),
     )
 
 
@@ -168,7 +170,7 @@ def tls_nats(tmp_path: Path, tls_dir: Path) -> Iterator[TlsNats]:
         proc.stop()
 
 
-async def _connect(server: TlsNats, tls: ssl.SSLContext | None) -> nats.NATS:
+async def _connect(server: TlsNats, tls: ssl.SSLContext | None) -> NATS:
     async def quiet(_: Exception) -> None:
         return None
 
