@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from nats.js.api import StorageType
+from nats.js.errors import KeyNotFoundError
 
 from fedcore.transport import UPDATES_STREAM, StreamSpec
 from tests.conftest import NatsServer
 from tests.transport_harness import DIM, TARGET, SumAggregator, open_bus, seal
-from trainer.bus import ensure_transport
+from trainer.bus import ensure_transport, kv_keys
 from trainer.ingest import IngestOptions, Verdict
 from trainer.ledger import LedgerRecord
 from trainer.registry import edges_bucket, mirror_registry
@@ -152,14 +154,19 @@ async def test_registry_mirror_in_kv(nats_server: NatsServer, tmp_path: Path) ->
     async with open_bus(nats_server, tmp_path) as bus:
         from fedcore.enrollment import load_registry
 
-        kv = await edges_bucket(bus.trainer_nc.jetstream())
+        js = bus.trainer_nc.jetstream()
         registry = load_registry(bus.keys.layout.registry)
-        assert await mirror_registry(kv, registry) == 2
-        assert await mirror_registry(kv, registry) == 0  # unchanged
+        assert await mirror_registry(js, registry) == 2
+        assert await mirror_registry(js, registry) == 0  # unchanged
+        kv = await edges_bucket(js)
         assert (await kv.get("edge-3")).value == registry["edge-3"].encode()
         await kv.put("edge-9", b"{}")
-        await mirror_registry(kv, registry)
-        assert sorted(await kv.keys()) == ["edge-1", "edge-3"]
+        await kv.put("edge-1", b"{}")
+        assert await mirror_registry(js, registry) == 1
+        assert (await kv.get("edge-1")).value == registry["edge-1"].encode()
+        assert await kv_keys(js, "fedgate_edges") == ["edge-1", "edge-3", "edge-9"]
+        with pytest.raises(KeyNotFoundError):  # deleted
+            await kv.get("edge-9")
 
 
 async def test_transport_setup_is_idempotent_and_updates_the_stream(

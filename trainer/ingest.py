@@ -209,7 +209,7 @@ class UpdateIngestor:
         o = self.options
         try:
             return await self._sub.fetch(batch or o.batch, timeout=timeout_s or o.fetch_timeout_s)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError or asyncio's, depending on the path
             return []
 
     async def poll(self, batch: int | None = None, timeout_s: float | None = None) -> list[Outcome]:

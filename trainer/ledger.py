@@ -27,11 +27,12 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from fedcore.errors import FedgateError
 from fedcore.transport import LEDGER_BUCKET
+from trainer.bus import kv_keys
 
 _MODEL = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -111,8 +112,10 @@ def ledger_key(model: str, round: int, edge_id: str) -> str:
 class UpdateLedger:
     """The ledger over a KV bucket (use :meth:`open`)."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
+        self._js = js
         self._kv = kv
+        self._bucket = bucket
 
     @classmethod
     async def open(
@@ -131,7 +134,7 @@ class UpdateLedger:
                     description="fedgate: accepted updates, one per (model, round, edge)",
                 )
             )
-        return cls(kv)
+        return cls(js, kv, bucket)
 
     async def record(self, model: str, round: int, edge_id: str, record: LedgerRecord) -> Claim:
         """Write ``record`` for (model, round, edge) unless one is there already."""
@@ -147,20 +150,15 @@ class UpdateLedger:
         """Undo a claim whose fold failed (compare-and-delete on its revision)."""
         await self._kv.delete(ledger_key(model, round, edge_id), last=revision)
 
-    async def accepted(
-        self, model: str, round: int, *, timeout_s: float = 5.0
-    ) -> dict[str, LedgerRecord]:
-        """Every record of (model, round), by edge id (a server-side filtered watch)."""
+    async def accepted(self, model: str, round: int) -> dict[str, LedgerRecord]:
+        """Every record of (model, round), by edge id."""
         prefix = ledger_key(model, round, "x")[:-1]
-        watcher = await self._kv.watch(f"{prefix}*", ignore_deletes=True)
         out: dict[str, LedgerRecord] = {}
-        try:
-            while True:
-                entry = await watcher.updates(timeout=timeout_s)  # type: ignore[no-untyped-call]
-                if entry is None:  # the watcher's end-of-initial-values marker
-                    break
-                if entry.value:
-                    out[entry.key.removeprefix(prefix)] = LedgerRecord.decode(entry.value)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for key in await kv_keys(self._js, self._bucket, f"{prefix}*"):
+            try:
+                entry = await self._kv.get(key)
+            except NotFoundError:  # released (deleted) claims
+                continue
+            if entry.value:
+                out[key.removeprefix(prefix)] = LedgerRecord.decode(entry.value)
         return out

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from fedcore.enrollment import EdgeRegistry, load_registry
 from fedcore.errors import EnrollmentError
 from fedcore.transport import EDGES_BUCKET
+from trainer.bus import kv_keys
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +81,28 @@ async def edges_bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
         )
 
 
-async def mirror_registry(kv: KeyValue, registry: EdgeRegistry) -> int:
-    """Make the bucket hold exactly ``registry``; returns the number of keys written."""
-    try:
-        present = set(await kv.keys())
-    except NoKeysError:
-        present = set()
+async def mirror_registry(
+    js: JetStreamContext, registry: EdgeRegistry, *, replicas: int = 1
+) -> int:
+    """Make ``fedgate_edges`` hold exactly ``registry``; returns the number of keys written."""
+    kv = await edges_bucket(js, replicas=replicas)
     written = 0
-    for edge_id, record in registry.items():
-        value = record.encode()
-        if edge_id in present:
-            entry = await kv.get(edge_id)
-            if entry.value == value:
-                continue
-        await kv.put(edge_id, value)
+    present: set[str] = set()
+    for key in await kv_keys(js, EDGES_BUCKET):
+        try:
+            entry = await kv.get(key)
+        except NotFoundError:  # deleted
+            continue
+        present.add(key)
+        record = registry.get(key)
+        if record is not None and entry.value == record.encode():
+            continue
+        if record is None:
+            await kv.delete(key)
+        else:
+            await kv.put(key, record.encode())
+            written += 1
+    for edge_id in set(registry) - present:
+        await kv.put(edge_id, registry[edge_id].encode())
         written += 1
-    for stale in present - set(registry):
-        await kv.delete(stale)
     return written

@@ -20,7 +20,7 @@ from fedcore.transport import StreamSpec
 from trainer.bootstrap import ensure_version_one
 from trainer.bus import ensure_transport
 from trainer.ledger import UpdateLedger
-from trainer.registry import RegistryFile, edges_bucket, mirror_registry
+from trainer.registry import RegistryFile, mirror_registry
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ async def prepare_transport(nc: NATS, settings: TrainerSettings, registry: Regis
     )
     await ensure_transport(js, spec)
     await UpdateLedger.open(js, replicas=settings.nats_replicas)
-    edges = await edges_bucket(js, replicas=settings.nats_replicas)
-    await mirror_registry(edges, registry.current())
+    await mirror_registry(js, registry.current(), replicas=settings.nats_replicas)
 
 
 async def serve(settings: TrainerSettings) -> None:
