@@ -114,3 +114,94 @@ class RoundAnnouncement(_Message):
     def invites(self, edge_id: str) -> bool:
         """True when ``edge_id`` may send an update for this round."""
         return self.state == "open" and (self.sampled is None or edge_id in self.sampled)
+
+
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+"""Request ids that feedback may name: 1-256 printable ASCII characters, no spaces."""
+
+
+class FeedbackRequest(_Message):
+    """A label for a served request, sent by the gateway to the fleet on
+    ``fedgate.feedback.<model>``; the edge holding request ``id`` answers (``FeedbackReply``)."""
+
+    model: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    id: str = Field(pattern=REQUEST_ID.pattern)
+    label: int = Field(ge=0)
+    weight: float = Field(default=1.0, gt=0.0, le=1000.0, allow_inf_nan=False)
+
+
+class FeedbackReply(_Message):
+    """An edge's answer to a :class:`FeedbackRequest`: ``joined`` (the label is attached to
+    its captured sample) or ``expired`` (the sample was evicted). Edges that never saw
+    the request stay silent."""
+
+    edge_id: str
+    status: str = Field(pattern="^(joined|expired)$")
+
+    @field_validator("edge_id")
+    @classmethod
+    def _edge_id(cls, v: str) -> str:
+        return check_edge_id(v)
+
+
+ROUND_LOG_BUCKET = "fedgate_round_log"
+"""KV bucket with one :class:`RoundRecord` per closed round, key ``<model>.<round:08d>``."""
+
+LINEAGE_BUCKET = "fedgate_lineage"
+"""KV bucket with one :class:`Lineage` per released version, key ``<model>.<version:08d>``."""
+
+
+class Contributor(_Message):
+    """One edge's part in a round: aggregate numbers only, never its data or update."""
+
+    edge_id: str
+    samples: int = Field(ge=0)
+    base_version: int = Field(ge=1)
+    weight: float = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class RoundRecord(_Message):
+    """How a round ended: ``released``, ``held`` (gate said no) or ``failed`` (no quorum)."""
+
+    model: str
+    round: int = Field(ge=1)
+    mode: str
+    outcome: str = Field(pattern="^(released|held|failed)$")
+    reason: str
+    base_version: int = Field(ge=1)
+    released_version: int | None = None
+    opened_ts: float
+    closed_ts: float
+    contributors: list[Contributor] = Field(default_factory=list)
+    accuracy: float | None = None
+    loss: float | None = None
+    serving_accuracy: float | None = None
+    epsilon: float | None = None
+
+
+class Lineage(_Message):
+    """Where a released version came from."""
+
+    model: str
+    version: int = Field(ge=1)
+    parent_version: int | None
+    round: int | None
+    digest: str
+    strategy: str
+    contributors: list[Contributor] = Field(default_factory=list)
+    samples: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    epsilon: float | None = None
+    created_ts: float
+
+
+def round_key(model: str, round_id: int) -> str:
+    """KV key of a round record (zero-padded so keys sort by round)."""
+    return f"{model}.{round_id:08d}"
+
+
+def version_key(model: str, version: int) -> str:
+    """KV key of a version's lineage."""
+    return f"{model}.{version:08d}"

@@ -1,7 +1,9 @@
-"""The trainer service. At this stage: hold the global versions and stay on the bus.
+"""The trainer service: bootstrap, transport, then rounds until stopped.
 
-Rounds, aggregation and releases plug in here (see the trainer issue); the service
-already connects to NATS with its own credentials and stops cleanly on SIGTERM.
+Per model: restore the round book from its checkpoint (or start from the newest signed
+version), fold again what the ledger accepted after the checkpoint, announce the open
+round in KV ``fedgate_rounds``, and let the ingestor fold updates while the round loop
+decides when to close, release (or hold) a version, and open the next round.
 """
 
 from __future__ import annotations
@@ -10,18 +12,35 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 
 import nats
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+from prometheus_client import CollectorRegistry
 
+from fedcore import subjects
+from fedcore.artifact_store import upload_version
+from fedcore.compression import sizes_from_layout
 from fedcore.keys import load_ed25519, load_x25519
 from fedcore.models import get_spec
+from fedcore.params import layout, load_weights_file
 from fedcore.transport import StreamSpec
+from fedcore.wire import ROUNDS_BUCKET, WireError, decode_heartbeat
+from trainer import checkpoint
 from trainer.bootstrap import ensure_version_one
 from trainer.bus import ensure_transport
+from trainer.driver import RoundDriver
+from trainer.ingest import IngestOptions, UpdateIngestor
+from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.registry import RegistryFile, mirror_registry
+from trainer.release import ReleaseContext, close_round, kv_bucket, version_digest
+from trainer.rounds import RoundBook, RoundPolicy
 from trainer.settings import TrainerSettings
+from trainer.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +74,108 @@ async def prepare_transport(nc: NATS, settings: TrainerSettings, registry: Regis
     await mirror_registry(js, registry.current(), replicas=settings.nats_replicas)
 
 
+def policy_of(settings: TrainerSettings) -> RoundPolicy:
+    return RoundPolicy(
+        mode=settings.round_mode,
+        min_updates=settings.min_updates,
+        deadline_s=settings.round_deadline_s,
+        sample_fraction=settings.sample_fraction,
+        buffer_size=settings.buffer_size,
+        max_staleness=settings.max_staleness,
+        staleness_exponent=settings.staleness_exponent,
+    )
+
+
+def released_versions(settings: TrainerSettings, model: str) -> list[int]:
+    root = settings.artifacts_dir / model
+    return sorted(
+        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "manifest.json").exists()
+    )
+
+
+def build_book(settings: TrainerSettings, model: str) -> RoundBook:
+    """The model's round book: from its checkpoint, else from its newest version."""
+    strategy = get_strategy(settings.strategy, **settings.strategy_options)
+    newest = released_versions(settings, model)[-1]
+    directory = settings.artifacts_dir / model / str(newest)
+    params = load_weights_file(directory / "weights.npy")
+    book = RoundBook(
+        model,
+        policy_of(settings),
+        strategy,
+        version=newest,
+        digest=version_digest(directory),
+        params=params,
+        seed=settings.seed,
+    )
+    restored = checkpoint.load(settings.state_dir / "checkpoints" / model)
+    if restored is not None and restored.version <= newest:
+        checkpoint.resume(book, restored)
+        log.info("resumed from checkpoint", extra={"model": model, "round": book.next_round - 1})
+    return book
+
+
+class Fleet:
+    """Edges heard from recently (heartbeats), for client sampling."""
+
+    def __init__(self, ttl_s: float = 5.0) -> None:
+        self.ttl_s = ttl_s
+        self.seen: dict[str, float] = {}
+
+    async def on_heartbeat(self, msg: Msg) -> None:
+        with contextlib.suppress(WireError):
+            self.seen[decode_heartbeat(msg.data).edge_id] = time.monotonic()
+
+    def alive(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(e for e, t in self.seen.items() if now - t <= self.ttl_s)
+
+
+async def announce(js: JetStreamContext, book: RoundBook) -> None:
+    if book.current is None:
+        return
+    kv = await kv_bucket(js, ROUNDS_BUCKET)
+    await kv.put(book.model, book.current.announcement.encode())
+    log.info("round open", extra={"model": book.model, "round": book.current.round})
+
+
+async def run_rounds(
+    settings: TrainerSettings,
+    driver: RoundDriver,
+    contexts: dict[str, ReleaseContext],
+    js: JetStreamContext,
+    fleet: Fleet,
+    stop: asyncio.Event,
+) -> None:
+    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``)."""
+    closed = 0
+    while not stop.is_set():
+        for model, book in driver.books.items():
+            if book.current is None:
+                if settings.max_rounds is not None and closed >= settings.max_rounds:
+                    continue
+                book.open(fleet.alive())
+                driver.save(model)
+                await announce(js, book)
+                continue
+            verdict = book.verdict()
+            if verdict == "wait":
+                continue
+            failed = "deadline passed without quorum" if verdict == "fail" else None
+            await close_round(contexts[model], book, js, failed=failed)
+            driver.digests[model][book.version] = book.digest
+            driver.save(model)
+            closed += 1
+            await asyncio.sleep(settings.round_interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
+
+
 async def serve(settings: TrainerSettings) -> None:
-    """Bootstrap, connect to NATS and run until SIGTERM or SIGINT."""
+    """Bootstrap, connect to NATS and run rounds until SIGTERM or SIGINT."""
     await asyncio.to_thread(bootstrap, settings)
-    load_x25519(settings.hpke_private_key_file)  # fail at start on a missing or loose key
+    recipient = load_x25519(settings.hpke_private_key_file)
+    signing = load_ed25519(settings.signing_key_file)
     registry = RegistryFile(settings.edge_registry_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,8 +190,67 @@ async def serve(settings: TrainerSettings) -> None:
     )
     try:
         await prepare_transport(nc, settings, registry)
-        log.info("trainer ready", extra={"models": ",".join(settings.models)})
-        await stop.wait()
+        await _run(settings, nc, recipient, signing, registry, stop)
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+async def _run(
+    settings: TrainerSettings,
+    nc: NATS,
+    recipient: x25519.X25519PrivateKey,
+    signing: ed25519.Ed25519PrivateKey,
+    registry: RegistryFile,
+    stop: asyncio.Event,
+) -> None:
+    js = nc.jetstream()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    books = {m: build_book(settings, m) for m in settings.models}
+    sizes = {
+        m: tuple(sizes_from_layout(layout(get_spec(m).build_module()))) for m in settings.models
+    }
+    driver = RoundDriver(books, settings.state_dir, sizes)
+    contexts: dict[str, ReleaseContext] = {}
+    for m in settings.models:
+        spec = get_spec(m)
+        _, _, x_test, y_test = spec.dataset()
+        contexts[m] = ReleaseContext(
+            spec,
+            signing,
+            settings.artifacts_dir,
+            settings.state_dir,
+            settings.gate_margin,
+            x_test,
+            y_test,
+        )
+        for v in released_versions(settings, m):
+            driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))
+            await upload_version(js, m, v, settings.artifacts_dir / m / str(v))
+    ingestor = UpdateIngestor(
+        js,
+        recipient=recipient,
+        edges=registry,
+        rounds=driver,
+        aggregator=driver,
+        ledger=await UpdateLedger.open(js, replicas=settings.nats_replicas),
+        metrics=IngestMetrics(CollectorRegistry()),
+        options=IngestOptions(
+            max_update_bytes=settings.max_update_bytes, ack_wait_s=settings.updates_ack_wait_s
+        ),
+    )
+    await ingestor.bind()
+    for m, book in books.items():
+        target = driver.target(m)
+        if target is not None and book.current is not None:
+            refolded = await ingestor.refold(target, set(book.current.folded))
+            if refolded:
+                driver.save(m)
+                log.info("refolded after restart", extra={"model": m, "updates": len(refolded)})
+            await announce(js, book)
+    fleet = Fleet()
+    await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
+    log.info("trainer ready", extra={"models": ",".join(settings.models)})
+    await asyncio.gather(
+        ingestor.run(stop), run_rounds(settings, driver, contexts, js, fleet, stop)
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -42,6 +43,22 @@ class TrainerSettings(ServiceSettings):
         default=30.0, gt=0, description="redelivery delay of an unacknowledged update"
     )
     nats_replicas: int = Field(default=1, description="replicas of streams and buckets (1 or 3)")
+    strategy: str = Field(default="fedavgm", description="aggregation strategy by name")
+    strategy_options: dict[str, float | int | str] = Field(
+        default={"eta": 2.0, "momentum": 0.7}, description="options of the strategy (JSON)"
+    )
+    round_mode: Literal["sync", "async"] = "sync"
+    min_updates: int = Field(default=1, ge=1, description="sync: updates needed to close")
+    round_deadline_s: float = Field(default=60.0, gt=0, description="sync: round deadline")
+    sample_fraction: float = Field(default=1.0, gt=0, le=1, description="sync: edges invited")
+    buffer_size: int = Field(default=3, ge=1, description="async: updates per aggregation")
+    max_staleness: int = Field(default=2, ge=0, description="async: oldest base accepted")
+    staleness_exponent: float = Field(default=0.5, ge=0)
+    gate_margin: float = Field(
+        default=0.01, ge=0, description="hold back a candidate this much less accurate"
+    )
+    round_interval_s: float = Field(default=0.5, ge=0, description="pause between rounds")
+    max_rounds: int | None = Field(default=None, ge=1, description="stop opening rounds after N")
 
     @property
     def artifacts_dir(self) -> Path:

@@ -1,0 +1,105 @@
+"""The bridge between the ingestor and the round books: which round is open, fold, persist.
+
+:class:`RoundDriver` is the ingestor's ``RoundSource`` and ``Aggregator``. Each fold is
+checkpointed (fsync) before the ingestor acknowledges the message, so an acknowledged
+update is always in the checkpoint or, if the trainer died between the ledger record and
+the checkpoint, refolded from the stream on restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcore.envelope import UpdateHeader
+from fedcore.errors import EnvelopeError
+from trainer import checkpoint
+from trainer.ingest import AcceptedUpdate, RoundTarget
+from trainer.rounds import Contribution, RoundBook
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AsyncTarget(RoundTarget):
+    """Buffered asynchronous aggregation: a base up to ``max_staleness`` versions old is
+    welcome, as long as its digest is the one that version was released with."""
+
+    max_staleness: int = 0
+    digests: tuple[tuple[int, str], ...] = ()
+
+    def check(self, header: UpdateHeader) -> None:
+        if header.model != self.model:
+            raise EnvelopeError("wrong-model", f"update is for model {header.model!r}")
+        if header.round > self.round:
+            raise EnvelopeError(
+                "wrong-round", f"update is for round {header.round}, open {self.round}"
+            )
+        known = dict(self.digests)
+        lag = self.base_version - header.base_version
+        if lag < 0 or lag > self.max_staleness:
+            raise EnvelopeError(
+                "stale-round",
+                f"update is based on version {header.base_version}, current {self.base_version}, "
+                f"staleness limit {self.max_staleness}",
+            )
+        if known.get(header.base_version) != header.base_digest:
+            raise EnvelopeError(
+                "base-mismatch", f"digest of base version {header.base_version} does not match"
+            )
+
+
+class RoundDriver:
+    """Round books by model, their checkpoints, and the ingestor-facing protocol."""
+
+    def __init__(
+        self, books: dict[str, RoundBook], state_dir: Path, sizes: dict[str, tuple[int, ...]]
+    ) -> None:
+        self.books = books
+        self.state_dir = state_dir
+        self.sizes = sizes
+        self.digests: dict[str, dict[int, str]] = {m: {} for m in books}
+
+    def checkpoint_dir(self, model: str) -> Path:
+        return self.state_dir / "checkpoints" / model
+
+    def save(self, model: str) -> None:
+        checkpoint.save(self.checkpoint_dir(model), self.books[model])
+
+    def target(self, model: str) -> RoundTarget | None:
+        book = self.books.get(model)
+        if book is None or book.current is None:
+            return None
+        a = book.current.announcement
+        if a.mode == "async":
+            digests = dict(self.digests.get(model, {}))
+            digests[book.version] = book.digest
+            return AsyncTarget(
+                model,
+                a.round,
+                book.version,
+                book.digest,
+                self.sizes[model],
+                max_staleness=a.max_staleness,
+                digests=tuple(sorted(digests.items())),
+            )
+        return RoundTarget(model, a.round, a.base_version, a.base_digest, self.sizes[model])
+
+    def fold(self, update: AcceptedUpdate) -> None:
+        h = update.header
+        book = self.books[h.model]
+        contribution = Contribution(
+            h.update_id, h.edge_id, h.num_samples, h.base_version, 0.0, dict(h.metrics or {})
+        )
+        recorded = book.fold(contribution, update.vector)
+        self.save(h.model)
+        log.info(
+            "update folded",
+            extra={
+                "model": h.model,
+                "round": h.round,
+                "edge": h.edge_id,
+                "weight": recorded.weight,
+            },
+        )

@@ -1,0 +1,203 @@
+"""Closing a round: finalize, evaluate, gate, and release a signed version (or hold it).
+
+A released version is exported to ONNX (checked against torch), written into the model
+repository layout with its ``model.py`` and ``weights.npy``, signed, uploaded to the NATS
+object store, and its lineage recorded. Every closed round, released or not, leaves a
+:class:`fedcore.wire.RoundRecord` in the round log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from nats.js.api import KeyValueConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+from numpy.typing import NDArray
+
+from fedcore.artifact import verify_version_dir
+from fedcore.artifact_store import upload_version
+from fedcore.spec import ModelSpec
+from fedcore.triton_model import ONNX_FILE
+from fedcore.wire import (
+    LINEAGE_BUCKET,
+    ROUND_LOG_BUCKET,
+    Contributor,
+    Lineage,
+    RoundRecord,
+    round_key,
+    version_key,
+)
+from trainer.bootstrap import write_version
+from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_accuracy
+from trainer.rounds import RoundBook
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReleaseContext:
+    """What closing a round needs besides the book."""
+
+    spec: ModelSpec
+    key: ed25519.Ed25519PrivateKey
+    artifacts_dir: Path
+    state_dir: Path
+    margin: float
+    eval_x: NDArray[Any]
+    eval_y: NDArray[Any]
+
+
+async def kv_bucket(js: JetStreamContext, name: str, replicas: int = 1) -> KeyValue:
+    """A KV bucket, created on first use."""
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=name, replicas=replicas))
+
+
+def version_digest(directory: Path) -> str:
+    """A version's digest: the SHA-256 of its ONNX file, as its signed manifest lists it."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return str(manifest["manifest"]["files"][ONNX_FILE])
+
+
+def _contributors(book: RoundBook) -> list[Contributor]:
+    rnd = book.current
+    if rnd is None:
+        return []
+    return [
+        Contributor(
+            edge_id=c.edge_id,
+            samples=c.samples,
+            base_version=c.base_version,
+            weight=c.weight,
+            metrics=c.metrics,
+        )
+        for c in sorted(rnd.folded.values(), key=lambda c: c.edge_id)
+    ]
+
+
+def _gate(
+    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any]
+) -> tuple[Metrics, Metrics, bool, str]:
+    cand = evaluate(ctx.spec, candidate, ctx.eval_x, ctx.eval_y)
+    serving = evaluate(ctx.spec, book.params, ctx.eval_x, ctx.eval_y)
+    folded = book.current.folded.values() if book.current else []
+    reports = {
+        c.edge_id: (c.metrics["accuracy"], c.samples) for c in folded if "accuracy" in c.metrics
+    }
+    decision = gate(cand, serving, margin=ctx.margin, edge_accuracy=weighted_edge_accuracy(reports))
+    return cand, serving, decision.release, decision.reason
+
+
+def _write(
+    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any], version: int, round_id: int
+) -> Path:
+    directory = ctx.artifacts_dir / ctx.spec.name / str(version)
+    write_version(
+        ctx.spec,
+        candidate,
+        directory,
+        ctx.key,
+        version=version,
+        parent_version=book.version,
+        round_id=round_id,
+    )
+    verify_version_dir(directory, ctx.key.public_key(), model=ctx.spec.name, version=version)
+    np.save(ctx.state_dir / f"{ctx.spec.name}-{version}.npy", candidate, allow_pickle=False)
+    return directory
+
+
+async def close_round(
+    ctx: ReleaseContext, book: RoundBook, js: JetStreamContext, *, failed: str | None = None
+) -> RoundRecord:
+    """End the open round: release a new version, hold it back, or record the failure."""
+    rnd = book.current
+    if rnd is None:
+        raise RuntimeError("close_round without an open round")
+    a = rnd.announcement
+    contributors = _contributors(book)
+
+    def record(outcome: str, reason: str, **extra: Any) -> RoundRecord:
+        return RoundRecord(
+            model=book.model,
+            round=a.round,
+            mode=a.mode,
+            outcome=outcome,
+            reason=reason,
+            base_version=a.base_version,
+            opened_ts=a.opened_ts,
+            closed_ts=time.time(),
+            contributors=contributors,
+            **extra,
+        )
+
+    if failed is not None:
+        result = record("failed", failed)
+        book.abandon()
+    else:
+        result = await _release_or_hold(ctx, book, js, contributors, a.round, record)
+    await _put(js, ROUND_LOG_BUCKET, round_key(book.model, a.round), result.encode())
+    log.info(
+        "round closed",
+        extra={
+            "model": book.model,
+            "round": a.round,
+            "outcome": result.outcome,
+            "reason": result.reason,
+        },
+    )
+    return result
+
+
+async def _release_or_hold(
+    ctx: ReleaseContext,
+    book: RoundBook,
+    js: JetStreamContext,
+    contributors: list[Contributor],
+    round_id: int,
+    record: Any,
+) -> RoundRecord:
+    candidate = await asyncio.to_thread(book.finalize)
+    cand, serving, release, reason = await asyncio.to_thread(_gate, ctx, book, candidate)
+    metrics = {"accuracy": cand.accuracy, "loss": cand.loss, "serving_accuracy": serving.accuracy}
+    if not release:
+        book.abandon()
+        result: RoundRecord = record("held", reason, **metrics)
+        return result
+    version = book.version + 1
+    directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
+    digest = await asyncio.to_thread(version_digest, directory)
+    await upload_version(js, book.model, version, directory)
+    lineage = Lineage(
+        model=book.model,
+        version=version,
+        parent_version=book.version,
+        round=round_id,
+        digest=digest,
+        strategy=book.strategy.name,
+        contributors=contributors,
+        samples=sum(c.samples for c in contributors),
+        accuracy=cand.accuracy,
+        loss=cand.loss,
+        created_ts=time.time(),
+    )
+    await _put(js, LINEAGE_BUCKET, version_key(book.model, version), lineage.encode())
+    book.advance(version, digest, candidate)
+    released: RoundRecord = record("released", reason, released_version=version, **metrics)
+    return released
+
+
+async def _put(js: JetStreamContext, bucket: str, key: str, value: bytes) -> None:
+    kv = await kv_bucket(js, bucket)
+    await kv.put(key, value)
