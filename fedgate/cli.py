@@ -60,6 +60,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         _out(f"gateway:  {stack.gateway_url}  (Open Inference Protocol v2 under /v2)")
         _out(f"fleet:    {stack.gateway_url}/v1/edges")
         _out(f"nats:     {stack.nats_url}")
+        _out(f"api keys: admin {stack.admin_key_file}, infer {stack.infer_key_file}")
+        _out("          send 'Authorization: Bearer <key>' with every request")
         for edge_id, ports in stack.edge_ports.items():
             _out(
                 f"{edge_id}:   triton http://{stack.config.host}:{ports.http} (private to the edge)"
@@ -89,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from fedgate.status import print_status
 
-    return print_status(args.url, _out)
+    return print_status(args.url, _out, args.key_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     status = sub.add_parser("status", help="print the fleet of a running gateway")
     status.add_argument("--url", default="http://127.0.0.1:8080", help="gateway URL")
+    status.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help="file with a gateway API key (default: $FEDGATE_API_KEY, else "
+        ".fedgate/secrets/gateway-infer.key)",
+    )
     status.set_defaults(func=cmd_status)
     keys = sub.add_parser("keys", help="create keys and certificates")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -34,11 +34,12 @@ def _torch_argmax(stack: Stack, x: NDArray[Any]) -> NDArray[Any]:
 
 
 def classify_through_gateway(
-    url: str, x: NDArray[Any], batch: int = 16
+    url: str, x: NDArray[Any], batch: int = 16, api_key: str | None = None
 ) -> tuple[NDArray[Any], list[str]]:
     """Logits argmax for ``x`` via the gateway, and which edge served each batch."""
     import tritonclient.http as httpclient
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     client = httpclient.InferenceServerClient(url.removeprefix("http://"))
     preds, edges = [], []
     try:
@@ -46,7 +47,7 @@ def classify_through_gateway(
             chunk = np.ascontiguousarray(x[start : start + batch])
             inp = httpclient.InferInput("pixels", list(chunk.shape), "FP32")
             inp.set_data_from_numpy(chunk, binary_data=start % (2 * batch) == 0)
-            result = client.infer("digits", [inp])
+            result = client.infer("digits", [inp], headers=headers)
             preds.append(result.as_numpy("logits").argmax(axis=1))
             edges.append(result.get_response().get("model_name", ""))
     finally:
@@ -64,7 +65,7 @@ def run_demo(config: StackConfig, out: Callable[[str], None]) -> int:
         out(f"stack ready in {time.monotonic() - t0:.1f}s; gateway at {stack.gateway_url}")
         _, _, x_test, y_test = get_spec("digits").dataset()
         t1 = time.monotonic()
-        preds, _ = classify_through_gateway(stack.gateway_url, x_test)
+        preds, _ = classify_through_gateway(stack.gateway_url, x_test, api_key=stack.api_key())
         elapsed = time.monotonic() - t1
         reference = _torch_argmax(stack, x_test)
         agree = float(np.mean(preds == reference))

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.errors import ProcessError
-from fedcore.keys import write_secret
+from fedcore.keys import read_secret, write_secret
 from fedcore.process import ManagedProcess, free_port
 from fedgate.keys_cmd import KeyLayout, init_keys
 from fedgate.natsconf import render_nats_config, write_nats_config
+from gateway.auth import generate_key, key_line
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,33 @@ class Stack:
         if not path.exists():
             write_secret(path, secrets.token_urlsafe(24))
         return path
+
+    @property
+    def admin_key_file(self) -> Path:
+        """The gateway API key with role ``admin`` (``Authorization: Bearer <key>``)."""
+        return self.config.data_dir / "secrets" / "gateway-admin.key"
+
+    @property
+    def infer_key_file(self) -> Path:
+        """The gateway API key with role ``infer``."""
+        return self.config.data_dir / "secrets" / "gateway-infer.key"
+
+    def api_key(self, role: str = "infer") -> str:
+        """The key of ``role`` (created with the stack), for clients of the gateway."""
+        return read_secret(self.admin_key_file if role == "admin" else self.infer_key_file)
+
+    def _gateway_keys(self) -> Path:
+        """Create an admin and an infer key on first start; the gateway gets their hashes."""
+        for path in (self.admin_key_file, self.infer_key_file):
+            if not path.exists():
+                write_secret(path, generate_key())
+        hashed = self.config.data_dir / "secrets" / "gateway-api-keys"
+        lines = [
+            key_line("admin", "local-admin", read_secret(self.admin_key_file)),
+            key_line("infer", "local-infer", read_secret(self.infer_key_file)),
+        ]
+        write_secret(hashed, "\n".join(lines))
+        return hashed
 
     def _keys(self) -> KeyLayout:
         """Trainer keys, edge identities and the edge registry (``fedgate keys init``)."""
@@ -199,9 +227,12 @@ class Stack:
         return self._spawn(edge_id, [sys.executable, "-m", "edge_runtime"], env, {})
 
     def _start_gateway(self) -> ManagedProcess:
-        env = self._service_env(
-            "FEDGATE_GATEWAY_", "gateway", {"HOST": self.config.host, "PORT": str(self.config.port)}
-        )
+        extra = {
+            "HOST": self.config.host,
+            "PORT": str(self.config.port),
+            "API_KEYS_FILE": str(self._gateway_keys()),
+        }
+        env = self._service_env("FEDGATE_GATEWAY_", "gateway", extra)
         return self._spawn(
             "gateway", [sys.executable, "-m", "gateway"], env, {"http": self.config.port}
         )
@@ -224,7 +255,9 @@ class Stack:
         return lambda: _http_ok(url)
 
     def _gateway_sees_all(self) -> bool:
-        with urllib.request.urlopen(self.gateway_url + "/v1/edges", timeout=2) as resp:  # noqa: S310
+        auth = {"Authorization": f"Bearer {self.api_key()}"}
+        req = urllib.request.Request(self.gateway_url + "/v1/edges", headers=auth)  # noqa: S310
+        with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310
             edges = json.loads(resp.read())["edges"]
         return len(edges) == self.config.edges and all(
             any(m["ready"] for m in e["models"].values()) for e in edges

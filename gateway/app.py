@@ -1,10 +1,17 @@
-"""The gateway's app factory: settings in, FastAPI app out; no import-time side effects."""
+"""The gateway's app factory: settings in, ASGI app out; no import-time side effects.
+
+One process, one data plane: :class:`GatewayApp` hands ``POST .../infer`` to the raw-ASGI
+:class:`gateway.dataplane.InferPlane` and every other request to the FastAPI app, which
+also owns the lifespan (NATS subscription, ejection probes, upstream pools).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 from fastapi import FastAPI, Request
@@ -12,17 +19,46 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from starlette.exceptions import HTTPException
 
 from fedcore import subjects
 from fedcore.wire import WireError, decode_heartbeat
+from gateway.auth import KeyRing, RateLimiter
+from gateway.dataplane import InferPlane, Receive, Scope, Send, split_infer_path
 from gateway.errors import GatewayError
-from gateway.fleet import Fleet
-from gateway.routes import fleet_api, oip
+from gateway.fleet import Edge, Fleet
+from gateway.metrics import GatewayMetrics
+from gateway.openapi import document_infer
+from gateway.routes import fleet_api, metrics_api, oip, routing_api
+from gateway.routing import Router
+from gateway.schemas import SchemaCache
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
+
+DEV_MODE_WARNING = (
+    "DEVELOPMENT MODE: the gateway accepts every request WITHOUT an API key, with admin "
+    "rights. Never expose it like this; set FEDGATE_GATEWAY_API_KEYS_FILE instead."
+)
+
+
+class GatewayApp:
+    """The ASGI app uvicorn serves."""
+
+    def __init__(self, api: FastAPI, state: GatewayState) -> None:
+        self.api = api
+        self.state = state
+        self.plane = InferPlane(state)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = split_infer_path(scope["path"])
+            if target is not None:
+                await self.plane(scope, receive, send, target)
+                return
+        await self.api(scope, receive, send)
 
 
 async def _subscribe_fleet(nc: NATS, fleet: Fleet) -> None:
@@ -39,18 +75,88 @@ async def _subscribe_fleet(nc: NATS, fleet: Fleet) -> None:
     await nc.subscribe(subjects.LEAVE_ALL, cb=on_leave)
 
 
-def create_app(
-    settings: GatewaySettings, *, fleet: Fleet | None = None, bus: bool = True
-) -> FastAPI:
-    """Build the gateway. ``fleet`` and ``bus=False`` let tests inject the fleet directly."""
-    state = GatewayState(
+async def _probe(state: GatewayState, edge: Edge) -> None:
+    try:
+        resp = await state.upstream.send(edge.url, b"GET", b"/v2/health/ready", [], b"")
+        healthy = resp.status == 200
+    except UpstreamError:
+        healthy = False
+    state.fleet.probed(edge, healthy)
+    if healthy:
+        state.metrics.readmissions.labels(edge.edge_id).inc()
+        log.info("edge %s re-admitted after a good probe", edge.edge_id)
+
+
+async def _probe_loop(state: GatewayState) -> None:
+    """Probe ejected edges whose time out is over; re-admit the healthy ones."""
+    tasks: set[asyncio.Task[None]] = set()
+    while True:
+        for edge in state.fleet.due_for_probe():
+            edge.probing = True
+            task = asyncio.create_task(_probe(state, edge))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.sleep(state.settings.probe_interval_s)
+
+
+def build_state(settings: GatewaySettings, fleet: Fleet | None = None) -> GatewayState:
+    """The shared state, with keys loaded (raises ``ConfigError`` without keys or dev mode)."""
+    keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.dev_mode)
+    if keys.dev_mode:
+        log.warning(DEV_MODE_WARNING)
+    metrics = GatewayMetrics()
+    fleet = fleet or Fleet(ttl=settings.heartbeat_ttl_s)
+    fleet.eject_after = settings.eject_after_failures
+    fleet.eject_base_s = settings.eject_base_s
+    fleet.eject_max_s = settings.eject_max_s
+
+    def on_eject(edge: Edge) -> None:
+        metrics.ejections.labels(edge.edge_id).inc()
+        log.warning(
+            "edge %s ejected after %d failures in a row",
+            edge.edge_id,
+            edge.failures,
+            extra={"edge": edge.edge_id},
+        )
+
+    fleet.on_eject = on_eject
+    upstream = Upstream(settings.upstream_timeout_s, settings.upstream_connect_timeout_s)
+    return GatewayState(
         settings=settings,
-        fleet=fleet or Fleet(ttl=settings.heartbeat_ttl_s),
-        upstream=Upstream(settings.upstream_timeout_s),
+        fleet=fleet,
+        upstream=upstream,
+        router=Router(fleet),
+        keys=keys,
+        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst_s),
+        metrics=metrics,
+        schemas=SchemaCache(upstream),
     )
 
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def on_gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+def create_app(
+    settings: GatewaySettings, *, fleet: Fleet | None = None, bus: bool = True
+) -> GatewayApp:
+    """Build the gateway. ``fleet`` and ``bus=False`` let tests inject the fleet directly."""
+    state = build_state(settings, fleet)
+
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await state.upstream.open()
         nc: NATS | None = None
         if bus:
@@ -60,30 +166,26 @@ def create_app(
                 password=settings.nats_password(),
                 name="gateway",
                 max_reconnect_attempts=-1,
+                tls=settings.nats_tls_context(),
             )
             await _subscribe_fleet(nc, state.fleet)
+        prober = asyncio.create_task(_probe_loop(state))
         log.info("gateway listening", extra={"host": settings.host, "port": settings.port})
         try:
             yield
         finally:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
             if nc is not None:
                 with contextlib.suppress(Exception):
-                    await nc.drain()
+                    await asyncio.wait_for(nc.drain(), 5)
             await state.upstream.close()
 
-    app = FastAPI(title="fedgate gateway", version="0.1.0", lifespan=lifespan)
-    app.state.gateway = state
-    app.include_router(oip.router)
-    app.include_router(fleet_api.router)
-
-    @app.exception_handler(GatewayError)
-    async def on_gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
-
-    return app
+    api = FastAPI(title="fedgate gateway", version="0.1.0", lifespan=lifespan)
+    api.state.gateway = state
+    for module in (oip, fleet_api, routing_api, metrics_api):
+        api.include_router(module.router)
+    _error_handlers(api)
+    document_infer(api)
+    return GatewayApp(api, state)

@@ -1,33 +1,55 @@
 """The fleet as the gateway sees it: edges from heartbeats, expiring when they fall silent.
 
-Choosing an edge: among fresh edges that report the model (and version) ready, the one
-with the fewest requests outstanding from this gateway.
+Choosing an edge: among fresh, admitted edges that report the model (and version) ready,
+the one with the fewest requests outstanding from this gateway (ties: the fewer requests
+pending in its Triton by its last heartbeat, then the fewer served).
+
+Outlier ejection: ``eject_after`` consecutive failures (connection errors, 503s) eject an
+edge for ``eject_base_s``, doubling on each ejection without a served request in between,
+up to ``eject_max_s``. When
+that time is up the gateway probes it (``/v2/health/ready``) and re-admits it on success;
+a failed probe ejects it again. Heartbeats alone never re-admit an ejected edge.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fedcore.wire import Heartbeat, ModelState
 
 
-@dataclass
+@dataclass(slots=True)
 class Edge:
-    """One edge: where it is, what it serves, how busy this gateway keeps it."""
+    """One edge: where it is, what it serves, how busy and how healthy it is."""
 
     edge_id: str
     url: str
     models: dict[str, ModelState]
     last_seen: float
     device: str = "cpu"
-    outstanding: int = 0
+    outstanding: int = 0  # requests from this gateway now in flight to it
     served: int = 0
+    pending: int = 0  # requests pending in its Triton, from its last heartbeat
+    failures: int = 0  # consecutive
+    ejected_until: float | None = None  # None: admitted
+    ejections_in_a_row: int = 0
+    probing: bool = False
 
     def ready_versions(self, model: str) -> list[int]:
         state = self.models.get(model)
         return sorted(state.ready) if state else []
+
+    def serves(self, model: str, version: int | None) -> bool:
+        state = self.models.get(model)
+        if state is None or not state.ready:
+            return False
+        return version is None or version in state.ready
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until is not None
 
 
 @dataclass
@@ -37,22 +59,29 @@ class Fleet:
     ttl: float
     clock: Callable[[], float] = time.monotonic
     edges: dict[str, Edge] = field(default_factory=dict)
+    eject_after: int = 3
+    eject_base_s: float = 5.0
+    eject_max_s: float = 60.0
+    on_eject: Callable[[Edge], None] | None = None
 
     def observe(self, beat: Heartbeat) -> None:
         now = self.clock()
         edge = self.edges.get(beat.edge_id)
         if edge is None or edge.url != beat.url:
-            self.edges[beat.edge_id] = Edge(beat.edge_id, beat.url, beat.models, now, beat.device)
+            self.edges[beat.edge_id] = Edge(
+                beat.edge_id, beat.url, beat.models, now, beat.device, pending=beat.inflight
+            )
             return
         edge.models = beat.models
         edge.last_seen = now
         edge.device = beat.device
+        edge.pending = beat.inflight
 
     def leave(self, edge_id: str) -> None:
         self.edges.pop(edge_id, None)
 
     def fresh(self) -> list[Edge]:
-        """Edges heard from within ``ttl``; expired ones are dropped."""
+        """Edges heard from within ``ttl`` (ejected ones included); expired ones are dropped."""
         now = self.clock()
         for edge_id in [e.edge_id for e in self.edges.values() if now - e.last_seen > self.ttl]:
             del self.edges[edge_id]
@@ -61,19 +90,112 @@ class Fleet:
     def knows(self, model: str) -> bool:
         return any(model in e.models for e in self.fresh())
 
-    def serving(self, model: str, version: int | None) -> list[Edge]:
-        """Fresh edges with ``model`` ready (at ``version`` when given)."""
-        out = []
-        for edge in self.fresh():
-            versions = edge.ready_versions(model)
-            if versions and (version is None or version in versions):
-                out.append(edge)
-        return out
+    def serving(self, model: str, version: int | None, *, admitted: bool = True) -> list[Edge]:
+        """Fresh edges with ``model`` ready (at ``version`` when given), admitted ones only
+        unless ``admitted=False``."""
+        return [
+            e
+            for e in self.fresh()
+            if e.serves(model, version) and not (admitted and e.ejected_until is not None)
+        ]
+
+    def versions(self, model: str) -> list[int]:
+        """Versions of ``model`` ready on at least one fresh, admitted edge, ascending."""
+        found: set[int] = set()
+        for edge in self.serving(model, None):
+            found.update(edge.models[model].ready)
+        return sorted(found)
 
     def choose(self, model: str, version: int | None, exclude: Iterable[str] = ()) -> Edge | None:
-        """Least outstanding requests among the edges serving ``model``/``version``."""
-        skip = set(exclude)
-        candidates = [e for e in self.serving(model, version) if e.edge_id not in skip]
-        if not candidates:
+        """Least outstanding requests among the admitted edges serving ``model``/``version``."""
+        now = self.clock()
+        skip = exclude if isinstance(exclude, (list, set, tuple)) else list(exclude)
+        best: Edge | None = None
+        for e in self.edges.values():
+            if (
+                e.ejected_until is not None
+                or now - e.last_seen > self.ttl
+                or e.edge_id in skip
+                or not e.serves(model, version)
+            ):
+                continue
+            if best is None or (e.outstanding, e.pending, e.served) < (
+                best.outstanding,
+                best.pending,
+                best.served,
+            ):
+                best = e
+        return best
+
+    def choose_newest(self, model: str, exclude: Sequence[str] = ()) -> tuple[Edge, int] | None:
+        """The newest version of ``model`` on any admitted edge, and the edge to serve it.
+
+        One pass, no allocation: this runs for every unversioned request.
+        """
+        now = self.clock()
+        best: Edge | None = None
+        newest = -1
+        for e in self.edges.values():
+            state = e.models.get(model)
+            if (
+                state is None
+                or not state.ready
+                or e.ejected_until is not None
+                or now - e.last_seen > self.ttl
+            ):
+                continue
+            top = max(state.ready)
+            if top > newest:
+                newest, best = top, None  # older versions' edges no longer count
+            if (
+                top == newest
+                and e.edge_id not in exclude
+                and (
+                    best is None
+                    or (e.outstanding, e.pending, e.served)
+                    < (best.outstanding, best.pending, best.served)
+                )
+            ):
+                best = e
+        if best is None:
             return None
-        return min(candidates, key=lambda e: (e.outstanding, e.served))
+        return best, newest
+
+    # -- health --------------------------------------------------------------------
+    def record_success(self, edge: Edge) -> None:
+        edge.failures = 0
+        edge.ejections_in_a_row = 0
+        edge.served += 1
+
+    def record_failure(self, edge: Edge) -> bool:
+        """Count a failure; eject after ``eject_after`` in a row. True if this ejected it."""
+        edge.failures += 1
+        if edge.ejected_until is None and edge.failures >= self.eject_after:
+            self._eject(edge)
+            return True
+        return False
+
+    def _eject(self, edge: Edge) -> None:
+        backoff = self.eject_base_s * (2**edge.ejections_in_a_row)
+        edge.ejected_until = self.clock() + min(backoff, self.eject_max_s)
+        edge.ejections_in_a_row += 1
+        if self.on_eject is not None:
+            self.on_eject(edge)
+
+    def due_for_probe(self) -> list[Edge]:
+        """Ejected edges whose time out is over and that no probe is checking yet."""
+        now = self.clock()
+        return [
+            e
+            for e in self.fresh()
+            if e.ejected_until is not None and now >= e.ejected_until and not e.probing
+        ]
+
+    def probed(self, edge: Edge, healthy: bool) -> None:
+        """Re-admit ``edge`` after a good probe; eject it again (longer) after a bad one."""
+        edge.probing = False
+        if healthy:  # the backoff resets only once it has served a request again
+            edge.ejected_until = None
+            edge.failures = 0
+        else:
+            self._eject(edge)

@@ -99,6 +99,12 @@ def torch_logits(data_dir: Path, x: np.ndarray) -> np.ndarray:
         return module.eval()(torch.from_numpy(x)).numpy()
 
 
+def auth(stack: RunningStack) -> dict[str, str]:
+    """The header the gateway wants: the local stack's infer key."""
+    key = (stack.data_dir / "secrets" / "gateway-infer.key").read_text().strip()
+    return {"Authorization": f"Bearer {key}"}
+
+
 def test_up_prints_the_urls(stack: RunningStack) -> None:
     text = "".join(stack.output)
     assert f"gateway:  {stack.url}" in text
@@ -107,10 +113,11 @@ def test_up_prints_the_urls(stack: RunningStack) -> None:
 
 def test_tritonclient_against_the_gateway(stack: RunningStack) -> None:
     client = httpclient.InferenceServerClient(stack.url.removeprefix("http://"))
+    h = auth(stack)
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
-    assert not client.is_model_ready("digits", "7")
-    meta = client.get_model_metadata("digits")
+    assert client.is_model_ready("digits", headers=h) and client.is_model_ready("digits", "1", h)
+    assert not client.is_model_ready("digits", "7", headers=h)
+    meta = client.get_model_metadata("digits", headers=h)
     assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
     _, _, x, _ = get_spec("digits").dataset()
     x = x[:32]
@@ -119,11 +126,11 @@ def test_tritonclient_against_the_gateway(stack: RunningStack) -> None:
         inp = httpclient.InferInput("pixels", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
         out = httpclient.InferRequestedOutput("logits", binary_data=binary)
-        result = client.infer("digits", [inp], outputs=[out], request_id=f"req-{binary}")
+        result = client.infer("digits", [inp], outputs=[out], request_id=f"req-{binary}", headers=h)
         assert result.get_response()["id"] == f"req-{binary}"
         np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-4)
         assert np.array_equal(result.as_numpy("logits").argmax(1), expected.argmax(1))
-    versioned = client.infer("digits", [inp], model_version="1")
+    versioned = client.infer("digits", [inp], model_version="1", headers=h)
     assert versioned.get_response()["model_version"] == "1"
     client.close()
 
@@ -134,7 +141,7 @@ async def test_asyncio_client_against_the_gateway(stack: RunningStack) -> None:
         _, _, x, _ = get_spec("digits").dataset()
         inp = aioclient.InferInput("pixels", [8, 64], "FP32")
         inp.set_data_from_numpy(x[:8], binary_data=True)
-        result = await client.infer("digits", [inp])
+        result = await client.infer("digits", [inp], headers=auth(stack))
         expected = torch_logits(stack.data_dir, x[:8])
         assert np.array_equal(result.as_numpy("logits").argmax(1), expected.argmax(1))
         assert await client.is_server_ready()
@@ -151,7 +158,7 @@ def test_requests_spread_over_both_edges_and_name_them(stack: RunningStack) -> N
     served = set()
     for _ in range(6):
         req = urllib.request.Request(
-            stack.url + "/v2/models/digits/infer", data=body, method="POST"
+            stack.url + "/v2/models/digits/infer", data=body, method="POST", headers=auth(stack)
         )
         with urllib.request.urlopen(req) as resp:
             served.add(resp.headers["x-fedgate-edge"])
@@ -168,7 +175,7 @@ def test_requests_spread_over_both_edges_and_name_them(stack: RunningStack) -> N
     ],
 )
 def test_unknown_models_get_404(stack: RunningStack, path: str, message: str) -> None:
-    req = urllib.request.Request(stack.url + path, data=b"{}", method="POST")
+    req = urllib.request.Request(stack.url + path, data=b"{}", method="POST", headers=auth(stack))
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req)
     assert info.value.code == 404
@@ -177,7 +184,14 @@ def test_unknown_models_get_404(stack: RunningStack, path: str, message: str) ->
 
 def test_status_lists_the_fleet(stack: RunningStack) -> None:
     out = subprocess.run(
-        [*FEDGATE, "status", "--url", stack.url],
+        [
+            *FEDGATE,
+            "status",
+            "--url",
+            stack.url,
+            "--key-file",
+            str(stack.data_dir / "secrets" / "gateway-infer.key"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

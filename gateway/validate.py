@@ -1,0 +1,265 @@
+"""Verdicts on inference requests: a cheap framing check, and an explainer for refusals.
+
+The hot path checks only the binary framing header (one integer against the body length);
+tensors are never decoded on the way through. When an edge refuses a request (400, or the
+500 Triton 2.51 answers for some bad JSON), :func:`explain` parses the request against the
+model's metadata and says which input is wrong and how; a 500 that is one of Triton's
+request-parsing errors becomes a 400 even when the explainer finds nothing more precise.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from gateway.schemas import ModelSchema, TensorSchema
+
+# Bytes per element; BYTES elements are length-prefixed and have no fixed size.
+DTYPE_SIZES: dict[str, int | None] = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "BF16": 2,
+    "FP32": 4,
+    "FP64": 8,
+    "BYTES": None,
+}
+_INT_RANGES = {
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+}
+# Triton 2.51 answers 500 with these for requests it cannot parse: bad input, not a fault.
+TRITON_PARSE_ERRORS = (
+    "failed to parse the request JSON buffer",
+    "Unable to parse '",
+    "failed to get request params",
+)
+
+
+def check_framing(header_length: bytes | None, body_length: int, encoded: bool) -> str | None:
+    """The binary extension's ``Inference-Header-Content-Length`` against the body; hot path."""
+    if header_length is None:
+        return None
+    if not header_length.isdigit():
+        shown = header_length.decode("latin-1")
+        return f"Inference-Header-Content-Length must be a byte count, got {shown!r}"
+    if not encoded and not 0 < int(header_length) <= body_length:
+        return (
+            f"Inference-Header-Content-Length {int(header_length)} is outside the body "
+            f"of {body_length} bytes"
+        )
+    return None
+
+
+def is_triton_parse_error(message: str) -> bool:
+    return message.startswith(TRITON_PARSE_ERRORS)
+
+
+def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The request body without its ``Content-Encoding``; raises ``ValueError``."""
+    if not encoding or encoding == "identity":
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise ValueError(f"unsupported Content-Encoding {encoding!r}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"request body is not valid {encoding}: {exc}") from None
+    if len(out) > limit:
+        raise ValueError(f"decompressed request body exceeds {limit} bytes")
+    return out
+
+
+def explain(body: bytes, header_length: int | None, schema: ModelSchema) -> str | None:
+    """What is wrong with an inference request for ``schema``, or None if nothing is found."""
+    header = body if header_length is None else body[:header_length]
+    payload = 0 if header_length is None else len(body) - header_length
+    try:
+        doc = json.loads(header)
+    except (ValueError, UnicodeDecodeError) as exc:
+        if header_length is None:
+            return f"malformed request JSON: {exc}"
+        return (
+            f"malformed request JSON in the first {header_length} bytes "
+            f"(Inference-Header-Content-Length): {exc}"
+        )
+    if not isinstance(doc, dict):
+        return "the request must be a JSON object with an 'inputs' list"
+    # Each checker yields problems in order; only the first is taken, so later checks
+    # never run on a request an earlier one found broken.
+    for checker in (
+        _request_problems(doc),
+        _inputs_problems(doc.get("inputs"), schema, payload),
+        _outputs_problems(doc.get("outputs"), schema),
+    ):
+        problem = next(checker, None)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _request_problems(doc: dict[str, Any]) -> Iterator[str]:
+    if "id" in doc and not isinstance(doc["id"], str):
+        yield f"request 'id' must be a string, got {type(doc['id']).__name__}"
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        yield "request 'parameters' must be an object"
+    elif not isinstance(params.get("binary_data_output", False), bool):
+        yield "request parameter 'binary_data_output' must be true or false"
+
+
+def _inputs_problems(inputs: Any, schema: ModelSchema, payload: int) -> Iterator[str]:
+    if not isinstance(inputs, list) or not inputs:
+        yield "'inputs' must be a non-empty list of tensors"
+    known = {t.name: t for t in schema.inputs}
+    seen: set[str] = set()
+    binary_total = 0
+    for index, item in enumerate(inputs):
+        if not isinstance(item, dict):
+            yield f"inputs[{index}] must be an object"
+        name = item.get("name")
+        if not isinstance(name, str):
+            yield f"inputs[{index}] has no 'name' string"
+        if name not in known:
+            expected = ", ".join(repr(n) for n in known)
+            yield f"unknown input '{name}' for model '{schema.name}' (it takes {expected})"
+        if name in seen:
+            yield f"input '{name}' is given twice"
+        seen.add(name)
+        for problem in _tensor_problems(item, known[name]):
+            yield f"input '{name}': {problem}"
+        binary_total += _binary_size(item)
+    missing = [n for n in known if n not in seen]
+    if missing:
+        yield f"missing input '{missing[0]}' for model '{schema.name}'"
+    if binary_total != payload:
+        yield (
+            f"binary tensor data is {payload} bytes after the JSON header, but the inputs' "
+            f"binary_data_size add up to {binary_total}"
+        )
+
+
+def _binary_size(item: dict[str, Any]) -> int:
+    size = item.get("parameters", {}).get("binary_data_size")
+    return size if _is_int(size) else 0
+
+
+def _tensor_problems(item: dict[str, Any], spec: TensorSchema) -> Iterator[str]:
+    datatype: Any = item.get("datatype")
+    shape: Any = item.get("shape")
+    if datatype not in DTYPE_SIZES:
+        yield f"unknown datatype {datatype!r}"
+    if datatype != spec.datatype:
+        yield f"datatype {datatype} does not match the model's {spec.datatype}"
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        yield f"'shape' must be a list of non-negative integers, got {shape!r}"
+    if len(shape) != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+    ):
+        yield f"shape {shape} does not match the model's {list(spec.shape)} (-1: any)"
+    count = 1
+    for dim in shape:
+        count *= dim
+    params = item.get("parameters", {})
+    if not isinstance(params, dict):
+        yield "'parameters' must be an object"
+    if "shared_memory_region" in params:
+        return  # the edge's own shared memory: nothing here to check
+    size = params.get("binary_data_size")
+    if "data" in item and size is not None:
+        yield "give either 'data' or parameters.binary_data_size, not both"
+    if size is None and "data" not in item:
+        yield "no 'data' and no parameters.binary_data_size"
+    if size is None:
+        yield from _data_problems(item["data"], datatype, shape, count)
+    elif not _is_int(size) or size < 0:
+        yield f"binary_data_size must be a non-negative integer, got {size!r}"
+    elif (element := DTYPE_SIZES[datatype]) is not None and size != count * element:
+        need = count * element
+        yield f"binary_data_size is {size} bytes, but shape {shape} of {datatype} needs {need}"
+
+
+def _data_problems(data: Any, datatype: str, shape: list[int], count: int) -> Iterator[str]:
+    elements = _flatten(data)
+    if elements is None:
+        yield f"'data' must be a list, got {type(data).__name__}"
+        return
+    if len(elements) != count:
+        yield f"'data' has {len(elements)} elements, but shape {shape} needs {count}"
+    for position, value in enumerate(elements):
+        problem = _element_problem(value, datatype)
+        if problem:
+            yield f"'data' element {position} ({value!r}) {problem}"
+
+
+def _element_problem(value: Any, datatype: str) -> str | None:
+    if datatype == "BOOL":
+        return None if isinstance(value, bool) else "is not a boolean"
+    if datatype == "BYTES":
+        return None if isinstance(value, str) else "is not a string"
+    if datatype in _INT_RANGES:
+        low, high = _INT_RANGES[datatype]
+        if not _is_int(value):
+            return f"is not an integer ({datatype})"
+        return None if low <= value <= high else f"is out of range for {datatype}"
+    return None if _is_int(value) or isinstance(value, float) else f"is not a number ({datatype})"
+
+
+def _flatten(data: Any) -> list[Any] | None:
+    """Row-major elements of a (possibly nested) JSON list, or None if it is no list."""
+    if not isinstance(data, list):
+        return None
+    if not any(isinstance(v, list) for v in data):
+        return data
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            out.append(value)
+        else:
+            stack.pop()
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _outputs_problems(outputs: Any, schema: ModelSchema) -> Iterator[str]:
+    if outputs is None:
+        return
+    if not isinstance(outputs, list):
+        yield "'outputs' must be a list"
+    known = {t.name for t in schema.outputs}
+    for index, item in enumerate(outputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            yield f"outputs[{index}] must be an object with a 'name'"
+        name = item["name"]
+        if name not in known:
+            expected = ", ".join(repr(n) for n in sorted(known))
+            yield f"unknown output '{name}' for model '{schema.name}' (it has {expected})"
+        params = item.get("parameters", {})
+        if not isinstance(params, dict):
+            yield f"output '{name}': 'parameters' must be an object"
+        elif not isinstance(params.get("binary_data", False), bool):
+            yield f"output '{name}': parameter 'binary_data' must be true or false"
