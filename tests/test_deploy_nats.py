@@ -20,10 +20,14 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from fedcore import subjects
+from fedcore.artifact_store import MODELS_BUCKET
 from fedcore.process import ManagedProcess, free_port
 from fedcore.transport import UPDATES_OBJECT_BUCKET, UPDATES_STREAM, update_subject, updates_filter
+from fedcore.wire import ROUNDS_BUCKET
+from fedgate.nats_accounts import render_accounts
 from fedgate.tls_cmd import TlsPlan, create_tls
 from tests.deploy_support import COMPOSE_DIR, USERS, nats_binary, password_var
 
@@ -82,10 +86,26 @@ class ComposeNats:
             error_cb=on_error,
         )
 
-    async def violations(self, nc: NATS, user: str) -> list[str]:
-        await nc.flush(timeout=2)
-        await asyncio.sleep(0.1)
-        return [e for e in self.errors.get(user, []) if "ermissions" in e]
+    async def violation(self, nc: NATS, user: str, needle: str) -> None:
+        """Wait (3 s at most) for a permission error sent to ``user`` that names ``needle``."""
+        await nc.flush(timeout=3)
+        deadline = asyncio.get_running_loop().time() + 3.0
+        while asyncio.get_running_loop().time() < deadline:
+            errors = [e.lower() for e in self.errors.get(user, []) if "ermissions" in e]
+            if any(needle.lower() in e for e in errors):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no permissions violation naming {needle!r}: {self.errors}")
+
+    async def violations(self, nc: NATS, user: str, *, expect: bool = True) -> list[str]:
+        """Permission errors the server sent ``user``; waits up to 3 s for one when expected."""
+        await nc.flush(timeout=3)
+        deadline = asyncio.get_running_loop().time() + (3.0 if expect else 0.2)
+        while True:
+            found = [e for e in self.errors.get(user, []) if "ermissions" in e]
+            if (expect and found) or asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +186,12 @@ async def test_heartbeats_edge_publishes_only_its_own(
     await clients["gateway"].flush()
     await clients["edge-1"].publish(subjects.heartbeat("edge-1"), b"beat")
     assert (await sub.next_msg(timeout=2)).subject == subjects.heartbeat("edge-1")
-    assert await compose_nats.violations(clients["edge-1"], "edge-1") == []
+    assert await compose_nats.violations(clients["edge-1"], "edge-1", expect=False) == []
 
     await clients["edge-1"].publish(subjects.heartbeat("edge-2"), b"forged")
     await clients["edge-1"].publish(subjects.leave("edge-2"), b"")
-    found = await compose_nats.violations(clients["edge-1"], "edge-1")
-    assert any(subjects.heartbeat("edge-2") in v for v in found), found
-    assert any(subjects.leave("edge-2") in v for v in found), found
+    await compose_nats.violation(clients["edge-1"], "edge-1", subjects.heartbeat("edge-2"))
+    await compose_nats.violation(clients["edge-1"], "edge-1", subjects.leave("edge-2"))
     with pytest.raises(nats.errors.TimeoutError):
         await sub.next_msg(timeout=0.3)
 
@@ -196,10 +215,11 @@ async def test_updates_edge_publishes_only_its_own_and_reads_none(
         await edge_js.publish(update_subject("digits", "edge-2"), b"forged", timeout=0.5)
     await clients["edge-1"].subscribe(updates_filter())
     await clients["edge-2"].subscribe("fedgate.>")
-    found = await compose_nats.violations(clients["edge-1"], "edge-1")
-    assert any("edge-2" in v for v in found), found
-    assert any("subscription" in v.lower() for v in found), found
-    assert await compose_nats.violations(clients["edge-2"], "edge-2")
+    await compose_nats.violation(
+        clients["edge-1"], "edge-1", 'publish to "fedgate.updates.digits.edge-2'
+    )
+    await compose_nats.violation(clients["edge-1"], "edge-1", 'subscription to "fedgate.updates.>')
+    await compose_nats.violation(clients["edge-2"], "edge-2", 'subscription to "fedgate.>')
 
     with pytest.raises(nats.errors.Error):  # edges cannot manage streams
         await clients["edge-1"].jetstream(timeout=0.5).delete_stream(UPDATES_STREAM)
@@ -223,3 +243,60 @@ async def test_large_updates_go_through_the_object_store(clients: dict[str, NATS
         assert got.data == b"x" * 300_000
     finally:
         await trainer_js.delete_object_store(UPDATES_OBJECT_BUCKET)
+
+
+def test_the_committed_accounts_are_the_rendered_ones() -> None:
+    assert (NATS_DIR / "accounts.conf").read_text() == render_accounts(["edge-1", "edge-2"])
+
+
+async def test_edges_read_rounds_and_models_but_cannot_write_them(
+    compose_nats: ComposeNats, clients: dict[str, NATS]
+) -> None:
+    trainer_js = clients["trainer"].jetstream()
+    rounds = await trainer_js.create_key_value(bucket=ROUNDS_BUCKET)
+    models = await trainer_js.create_object_store(MODELS_BUCKET)
+    try:
+        await rounds.put("digits", b"round 1")
+        await models.put("digits/2/model.onnx", b"m" * 200_000)
+        edge_js = clients["edge-1"].jetstream(timeout=2)
+        kv = await edge_js.key_value(ROUNDS_BUCKET)
+        assert (await kv.get("digits")).value == b"round 1"
+        watcher = await kv.watchall()
+        entry = await watcher.updates(timeout=2)
+        assert entry is not None and entry.value == b"round 1"
+        await watcher.stop()
+        store = await edge_js.object_store(MODELS_BUCKET)
+        assert (await store.get("digits/2/model.onnx")).data == b"m" * 200_000
+        assert await compose_nats.violations(clients["edge-1"], "edge-1", expect=False) == []
+
+        weak = clients["edge-1"].jetstream(timeout=0.5)
+        with pytest.raises(nats.errors.Error):
+            await (await weak.key_value(ROUNDS_BUCKET)).put("digits", b"forged")
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await (await weak.object_store(MODELS_BUCKET)).put("digits/3/model.onnx", b"x")
+        await compose_nats.violation(clients["edge-1"], "edge-1", 'publish to "$kv.fedgate_rounds')
+        await compose_nats.violation(clients["edge-1"], "edge-1", 'publish to "$o.fedgate_models')
+        assert (await rounds.get("digits")).value == b"round 1"
+    finally:
+        await trainer_js.delete_key_value(ROUNDS_BUCKET)
+        await trainer_js.delete_object_store(MODELS_BUCKET)
+
+
+async def test_feedback_reaches_edges_and_not_the_trainer(
+    compose_nats: ComposeNats, clients: dict[str, NATS]
+) -> None:
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b"ok:" + msg.data)
+
+    await clients["edge-1"].subscribe(subjects.feedback("digits"), cb=answer)
+    await clients["edge-1"].flush()
+    reply = await clients["gateway"].request(subjects.feedback("digits"), b"label", timeout=2)
+    assert reply.data == b"ok:label"
+    assert await compose_nats.violations(clients["edge-1"], "edge-1", expect=False) == []
+
+    await clients["trainer"].subscribe("fedgate.feedback.>")
+    await compose_nats.violation(clients["trainer"], "trainer", 'subscription to "fedgate.feedback')
+    await clients["edge-1"].publish(subjects.feedback("digits"), b"not a reply")
+    await clients["gateway"].publish(update_subject("digits", "edge-1"), b"forged")
+    await compose_nats.violation(clients["edge-1"], "edge-1", 'publish to "fedgate.feedback.digits')
+    await compose_nats.violation(clients["gateway"], "gateway", 'publish to "fedgate.updates')

@@ -1,0 +1,115 @@
+"""Prometheus and Grafana in compose/: the dashboard queries metrics that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from tests.deploy_support import COMPOSE_DIR, load_yaml
+
+DASHBOARD = COMPOSE_DIR / "grafana" / "dashboards" / "fedgate.json"
+
+# Triton's metrics port (REFERENCE.md, "Triton model repository and control").
+TRITON = {
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_request_duration_us",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us",
+    "nv_inference_pending_request_count",
+    "nv_gpu_utilization",
+    "nv_gpu_memory_used_bytes",
+}
+# prometheus-nats-exporter with -varz -jsz=all.
+NATS_EXPORTER = {
+    "gnatsd_varz_connections",
+    "gnatsd_varz_in_msgs",
+    "gnatsd_varz_out_msgs",
+    "gnatsd_varz_in_bytes",
+    "gnatsd_varz_out_bytes",
+    "jetstream_stream_total_messages",
+    "jetstream_stream_total_bytes",
+    "jetstream_consumer_num_pending",
+}
+PROMQL_WORDS = {
+    "sum",
+    "avg",
+    "max",
+    "min",
+    "count",
+    "rate",
+    "irate",
+    "increase",
+    "histogram_quantile",
+    "clamp_min",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+}
+
+
+def gateway_metrics() -> set[str]:
+    """Every sample name the gateway exposes, read from its registry."""
+    from gateway.metrics import GatewayMetrics
+
+    names = set()
+    for family in GatewayMetrics().registry.collect():
+        names.add(family.name)
+        for suffix in ("_total", "_bucket", "_sum", "_count", "_created"):
+            names.add(family.name + suffix)
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\b(by|without)\s*\([^)]*\)", " ", expr)
+    tokens = set(re.findall(r"\b[a-zA-Z_:][a-zA-Z0-9_:]*\b", bare))
+    return {t for t in tokens if t not in PROMQL_WORDS}
+
+
+def queries(dashboard: dict[str, Any]) -> list[str]:
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def unknown_metrics(dashboard: dict[str, Any]) -> set[str]:
+    known = gateway_metrics() | TRITON | NATS_EXPORTER
+    return {m for q in queries(dashboard) for m in metric_names(q)} - known
+
+
+def test_the_dashboard_queries_known_metrics() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and len(dashboard["panels"]) >= 10
+    assert unknown_metrics(dashboard) == set()
+    used = {m for q in queries(dashboard) for m in metric_names(q)}
+    assert any(m.startswith("fedgate_gateway_") for m in used)
+    assert any(m.startswith("nv_gpu_") for m in used)
+
+
+def test_the_metric_check_catches_a_typo() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    dashboard["panels"][0]["targets"][0]["expr"] = "rate(fedgate_gateway_request_total[1m])"
+    assert unknown_metrics(dashboard) == {"fedgate_gateway_request_total"}
+
+
+def test_prometheus_and_grafana_are_wired() -> None:
+    compose = load_yaml(COMPOSE_DIR / "compose.yaml")
+    prometheus = load_yaml(COMPOSE_DIR / "prometheus" / "prometheus.yml")
+    jobs = {j["job_name"]: j for j in prometheus["scrape_configs"]}
+    assert {"gateway", "triton", "nats"} <= set(jobs)
+    key_file = jobs["gateway"]["authorization"]["credentials_file"]
+    targets = [s["target"] for s in compose["services"]["prometheus"]["secrets"]]
+    assert key_file == f"/run/secrets/{targets[0]}"
+    for sc in jobs["triton"]["static_configs"]:
+        assert "edge" in sc["labels"], "the dashboard groups Triton metrics by edge"
+    provider = load_yaml(COMPOSE_DIR / "grafana" / "provisioning" / "dashboards" / "fedgate.yaml")
+    path = provider["providers"][0]["options"]["path"]
+    assert f"./grafana/dashboards:{path}:ro" in compose["services"]["grafana"]["volumes"]
+    datasource = load_yaml(COMPOSE_DIR / "grafana/provisioning/datasources/prometheus.yaml")
+    uid = datasource["datasources"][0]["uid"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {uid}
