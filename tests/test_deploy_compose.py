@@ -22,6 +22,7 @@ import pytest
 
 from tests.deploy_support import (
     COMPOSE_DIR,
+    ROOT,
     MissingVariable,
     check_command,
     check_env,
@@ -332,14 +333,50 @@ def test_every_nats_user_has_a_password_and_a_service() -> None:
         assert var in passwords, user
 
 
-def test_tls_files_come_from_fedgate_keys(tmp_path: Path) -> None:
-    """Every TLS file the compose file mounts is one that ``fedgate keys tls`` writes."""
+def test_key_files_come_from_fedgate_keys(tmp_path: Path) -> None:
+    """Every TLS and key file the compose file mounts is one that ``fedgate keys tls`` or
+    ``fedgate keys init`` writes, at the paths docs/deploy.md gives."""
     from fedgate.cli import main
 
     assert main(["keys", "tls", "--dir", str(tmp_path / "tls"), "--edges", "2"]) == 0
+    assert main(["keys", "init", "--dir", str(tmp_path / "keys"), "--edges", "2"]) == 0
+    (tmp_path / "gateway-api-keys").write_text("")  # made by hand, see docs/deploy.md
     doc = load_yaml(COMPOSE_DIR / "compose.yaml")
     env = example_env() | {"FEDGATE_SECRETS": str(tmp_path)}
     secrets = interpolate(doc, env)["secrets"]
-    for name, secret in secrets.items():
-        if name.startswith("tls-"):
-            assert Path(secret["file"]).is_file(), f"{name}: fedgate keys tls wrote no {secret}"
+    files = {name: Path(s["file"]) for name, s in secrets.items() if "file" in s}
+    assert files
+    for name, path in files.items():
+        assert path.is_file(), f"{name}: nothing writes {path}"
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    assert 'fedgate keys tls  --dir "$FEDGATE_SECRETS/tls"' in guide
+    assert 'fedgate keys init --dir "$FEDGATE_SECRETS/keys"' in guide
+
+
+def guide_commands() -> list[str]:
+    """``fedgate ...`` command lines in docs/deploy.md and the compose file's comments."""
+    texts = [(ROOT / "docs" / "deploy.md").read_text(), (COMPOSE_DIR / "compose.yaml").read_text()]
+    found = []
+    for text in texts:
+        found += re.findall(r"`(fedgate [^`]+)`", text)
+        found += re.findall(r"^[#\s]*(fedgate (?:keys|up|demo|status|rollout)[^\n]*)$", text, re.M)
+    return found
+
+
+def test_commands_in_the_guide_exist() -> None:
+    import shlex
+
+    from fedgate.cli import build_parser
+
+    commands = guide_commands()
+    assert len(commands) >= 5
+    placeholders = {"<id>": "edge-9", "<hex>": "ab" * 32, "$(hostname -f)": "host.example"}
+    for command in commands:
+        line = command
+        for old, new in placeholders.items():
+            line = line.replace(old, new)
+        argv = shlex.split(line.split("#")[0])[1:]
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"docs/deploy.md: {line!r} is not a fedgate command") from exc
