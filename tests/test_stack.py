@@ -130,7 +130,7 @@ def test_tritonclient_against_the_gateway(stack: RunningStack) -> None:
         assert result.get_response()["id"] == f"req-{binary}"
         np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-4)
         assert np.array_equal(result.as_numpy("logits").argmax(1), expected.argmax(1))
-    versioned = client.infer("digits", [inp], model_version="1", headers=h)
+    versioned = client.infer("digits", [inp], model_version="1", headers=auth(stack))
     assert versioned.get_response()["model_version"] == "1"
     client.close()
 

@@ -7,9 +7,12 @@ routes expose the same operation to operators.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
 
+from gateway.errors import BadRequest
 from gateway.routing import TrafficSplit
 from gateway.state import AdminKey, GatewayState, InferKey, State
 
@@ -33,11 +36,28 @@ async def get_routing(state: State, _: InferKey, model: str) -> dict[str, object
     return _view(state, model)
 
 
-@router.put("/v1/models/{model}/routing")
+_SPLIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": TrafficSplit.model_json_schema()}},
+    }
+}
+
+
+@router.put("/v1/models/{model}/routing", openapi_extra=_SPLIT_BODY)
 async def put_routing(
-    state: State, principal: AdminKey, model: str, split: TrafficSplit
+    state: State, principal: AdminKey, request: Request, model: str
 ) -> dict[str, object]:
-    """Set the split of the model's unversioned traffic between stable and candidate."""
+    """Set the split of the model's unversioned traffic between stable and candidate.
+
+    The body is JSON whatever the ``Content-Type`` says (``curl -d`` works as is).
+    """
+    try:
+        split = TrafficSplit.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequest(f"traffic split {where}: {first['msg']}") from None
     state.router.set_split(model, split)
     log.info(
         "traffic split of %s set by %s: %s",
