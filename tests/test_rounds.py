@@ -34,11 +34,12 @@ def contrib(uid: str, edge: str, samples: int, base: int = 3) -> Contribution:
 def test_sync_round_closes_when_every_sampled_edge_reported() -> None:
     b = book(RoundPolicy(min_updates=2, deadline_s=60))
     a = b.open(["edge-1", "edge-2", "edge-3"], now=100.0)
-    assert a.round == 1 and a.base_version == 3 and a.sampled is None and a.deadline_ts == 160.0
+    assert a.round == 1 and a.base_version == 3 and a.deadline_ts == 160.0
+    assert a.sampled == ["edge-1", "edge-2", "edge-3"]
     b.fold(contrib("a", "edge-1", 10), np.array([1.0, 0.0, 0.0], np.float32))
     assert b.verdict(now=110.0) == "wait"
     b.fold(contrib("b", "edge-2", 30), np.array([0.0, 4.0, 0.0], np.float32))
-    assert b.verdict(now=110.0) == "wait"  # all edges invited: wait for the deadline
+    assert b.verdict(now=110.0) == "wait"  # quorum, but edge-3 may still report
     assert b.verdict(now=160.0) == "close"
     # FedAvg: (10*[1,0,0] + 30*[0,4,0]) / 40 = [0.25, 3, 0]
     np.testing.assert_allclose(b.finalize(), [0.25, 3.0, 0.0])
@@ -52,10 +53,15 @@ def test_sync_round_with_sampling_closes_early_and_fails_without_quorum() -> Non
         b.fold(contrib(str(i), edge, 5), np.ones(3, np.float32))
     assert b.verdict(now=1.0) == "close"
     b.abandon()
-    b.open(["edge-1"], now=20.0)
+    b.open(["edge-1", "edge-2"], now=20.0)
     b.fold(contrib("z", "edge-1", 5), np.ones(3, np.float32))
     assert b.verdict(now=25.0) == "wait"
     assert b.verdict(now=31.0) == "fail"
+    b.abandon()
+    b.open([], now=40.0)  # no fleet known: the quorum closes it
+    b.fold(contrib("y", "edge-1", 5), np.ones(3, np.float32))
+    b.fold(contrib("x", "edge-2", 5), np.ones(3, np.float32))
+    assert b.verdict(now=41.0) == "close"
 
 
 def test_duplicate_update_ids_fold_once() -> None:
@@ -87,7 +93,8 @@ def test_async_staleness_weighting_by_hand() -> None:
 def test_sampling_and_policy_validation() -> None:
     import random
 
-    assert sample_edges(["a", "b"], 1.0, random.Random(0)) is None
+    assert sample_edges([], 1.0, random.Random(0)) is None
+    assert sample_edges(["b", "a"], 1.0, random.Random(0)) == ["a", "b"]
     assert len(sample_edges(list("abcdefghij"), 0.25, random.Random(0)) or []) == 3
     with pytest.raises(TrainerError):
         RoundPolicy(min_updates=0)

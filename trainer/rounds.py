@@ -72,8 +72,9 @@ class OpenRound:
 
 
 def sample_edges(edges: list[str], fraction: float, rng: random.Random) -> list[str] | None:
-    """A sorted sample of ``ceil(fraction * n)`` edges; None (everyone) when fraction is 1."""
-    if fraction >= 1.0 or not edges:
+    """A sorted sample of ``ceil(fraction * n)`` of the edges alive; None (anyone) when
+    no edge is known yet."""
+    if not edges:
         return None
     k = max(1, math.ceil(fraction * len(edges)))
     return sorted(rng.sample(sorted(edges), k))
@@ -166,7 +167,8 @@ class RoundBook:
         count = len(rnd.folded)
         if self.policy.mode == "async":
             return "close" if count >= self.policy.buffer_size else "wait"
-        everyone = a.sampled is not None and set(a.sampled) <= rnd.edges()
+        # invited edges all in, or no fleet known at opening: quorum is enough
+        everyone = a.sampled is None or set(a.sampled) <= rnd.edges()
         if count >= a.min_updates and (everyone or t >= a.deadline_ts):
             return "close"
         if t >= a.deadline_ts:
