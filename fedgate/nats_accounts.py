@@ -24,6 +24,9 @@ from fedcore.wire import ROUNDS_BUCKET, check_edge_id
 
 ACCOUNT = "FEDGATE"
 INBOX = "_INBOX.>"
+FEEDBACK_PREFIX = "fedgate.feedback"
+"""Feedback labels, gateway -> edges, ``fedgate.feedback.<model>`` (requests that edges
+answer). Spelled here until ``fedcore.subjects`` carries it; a test checks they agree."""
 STREAM_NAMES = "$JS.API.STREAM.NAMES"
 """nats.py looks a stream up by subject before a watch or an object download (names only)."""
 
@@ -74,11 +77,11 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
         *_read_stream(f"KV_{ROUNDS_BUCKET}"),
         *_read_stream(f"OBJ_{MODELS_BUCKET}"),
     ]
-    return publish, [INBOX, f"{subjects.FEEDBACK_PREFIX}.*"]
+    return publish, [INBOX, f"{FEEDBACK_PREFIX}.*"]
 
 
 def gateway_permissions() -> tuple[list[str], list[str]]:
-    publish = [f"{subjects.FEEDBACK_PREFIX}.*", STREAM_NAMES, *_read_stream(f"KV_{ROUNDS_BUCKET}")]
+    publish = [f"{FEEDBACK_PREFIX}.*", STREAM_NAMES, *_read_stream(f"KV_{ROUNDS_BUCKET}")]
     return publish, [INBOX, subjects.HEARTBEAT_ALL, subjects.LEAVE_ALL]
 
 
@@ -97,10 +100,10 @@ def trainer_permissions() -> tuple[list[str], list[str], list[str], list[str]]:
         f"{subjects.HEARTBEAT_PREFIX}.>",
         f"{subjects.LEAVE_PREFIX}.>",
         f"{transport.UPDATES_PREFIX}.>",
-        f"{subjects.FEEDBACK_PREFIX}.>",
+        f"{FEEDBACK_PREFIX}.>",
     ]
     subscribe = [INBOX, "fedgate.>", *buckets]
-    return publish, speaks_for_edges, subscribe, [f"{subjects.FEEDBACK_PREFIX}.>"]
+    return publish, speaks_for_edges, subscribe, [f"{FEEDBACK_PREFIX}.>"]
 
 
 def _list(items: Sequence[str], indent: str) -> str:

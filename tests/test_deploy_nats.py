@@ -27,7 +27,7 @@ from fedcore.artifact_store import MODELS_BUCKET
 from fedcore.process import ManagedProcess, free_port
 from fedcore.transport import UPDATES_OBJECT_BUCKET, UPDATES_STREAM, update_subject, updates_filter
 from fedcore.wire import ROUNDS_BUCKET
-from fedgate.nats_accounts import render_accounts
+from fedgate.nats_accounts import FEEDBACK_PREFIX, render_accounts
 from fedgate.tls_cmd import TlsPlan, create_tls
 from tests.deploy_support import COMPOSE_DIR, USERS, nats_binary, password_var
 
@@ -245,6 +245,12 @@ async def test_large_updates_go_through_the_object_store(clients: dict[str, NATS
         await trainer_js.delete_object_store(UPDATES_OBJECT_BUCKET)
 
 
+def test_the_feedback_subject_matches_fedcore() -> None:
+    if not hasattr(subjects, "feedback"):
+        pytest.skip("fedcore.subjects has no feedback subject yet")
+    assert subjects.feedback("digits") == f"{FEEDBACK_PREFIX}.digits"
+
+
 def test_the_committed_accounts_are_the_rendered_ones() -> None:
     assert (NATS_DIR / "accounts.conf").read_text() == render_accounts(["edge-1", "edge-2"])
 
@@ -288,15 +294,15 @@ async def test_feedback_reaches_edges_and_not_the_trainer(
     async def answer(msg: Msg) -> None:
         await msg.respond(b"ok:" + msg.data)
 
-    await clients["edge-1"].subscribe(subjects.feedback("digits"), cb=answer)
+    await clients["edge-1"].subscribe(f"{FEEDBACK_PREFIX}.digits", cb=answer)
     await clients["edge-1"].flush()
-    reply = await clients["gateway"].request(subjects.feedback("digits"), b"label", timeout=2)
+    reply = await clients["gateway"].request(f"{FEEDBACK_PREFIX}.digits", b"label", timeout=2)
     assert reply.data == b"ok:label"
     assert await compose_nats.violations(clients["edge-1"], "edge-1", expect=False) == []
 
     await clients["trainer"].subscribe("fedgate.feedback.>")
     await compose_nats.violation(clients["trainer"], "trainer", 'subscription to "fedgate.feedback')
-    await clients["edge-1"].publish(subjects.feedback("digits"), b"not a reply")
+    await clients["edge-1"].publish(f"{FEEDBACK_PREFIX}.digits", b"not a reply")
     await clients["gateway"].publish(update_subject("digits", "edge-1"), b"forged")
     await compose_nats.violation(clients["edge-1"], "edge-1", 'publish to "fedgate.feedback.digits')
     await compose_nats.violation(clients["gateway"], "gateway", 'publish to "fedgate.updates')
