@@ -11,10 +11,11 @@ import pytest
 from nats.js.api import StorageType
 from nats.js.errors import KeyNotFoundError
 
+from fedcore.kv import kv_keys
 from fedcore.transport import UPDATES_STREAM, StreamSpec
 from tests.conftest import NatsServer
 from tests.transport_harness import DIM, TARGET, SumAggregator, open_bus, seal
-from trainer.bus import ensure_transport, kv_keys
+from trainer.bus import ensure_transport
 from trainer.ingest import IngestOptions, Verdict
 from trainer.ledger import LedgerRecord
 from trainer.registry import edges_bucket, mirror_registry

@@ -96,16 +96,3 @@ async def ensure_transport(js: JetStreamContext, spec: StreamSpec) -> ObjectStor
     """Stream and object bucket; returns the bucket."""
     await ensure_updates_stream(js, spec)
     return await ensure_object_bucket(js, spec)
-
-
-async def kv_keys(js: JetStreamContext, bucket: str, pattern: str = ">") -> list[str]:
-    """Keys of a KV bucket matching ``pattern``, deleted ones included, sorted.
-
-    Read from the stream's per-subject state (one request, no watcher, so no race with
-    the watcher's end-of-data marker); callers skip deleted keys when they ``get`` them.
-    At most the server's subject-detail limit (100,000) come back.
-    """
-    prefix = f"$KV.{bucket}."
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + pattern)
-    subjects = info.state.subjects or {}
-    return sorted(s.removeprefix(prefix) for s in subjects)

@@ -31,8 +31,8 @@ from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFo
 from nats.js.kv import KeyValue
 
 from fedcore.errors import FedgateError
+from fedcore.kv import kv_keys
 from fedcore.transport import LEDGER_BUCKET
-from trainer.bus import kv_keys
 
 _MODEL = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")

@@ -20,8 +20,8 @@ from nats.js.kv import KeyValue
 
 from fedcore.enrollment import EdgeRegistry, load_registry
 from fedcore.errors import EnrollmentError
+from fedcore.kv import kv_keys
 from fedcore.transport import EDGES_BUCKET
-from trainer.bus import kv_keys
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,12 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError
-from nats.js.kv import KeyValue
 from numpy.typing import NDArray
 
 from fedcore.artifact import verify_version_dir
 from fedcore.artifact_store import upload_version
+from fedcore.kv import kv_bucket
 from fedcore.spec import ModelSpec
 from fedcore.triton_model import ONNX_FILE
 from fedcore.wire import (
@@ -55,14 +53,6 @@ class ReleaseContext:
     margin: float
     eval_x: NDArray[Any]
     eval_y: NDArray[Any]
-
-
-async def kv_bucket(js: JetStreamContext, name: str, replicas: int = 1) -> KeyValue:
-    """A KV bucket, created on first use."""
-    try:
-        return await js.key_value(name)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=name, replicas=replicas))
 
 
 def version_digest(directory: Path) -> str:

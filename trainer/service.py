@@ -25,6 +25,7 @@ from fedcore import subjects
 from fedcore.artifact_store import upload_version
 from fedcore.compression import sizes_from_layout
 from fedcore.keys import load_ed25519, load_x25519
+from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.transport import StreamSpec
@@ -37,7 +38,7 @@ from trainer.ingest import IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.registry import RegistryFile, mirror_registry
-from trainer.release import ReleaseContext, close_round, kv_bucket, version_digest
+from trainer.release import ReleaseContext, close_round, version_digest
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
