@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedcore.artifact import install_version
 from fedcore.models import get_spec
-from fedcore.triton_config import InstanceKind, render_config
+from fedcore.triton_config import CaptureParams, InstanceKind, render_config
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,11 @@ def prepare_model(
     model: str,
     kind: InstanceKind,
     trusted: ed25519.Ed25519PublicKey,
+    capture: CaptureParams | None = None,
 ) -> int:
     """Write ``config.pbtxt`` and install the newest signed seed version. Returns it.
+
+    ``capture`` (the edge's capture settings) goes into ``config.pbtxt`` for ``model.py``.
 
     Verification happens before anything is written into the model's directory; a bad
     artifact raises :class:`fedcore.errors.ArtifactError` and leaves the repository as it was.
@@ -58,6 +61,6 @@ def prepare_model(
     version = versions[-1]
     model_dir = repository / model
     install_version(seed_dir / model / str(version), model_dir, trusted, version=version)
-    (model_dir / "config.pbtxt").write_text(render_config(spec, kind))
+    (model_dir / "config.pbtxt").write_text(render_config(spec, kind, capture=capture))
     log.info("installed %s version %d", model, version, extra={"model": model, "version": version})
     return version

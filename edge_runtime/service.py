@@ -1,4 +1,5 @@
-"""The edge runtime service: prepare the repository, run Triton, heartbeat to the fleet."""
+"""The edge runtime service: prepare the repository, run Triton, heartbeat to the fleet,
+and learn from its traffic (capture, feedback, idle-window fine-tuning: ``learning``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 import nats
 from nats.aio.client import Client as NATS
 
+from edge_runtime.learner import Keys
+from edge_runtime.learning import EdgeLearning, capture_params
 from edge_runtime.publisher import UpdatePublisher, load_edge_keys
 from edge_runtime.repository import detect_kind, prepare_model
 from edge_runtime.settings import EdgeSettings
@@ -45,6 +48,15 @@ class EdgeRuntime:
             settings.identity_key_file, settings.trainer_hpke_public_key_file
         )
         self.publisher: UpdatePublisher | None = None
+        self.trusted = ed25519_public_from_hex(settings.trainer_public_key_file.read_text())
+        self.learning = EdgeLearning(
+            settings,
+            repository=self.repository,
+            metrics_url=f"http://{settings.triton_host}:{settings.triton_metrics_port}/metrics",
+            read_index=self.triton.index,
+            trusted=self.trusted,
+            keys=Keys(self.signer, self.trainer_hpke),
+        )
         self._nc: NATS | None = None
         self._seq = 0
         self._stopping = asyncio.Event()
@@ -52,10 +64,11 @@ class EdgeRuntime:
 
     def start_triton(self) -> None:
         """Install verified versions, start Triton and load every model (main thread)."""
-        trusted = ed25519_public_from_hex(self.settings.trainer_public_key_file.read_text())
-        for model in self.settings.models:
+        s = self.settings
+        for model in s.models:
+            capture = capture_params(s, model)
             prepare_model(
-                self.repository, self.settings.seed_artifacts_dir, model, self.kind, trusted
+                self.repository, s.seed_artifacts_dir, model, self.kind, self.trusted, capture
             )
         self.triton.start(self.settings.ready_timeout_s)
         for model in self.settings.models:
@@ -97,6 +110,7 @@ class EdgeRuntime:
         self.publisher = UpdatePublisher.for_connection(
             self._nc, ack_timeout_s=s.update_ack_timeout_s, attempts=s.update_publish_attempts
         )
+        await self.learning.start(self._nc, self.publisher.publish)
         subject = subjects.heartbeat(s.edge_id)
         while not self._stopping.is_set():
             beat = await asyncio.to_thread(self.heartbeat)
@@ -112,11 +126,13 @@ class EdgeRuntime:
         if self._stopped:
             return
         self._stopped = True
+        await self.learning.stop()
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._nc.publish(subjects.leave(self.settings.edge_id), b"")
                 await asyncio.wait_for(self._nc.drain(), 5)
         self.triton.stop()
+        self.learning.close()
 
 
 async def serve(settings: EdgeSettings) -> None:

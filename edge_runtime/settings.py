@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from fedcore.compression import Mode
 from fedcore.settings import ServiceSettings
 from fedcore.wire import check_edge_id
 
@@ -47,6 +48,53 @@ class EdgeSettings(ServiceSettings):
     ready_timeout_s: float = Field(default=120.0, gt=0)
     exit_timeout_s: int = Field(default=10, ge=1, description="Triton's own drain deadline")
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
+
+    # -- traffic capture (model.py writes the spool; see README "Learning at the edge")
+    capture_rate: float = Field(
+        default=0.2, ge=0.0, le=1.0, description="share of single-row requests with an id kept"
+    )
+    spool_capacity: int = Field(default=20000, ge=1, description="captured samples kept")
+    spool_tombstones: int = Field(
+        default=200000, ge=1, description="evicted request ids remembered (feedback gets 410)"
+    )
+    spool_max_age_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="samples older than this are evicted"
+    )
+    # -- idle windows, from Triton's metrics
+    idle_poll_interval_s: float = Field(default=0.25, gt=0, le=5.0)
+    idle_max_pending: int = Field(default=0, ge=0, description="pending requests still idle")
+    idle_max_request_rate: float = Field(
+        default=2.0, ge=0, description="requests/s (over idle_window_s) still idle"
+    )
+    idle_max_queue_us: float = Field(default=5000.0, ge=0, description="mean queue time idle")
+    idle_quiet_s: float = Field(default=2.0, ge=0, description="quiet this long opens a window")
+    idle_window_s: float = Field(default=2.0, gt=0, description="request rate window")
+    # -- local fine-tuning
+    learning_enabled: bool = Field(default=True, description="fine-tune in idle windows")
+    min_new_labels: int = Field(default=32, ge=1, description="new labels before training")
+    train_epochs: int = Field(default=1, ge=1)
+    train_batch_size: int = Field(default=32, ge=1)
+    train_lr: float = Field(default=0.05, gt=0)
+    train_momentum: float = Field(default=0.9, ge=0, lt=1)
+    train_weight_decay: float = Field(default=0.0, ge=0)
+    proximal_mu: float = Field(default=0.0, ge=0, description="FedProx term; 0 turns it off")
+    clip_norm: float | None = Field(
+        default=None, gt=0, description="clip the update's L2 norm to this (None: no clipping)"
+    )
+    holdout_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="labelled share kept for local evaluation"
+    )
+    train_device: Literal["auto", "cpu", "cuda"] = "auto"
+    train_threads: int = Field(default=1, ge=1, description="torch threads of the worker")
+    train_nice: int = Field(default=19, ge=0, le=19, description="CPU niceness of the worker")
+    train_window_budget_s: float = Field(
+        default=120.0, gt=0, description="seconds of training per idle window"
+    )
+    train_daily_budget_s: float = Field(
+        default=3600.0, gt=0, description="seconds of training per UTC day"
+    )
+    update_compression: Mode = Field(default="none", description="none, fp16, int8 or topk")
+    update_topk_fraction: float = Field(default=0.01, gt=0, le=1)
 
     @field_validator("edge_id")
     @classmethod

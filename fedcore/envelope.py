@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -128,9 +128,11 @@ def seal_update(
     num_samples: int = 0,
     update_id: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    metrics: Mapping[str, float] | None = None,
 ) -> tuple[UpdateHeader, bytearray]:
     """Encrypt ``payload`` to ``recipient`` and sign it as ``edge_id``; returns the header
-    and the envelope bytes. ``update_id`` defaults to 16 random bytes in hex."""
+    and the envelope bytes. ``update_id`` defaults to 16 random bytes in hex; ``metrics``
+    (optional) are signed, in clear, with the header."""
     src = memoryview(payload).cast("B")
     if len(src) > MAX_PAYLOAD:
         raise EnvelopeError("oversize", f"payload is {len(src)} bytes, over {MAX_PAYLOAD}")
@@ -148,6 +150,7 @@ def seal_update(
         chunk_count=chunk_count_for(len(src), chunk_size),
         compression=compression,
         num_samples=num_samples,
+        metrics=dict(metrics) if metrics is not None else None,
     )
     header_bytes = header.encode()
     header_digest = _header_digest(header_bytes)

@@ -4,12 +4,18 @@ The header travels in clear, is signed by the edge and bound as associated data 
 every encrypted chunk. Its bytes are compact JSON with sorted keys and ASCII only; a
 header whose bytes differ from the canonical encoding of the values it holds is refused,
 so every header has exactly one encoding.
+
+``metrics`` is optional: aggregate figures the edge reports with its update (local loss
+and accuracy on its held-out split, say), at most :data:`MAX_METRICS` names of
+lowercase letters, digits and ``_``, each a finite float. A header without metrics has
+no ``metrics`` key at all (``"metrics": null`` is not canonical).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +33,10 @@ _MODEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
+_METRIC = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_METRICS = 16
 
+_OPTIONAL = frozenset({"metrics"})
 _STRING_FIELDS = {
     "suite": _TOKEN,
     "model": _MODEL,
@@ -74,6 +83,7 @@ class UpdateHeader:
     compression: str
     num_samples: int
     format: int = FORMAT_VERSION
+    metrics: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         for name, pattern in _STRING_FIELDS.items():
@@ -85,6 +95,18 @@ class UpdateHeader:
             if type(value) is not int or not 0 <= value <= MAX_INT:
                 raise _malformed(f"header field {name}={value!r} is not an integer in [0, 2^63)")
         self._check_layout()
+        self._check_metrics()
+
+    def _check_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        if type(self.metrics) is not dict or len(self.metrics) > MAX_METRICS:
+            raise _malformed(f"metrics must be an object of at most {MAX_METRICS} entries")
+        for name, value in self.metrics.items():
+            if type(name) is not str or not _METRIC.fullmatch(name):
+                raise _malformed(f"metric name {name!r} does not match {_METRIC.pattern}")
+            if type(value) is not float or not math.isfinite(value):
+                raise _malformed(f"metric {name}={value!r} is not a finite number")
 
     def _check_layout(self) -> None:
         if self.format != FORMAT_VERSION:
@@ -109,7 +131,11 @@ class UpdateHeader:
     def encode(self) -> bytes:
         """The canonical bytes: compact JSON, keys sorted, ASCII."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        if fields["metrics"] is None:
+            del fields["metrics"]
+        return json.dumps(
+            fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        ).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> UpdateHeader:
@@ -123,7 +149,7 @@ class UpdateHeader:
         if not isinstance(raw, dict):
             raise _malformed("header is not a JSON object")
         expected = {f.name for f in dataclasses.fields(cls)}
-        missing, unknown = expected - raw.keys(), raw.keys() - expected
+        missing, unknown = expected - raw.keys() - _OPTIONAL, raw.keys() - expected
         if missing or unknown:
             raise _malformed(f"header fields missing {sorted(missing)}, unknown {sorted(unknown)}")
         header = cls(**raw)

@@ -18,3 +18,10 @@ def leave(edge_id: str) -> str:
 
 HEARTBEAT_ALL = f"{HEARTBEAT_PREFIX}.*"
 LEAVE_ALL = f"{LEAVE_PREFIX}.*"
+
+FEEDBACK_PREFIX = "fedgate.feedback"
+
+
+def feedback(model: str) -> str:
+    """Subject the gateway sends feedback labels for ``model`` on (a request: edges reply)."""
+    return f"{FEEDBACK_PREFIX}.{model}"

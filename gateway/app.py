@@ -29,7 +29,7 @@ from gateway.errors import GatewayError
 from gateway.fleet import Edge, Fleet
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_infer
-from gateway.routes import fleet_api, metrics_api, oip, routing_api
+from gateway.routes import feedback, fleet_api, metrics_api, oip, routing_api
 from gateway.routing import Router
 from gateway.schemas import SchemaCache
 from gateway.settings import GatewaySettings
@@ -154,6 +154,7 @@ def create_app(
 ) -> GatewayApp:
     """Build the gateway. ``fleet`` and ``bus=False`` let tests inject the fleet directly."""
     state = build_state(settings, fleet)
+    relay = feedback.FeedbackRelay()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -169,6 +170,7 @@ def create_app(
                 tls=settings.nats_tls_context(),
             )
             await _subscribe_fleet(nc, state.fleet)
+            relay.bind(nc)
         prober = asyncio.create_task(_probe_loop(state))
         log.info("gateway listening", extra={"host": settings.host, "port": settings.port})
         try:
@@ -184,7 +186,8 @@ def create_app(
 
     api = FastAPI(title="fedgate gateway", version="0.1.0", lifespan=lifespan)
     api.state.gateway = state
-    for module in (oip, fleet_api, routing_api, metrics_api):
+    api.state.feedback = relay
+    for module in (oip, fleet_api, routing_api, metrics_api, feedback):
         api.include_router(module.router)
     _error_handlers(api)
     document_infer(api)

@@ -1,0 +1,325 @@
+"""Local fine-tuning, pre-emptible between mini-batches: the worker process and its parts.
+
+The learner runs ``python -m edge_runtime.finetune <job.json>`` as a child process at low
+CPU priority (``os.nice``) with one torch thread, so serving keeps the CPU whenever it
+wants it. The worker reads the labelled samples from the spool itself (they never cross
+a pipe), starts from the served version's flat weights, and trains with SGD (the
+default recipe of the trainer, copied here: services do not import each other),
+optionally with FedProx's proximal term. Before every mini-batch it reads a 16-byte
+control file mapped in both processes: ``run``, ``pause`` (it waits there, holding no
+lock, until ``run`` again) or ``stop``; after each mini-batch it writes how many it has
+done. So traffic returning pauses training within one mini-batch. It reports on stdout,
+one JSON object a line: ``started``, ``paused``, ``resumed``, ``finished`` (with loss
+and accuracy on the local held-out split, before and after) or ``stopped``; the new
+flat weights go to ``output`` (``np.save``, no pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import mmap
+import os
+import signal
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_runtime.spool import LabelledSet, Spool
+from fedcore.models import get_spec
+from fedcore.params import flatten, load_flat, load_weights_file
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+RUN, PAUSE, STOP = 0, 1, 2
+_CONTROL = struct.Struct("<qq")  # command, mini-batches done
+CONTROL_BYTES = _CONTROL.size
+_PAUSE_POLL_S = 0.01
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Recipe(BaseModel):
+    """How the edge fine-tunes (the trainer's ``LocalRecipe`` numbers by default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    proximal_mu: float = Field(default=0.0, ge=0)
+
+
+class JobSpec(BaseModel):
+    """What one fine-tuning run does; written as JSON for the worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    spool: Path
+    base_weights: Path
+    output: Path
+    control: Path
+    recipe: Recipe = Recipe()
+    holdout_fraction: float = Field(default=0.2, ge=0, lt=1)
+    device: Device = "auto"
+    threads: int = Field(default=1, ge=1)
+    nice: int = Field(default=19, ge=0, le=19)
+    seed: int = 0
+    parent_pid: int | None = None
+
+
+class Control:
+    """The 16-byte control block shared with the parent through a mapped file."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, CONTROL_BYTES)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def create(path: Path) -> Control:
+        path.write_bytes(_CONTROL.pack(RUN, 0))
+        return Control(path)
+
+    def command(self) -> int:
+        return int(_CONTROL.unpack_from(self._map)[0])
+
+    def set_command(self, command: int) -> None:
+        struct.pack_into("<q", self._map, 0, command)
+
+    def done(self) -> int:
+        return int(_CONTROL.unpack_from(self._map)[1])
+
+    def set_done(self, batches: int) -> None:
+        struct.pack_into("<q", self._map, 8, batches)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def select_device(preference: Device = "auto") -> torch.device:
+    """CUDA when present (and not refused), CPU otherwise; the choice is logged."""
+    import torch
+
+    available = torch.cuda.is_available()
+    use_cuda = available and preference != "cpu"
+    device = torch.device("cuda" if use_cuda else "cpu")
+    name = torch.cuda.get_device_name(0) if use_cuda else "cpu"
+    if preference == "cuda" and not available:
+        log.warning("training device: cuda asked for but not available; using cpu")
+    log.info(
+        "training device: %s (%s; cuda available: %s, asked: %s)",
+        device,
+        name,
+        available,
+        preference,
+        extra={"device": str(device)},
+    )
+    return device
+
+
+def proximal_term(
+    local: Iterable[torch.Tensor], global_: Iterable[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx: ``mu / 2 * sum_k ||local_k - global_k||^2`` (a copy of the trainer's)."""
+    total: torch.Tensor | None = None
+    for w, g in zip(local, global_, strict=True):
+        sq = (w - g.detach()).pow(2).sum()
+        total = sq if total is None else total + sq
+    if total is None:
+        raise ValueError("proximal_term needs at least one tensor pair")
+    return total * (mu / 2.0)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Loss and accuracy on the held-out split (None without held-out samples)."""
+
+    loss: float | None
+    accuracy: float | None
+    count: int
+
+
+def evaluate(module: torch.nn.Module, x: NDArray[Any], y: NDArray[Any], device: Any) -> Evaluation:
+    import torch
+
+    if len(y) == 0:
+        return Evaluation(None, None, 0)
+    module.eval()
+    with torch.no_grad():
+        logits = module(torch.from_numpy(x).to(device))
+        target = torch.from_numpy(y).to(device)
+        loss = float(torch.nn.functional.cross_entropy(logits, target))
+        accuracy = float((logits.argmax(1) == target).float().mean())
+    module.train()
+    return Evaluation(loss, accuracy, len(y))
+
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Trainer:
+    """The mini-batch loop with its pause points."""
+
+    job: JobSpec
+    control: Control
+    emit: Emit
+
+    def wait_if_paused(self, done: int) -> bool:
+        """Between mini-batches: pause while told to; False when told to stop."""
+        command = self.control.command()
+        if command == RUN:
+            return True
+        if command == PAUSE:
+            self.emit({"event": "paused", "batch": done})
+            while (command := self.control.command()) == PAUSE:
+                time.sleep(_PAUSE_POLL_S)
+            if command == RUN:
+                self.emit({"event": "resumed", "batch": done})
+                return True
+        self.emit({"event": "stopped", "batch": done})
+        return False
+
+    def fit(self, module: torch.nn.Module, data: LabelledSet, device: Any) -> int | None:
+        """Train ``module`` in place; the number of mini-batches, or None if stopped."""
+        import torch
+
+        r = self.job.recipe
+        x = torch.from_numpy(data.x_train).to(device)
+        y = torch.from_numpy(data.y_train).to(device)
+        w = torch.from_numpy(data.w_train).to(device)
+        anchor = [p.detach().clone() for p in module.parameters()]
+        opt = torch.optim.SGD(
+            module.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
+        )
+        generator = torch.Generator().manual_seed(self.job.seed)
+        done = 0
+        for _ in range(r.epochs):
+            order = torch.randperm(len(y), generator=generator).to(device)
+            for start in range(0, len(y), r.batch_size):
+                if not self.wait_if_paused(done):
+                    return None
+                idx = order[start : start + r.batch_size]
+                per_sample = torch.nn.functional.cross_entropy(
+                    module(x[idx]), y[idx], reduction="none"
+                )
+                loss = (per_sample * w[idx]).sum() / w[idx].sum()
+                if r.proximal_mu > 0:
+                    loss = loss + proximal_term(module.parameters(), anchor, r.proximal_mu)
+                opt.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
+                opt.step()
+                done += 1
+                self.control.set_done(done)
+        return done
+
+
+def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
+    """Fine-tune as ``job`` says, reporting through ``emit`` (the worker's whole work)."""
+    import torch
+
+    torch.manual_seed(job.seed)
+    torch.set_num_threads(job.threads)
+    device = select_device(job.device)
+    spec = get_spec(job.model)
+    spool = Spool(job.spool)
+    try:
+        data = spool.labelled(spec, job.holdout_fraction)
+    finally:
+        spool.close()
+    module = spec.build_module()
+    base = load_weights_file(job.base_weights, expected=flatten(module).size)
+    load_flat(module, base)
+    module.to(device).train()
+    before = evaluate(module, data.x_holdout, data.y_holdout, device)
+    emit(
+        {
+            "event": "started",
+            "batch": 0,
+            "samples": len(data.y_train),
+            "holdout": len(data.y_holdout),
+            "upto": data.upto,
+            "device": str(device),
+        }
+    )
+    if len(data.y_train) == 0:
+        emit({"event": "stopped", "batch": 0, "reason": "no training samples"})
+        return
+    batches = Trainer(job, control, emit).fit(module, data, device)
+    if batches is None:
+        return
+    after = evaluate(module, data.x_holdout, data.y_holdout, device)
+    np.save(job.output, flatten(module).astype("<f4"), allow_pickle=False)
+    emit(
+        {
+            "event": "finished",
+            "batch": batches,
+            "samples": len(data.y_train),
+            "holdout": after.count,
+            "upto": data.upto,
+            "loss": after.loss,
+            "accuracy": after.accuracy,
+            "base_loss": before.loss,
+            "base_accuracy": before.accuracy,
+        }
+    )
+
+
+def _emit_line(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _detach_from_serving(job: JobSpec) -> None:
+    """Die with the parent, and yield the CPU to everything else on the machine."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if job.parent_pid is not None and os.getppid() != job.parent_pid:
+        raise SystemExit("parent already gone")
+    if job.nice:
+        os.nice(job.nice)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point: ``python -m edge_runtime.finetune <job.json>``."""
+    from fedcore.logs import configure_logging
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m edge_runtime.finetune <job.json>\n")
+        return 2
+    job = JobSpec.model_validate_json(Path(args[0]).read_bytes())
+    configure_logging(f"finetune:{job.model}", os.environ.get("FEDGATE_EDGE_LOG_LEVEL", "INFO"))
+    _detach_from_serving(job)
+    control = Control(job.control)
+    try:
+        run_job(job, control, _emit_line)
+    except Exception as exc:
+        log.exception("fine-tuning failed")
+        _emit_line({"event": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+        return 1
+    finally:
+        control.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

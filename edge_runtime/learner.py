@@ -1,0 +1,413 @@
+"""The edge's learning loop for one model: idle windows in, sealed updates out.
+
+Every ``poll_interval_s`` the learner reads Triton's metrics and asks the idle detector.
+With no job running, an idle edge with training budget left, at least
+``min_new_labels`` labels joined since its last update, and a round it may take part in
+(:func:`edge_runtime.rounds_watch.decide`) starts a fine-tuning worker from the served
+base version. While the job runs, traffic returning (or the budget running out) pauses
+it before its next mini-batch; the next idle window resumes it; a round that moves on
+abandons it. A finished job becomes an update: delta = local - base (flat FP32),
+optionally clipped to ``clip_norm``, compressed, sealed for the round with the local
+metrics in the signed header, and published. Only the sealed update leaves the edge.
+Everything is recorded in the :class:`~edge_runtime.events.EventLog`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from numpy.typing import NDArray
+
+from edge_runtime.budget import TrainingBudget
+from edge_runtime.events import EventLog
+from edge_runtime.finetune import Device, JobSpec, Recipe
+from edge_runtime.idle import IdleDetector, IdleThresholds, IdleVerdict
+from edge_runtime.metrics_poll import TritonLoad
+from edge_runtime.rounds_watch import Plan, Refusal, RoundsView, ServedVersion, decide
+from edge_runtime.spool import Spool
+from edge_runtime.worker import FinetuneWorker
+from fedcore.compression import CompressionSettings, ErrorFeedback, encode_update
+from fedcore.envelope import seal_update
+from fedcore.errors import FedgateError
+from fedcore.params import load_weights_file
+
+log = logging.getLogger(__name__)
+
+ReadLoad = Callable[[], Awaitable[TritonLoad]]
+ReadServed = Callable[[], Awaitable[Mapping[int, ServedVersion]]]
+Publish = Callable[[bytes], Awaitable[Any]]
+
+_SENT_ROUNDS = "sent_rounds"
+_BUDGET = "train_budget"
+_KEEP_SENT = 64
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """One model's learning settings (from the edge settings)."""
+
+    edge_id: str
+    model: str
+    work_dir: Path
+    sizes: tuple[int, ...]
+    poll_interval_s: float = 0.25
+    thresholds: IdleThresholds = field(default_factory=IdleThresholds)
+    min_new_labels: int = 32
+    recipe: Recipe = field(default_factory=Recipe)
+    holdout_fraction: float = 0.2
+    device: Device = "auto"
+    threads: int = 1
+    nice: int = 19
+    clip_norm: float | None = None
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    window_budget_s: float = 60.0
+    daily_budget_s: float = 3600.0
+    spool_max_age_s: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The edge's signing identity and the trainer's HPKE public key."""
+
+    signer: ed25519.Ed25519PrivateKey
+    recipient: x25519.X25519PublicKey
+
+
+@dataclass
+class Job:
+    """A fine-tuning run in progress."""
+
+    plan: Plan
+    worker: FinetuneWorker
+    base: NDArray[Any]
+    job_dir: Path
+    result: dict[str, Any] | None = None
+    started: bool = False
+
+
+class Learner:
+    """Drives fine-tuning of one model; :meth:`run` until stopped, or :meth:`tick` by hand."""
+
+    def __init__(
+        self,
+        config: LearnerConfig,
+        *,
+        spool: Spool,
+        rounds: RoundsView,
+        read_load: ReadLoad,
+        read_served: ReadServed,
+        publish: Publish,
+        keys: Keys,
+        events: EventLog | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.rounds = rounds
+        self.read_load = read_load
+        self.read_served = read_served
+        self.publish = publish
+        self.keys = keys
+        self.events = events or EventLog()
+        self.detector = IdleDetector(config.thresholds)
+        self.budget = TrainingBudget(config.window_budget_s, config.daily_budget_s)
+        self.budget.restore(spool.get_meta(_BUDGET))
+        self.feedback = ErrorFeedback(sum(config.sizes))
+        self.job: Job | None = None
+        self.verdict = IdleVerdict(False, "no-data")
+        self._refused: set[tuple[int, str]] = set()
+        self._last_tick = time.monotonic()
+        self._last_expire = 0.0
+        self._jobs = 0
+
+    # -- the loop ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every ``poll_interval_s`` until ``stop``; a running job is stopped then."""
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick()
+                except Exception:  # the learner must never take serving down with it
+                    log.exception("learner tick failed", extra={"model": self.config.model})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop a running job (abandoned) and persist the budget. Idempotent."""
+        if self.job is not None:
+            await self._abandon("shutdown")
+        self.spool.set_meta(_BUDGET, self.budget.state())
+
+    async def tick(self) -> None:
+        """One poll: observe the load, then drive the job or maybe start one."""
+        now = time.monotonic()
+        elapsed, self._last_tick = now - self._last_tick, now
+        was_idle = self.verdict.idle
+        self.verdict = await self._observe()
+        if self.verdict.idle and not was_idle:
+            self.budget.open_window()
+        if self.job is not None:
+            if not self.job.worker.paused:
+                self.budget.charge(elapsed)
+            await self._drive(self.job)
+        else:
+            await self._maybe_start()
+        await self._expire_old(now)
+
+    async def _observe(self) -> IdleVerdict:
+        try:
+            load = await self.read_load()
+        except (OSError, ValueError) as exc:
+            log.warning("Triton metrics unreadable: %r", exc, extra={"model": self.config.model})
+            self.detector.reset()
+            return IdleVerdict(False, "no-data")
+        return self.detector.observe(load)
+
+    async def _expire_old(self, now: float) -> None:
+        if now - self._last_expire >= 60.0:
+            self._last_expire = now
+            await asyncio.to_thread(self.spool.expire, self.config.spool_max_age_s)
+
+    # -- starting ------------------------------------------------------------------------
+    async def _maybe_start(self) -> None:
+        c = self.config
+        if not self.verdict.idle or not self.budget.allows():
+            return
+        stats = await asyncio.to_thread(self.spool.stats)
+        if stats.new_labels < c.min_new_labels:
+            return
+        served = await self.read_served()
+        decision = decide(
+            self.rounds.get(c.model), c.edge_id, served, self.sent_rounds(), time.time()
+        )
+        if isinstance(decision, Refusal):
+            self._report_refusal(decision)
+            return
+        await self._start(decision)
+
+    def _report_refusal(self, refusal: Refusal) -> None:
+        announcement = self.rounds.get(self.config.model)
+        key = (announcement.round if announcement else 0, refusal.reason)
+        if refusal.loud and key not in self._refused:
+            self._refused.add(key)
+            log.warning("round refused: %s", refusal.detail, extra={"model": self.config.model})
+            self.events.emit(
+                "round-refused", self.config.model, round=key[0], reason=refusal.reason
+            )
+
+    async def _start(self, plan: Plan) -> None:
+        c = self.config
+        self._jobs += 1
+        job_dir = c.work_dir / f"round-{plan.round}-{self._jobs}"
+        if job_dir.exists():
+            shutil.rmtree(job_dir)
+        job_dir.mkdir(parents=True)
+        base_file = job_dir / "base.npy"
+        shutil.copyfile(plan.base.weights, base_file)
+        base = load_weights_file(base_file, expected=sum(c.sizes))
+        spec = JobSpec(
+            model=c.model,
+            spool=self.spool.path,
+            base_weights=base_file,
+            output=job_dir / "local.npy",
+            control=job_dir / "control.bin",
+            recipe=c.recipe,
+            holdout_fraction=c.holdout_fraction,
+            device=c.device,
+            threads=c.threads,
+            nice=c.nice,
+            seed=plan.round,
+        )
+        worker = await FinetuneWorker.start(spec, job_dir)
+        self.job = Job(plan, worker, base, job_dir)
+
+    # -- driving -------------------------------------------------------------------------
+    async def _drive(self, job: Job) -> None:
+        for report in job.worker.drain():
+            ended = self._on_report(job, report)
+            if ended is not None:
+                await self._abandon(ended)
+                return
+        if job.result is not None:
+            await self._finish(job)
+            return
+        if (why := self._still_valid(job)) is not None:
+            await self._abandon(why)
+            return
+        exhausted = self.budget.exhausted()
+        if not self.verdict.idle or exhausted:
+            if not job.worker.paused:
+                batch = job.worker.pause()
+                reason = self.verdict.reason if not self.verdict.idle else f"budget-{exhausted}"
+                self.events.emit("traffic-returned", self.config.model, batch=batch, reason=reason)
+        elif job.worker.paused:
+            job.worker.resume()
+
+    def _on_report(self, job: Job, report: dict[str, Any]) -> str | None:
+        """Turn a worker report into an event; the reason when the job has ended early."""
+        kind, model = report.get("event"), self.config.model
+        batch = report.get("batch")
+        batch = int(batch) if isinstance(batch, int) else None
+        if kind == "started":
+            job.started = True
+            self.events.emit(
+                "train-started",
+                model,
+                batch=0,
+                round=job.plan.round,
+                base_version=job.plan.base.version,
+                num_samples=int(report.get("samples", 0)),
+                device=str(report.get("device", "")),
+            )
+        elif kind == "paused":
+            self.events.emit("train-paused", model, batch=batch, round=job.plan.round)
+        elif kind == "resumed":
+            self.events.emit("train-resumed", model, batch=batch, round=job.plan.round)
+        elif kind == "finished":
+            job.result = report
+            self.events.emit(
+                "train-finished",
+                model,
+                batch=batch,
+                round=job.plan.round,
+                loss=_opt_float(report.get("loss")),
+                accuracy=_opt_float(report.get("accuracy")),
+            )
+        elif kind in ("stopped", "failed") or (kind == "exited" and job.result is None):
+            return str(report.get("reason") or f"worker {kind}")
+        return None
+
+    def _still_valid(self, job: Job) -> str | None:
+        """Why the job's round no longer takes this update (None: it still does)."""
+        current = self.rounds.get(self.config.model)
+        announced = job.plan.announcement
+        if current is None or current.round != announced.round:
+            return "round-changed"
+        if current.state != "open":
+            return "round-closed"
+        if time.time() >= current.deadline_ts:
+            return "deadline-passed"
+        if current.base_version != announced.base_version:
+            return "base-changed"
+        return None
+
+    async def _abandon(self, reason: str) -> None:
+        job, self.job = self.job, None
+        if job is None:
+            return
+        batch = job.worker.batches_done
+        await job.worker.close()
+        self.events.emit(
+            "train-abandoned",
+            self.config.model,
+            batch=batch,
+            round=job.plan.round,
+            reason=reason,
+        )
+        shutil.rmtree(job.job_dir, ignore_errors=True)
+
+    # -- publishing ----------------------------------------------------------------------
+    async def _finish(self, job: Job) -> None:
+        self.job = None
+        await job.worker.close()
+        try:
+            await self._publish(job)
+        except (FedgateError, OSError, ValueError) as exc:
+            log.warning("update not published: %s", exc, extra={"model": self.config.model})
+            self.events.emit(
+                "train-abandoned",
+                self.config.model,
+                round=job.plan.round,
+                reason=f"publish-failed: {exc}",
+            )
+        finally:
+            shutil.rmtree(job.job_dir, ignore_errors=True)
+            self.spool.set_meta(_BUDGET, self.budget.state())
+
+    async def _publish(self, job: Job) -> None:
+        c, plan, result = self.config, job.plan, job.result or {}
+        local = load_weights_file(job.job_dir / "local.npy", expected=job.base.size)
+        delta, norm = clip_delta(local - job.base, c.clip_norm)
+        encoded = encode_update(delta, c.sizes, c.compression, self.feedback)
+        metrics = local_metrics(result, norm)
+        samples = int(result.get("samples", 0))
+        header, envelope = await asyncio.to_thread(
+            seal_update,
+            encoded.data,
+            recipient=self.keys.recipient,
+            signer=self.keys.signer,
+            model=c.model,
+            round=plan.round,
+            edge_id=c.edge_id,
+            base_version=plan.base.version,
+            base_digest=plan.base.digest,
+            compression=encoded.mode,
+            num_samples=samples,
+            metrics=metrics,
+        )
+        await self.publish(bytes(envelope))
+        self.spool.mark_trained(int(result.get("upto", 0)))
+        self._remember_sent(plan.round)
+        self.events.emit(
+            "update-published",
+            c.model,
+            batch=_opt_int(result.get("batch")),
+            round=plan.round,
+            base_version=plan.base.version,
+            update_id=header.update_id,
+            num_samples=samples,
+            loss=metrics.get("loss"),
+            accuracy=metrics.get("accuracy"),
+        )
+
+    def sent_rounds(self) -> set[int]:
+        """Rounds this edge has sent an update for (persisted in the spool)."""
+        raw = self.spool.get_meta(_SENT_ROUNDS)
+        try:
+            return {int(r) for r in json.loads(raw)} if raw else set()
+        except (ValueError, TypeError):
+            return set()
+
+    def _remember_sent(self, round_id: int) -> None:
+        rounds = sorted(self.sent_rounds() | {round_id})[-_KEEP_SENT:]
+        self.spool.set_meta(_SENT_ROUNDS, json.dumps(rounds))
+
+
+def clip_delta(delta: NDArray[Any], clip_norm: float | None) -> tuple[NDArray[Any], float]:
+    """``delta`` scaled down to L2 norm ``clip_norm`` when longer; and its original norm."""
+    vector = np.asarray(delta, dtype=np.float32)
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if clip_norm is not None and norm > clip_norm > 0:
+        vector = (vector * np.float32(clip_norm / norm)).astype(np.float32)
+    return vector, norm
+
+
+def local_metrics(result: Mapping[str, Any], delta_norm: float) -> dict[str, float]:
+    """The aggregate figures that travel (signed) with an update: no sample leaves."""
+    metrics = {"delta_norm": delta_norm, "holdout": float(result.get("holdout", 0))}
+    for name in ("loss", "accuracy", "base_loss", "base_accuracy"):
+        value = _opt_float(result.get(name))
+        if value is not None:
+            metrics[name] = value
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _opt_float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _opt_int(value: object) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
