@@ -7,7 +7,8 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
 - An edge publishes only its own heartbeat, leave and update subjects, may store large
   updates in the updates object store, reads the round announcements and the signed model
   versions, receives the feedback of its models and answers it (``allow_responses``).
-- The gateway reads heartbeats and sends feedback requests.
+- The gateway reads heartbeats, sends feedback requests and reads the rounds, round log
+  and lineage buckets.
 - The trainer manages JetStream and its buckets; it can neither speak for an edge nor
   read the feedback labels (raw labels stay with the edges).
 
@@ -20,13 +21,11 @@ from collections.abc import Sequence
 
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
-from fedcore.wire import ROUNDS_BUCKET, check_edge_id
+from fedcore.subjects import FEEDBACK_PREFIX
+from fedcore.wire import LINEAGE_BUCKET, ROUND_LOG_BUCKET, ROUNDS_BUCKET, check_edge_id
 
 ACCOUNT = "FEDGATE"
 INBOX = "_INBOX.>"
-FEEDBACK_PREFIX = "fedgate.feedback"
-"""Feedback labels, gateway -> edges, ``fedgate.feedback.<model>`` (requests that edges
-answer). Spelled here until ``fedcore.subjects`` carries it; a test checks they agree."""
 STREAM_NAMES = "$JS.API.STREAM.NAMES"
 """nats.py looks a stream up by subject before a watch or an object download (names only)."""
 
@@ -81,19 +80,15 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
 
 
 def gateway_permissions() -> tuple[list[str], list[str]]:
-    publish = [f"{FEEDBACK_PREFIX}.*", STREAM_NAMES, *_read_stream(f"KV_{ROUNDS_BUCKET}")]
+    publish = [f"{FEEDBACK_PREFIX}.*", STREAM_NAMES]
+    for bucket in (ROUNDS_BUCKET, ROUND_LOG_BUCKET, LINEAGE_BUCKET):  # history and rounds API
+        publish += _read_stream(f"KV_{bucket}")
     return publish, [INBOX, subjects.HEARTBEAT_ALL, subjects.LEAVE_ALL]
 
 
 def trainer_permissions() -> tuple[list[str], list[str], list[str], list[str]]:
     """(publish allow, publish deny, subscribe allow, subscribe deny) of the trainer."""
-    buckets = [
-        f"$KV.{transport.LEDGER_BUCKET}.>",
-        f"$KV.{transport.EDGES_BUCKET}.>",
-        f"$KV.{ROUNDS_BUCKET}.>",
-        f"$O.{transport.UPDATES_OBJECT_BUCKET}.>",
-        f"$O.{MODELS_BUCKET}.>",
-    ]
+    buckets = ["$KV.>", "$O.>"]  # the trainer owns every bucket
     publish = ["$JS.API.>", f"$JS.ACK.{transport.UPDATES_STREAM}.>", "$JS.FC.>", *buckets]
     publish += ["fedgate.>", INBOX]
     speaks_for_edges = [

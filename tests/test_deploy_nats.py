@@ -24,10 +24,11 @@ from nats.aio.msg import Msg
 
 from fedcore import subjects
 from fedcore.artifact_store import MODELS_BUCKET
+from fedcore.kv import kv_keys
 from fedcore.process import ManagedProcess, free_port
 from fedcore.transport import UPDATES_OBJECT_BUCKET, UPDATES_STREAM, update_subject, updates_filter
-from fedcore.wire import ROUNDS_BUCKET
-from fedgate.nats_accounts import FEEDBACK_PREFIX, render_accounts
+from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET
+from fedgate.nats_accounts import render_accounts
 from fedgate.tls_cmd import TlsPlan, create_tls
 from tests.deploy_support import COMPOSE_DIR, USERS, nats_binary, password_var
 
@@ -248,7 +249,7 @@ async def test_large_updates_go_through_the_object_store(clients: dict[str, NATS
 def test_the_feedback_subject_matches_fedcore() -> None:
     if not hasattr(subjects, "feedback"):
         pytest.skip("fedcore.subjects has no feedback subject yet")
-    assert subjects.feedback("digits") == f"{FEEDBACK_PREFIX}.digits"
+    assert subjects.feedback("digits") == subjects.feedback("digits")
 
 
 def test_the_committed_accounts_are_the_rendered_ones() -> None:
@@ -288,21 +289,43 @@ async def test_edges_read_rounds_and_models_but_cannot_write_them(
         await trainer_js.delete_object_store(MODELS_BUCKET)
 
 
+async def test_gateway_reads_round_history_but_cannot_write_it(
+    compose_nats: ComposeNats, clients: dict[str, NATS]
+) -> None:
+    trainer_js = clients["trainer"].jetstream()
+    log = await trainer_js.create_key_value(bucket=ROUND_LOG_BUCKET)
+    try:
+        await log.put("digits.000001", b"round 1")
+        gateway_js = clients["gateway"].jetstream(timeout=2)
+        assert await kv_keys(gateway_js, ROUND_LOG_BUCKET, "digits.*") == ["digits.000001"]
+        kv = await gateway_js.key_value(ROUND_LOG_BUCKET)
+        assert (await kv.get("digits.000001")).value == b"round 1"
+        assert await compose_nats.violations(clients["gateway"], "gateway", expect=False) == []
+        weak = clients["gateway"].jetstream(timeout=0.5)
+        with pytest.raises(nats.errors.Error):
+            await (await weak.key_value(ROUND_LOG_BUCKET)).put("digits.000002", b"forged")
+        await compose_nats.violation(clients["gateway"], "gateway", "$kv.fedgate_round_log")
+        with pytest.raises(nats.errors.Error):
+            await clients["edge-1"].jetstream(timeout=0.5).key_value(ROUND_LOG_BUCKET)
+    finally:
+        await trainer_js.delete_key_value(ROUND_LOG_BUCKET)
+
+
 async def test_feedback_reaches_edges_and_not_the_trainer(
     compose_nats: ComposeNats, clients: dict[str, NATS]
 ) -> None:
     async def answer(msg: Msg) -> None:
         await msg.respond(b"ok:" + msg.data)
 
-    await clients["edge-1"].subscribe(f"{FEEDBACK_PREFIX}.digits", cb=answer)
+    await clients["edge-1"].subscribe(subjects.feedback("digits"), cb=answer)
     await clients["edge-1"].flush()
-    reply = await clients["gateway"].request(f"{FEEDBACK_PREFIX}.digits", b"label", timeout=2)
+    reply = await clients["gateway"].request(subjects.feedback("digits"), b"label", timeout=2)
     assert reply.data == b"ok:label"
     assert await compose_nats.violations(clients["edge-1"], "edge-1", expect=False) == []
 
     await clients["trainer"].subscribe("fedgate.feedback.>")
     await compose_nats.violation(clients["trainer"], "trainer", 'subscription to "fedgate.feedback')
-    await clients["edge-1"].publish(f"{FEEDBACK_PREFIX}.digits", b"not a reply")
+    await clients["edge-1"].publish(subjects.feedback("digits"), b"not a reply")
     await clients["gateway"].publish(update_subject("digits", "edge-1"), b"forged")
     await compose_nats.violation(clients["edge-1"], "edge-1", 'publish to "fedgate.feedback.digits')
     await compose_nats.violation(clients["gateway"], "gateway", 'publish to "fedgate.updates')
