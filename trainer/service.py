@@ -188,6 +188,7 @@ async def serve(settings: TrainerSettings) -> None:
         password=settings.nats_password(),
         name="trainer",
         max_reconnect_attempts=-1,
+        tls=settings.nats_tls_context(),
     )
     try:
         await prepare_transport(nc, settings, registry)
