@@ -91,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from fedgate.status import print_status
 
-    return print_status(args.url, _out, args.key_file)
+    return print_status(args.url, _out, args.key_file, model=args.model, rounds=args.rounds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,15 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start the stack, infer through the gateway, stop")
     _add_stack_args(demo, ".fedgate/demo")
     demo.set_defaults(func=cmd_demo)
-    status = sub.add_parser("status", help="print the fleet of a running gateway")
+    status = sub.add_parser(
+        "status", help="print fleet, versions, rounds and rollouts of a running gateway"
+    )
     status.add_argument("--url", default="http://127.0.0.1:8080", help="gateway URL")
     status.add_argument(
         "--key-file",
         type=Path,
         default=None,
-        help="file with a gateway API key (default: $FEDGATE_API_KEY, else "
-        ".fedgate/secrets/gateway-infer.key)",
+        help="file with a gateway API key (default: $FEDGATE_API_KEY, else the local "
+        "stack's .fedgate/secrets/gateway-admin.key, else gateway-infer.key)",
     )
+    status.add_argument("--model", default=None, help="only this model (default: all served)")
+    status.add_argument("--rounds", type=int, default=10, help="closed rounds to list")
     status.set_defaults(func=cmd_status)
     keys = sub.add_parser("keys", help="create keys and certificates")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

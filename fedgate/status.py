@@ -1,18 +1,42 @@
-"""``fedgate status``: the fleet of a running gateway as a table."""
+"""``fedgate status``: fleet, versions, rounds and rollouts of a running gateway, as tables.
+
+It reads the gateway's JSON API with an API key: ``--key-file``, else ``$FEDGATE_API_KEY``,
+else the local stack's admin key (``.fedgate/secrets/gateway-admin.key``, which may read
+rollouts), else its infer key. A section the gateway cannot answer (no NATS, no rollout
+API, a key without the role) prints why instead of its table; only an unreachable
+gateway or a refused key fail the command.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 from fedcore.errors import FedgateError
 from fedcore.keys import read_secret
 
-DEFAULT_KEY_FILE = Path(".fedgate/secrets/gateway-infer.key")
+DEFAULT_KEY_FILES = (
+    Path(".fedgate/secrets/gateway-admin.key"),
+    Path(".fedgate/secrets/gateway-infer.key"),
+)
+DEFAULT_KEY_FILE = DEFAULT_KEY_FILES[1]  # kept for callers of the old name
+Out = Callable[[str], None]
+
+
+class ApiError(FedgateError):
+    """The gateway answered with an error status."""
+
+    def __init__(self, url: str, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"the gateway at {url} answered {status}: {detail}")
 
 
 def api_key(key_file: Path | None) -> str | None:
@@ -21,27 +45,208 @@ def api_key(key_file: Path | None) -> str | None:
         return read_secret(key_file)
     if os.environ.get("FEDGATE_API_KEY"):
         return os.environ["FEDGATE_API_KEY"]
-    return read_secret(DEFAULT_KEY_FILE) if DEFAULT_KEY_FILE.exists() else None
+    for path in DEFAULT_KEY_FILES:
+        if path.exists():
+            return read_secret(path)
+    return None
 
 
-def print_status(url: str, out: Callable[[str], None], key_file: Path | None = None) -> int:
-    """Print one row per edge. Returns the exit code."""
-    key = api_key(key_file)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    req = urllib.request.Request(url.rstrip("/") + "/v1/edges", headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - user-given gateway URL
-            edges = json.loads(resp.read())["edges"]
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        raise FedgateError(f"the gateway at {url} answered {exc.code}: {detail}") from None
-    except OSError as exc:
-        raise FedgateError(f"cannot reach the gateway at {url}: {exc}") from None
-    header = ("edge", "device", "models (ready versions)", "outstanding", "seen")
-    out(f"{header[0]:<12} {header[1]:<7} {header[2]:<28} {header[3]:>11} {header[4]:>6}")
+class Gateway:
+    """GETs JSON from the gateway with the key."""
+
+    def __init__(self, url: str, key: str | None, timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.timeout_s = timeout_s
+
+    def get(self, path: str) -> Any:
+        req = urllib.request.Request(self.url + path, headers=self.headers)  # noqa: S310
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode(errors="replace")
+            try:
+                detail = str(json.loads(body).get("error", body))
+            except (ValueError, AttributeError):
+                detail = body
+            raise ApiError(self.url, exc.code, detail) from None
+        except OSError as exc:
+            raise FedgateError(f"cannot reach the gateway at {self.url}: {exc}") from None
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Aligned text columns; numbers right-aligned, ``None`` shown as ``-``."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    numeric = [
+        bool(rows) and all(isinstance(r[i], int | float) or r[i] is None for r in rows)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)]
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _emit(out: Out, title: str, lines: list[str]) -> None:
+    out("")
+    out(title)
+    for text in lines:
+        out("  " + text)
+
+
+def fleet_rows(edges: list[dict[str, Any]]) -> list[list[object]]:
+    rows: list[list[object]] = []
     for e in edges:
-        models = ", ".join(f"{m} {s['ready']}" for m, s in e["models"].items())
+        if e["ejected"]:
+            health = f"ejected {e['ejected_for_s']:.0f}s"
+        elif e["failures"]:
+            health = f"{e['failures']} failures"
+        else:
+            health = "ok"
+        models = ", ".join(
+            f"{m} {','.join(f'v{v}' for v in s['ready']) or 'none ready'}"
+            for m, s in e["models"].items()
+        )
         seen = f"{e['last_seen_s']:.1f}s"
-        out(f"{e['edge_id']:<12} {e['device']:<7} {models:<28} {e['outstanding']:>11} {seen:>6}")
-    out(f"{len(edges)} edge(s)")
+        rows.append(
+            [e["edge_id"], e["device"], health, models, e["outstanding"], e["served"], seen]
+        )
+    return rows
+
+
+def version_rows(
+    lineage: list[dict[str, Any]], edges: list[dict[str, Any]], model: str
+) -> list[list[object]]:
+    served: dict[int, list[str]] = {}
+    for e in edges:
+        for v in e["models"].get(model, {}).get("ready", []):
+            served.setdefault(v, []).append(e["edge_id"])
+    by_version = {v["version"]: v for v in lineage}
+    rows: list[list[object]] = []
+    for version in sorted(set(by_version) | set(served)):
+        v = by_version.get(version, {})
+        rows.append(
+            [
+                f"v{version}",
+                f"v{v['parent_version']}" if v.get("parent_version") else None,
+                v.get("round"),
+                v.get("strategy"),
+                v.get("samples"),
+                v.get("accuracy"),
+                ", ".join(served.get(version, [])) or None,
+            ]
+        )
+    return rows
+
+
+def round_rows(rounds: list[dict[str, Any]]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for r in reversed(rounds):
+        versions = f"v{r['base_version']}"
+        if r.get("released_version"):
+            versions += f" -> v{r['released_version']}"
+        rows.append(
+            [
+                r["round"],
+                r["mode"],
+                r["outcome"],
+                versions,
+                len(r.get("contributors", [])),
+                r.get("accuracy"),
+                r.get("loss"),
+                r["reason"],
+            ]
+        )
+    return rows
+
+
+def rollout_rows(rollouts: list[dict[str, Any]]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for r in rollouts:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_ts"]))
+        weight = f"{r.get('weight', 0) * 100:g}%" if r["state"] == "canary" else None
+        versions = [f"v{r['version']}", f"v{r['stable']}"]
+        rows.append([r["id"], *versions, r["state"], weight, started, r.get("reason")])
+    return rows
+
+
+def _section(out: Out, title: str, fetch: Callable[[], list[str]]) -> None:
+    try:
+        lines = fetch()
+    except ApiError as exc:
+        if exc.status == 404 and exc.detail == "Not Found":
+            lines = ["(this gateway has no such API)"]
+        elif exc.status == 403:
+            lines = [f"(needs an admin key: {exc.detail})"]
+        else:
+            lines = [f"(unavailable: {exc.status} {exc.detail})"]
+    _emit(out, title, lines)
+
+
+def _model_sections(gw: Gateway, out: Out, model: str, edges: list[Any], limit: int) -> None:
+    base = f"/v1/models/{quote(model, safe='')}"
+
+    def versions() -> list[str]:
+        rows = version_rows(gw.get(f"{base}/versions")["versions"], edges, model)
+        headers = ("version", "parent", "round", "strategy", "samples", "accuracy", "served by")
+        return render_table(headers, rows) if rows else ["(no version)"]
+
+    def rounds() -> list[str]:
+        data = gw.get(f"{base}/rounds?limit={limit}")
+        current = data.get("open")
+        note = (
+            f"round {current['round']} open ({current['mode']}, from v{current['base_version']})"
+            if current and current.get("state") == "open"
+            else "no round open"
+        )
+        rows = round_rows(data["rounds"])
+        headers = ("round", "mode", "outcome", "versions", "edges", "accuracy", "loss", "reason")
+        return [*(render_table(headers, rows) if rows else ["(no closed round)"]), note]
+
+    def rollouts() -> list[str]:
+        rows = rollout_rows(gw.get(f"{base}/rollouts")["rollouts"])
+        headers = ("rollout", "version", "stable", "state", "canary", "started", "reason")
+        return render_table(headers, rows) if rows else ["(no rollout)"]
+
+    _section(out, f"Versions of {model}", versions)
+    _section(out, f"Rounds of {model} (last {limit})", rounds)
+    _section(out, f"Rollouts of {model}", rollouts)
+
+
+def print_status(
+    url: str,
+    out: Out,
+    key_file: Path | None = None,
+    *,
+    model: str | None = None,
+    rounds: int = 10,
+) -> int:
+    """Print the fleet, then versions, rounds and rollouts of each model. Exit code."""
+    gw = Gateway(url, api_key(key_file))
+    edges: list[dict[str, Any]] = gw.get("/v1/edges")["edges"]
+    headers = ("edge", "device", "health", "models (ready versions)", "outstanding", "served")
+    out("Fleet")
+    for text in render_table((*headers, "seen"), fleet_rows(edges)):
+        out("  " + text)
+    out(f"  {len(edges)} edge(s)")
+    models = [model] if model else sorted({m for e in edges for m in e["models"]})
+    for name in models:
+        _model_sections(gw, out, name, edges, rounds)
     return 0
