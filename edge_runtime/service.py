@@ -16,6 +16,7 @@ from edge_runtime.learner import Keys
 from edge_runtime.learning import EdgeLearning, capture_params
 from edge_runtime.publisher import UpdatePublisher, load_edge_keys
 from edge_runtime.repository import detect_kind, prepare_model
+from edge_runtime.rollout import build_applier
 from edge_runtime.settings import EdgeSettings
 from edge_runtime.triton import TritonServer
 from fedcore import subjects
@@ -57,6 +58,7 @@ class EdgeRuntime:
             trusted=self.trusted,
             keys=Keys(self.signer, self.trainer_hpke),
         )
+        self.rollouts = build_applier(settings, self.repository, self.trusted, self.triton)
         self._nc: NATS | None = None
         self._seq = 0
         self._stopping = asyncio.Event()
@@ -93,7 +95,7 @@ class EdgeRuntime:
             url=self.triton.url,
             seq=self._seq,
             ts=time.time(),
-            models=states,
+            models=self.rollouts.annotate(states),
             device=device,
         )
 
@@ -111,6 +113,7 @@ class EdgeRuntime:
             self._nc, ack_timeout_s=s.update_ack_timeout_s, attempts=s.update_publish_attempts
         )
         await self.learning.start(self._nc, self.publisher.publish)
+        await self.rollouts.start(self._nc)
         subject = subjects.heartbeat(s.edge_id)
         while not self._stopping.is_set():
             beat = await asyncio.to_thread(self.heartbeat)
@@ -127,6 +130,7 @@ class EdgeRuntime:
             return
         self._stopped = True
         await self.learning.stop()
+        await self.rollouts.stop()
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._nc.publish(subjects.leave(self.settings.edge_id), b"")

@@ -48,11 +48,26 @@ class _Message(BaseModel):
             raise WireError(cls.__name__, f"{where}: {first['msg']}") from None
 
 
+class LabelTally(_Message):
+    """Feedback labels joined on an edge for one version: how many, and how many of its
+    answers they confirmed (aggregate counts only; the labels stay on the edge)."""
+
+    total: int = Field(default=0, ge=0)
+    correct: int = Field(default=0, ge=0)
+
+
 class ModelState(_Message):
-    """One model on one edge: ready versions, and versions that failed with the reason."""
+    """One model on one edge: ready versions, and versions that failed with the reason.
+
+    ``rollout`` names the rollout whose desired versions (:class:`DesiredVersions`) the
+    edge has applied, so ``ready`` and ``failed`` answer that rollout; ``labels`` counts
+    feedback labels per version while a rollout has a candidate (the accuracy gate).
+    """
 
     ready: list[int] = Field(default_factory=list)
     failed: dict[int, str] = Field(default_factory=dict)
+    rollout: str | None = None
+    labels: dict[int, LabelTally] = Field(default_factory=dict)
 
 
 class Heartbeat(_Message):
@@ -205,3 +220,34 @@ def round_key(model: str, round_id: int) -> str:
 def version_key(model: str, version: int) -> str:
     """KV key of a version's lineage."""
     return f"{model}.{version:08d}"
+
+
+MODEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+"""Model names: they appear in NATS subjects and KV keys."""
+ROLLOUT_ID = re.compile(r"^r-[0-9a-f]{12}$")
+"""Rollout ids, as the gateway makes them."""
+
+ROLLOUTS_BUCKET = "fedgate_rollouts"
+"""KV bucket of the gateway's rollouts: key ``<model>`` holds a model's latest rollout (written
+with compare-and-set, so one rollout per model is active), ``<model>.<id>`` a copy of each."""
+
+DESIRED_BUCKET = "fedgate_desired"
+"""KV bucket with the versions every edge serving a model should load, key ``<model>``
+(:class:`DesiredVersions`); the gateway writes it, edges watch it."""
+
+
+class DesiredVersions(_Message):
+    """The versions of ``model`` edges should serve: ``stable`` and, while a rollout stages
+    or observes its canary, ``candidate``. Edges install the missing ones (verified first),
+    remove the others from their repository, and name ``rollout`` in their heartbeat
+    (:attr:`ModelState.rollout`) once applied."""
+
+    model: str = Field(pattern=MODEL_NAME.pattern)
+    stable: int = Field(ge=1)
+    candidate: int | None = Field(default=None, ge=1)
+    rollout: str = Field(pattern=ROLLOUT_ID.pattern)
+    ts: float
+
+    def versions(self) -> list[int]:
+        """The versions to serve, ascending."""
+        return sorted({self.stable} | ({self.candidate} if self.candidate is not None else set()))

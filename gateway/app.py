@@ -29,7 +29,9 @@ from gateway.errors import GatewayError
 from gateway.fleet import Edge, Fleet
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_infer
+from gateway.rollout_control import RolloutController
 from gateway.routes import feedback, fleet_api, metrics_api, oip, routing_api
+from gateway.routes import rollouts as rollouts_api
 from gateway.routing import Router
 from gateway.schemas import SchemaCache
 from gateway.settings import GatewaySettings
@@ -155,6 +157,7 @@ def create_app(
     """Build the gateway. ``fleet`` and ``bus=False`` let tests inject the fleet directly."""
     state = build_state(settings, fleet)
     relay = feedback.FeedbackRelay()
+    controller = RolloutController(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -171,11 +174,13 @@ def create_app(
             )
             await _subscribe_fleet(nc, state.fleet)
             relay.bind(nc)
+            await controller.bind(nc.jetstream())  # applies recorded splits first
         prober = asyncio.create_task(_probe_loop(state))
         log.info("gateway listening", extra={"host": settings.host, "port": settings.port})
         try:
             yield
         finally:
+            await controller.close()
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
@@ -187,8 +192,10 @@ def create_app(
     api = FastAPI(title="fedgate gateway", version="0.1.0", lifespan=lifespan)
     api.state.gateway = state
     api.state.feedback = relay
+    api.state.rollouts = controller
     for module in (oip, fleet_api, routing_api, metrics_api, feedback):
         api.include_router(module.router)
+    api.include_router(rollouts_api.router)
     _error_handlers(api)
     document_infer(api)
     return GatewayApp(api, state)
