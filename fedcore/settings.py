@@ -40,6 +40,14 @@ class ServiceSettings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_json: bool = Field(default=True, description="structured JSON log lines on stderr")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="trainer and edges: serve Prometheus metrics at http://<metrics_host>:"
+        "<port>/metrics (unset: off; the gateway serves /metrics on its own port)",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address the metrics port binds")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:

@@ -62,9 +62,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         _out(f"nats:     {stack.nats_url}")
         _out(f"api keys: admin {stack.admin_key_file}, infer {stack.infer_key_file}")
         _out("          send 'Authorization: Bearer <key>' with every request")
+        urls = stack.metrics_urls()
+        _out(f"metrics:  gateway {urls['gateway']} (API key), trainer {urls['trainer']}")
         for edge_id, ports in stack.edge_ports.items():
             _out(
                 f"{edge_id}:   triton http://{stack.config.host}:{ports.http} (private to the edge)"
+                f", metrics {urls[edge_id]}"
             )
         _out("ready; Ctrl-C stops the stack")
         while True:

@@ -48,7 +48,8 @@ class StackConfig:
 class EdgePorts:
     http: int
     grpc: int
-    metrics: int
+    metrics: int  # Triton's
+    runtime_metrics: int = 0  # the edge runtime's own (fedgate_edge_*)
 
 
 @dataclass
@@ -59,11 +60,23 @@ class Stack:
     processes: list[ManagedProcess] = field(default_factory=list)
     nats_url: str = ""
     edge_ports: dict[str, EdgePorts] = field(default_factory=dict)
+    trainer_metrics_port: int = 0
     _stopped: bool = False
 
     @property
     def gateway_url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Prometheus endpoints: the gateway's (needs an API key), the trainer's, each edge
+        runtime's and each edge's Triton."""
+        host = self.config.host
+        urls = {"gateway": f"{self.gateway_url}/metrics"}
+        urls["trainer"] = f"http://{host}:{self.trainer_metrics_port}/metrics"
+        for edge_id, ports in self.edge_ports.items():
+            urls[edge_id] = f"http://{host}:{ports.runtime_metrics}/metrics"
+            urls[f"{edge_id} triton"] = f"http://{host}:{ports.metrics}/metrics"
+        return urls
 
     @property
     def edge_ids(self) -> list[str]:
@@ -186,6 +199,7 @@ class Stack:
     def _start_trainer(self) -> None:
         d = self.config.data_dir / "trainer"
         keys = self._keys()
+        self.trainer_metrics_port = free_port()
         env = self._service_env(
             "FEDGATE_TRAINER_",
             "trainer",
@@ -194,13 +208,15 @@ class Stack:
                 "SIGNING_KEY_FILE": str(keys.signing_key),
                 "HPKE_PRIVATE_KEY_FILE": str(keys.hpke_key),
                 "EDGE_REGISTRY_FILE": str(keys.registry),
+                "METRICS_HOST": self.config.host,
+                "METRICS_PORT": str(self.trainer_metrics_port),
             },
         )
         self._bootstrap_trainer(env)
         self._spawn("trainer", [sys.executable, "-m", "trainer", "serve"], env, {})
 
     def _start_edge(self, edge_id: str) -> ManagedProcess:
-        ports = EdgePorts(free_port(), free_port(), free_port())
+        ports = EdgePorts(free_port(), free_port(), free_port(), free_port())
         self.edge_ports[edge_id] = ports
         d = self.config.data_dir / "edges" / edge_id
         keys = KeyLayout(self.config.data_dir / "keys")
@@ -222,6 +238,8 @@ class Stack:
                 "TRITON_GRPC_PORT": str(ports.grpc),
                 "TRITON_METRICS_PORT": str(ports.metrics),
                 "READY_TIMEOUT_S": str(self.config.ready_timeout_s),
+                "METRICS_HOST": self.config.host,
+                "METRICS_PORT": str(ports.runtime_metrics),
             },
         )
         return self._spawn(edge_id, [sys.executable, "-m", "edge_runtime"], env, {})

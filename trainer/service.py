@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
-from prometheus_client import CollectorRegistry
 
 from fedcore import subjects
 from fedcore.artifact_store import upload_version
@@ -42,6 +41,7 @@ from trainer.release import ReleaseContext, close_round, version_digest
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
+from trainer.telemetry import start_metrics
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ async def _run(
         rounds=driver,
         aggregator=driver,
         ledger=await UpdateLedger.open(js, replicas=settings.nats_replicas),
-        metrics=IngestMetrics(CollectorRegistry()),
+        metrics=IngestMetrics(start_metrics(settings, books).registry),
         options=IngestOptions(
             max_update_bytes=settings.max_update_bytes, ack_wait_s=settings.updates_ack_wait_s
         ),

@@ -1,0 +1,94 @@
+"""The trainer's Prometheus registry: update ingestion and the state of each model's rounds.
+
+- the ingestion counters of :mod:`trainer.ingest_metrics` (registered by the caller);
+- ``fedgate_trainer_model_version{model}``: the newest global version (the round base);
+- ``fedgate_trainer_round{model}``: the id of the open round, else of the last one opened;
+- ``fedgate_trainer_round_open{model}``: 1 while a round is open;
+- ``fedgate_trainer_round_updates{model}``: updates folded into the open round;
+- ``fedgate_trainer_round_samples{model}``: training samples behind those updates;
+- ``fedgate_trainer_round_deadline_seconds{model}``: seconds left before the open round's
+  deadline (negative once it passed).
+
+The round series are read from the round books when Prometheus scrapes (no bookkeeping on
+the rounds' path). Served on ``metrics_port`` when the settings set one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from fedcore.metrics_http import MetricsServer, serve_metrics
+from fedcore.settings import ServiceSettings
+from trainer.rounds import RoundBook
+
+log = logging.getLogger(__name__)
+
+
+class RoundsCollector:
+    """Gauges of each model's round book, collected at scrape time."""
+
+    def __init__(
+        self, books: Mapping[str, RoundBook], clock: Callable[[], float] = time.time
+    ) -> None:
+        self.books = books
+        self.clock = clock
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected lazily; no fixed description needed
+
+    def collect(self) -> Iterator[Metric]:
+        def gauge(name: str, text: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"fedgate_trainer_{name}", text, labels=["model"])
+
+        version = gauge("model_version", "Newest global version of the model (the round base)")
+        current = gauge("round", "Id of the open round, else of the last round opened")
+        is_open = gauge("round_open", "1 while a round of the model is open")
+        updates = gauge("round_updates", "Updates folded into the open round")
+        samples = gauge("round_samples", "Training samples behind the open round's updates")
+        deadline = gauge("round_deadline_seconds", "Seconds left before the open round's deadline")
+        now = self.clock()
+        for model, book in list(self.books.items()):
+            rnd = book.current
+            version.add_metric([model], book.version)
+            current.add_metric([model], book.next_round - 1)
+            is_open.add_metric([model], 1 if rnd is not None else 0)
+            folded = list(rnd.folded.values()) if rnd is not None else []
+            updates.add_metric([model], len(folded))
+            samples.add_metric([model], sum(c.samples for c in folded))
+            if rnd is not None:
+                deadline.add_metric([model], rnd.announcement.deadline_ts - now)
+        yield from (version, current, is_open, updates, samples, deadline)
+
+
+@dataclass
+class Telemetry:
+    """The trainer's registry, and its exposition server when one runs."""
+
+    registry: CollectorRegistry
+    server: MetricsServer | None = None
+
+
+def start_metrics(settings: ServiceSettings, books: Mapping[str, RoundBook]) -> Telemetry:
+    """The trainer's registry with the round gauges; served when ``metrics_port`` is set.
+
+    The exposition thread is a daemon: it ends with the process (``server.close()`` stops
+    it before).
+    """
+    registry = CollectorRegistry()
+    registry.register(RoundsCollector(books))
+    if settings.metrics_port is None:
+        return Telemetry(registry)
+    server = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
+    log.info(
+        "metrics at http://%s:%d/metrics",
+        settings.metrics_host,
+        server.port,
+        extra={"port": server.port},
+    )
+    return Telemetry(registry, server)
