@@ -30,7 +30,15 @@ from gateway.fleet import Edge, Fleet
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_infer
 from gateway.rollout_control import RolloutController
-from gateway.routes import feedback, fleet_api, metrics_api, oip, routing_api
+from gateway.routes import (
+    dashboard,
+    feedback,
+    fleet_api,
+    history,
+    metrics_api,
+    oip,
+    routing_api,
+)
 from gateway.routes import rollouts as rollouts_api
 from gateway.routing import Router
 from gateway.schemas import SchemaCache
@@ -158,6 +166,7 @@ def create_app(
     state = build_state(settings, fleet)
     relay = feedback.FeedbackRelay()
     controller = RolloutController(state)
+    reader = history.HistoryReader()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -175,6 +184,7 @@ def create_app(
             await _subscribe_fleet(nc, state.fleet)
             relay.bind(nc)
             await controller.bind(nc.jetstream())  # applies recorded splits first
+            reader.bind(nc)
         prober = asyncio.create_task(_probe_loop(state))
         log.info("gateway listening", extra={"host": settings.host, "port": settings.port})
         try:
@@ -193,7 +203,8 @@ def create_app(
     api.state.gateway = state
     api.state.feedback = relay
     api.state.rollouts = controller
-    for module in (oip, fleet_api, routing_api, metrics_api, feedback):
+    api.state.history = reader
+    for module in (oip, fleet_api, routing_api, metrics_api, feedback, history, dashboard):
         api.include_router(module.router)
     api.include_router(rollouts_api.router)
     _error_handlers(api)
