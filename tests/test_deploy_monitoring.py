@@ -54,16 +54,56 @@ PROMQL_WORDS = {
 }
 
 
-def gateway_metrics() -> set[str]:
-    """Every sample name the gateway exposes, read from its registry."""
-    from gateway.metrics import GatewayMetrics
-
+def family_names(registry: Any) -> set[str]:
+    """Every sample name a registry exposes (families with their suffixes)."""
     names = set()
-    for family in GatewayMetrics().registry.collect():
+    for family in registry.collect():
         names.add(family.name)
         for suffix in ("_total", "_bucket", "_sum", "_count", "_created"):
             names.add(family.name + suffix)
     return names
+
+
+def gateway_metrics() -> set[str]:
+    """Every sample name the gateway exposes, read from a built app's registry (the
+    rollout metrics register when the app is built)."""
+    import tempfile
+    from pathlib import Path
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = GatewaySettings(
+            nats_user="gateway", nats_password_file=Path(tmp) / "p", dev_mode=True
+        )
+        return family_names(create_app(settings, bus=False).state.metrics.registry)
+
+
+def service_metrics() -> set[str]:
+    """Every sample name the trainer and the edge runtime expose."""
+    import numpy as np
+
+    from edge_runtime.events import EventLog
+    from edge_runtime.telemetry import EdgeMetrics
+    from fedcore.settings import ServiceSettings
+    from trainer.ingest_metrics import IngestMetrics
+    from trainer.rounds import RoundBook, RoundPolicy
+    from trainer.strategies import get_strategy
+    from trainer.telemetry import start_metrics
+
+    params = np.zeros(1, np.float32)
+    book = RoundBook(
+        "m", RoundPolicy(), get_strategy("fedavg"), version=1, digest="ab" * 32, params=params
+    )
+    book.open(["edge-1"])
+    settings = ServiceSettings(nats_user="x", nats_password_file=COMPOSE_DIR / "none")
+    trainer = start_metrics(settings, {"m": book}).registry
+    IngestMetrics(trainer)
+    edge = EdgeMetrics({}, EventLog())
+    edge.on_event(EventLog().emit("update-published", "m", num_samples=1, loss=1.0, accuracy=1.0))
+    names = family_names(trainer) | family_names(edge.registry)
+    return names | {f"fedgate_edge_spool_{k}" for k in ("samples", "labelled", "new_labels")}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -77,7 +117,7 @@ def queries(dashboard: dict[str, Any]) -> list[str]:
 
 
 def unknown_metrics(dashboard: dict[str, Any]) -> set[str]:
-    known = gateway_metrics() | TRITON | NATS_EXPORTER
+    known = gateway_metrics() | service_metrics() | TRITON | NATS_EXPORTER
     return {m for q in queries(dashboard) for m in metric_names(q)} - known
 
 
@@ -86,7 +126,9 @@ def test_the_dashboard_queries_known_metrics() -> None:
     assert dashboard["uid"] and len(dashboard["panels"]) >= 10
     assert unknown_metrics(dashboard) == set()
     used = {m for q in queries(dashboard) for m in metric_names(q)}
-    assert any(m.startswith("fedgate_gateway_") for m in used)
+    for prefix in ("fedgate_gateway_", "fedgate_gateway_rollout_", "fedgate_trainer_"):
+        assert any(m.startswith(prefix) for m in used), prefix
+    assert any(m.startswith("fedgate_edge_") for m in used)
     assert any(m.startswith("nv_gpu_") for m in used)
 
 
@@ -100,7 +142,14 @@ def test_prometheus_and_grafana_are_wired() -> None:
     compose = load_yaml(COMPOSE_DIR / "compose.yaml")
     prometheus = load_yaml(COMPOSE_DIR / "prometheus" / "prometheus.yml")
     jobs = {j["job_name"]: j for j in prometheus["scrape_configs"]}
-    assert {"gateway", "triton", "nats"} <= set(jobs)
+    assert {"gateway", "triton", "nats", "trainer", "edge"} <= set(jobs)
+    env = {name: service.get("environment", {}) for name, service in compose["services"].items()}
+    trainer_port = env["trainer"]["FEDGATE_TRAINER_METRICS_PORT"]
+    assert jobs["trainer"]["static_configs"][0]["targets"] == [f"trainer:{trainer_port}"]
+    scraped = {sc["labels"]["edge"]: sc["targets"][0] for sc in jobs["edge"]["static_configs"]}
+    for edge, target in scraped.items():
+        e = env[edge]
+        assert target == f"{e['FEDGATE_EDGE_METRICS_HOST']}:{e['FEDGATE_EDGE_METRICS_PORT']}"
     key_file = jobs["gateway"]["authorization"]["credentials_file"]
     targets = [s["target"] for s in compose["services"]["prometheus"]["secrets"]]
     assert key_file == f"/run/secrets/{targets[0]}"
