@@ -2,13 +2,16 @@
 
 Through ASGI a response costs two socket writes (status and headers, then the body), a
 task, an event and the message dicts; on a proxy whose every request is small that is a
-third of the CPU it spends. :class:`GatewayHttpProtocol` answers a ``POST .../infer`` that
-has a ``Content-Length`` within the limit, no ``Expect: 100-continue`` and nothing else in
-progress on its connection directly: the body is collected by the parser callbacks, the
-same :class:`gateway.dataplane.InferPlane` serves it, and the response goes out in one
-write. Every other request (and any infer request not meeting those conditions, such as
-a pipelined one or a chunked upload) takes uvicorn's normal ASGI path into the same app,
-so there is one data plane with two entrances and one behaviour.
+large part of the CPU it spends. :class:`GatewayHttpProtocol` answers a ``POST .../infer``
+that has a ``Content-Length``, no ``Expect: 100-continue`` and nothing else in progress on
+its connection directly: the body is collected by the parser callbacks, the same
+:class:`gateway.dataplane.InferPlane` serves it, and the response goes out in one write.
+A body over the limit is answered (413, or 401 without a valid key) as soon as its headers
+are in, and drained up to :data:`DRAIN_LIMIT` so that clients that send everything before
+reading see the answer, not a reset. Every other request (and any infer request not
+meeting those conditions, such as a pipelined one or a chunked upload) takes uvicorn's
+normal ASGI path into the same app, so there is one data plane with two entrances and one
+behaviour.
 
 It builds on uvicorn's protocol internals (``cycle``, ``pipeline``, ``on_response_complete``,
 ``server_state``); :func:`protocol_class` checks they exist and falls back to plain
@@ -22,7 +25,6 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.dataplane import InferPlane, split_infer_path
@@ -31,6 +33,8 @@ from gateway.errors import PayloadTooLarge
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("on_headers_complete", "on_body", "on_message_complete", "on_response_complete")
+DRAIN_LIMIT = 64 * 1024 * 1024
+"""Bytes of an over-limit body read and discarded after its 413 before closing instead."""
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
@@ -48,7 +52,20 @@ class _Placeholder:
 
 
 class _FastRequest:
-    __slots__ = ("body", "cycle", "headers", "previous", "size", "target")
+    """One fast-path request: its body as it arrives, and which of the two ends (the body
+    fully received, the response written) has happened; the second one completes it."""
+
+    __slots__ = (
+        "body",
+        "cycle",
+        "declared",
+        "headers",
+        "previous",
+        "received",
+        "responded",
+        "size",
+        "target",
+    )
 
     def __init__(
         self,
@@ -56,13 +73,17 @@ class _FastRequest:
         headers: list[tuple[bytes, bytes]],
         cycle: _Placeholder,
         previous: Any,
+        declared: int,
     ) -> None:
         self.target = target
         self.headers = headers
         self.cycle = cycle
         self.previous = previous
+        self.declared = declared
         self.body: list[bytes] = []
         self.size = 0
+        self.received = False
+        self.responded = False
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -75,31 +96,44 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._fast: _FastRequest | None = None
 
-    def _fast_target(self) -> tuple[str, str | None] | None:
-        """The infer target if this request may take the fast path."""
-        if self.plane is None or self.expect_100_continue or self._fast is not None:
+    def _fast_target(self) -> tuple[tuple[str, str | None], int] | None:
+        """The infer target and declared body size if this request may take the fast path."""
+        url = self.url
+        if (
+            self.plane is None
+            or self.expect_100_continue
+            or self._fast is not None
+            or not url.endswith(b"/infer")  # also rules out query strings
+            or b"%" in url  # percent-encoded paths: let uvicorn decode them
+            or self.parser.get_method() != b"POST"
+            or self.parser.should_upgrade()
+        ):
             return None
         if self.cycle is not None and not self.cycle.response_complete:
             return None  # something in progress: uvicorn keeps responses in order
-        if self.parser.get_method() != b"POST" or self.parser.should_upgrade():
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+        if length is None or not length.isdigit():
             return None
-        length = next((v for k, v in self.headers if k == b"content-length"), None)
-        if length is None or not length.isdigit() or int(length) > self.max_body:
-            return None
-        raw = httptools.parse_url(self.url).path.decode("latin-1")
-        if "%" in raw:
-            return None  # percent-encoded paths: let uvicorn decode them
-        return split_infer_path(raw)
+        target = split_infer_path(url.decode("latin-1"))
+        return None if target is None else (target, int(length))
 
     def on_headers_complete(self) -> None:
-        target = self._fast_target()
-        if target is None:
+        found = self._fast_target()
+        if found is None:
             super().on_headers_complete()
             return
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
         placeholder = _Placeholder(keep_alive)
-        self._fast = _FastRequest(target, self.headers, placeholder, self.cycle)
+        fast = _FastRequest(found[0], self.headers, placeholder, self.cycle, found[1])
+        self._fast = fast
         self.cycle = placeholder  # type: ignore[assignment]
+        if fast.declared > self.max_body:
+            # Answer now (401 or 413) and drain the body meanwhile, so that a client that
+            # sends it all before reading gets its answer rather than a reset connection.
+            self._start(fast)
 
     def on_body(self, body: bytes) -> None:
         fast = self._fast
@@ -107,7 +141,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
             return
         fast.size += len(body)
-        fast.body.append(body)
+        if fast.declared <= self.max_body:
+            fast.body.append(body)
+        elif fast.size > max(self.max_body, DRAIN_LIMIT):
+            self.transport.close()  # not worth draining any further
 
     def on_message_complete(self) -> None:
         fast = self._fast
@@ -115,18 +152,26 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         self._fast = None
+        fast.received = True
+        if fast.declared <= self.max_body:
+            self._start(fast)
+        elif fast.responded:
+            self._finish(fast)
+
+    def _start(self, fast: _FastRequest) -> None:
         task = self.loop.create_task(self._serve(fast))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
     async def _serve(self, fast: _FastRequest) -> None:
-        body = b"".join(fast.body)
         assert self.plane is not None
 
         async def read(_: bytes | None, limit: int) -> bytes:
-            if len(body) > limit:
-                raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit")
-            return body
+            if fast.declared > limit:
+                raise PayloadTooLarge(
+                    f"request body of {fast.declared} bytes exceeds the limit of {limit}"
+                )
+            return b"".join(fast.body)
 
         async def reply(status: int, content: bytes, headers: list[tuple[bytes, bytes]]) -> None:
             self._write(fast.cycle, status, content, headers)
@@ -134,12 +179,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         try:
             await self.plane.serve(fast.target, fast.headers, read, reply)
         finally:
-            fast.cycle.response_complete = True
-            if not fast.cycle.keep_alive and not self.transport.is_closing():
-                self.transport.close()
-            if self.cycle is fast.cycle:  # type: ignore[comparison-overlap]  # placeholder
-                self.cycle = fast.previous
-            self.on_response_complete()
+            fast.responded = True
+            if fast.received:
+                self._finish(fast)
+
+    def _finish(self, fast: _FastRequest) -> None:
+        """Both the body is in and the response is out: the connection moves on."""
+        fast.cycle.response_complete = True
+        if not fast.cycle.keep_alive and not self.transport.is_closing():
+            self.transport.close()
+        if self.cycle is fast.cycle:  # type: ignore[comparison-overlap]  # placeholder
+            self.cycle = fast.previous
+        self.on_response_complete()
 
     def _write(
         self, cycle: _Placeholder, status: int, body: bytes, headers: list[tuple[bytes, bytes]]

@@ -16,21 +16,25 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 
 from edge_runtime.repository import prepare_model
 from edge_runtime.triton import TritonServer
 from fedcore import subjects
+from fedcore.errors import ProcessError
 from fedcore.keys import ed25519_public_from_hex, load_ed25519, write_secret
 from fedcore.models import get_spec
 from fedcore.process import ManagedProcess, free_port
 from fedcore.wire import Heartbeat, ModelState
 from gateway.auth import generate_key, key_line
 from tests.conftest import NatsServer, SignedArtifacts, start_nats
+
+T = TypeVar("T")
 
 
 def signed_version(root: Path, signed: SignedArtifacts, version: int, scale: float) -> Path:
@@ -52,7 +56,7 @@ def start_triton(root: Path, seed: Path, signed: SignedArtifacts) -> TritonServe
     trusted = ed25519_public_from_hex(signed.public_hex)
     prepare_model(repo, seed, "digits", "KIND_CPU", trusted)
     server = TritonServer(
-        name=f"tritonserver[{root.name}]",
+        name=f"tritonserver[{root.parent.name}]",
         repository=repo,
         work_dir=root / "triton",
         host="127.0.0.1",
@@ -64,6 +68,17 @@ def start_triton(root: Path, seed: Path, signed: SignedArtifacts) -> TritonServe
     )
     server.process.start()
     return server
+
+
+def started(start: Callable[[], T], attempts: int = 3) -> T:
+    """``start()``, again with fresh ports if another process took one meanwhile."""
+    for attempt in range(attempts):
+        try:
+            return start()
+        except ProcessError as exc:
+            if exc.reason != "port-in-use" or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -219,14 +234,16 @@ def start_stack(root: Path, signed: SignedArtifacts) -> GatewayStack:
     heartbeats: Heartbeats | None = None
     try:
         for edge_id, seed in seeds.items():
-            edges[edge_id] = start_triton(root / edge_id, seed, signed)
+            edges[edge_id] = started(  # a fresh directory per attempt: the repository is new
+                lambda e=edge_id, d=seed: start_triton(root / e / os.urandom(3).hex(), d, signed)
+            )
         keys, keys_file = _write_keys(root)
-        gateway = start_gateway(root, server, keys_file)
+        gateway = started(lambda: start_gateway(root, server, keys_file))
         for triton in edges.values():
-            triton.process.wait_ready(triton.live, 90)
+            triton.process.wait_ready(triton.live, 120)
             triton.load("digits")
         url = f"http://127.0.0.1:{gateway.ports['http']}"
-        gateway.wait_ready(lambda: _live(url), 30)
+        gateway.wait_ready(lambda: _live(url), 60)
         heartbeats = Heartbeats(
             server.url,
             "edge-1",
