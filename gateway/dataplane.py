@@ -76,6 +76,11 @@ class _Request:
     header_length: bytes | None
     encoding: bytes | None
     forward: list[tuple[bytes, bytes]]
+    prefer: str | None = None
+
+
+PREFER_EDGE = b"x-fedgate-prefer-edge"
+"""Request header naming the edge a client would like to be served by, when it can."""
 
 
 def _scan(headers: list[tuple[bytes, bytes]]) -> _Request:
@@ -83,6 +88,8 @@ def _scan(headers: list[tuple[bytes, bytes]]) -> _Request:
     for name, value in headers:
         if name == b"authorization":
             req.authorization = value
+        elif name == PREFER_EDGE:
+            req.prefer = value.decode("latin-1")
         elif name == b"content-length":
             req.content_length = value
         elif name in FORWARD_HEADER_BYTES:
@@ -244,7 +251,8 @@ class InferPlane:
         last = reason = ""
         for attempt in range(2):
             try:
-                edge, served = state.router.route(model, version, tried)
+                prefer = req.prefer if attempt == 0 else None
+                edge, served = state.router.route(model, version, tried, prefer)
             except GatewayError:
                 if refused is not None:
                     return refused

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.errors import NotFound, Unavailable
+from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.fleet import Edge, Fleet
 
 
@@ -91,9 +91,23 @@ class Router:
         return Unavailable(f"no ready edge serves {which}")
 
     def route(
-        self, model: str, version: int | None, exclude: Sequence[str] = ()
+        self,
+        model: str,
+        version: int | None,
+        exclude: Sequence[str] = (),
+        prefer: str | None = None,
     ) -> tuple[Edge, int]:
-        """Edge and version for one request; raises :class:`NotFound` or :class:`Unavailable`."""
+        """Edge and version for one request; raises :class:`NotFound` or :class:`Unavailable`.
+
+        ``prefer`` names an edge to use when it can serve the request (a site's clients
+        sending to their local edge); otherwise routing goes on as if it were not given.
+        """
+        if prefer is not None and prefer in self.fleet.edges and prefer not in exclude:
+            others = [e for e in self.fleet.edges if e != prefer]
+            try:
+                return self.route(model, version, [*exclude, *others])
+            except GatewayError:
+                pass
         if version is not None:
             edge = self.fleet.choose(model, version, exclude)
             if edge is None:
