@@ -42,6 +42,8 @@ class StackConfig:
     nats_port: int = 0  # 0: pick a free port
     log_level: str = "INFO"
     ready_timeout_s: float = 180.0
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Extra settings by env prefix, e.g. ``{"FEDGATE_TRAINER_": {"MIN_UPDATES": "3"}}``."""
 
 
 @dataclass
@@ -132,7 +134,7 @@ class Stack:
             "NATS_PASSWORD_FILE": str(self._secret(f"nats-{user}.pass")),
             "LOG_LEVEL": self.config.log_level,
         }
-        for key, value in (settings | extra).items():
+        for key, value in (settings | extra | self.config.overrides.get(prefix, {})).items():
             env[f"{prefix}{key}"] = value
         return env
 
