@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from tests.deploy_support import COMPOSE_DIR, load_yaml
@@ -64,12 +66,8 @@ def family_names(registry: Any) -> set[str]:
     return names
 
 
-def gateway_metrics() -> set[str]:
-    """Every sample name the gateway exposes, read from a built app's registry (the
-    rollout metrics register when the app is built)."""
-    import tempfile
-    from pathlib import Path
-
+def gateway_registry() -> Any:
+    """A built gateway app's registry (the rollout metrics register when the app is built)."""
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
 
@@ -77,11 +75,11 @@ def gateway_metrics() -> set[str]:
         settings = GatewaySettings(
             nats_user="gateway", nats_password_file=Path(tmp) / "p", dev_mode=True
         )
-        return family_names(create_app(settings, bus=False).state.metrics.registry)
+        return create_app(settings, bus=False).state.metrics.registry
 
 
-def service_metrics() -> set[str]:
-    """Every sample name the trainer and the edge runtime expose."""
+def service_registries() -> list[Any]:
+    """The trainer's and the edge runtime's registries, every series present."""
     import numpy as np
 
     from edge_runtime.events import EventLog
@@ -100,10 +98,28 @@ def service_metrics() -> set[str]:
     settings = ServiceSettings(nats_user="x", nats_password_file=COMPOSE_DIR / "none")
     trainer = start_metrics(settings, {"m": book}).registry
     IngestMetrics(trainer)
-    edge = EdgeMetrics({}, EventLog())
+    edge = EdgeMetrics({}, EventLog())  # the spool families are there without spools
     edge.on_event(EventLog().emit("update-published", "m", num_samples=1, loss=1.0, accuracy=1.0))
-    names = family_names(trainer) | family_names(edge.registry)
-    return names | {f"fedgate_edge_spool_{k}" for k in ("samples", "labelled", "new_labels")}
+    return [trainer, edge.registry]
+
+
+def gateway_metrics() -> set[str]:
+    """Every sample name the gateway exposes."""
+    return family_names(gateway_registry())
+
+
+def service_metrics() -> set[str]:
+    """Every sample name the trainer and the edge runtime expose."""
+    return {n for r in service_registries() for n in family_names(r)}
+
+
+def exported_names() -> set[str]:
+    """The name each family of ours is known by (counters with ``_total``)."""
+    out = set()
+    for registry in [gateway_registry(), *service_registries()]:
+        for family in registry.collect():
+            out.add(family.name + "_total" if family.type == "counter" else family.name)
+    return out
 
 
 def metric_names(expr: str) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,14 @@ def test_edge_metrics_are_off_without_a_port(tmp_path: Path) -> None:
             assert b"fedgate_edge_learn_events_total" in resp.read()
     finally:
         server.close()
+
+
+def test_docs_list_every_metric_we_export() -> None:
+    from tests.test_deploy_monitoring import exported_names, gateway_metrics, service_metrics
+
+    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"`(fedgate_(?:gateway|trainer|edge)_[a-z_]+)`", doc))
+    exported = exported_names()
+    assert exported - documented == set(), "exported but not in docs/metrics.md"
+    assert documented - (gateway_metrics() | service_metrics()) == set(), "documented, not exported"
+    assert "fedgate_edge_spool_tombstones" in exported
