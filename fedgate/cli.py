@@ -14,6 +14,7 @@ from fedcore.errors import FedgateError
 from fedcore.logs import configure_logging
 from fedgate.keys_cmd import add_keys_commands
 from fedgate.launcher import Stack, StackConfig
+from fedgate.rollout_cmd import add_rollout_parser
 from fedgate.tls_cmd import add_tls_parser
 
 log = logging.getLogger("fedgate")
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--model", default=None, help="only this model (default: all served)")
     status.add_argument("--rounds", type=int, default=10, help="closed rounds to list")
     status.set_defaults(func=cmd_status)
+    add_rollout_parser(sub, _out)
     keys = sub.add_parser("keys", help="create keys and certificates")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     add_tls_parser(keys_sub, _out)

@@ -212,8 +212,12 @@ class Stack:
                 "EDGE_REGISTRY_FILE": str(keys.registry),
                 "METRICS_HOST": self.config.host,
                 "METRICS_PORT": str(self.trainer_metrics_port),
+                # each released version is rolled out through the gateway (admin key)
+                "GATEWAY_URL": self.gateway_url,
+                "ADMIN_KEY_FILE": str(self.admin_key_file),
             },
         )
+        self._gateway_keys()  # the admin key exists before the trainer may need it
         self._bootstrap_trainer(env)
         self._spawn("trainer", [sys.executable, "-m", "trainer", "serve"], env, {})
 

@@ -5,10 +5,12 @@ Kubernetes NATS cluster include. Every user gets an allow list (anything not lis
 refused); subjects, streams and buckets come from :mod:`fedcore` so they are spelled once.
 
 - An edge publishes only its own heartbeat, leave and update subjects, may store large
-  updates in the updates object store, reads the round announcements and the signed model
-  versions, receives the feedback of its models and answers it (``allow_responses``).
+  updates in the updates object store, reads the round announcements, the signed model
+  versions and the desired versions (rollouts), receives the feedback of its models and
+  answers it (``allow_responses``).
 - The gateway reads heartbeats, sends feedback requests and reads the rounds, round log
-  and lineage buckets.
+  and lineage buckets and the model versions' manifests; it owns the rollout buckets
+  (rollout records, and the desired versions that edges read).
 - The trainer manages JetStream and its buckets; it can neither speak for an edge nor
   read the feedback labels (raw labels stay with the edges).
 
@@ -22,7 +24,14 @@ from collections.abc import Sequence
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
 from fedcore.subjects import FEEDBACK_PREFIX
-from fedcore.wire import LINEAGE_BUCKET, ROUND_LOG_BUCKET, ROUNDS_BUCKET, check_edge_id
+from fedcore.wire import (
+    DESIRED_BUCKET,
+    LINEAGE_BUCKET,
+    ROLLOUTS_BUCKET,
+    ROUND_LOG_BUCKET,
+    ROUNDS_BUCKET,
+    check_edge_id,
+)
 
 ACCOUNT = "FEDGATE"
 INBOX = "_INBOX.>"
@@ -75,6 +84,7 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
         STREAM_NAMES,
         *_read_stream(f"KV_{ROUNDS_BUCKET}"),
         *_read_stream(f"OBJ_{MODELS_BUCKET}"),
+        *_read_stream(f"KV_{DESIRED_BUCKET}"),
     ]
     return publish, [INBOX, f"{FEEDBACK_PREFIX}.*"]
 
@@ -83,6 +93,13 @@ def gateway_permissions() -> tuple[list[str], list[str]]:
     publish = [f"{FEEDBACK_PREFIX}.*", STREAM_NAMES]
     for bucket in (ROUNDS_BUCKET, ROUND_LOG_BUCKET, LINEAGE_BUCKET):  # history and rounds API
         publish += _read_stream(f"KV_{bucket}")
+    publish += _read_stream(f"OBJ_{MODELS_BUCKET}")  # a rollout's version must be there
+    for bucket in (ROLLOUTS_BUCKET, DESIRED_BUCKET):  # rollouts: the gateway owns these two
+        publish += [
+            f"$JS.API.STREAM.CREATE.KV_{bucket}",
+            *_read_stream(f"KV_{bucket}"),
+            f"$KV.{bucket}.>",
+        ]
     return publish, [INBOX, subjects.HEARTBEAT_ALL, subjects.LEAVE_ALL]
 
 

@@ -38,6 +38,7 @@ from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.registry import RegistryFile, mirror_registry
 from trainer.release import ReleaseContext, close_round, version_digest
+from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
@@ -147,8 +148,10 @@ async def run_rounds(
     js: JetStreamContext,
     fleet: Fleet,
     stop: asyncio.Event,
+    rollouts: RolloutRequester | None = None,
 ) -> None:
-    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``)."""
+    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``);
+    each released version is handed to ``rollouts`` (the gateway rolls it out)."""
     closed = 0
     while not stop.is_set():
         for model, book in driver.books.items():
@@ -163,7 +166,9 @@ async def run_rounds(
             if verdict == "wait":
                 continue
             failed = "deadline passed without quorum" if verdict == "fail" else None
-            await close_round(contexts[model], book, js, failed=failed)
+            record = await close_round(contexts[model], book, js, failed=failed)
+            if rollouts is not None and record.released_version is not None:
+                rollouts.request(model, record.released_version)
             driver.digests[model][book.version] = book.digest
             driver.save(model)
             closed += 1
@@ -253,6 +258,9 @@ async def _run(
     fleet = Fleet()
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
+    rollouts = rollout_requester(settings)
     await asyncio.gather(
-        ingestor.run(stop), run_rounds(settings, driver, contexts, js, fleet, stop)
+        ingestor.run(stop),
+        run_rounds(settings, driver, contexts, js, fleet, stop, rollouts),
+        *([rollouts.run(stop)] if rollouts is not None else []),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -59,6 +59,16 @@ class TrainerSettings(ServiceSettings):
     )
     round_interval_s: float = Field(default=0.5, ge=0, description="pause between rounds")
     max_rounds: int | None = Field(default=None, ge=1, description="stop opening rounds after N")
+    gateway_url: str | None = Field(
+        default=None, description="gateway asked to roll out each released version (None: not)"
+    )
+    admin_key_file: Path | None = Field(
+        default=None, description="file with a gateway API key of role admin (rollout requests)"
+    )
+    rollout_options: dict[str, Any] = Field(
+        default={"canary": 10.0},
+        description="rollout request fields besides the version (JSON): canary, stages, gates...",
+    )
 
     @property
     def artifacts_dir(self) -> Path:
