@@ -18,6 +18,7 @@ from edge_runtime.publisher import UpdatePublisher, load_edge_keys
 from edge_runtime.repository import detect_kind, prepare_model
 from edge_runtime.rollout import build_applier
 from edge_runtime.settings import EdgeSettings
+from edge_runtime.telemetry import start_metrics
 from edge_runtime.triton import TritonServer
 from fedcore import subjects
 from fedcore.keys import ed25519_public_from_hex, read_secret
@@ -59,6 +60,7 @@ class EdgeRuntime:
             keys=Keys(self.signer, self.trainer_hpke),
         )
         self.rollouts = build_applier(settings, self.repository, self.trusted, self.triton)
+        self.metrics = start_metrics(settings, self.learning.spools, self.learning.events)
         self._nc: NATS | None = None
         self._seq = 0
         self._stopping = asyncio.Event()

@@ -21,6 +21,7 @@ from urllib.parse import quote
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, Unavailable
 from gateway.fleet import Edge
 from gateway.metrics import UNKNOWN
+from gateway.request_ids import generated_id, request_id
 from gateway.routing import parse_version
 from gateway.state import GatewayState
 from gateway.upstream import FORWARD_HEADER_BYTES, UpstreamError, UpstreamResponse
@@ -181,7 +182,10 @@ class InferPlane:
         except ClientGone:
             out.status = 499
         except Exception:
-            log.exception("inference request failed inside the gateway")
+            log.exception(
+                "inference request failed inside the gateway",
+                extra={"request_id": generated_id(), "model": target[0]},
+            )
             out.status = 500
             if not out.started:
                 await reply(
@@ -249,6 +253,7 @@ class InferPlane:
         tried: list[str] = []
         refused: tuple[Edge, int, UpstreamResponse] | None = None
         last = reason = ""
+        rid: str | None = None  # the request's id, found only when something goes wrong
         for attempt in range(2):
             try:
                 prefer = req.prefer if attempt == 0 else None
@@ -258,6 +263,7 @@ class InferPlane:
                     return refused
                 if not tried:
                     raise
+                self._note(logging.WARNING, "no edge could serve", model, req, body, rid, last)
                 raise Unavailable(f"no edge could serve model '{model}': {last}") from None
             if attempt == 0:
                 out.model = model
@@ -265,6 +271,7 @@ class InferPlane:
                 inflight[model] = inflight.get(model, 0) + 1
             else:
                 state.metrics.retries.labels(model, reason).inc()
+                rid = self._note(logging.INFO, "retrying", model, req, body, rid, last)
             out.edge, out.version = edge.edge_id, str(served)
             tried.append(edge.edge_id)
             edge.outstanding += 1
@@ -276,6 +283,7 @@ class InferPlane:
                 last, reason = f"edge {edge.edge_id}: {exc.message}", exc.reason
                 state.fleet.record_failure(edge)
                 if exc.reason not in RETRY_REASONS:
+                    self._note(logging.WARNING, "failed", model, req, body, rid, last)
                     raise GatewayError(last, 504 if exc.reason == "timeout" else 502) from None
                 continue
             finally:
@@ -289,7 +297,23 @@ class InferPlane:
             last = f"edge {edge.edge_id} answered {resp.status}: {error_message(resp.body)}"
         if refused is not None:
             return refused
+        self._note(logging.WARNING, "no edge could serve", model, req, body, rid, last)
         raise Unavailable(f"no edge could serve model '{model}': {last}")
+
+    @staticmethod
+    def _note(
+        level: int, what: str, model: str, req: _Request, body: bytes, rid: str | None, why: str
+    ) -> str:
+        """Log a retried or failed request with its id (found once, then reused)."""
+        rid = rid or request_id(body, req.header_length)
+        log.log(
+            level,
+            "inference request %s: %s",
+            what,
+            why,
+            extra={"request_id": rid, "model": model},
+        )
+        return rid
 
     async def _explain(
         self,

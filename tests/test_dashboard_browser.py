@@ -236,9 +236,6 @@ def test_gateway_and_trainer_serve_prometheus_metrics(stack: Stack) -> None:
     assert "nv_inference_request_success" in scrape(urls["edge-1 triton"])
 
 
-@pytest.mark.xfail(
-    reason="edge_runtime/service.py does not start edge_runtime.telemetry yet", strict=False
-)
 def test_edge_runtimes_serve_prometheus_metrics(stack: Stack) -> None:
     for edge in stack.edge_ids:
         text = scrape(stack.metrics_urls()[edge])
