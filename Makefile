@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EDGES ?= 2
+DEMO_EDGES ?= 3
+DEMO_ROUNDS ?= 5
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help

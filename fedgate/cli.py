@@ -89,7 +89,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedgate.demo import run_demo
 
-    return run_demo(_stack_config(args), _out)
+    if args.rounds < 1:
+        raise FedgateError("--rounds must be at least 1")
+    return run_demo(_stack_config(args), _out, rounds=args.rounds)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -104,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole stack locally until Ctrl-C")
     _add_stack_args(up, ".fedgate")
     up.set_defaults(func=cmd_up)
-    demo = sub.add_parser("demo", help="start the stack, infer through the gateway, stop")
+    demo = sub.add_parser(
+        "demo", help="the whole loop: traffic, labels, idle learning, rounds, rollouts, a table"
+    )
     _add_stack_args(demo, ".fedgate/demo")
+    demo.set_defaults(edges=3)
+    demo.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     demo.set_defaults(func=cmd_demo)
     status = sub.add_parser(
         "status", help="print fleet, versions, rounds and rollouts of a running gateway"

@@ -1,80 +1,384 @@
-"""``fedgate demo``: start the stack, classify held-out digits through the gateway, stop.
+"""``fedgate demo``: the whole loop on one machine, seen.
 
-Uses the official ``tritonclient.http`` client against the gateway URL, exactly as a user
-would point it at Triton. Exit 0 only if every answer came back and matches torch.
+Starts the stack, splits the digits training set across the edges with a Dirichlet label
+skew (one "site" per edge, whose clients send to their own edge with
+``x-fedgate-prefer-edge``), and per round: replays the site's traffic through the
+gateway with request ids, sends the labels back a moment later (``POST /v1/feedback``),
+goes quiet so the edges see an idle window and fine-tune, waits for the trainer to close
+the round and release a version, and drives canary traffic until the gateway promotes or
+rolls the version back. Finally it classifies the held-out digits through the gateway
+and exits 0 only if the federated model beats version 1.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.models import get_spec
 from fedgate.launcher import Stack, StackConfig
 
+Out = Callable[[str], None]
+MODEL = "digits"
 
-def _torch_argmax(stack: Stack, x: NDArray[Any]) -> NDArray[Any]:
-    import torch
 
-    from fedcore.params import load_flat
+@dataclass(frozen=True)
+class DemoPlan:
+    """How the demo drives the stack."""
 
-    spec = get_spec("digits")
-    module = spec.build_module()
-    params = np.load(
-        stack.config.data_dir / "trainer" / "state" / "digits-1.npy", allow_pickle=False
+    rounds: int = 5
+    per_edge: int = 120  # labelled requests per edge per round
+    alpha: float = 0.5  # Dirichlet label skew across sites
+    feedback_delay_s: float = 1.0
+    round_timeout_s: float = 150.0
+    rollout_timeout_s: float = 120.0
+    concurrency: int = 8
+    seed: int = 0
+
+
+@dataclass
+class RoundRow:
+    round: int
+    edges: str = "-"
+    samples: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    epsilon: float | None = None
+    released: str = "-"
+    rollout: str = "-"
+
+
+@dataclass
+class Site:
+    edge: str
+    pool: NDArray[Any]  # indices into the training split
+    labels: dict[int, int] = field(default_factory=dict)
+
+
+def demo_overrides(edges: int, rounds: int) -> dict[str, dict[str, str]]:
+    """Settings that make a round take seconds, not minutes, on 2 cores."""
+    rollout = {"canary": 30.0, "window_s": 2.0, "min_requests": 20, "staging_timeout_s": 90.0}
+    return {
+        "FEDGATE_TRAINER_": {
+            "MIN_UPDATES": str(edges),
+            "ROUND_DEADLINE_S": "90",
+            "MAX_ROUNDS": str(rounds),
+            "ROUND_INTERVAL_S": "0",
+            "GATE_MARGIN": "0.02",
+            "ROLLOUT_OPTIONS": json.dumps(rollout),
+        },
+        "FEDGATE_EDGE_": {
+            "CAPTURE_RATE": "1.0",
+            "MIN_NEW_LABELS": "48",
+            "IDLE_QUIET_S": "1.0",
+        },
+    }
+
+
+def split_sites(y: NDArray[Any], edges: list[str], alpha: float, seed: int) -> list[Site]:
+    """Each class's samples divided among the sites by Dirichlet(alpha) proportions."""
+    rng = np.random.default_rng(seed)
+    shares: list[list[int]] = [[] for _ in edges]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * len(edges)))[:-1] * len(idx)).astype(int)
+        for site, part in enumerate(np.split(idx, cuts)):
+            shares[site].extend(part.tolist())
+    return [
+        Site(e, np.array(sorted(s), dtype=np.int64)) for e, s in zip(edges, shares, strict=True)
+    ]
+
+
+class GatewayClient:
+    """The demo's HTTP client of the gateway (one pooled session, infer key)."""
+
+    def __init__(self, url: str, infer_key: str, admin_key: str) -> None:
+        self.url = url.rstrip("/")
+        self.infer = {"Authorization": f"Bearer {infer_key}"}
+        self.admin = {"Authorization": f"Bearer {admin_key}"}
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def classify(self, row: NDArray[Any], rid: str, prefer: str | None) -> tuple[int, str]:
+        body = {
+            "id": rid,
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "shape": [1, 64],
+                    "datatype": "FP32",
+                    "data": row.astype(float).tolist(),
+                }
+            ],
+        }
+        headers = dict(self.infer)
+        if prefer:
+            headers["x-fedgate-prefer-edge"] = prefer
+        async with self.session.post(
+            f"{self.url}/v2/models/{MODEL}/infer", json=body, headers=headers
+        ) as r:
+            doc = await r.json()
+            if r.status != 200:
+                raise RuntimeError(f"inference failed ({r.status}): {doc}")
+            return int(np.argmax(doc["outputs"][0]["data"])), r.headers.get(
+                "x-fedgate-model-version", "?"
+            )
+
+    async def feedback(self, rid: str, label: int) -> int:
+        body = {"model": MODEL, "id": rid, "label": label}
+        async with self.session.post(f"{self.url}/v1/feedback", json=body, headers=self.infer) as r:
+            await r.read()
+            return r.status
+
+    async def get(self, path: str, admin: bool = False) -> dict[str, Any]:
+        async with self.session.get(
+            self.url + path, headers=self.admin if admin else self.infer
+        ) as r:
+            doc: dict[str, Any] = await r.json()
+            return doc if r.status == 200 else {}
+
+
+async def _bounded(limit: int, jobs: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def run(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with sem:
+            return await job()
+
+    return await asyncio.gather(*(run(j) for j in jobs))
+
+
+async def replay(
+    client: GatewayClient,
+    sites: list[Site],
+    x: NDArray[Any],
+    y: NDArray[Any],
+    plan: DemoPlan,
+    tag: str,
+    rng: np.random.Generator,
+    per_edge: int,
+) -> tuple[int, int]:
+    """Send ``per_edge`` requests per site, then their labels; returns (sent, joined)."""
+    batch: list[tuple[str, int, str]] = []
+    for site in sites:
+        picks = rng.choice(site.pool, size=min(per_edge, len(site.pool) * 3), replace=True)
+        batch.extend(
+            (f"demo-{tag}-{site.edge}-{i}", int(k), site.edge) for i, k in enumerate(picks)
+        )
+    await _bounded(
+        plan.concurrency,
+        [partial(client.classify, x[k], rid, e) for rid, k, e in batch],
     )
-    load_flat(module, params)
-    with torch.no_grad():
-        out: NDArray[Any] = module.eval()(torch.from_numpy(x)).numpy().argmax(axis=1)
-    return out
+    await asyncio.sleep(plan.feedback_delay_s)  # labels arrive later than the requests
+    codes = await _bounded(
+        plan.concurrency,
+        [partial(client.feedback, rid, int(y[k])) for rid, k, _ in batch],
+    )
+    return len(batch), sum(1 for c in codes if c == 200)
 
 
-def classify_through_gateway(
-    url: str, x: NDArray[Any], batch: int = 16, api_key: str | None = None
-) -> tuple[NDArray[Any], list[str]]:
-    """Logits argmax for ``x`` via the gateway, and which edge served each batch."""
-    import tritonclient.http as httpclient
+async def accuracy_through_gateway(
+    client: GatewayClient, x: NDArray[Any], y: NDArray[Any], concurrency: int
+) -> tuple[float, set[str]]:
+    results = await _bounded(
+        concurrency,
+        [partial(client.classify, x[i], f"eval-{time.time_ns()}-{i}", None) for i in range(len(y))],
+    )
+    preds = np.array([p for p, _ in results])
+    return float(np.mean(preds == y)), {v for _, v in results}
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    client = httpclient.InferenceServerClient(url.removeprefix("http://"))
-    preds, edges = [], []
+
+async def wait_for(
+    probe: Callable[[], Any],
+    timeout_s: float,
+    out: Out,
+    what: str,
+    tick: Callable[[], Any] | None = None,
+) -> Any:
+    """Poll ``probe`` until it returns something; print progress every few seconds."""
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    while time.monotonic() < deadline:
+        found = await probe()
+        if found is not None:
+            return found
+        if tick is not None:
+            await tick()
+        if time.monotonic() - last > 5:
+            out(f"  ... {what} ({deadline - time.monotonic():.0f}s left)")
+            last = time.monotonic()
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"timed out: {what}")
+
+
+async def _open_round(client: GatewayClient, n: int) -> dict[str, Any] | None:
+    doc = await client.get(f"/v1/models/{MODEL}/rounds?limit=1")
+    opened = doc.get("open") or {}
+    return opened if opened.get("round") == n and opened.get("state") == "open" else None
+
+
+async def _closed_round(client: GatewayClient, n: int) -> dict[str, Any] | None:
+    doc = await client.get(f"/v1/models/{MODEL}/rounds?limit=5")
+    for record in doc.get("rounds", []):
+        if record.get("round") == n:
+            found: dict[str, Any] = record
+            return found
+    return None
+
+
+async def _settled_rollout(client: GatewayClient, version: int) -> dict[str, Any] | None:
+    doc = await client.get(f"/v1/models/{MODEL}/rollouts", admin=True)
+    for r in doc.get("rollouts", []):
+        if r.get("version") == version and r.get("state") in ("promoted", "rolled_back", "failed"):
+            found: dict[str, Any] = r
+            return found
+    return None
+
+
+async def run_round(
+    n: int,
+    client: GatewayClient,
+    sites: list[Site],
+    data: tuple[NDArray[Any], ...],
+    plan: DemoPlan,
+    out: Out,
+) -> RoundRow:
+    """One round as the user watches it."""
+    x, y = data[0], data[1]
+    rng = np.random.default_rng(plan.seed + n)
+    row = RoundRow(n)
+    opened = await wait_for(
+        lambda: _open_round(client, n), plan.round_timeout_s, out, f"round {n} to open"
+    )
+    out(f"round {n}: open on version {opened['base_version']}; replaying site traffic")
+    sent, joined = await replay(client, sites, x, y, plan, f"r{n}", rng, plan.per_edge)
+    out(
+        f"round {n}: {sent} requests served, {joined} labels joined at the edges; "
+        "edges go idle and learn"
+    )
+    record = await wait_for(
+        lambda: _closed_round(client, n),
+        plan.round_timeout_s,
+        out,
+        f"round {n}: waiting for the edges' updates and the trainer",
+    )
+    contributors = record.get("contributors", [])
+    row.edges = ",".join(c["edge_id"].removeprefix("edge-") for c in contributors) or "-"
+    row.samples = sum(int(c["samples"]) for c in contributors)
+    row.accuracy, row.loss, row.epsilon = (
+        record.get("accuracy"),
+        record.get("loss"),
+        record.get("epsilon"),
+    )
+    version = record.get("released_version")
+    out(f"round {n}: {record['outcome']} ({record['reason']})")
+    if record["outcome"] != "released" or version is None:
+        row.released = record["outcome"]
+        return row
+    row.released = f"v{version}"
+
+    async def canary_traffic() -> None:
+        await replay(client, sites, x, y, plan, f"c{n}-{time.time_ns()}", rng, 8)
+
+    rollout = await wait_for(
+        lambda: _settled_rollout(client, int(version)),
+        plan.rollout_timeout_s,
+        out,
+        f"rollout of v{version} (canary traffic flowing)",
+        canary_traffic,
+    )
+    row.rollout = str(rollout["state"])
+    out(
+        f"round {n}: rollout of v{version} {rollout['state']}"
+        + (f" ({rollout.get('reason')})" if rollout.get("reason") else "")
+    )
+    return row
+
+
+def table(rows: list[RoundRow]) -> list[str]:
+    def f(v: float | None, d: int = 3) -> str:
+        return "-" if v is None else f"{v:.{d}f}"
+
+    lines = [
+        f"{'round':>5}  {'edges':<8} {'samples':>7}  {'accuracy':>8}  {'loss':>6}  {'epsilon':>7}  "
+        f"{'released':<8}  rollout"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.round:>5}  {r.edges:<8} {r.samples:>7}  {f(r.accuracy):>8}  {f(r.loss):>6}  "
+            f"{f(r.epsilon, 2):>7}  {r.released:<8}  {r.rollout}"
+        )
+    return lines
+
+
+async def drive(stack: Stack, plan: DemoPlan, out: Out) -> int:
+    spec = get_spec(MODEL)
+    x_train, y_train, x_test, y_test = spec.dataset()
+    sites = split_sites(y_train, stack.edge_ids, plan.alpha, plan.seed)
+    for s in sites:
+        counts = np.bincount(y_train[s.pool], minlength=10)
+        out(f"  site {s.edge}: {len(s.pool)} samples, label counts {counts.tolist()}")
+    client = GatewayClient(stack.gateway_url, stack.api_key("infer"), stack.api_key("admin"))
     try:
-        for start in range(0, len(x), batch):
-            chunk = np.ascontiguousarray(x[start : start + batch])
-            inp = httpclient.InferInput("pixels", list(chunk.shape), "FP32")
-            inp.set_data_from_numpy(chunk, binary_data=start % (2 * batch) == 0)
-            result = client.infer("digits", [inp], headers=headers)
-            preds.append(result.as_numpy("logits").argmax(axis=1))
-            edges.append(result.get_response().get("model_name", ""))
+        base_acc, versions = await accuracy_through_gateway(
+            client, x_test, y_test, plan.concurrency
+        )
+        out(
+            f"version 1 on {len(y_test)} held-out digits, through the gateway: "
+            f"accuracy {base_acc:.3f}"
+        )
+        rows = []
+        for n in range(1, plan.rounds + 1):
+            rows.append(await run_round(n, client, sites, (x_train, y_train), plan, out))
+        final_acc, versions = await accuracy_through_gateway(
+            client, x_test, y_test, plan.concurrency
+        )
     finally:
-        client.close()
-    return np.concatenate(preds), edges
+        await client.close()
+    out("")
+    for line in table(rows):
+        out(line)
+    out("")
+    served = ",".join(sorted(versions))
+    out(
+        f"held-out accuracy through the gateway: version 1 {base_acc:.3f} -> now {final_acc:.3f} "
+        f"(served version {served})"
+    )
+    if final_acc > base_acc:
+        out("demo passed: the federated model is more accurate than version 1")
+        return 0
+    out("demo FAILED: the federated model is not more accurate than version 1")
+    return 1
 
 
-def run_demo(config: StackConfig, out: Callable[[str], None]) -> int:
-    """Start, infer, compare, stop. Returns the exit code."""
-    stack = Stack(config)
+def run_demo(config: StackConfig, out: Out, rounds: int = 5) -> int:
+    """Start the stack, run the rounds, print the table, stop. Returns the exit code."""
+    overrides = demo_overrides(config.edges, rounds)
+    for prefix, values in config.overrides.items():
+        overrides.setdefault(prefix, {}).update(values)
+    stack = Stack(StackConfig(**{**config.__dict__, "overrides": overrides}))
     try:
         out(f"starting fedgate with {config.edges} edge(s) under {config.data_dir}")
         t0 = time.monotonic()
         stack.start()
-        out(f"stack ready in {time.monotonic() - t0:.1f}s; gateway at {stack.gateway_url}")
-        _, _, x_test, y_test = get_spec("digits").dataset()
-        t1 = time.monotonic()
-        preds, _ = classify_through_gateway(stack.gateway_url, x_test, api_key=stack.api_key())
-        elapsed = time.monotonic() - t1
-        reference = _torch_argmax(stack, x_test)
-        agree = float(np.mean(preds == reference))
-        accuracy = float(np.mean(preds == y_test))
-        out(f"classified {len(x_test)} held-out digits through the gateway in {elapsed:.2f}s")
-        out(f"version 1 accuracy: {accuracy:.3f}; agreement with torch: {agree:.3f}")
-        ok = agree == 1.0
-        out("demo passed" if ok else "demo FAILED: gateway answers differ from torch")
-        return 0 if ok else 1
+        out(
+            f"stack ready in {time.monotonic() - t0:.1f}s; gateway at {stack.gateway_url} "
+            f"(dashboard at {stack.gateway_url}/#key=<admin key from {stack.admin_key_file}>)"
+        )
+        code = asyncio.run(drive(stack, DemoPlan(rounds=rounds), out))
+        out(f"demo took {time.monotonic() - t0:.0f}s")
+        return code
     finally:
         stack.stop()
         out("stack stopped")
