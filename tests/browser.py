@@ -27,7 +27,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--disable-extensions",
     "--hide-scrollbars",
-    "--window-size=1280,1400",
+    "--window-size=1280,1600",
 ]
 
 
