@@ -25,7 +25,13 @@ from gateway.request_ids import generated_id, request_id
 from gateway.routing import parse_version
 from gateway.state import GatewayState
 from gateway.upstream import FORWARD_HEADER_BYTES, UpstreamError, UpstreamResponse
-from gateway.validate import check_framing, decode_body, explain, is_triton_parse_error
+from gateway.validate import (
+    check_depth,
+    check_framing,
+    decode_body,
+    explain,
+    is_triton_parse_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +216,7 @@ class InferPlane:
         state.admit(req.authorization, "infer")
         version = parse_version(raw_version)
         body = await read(req.content_length, state.settings.max_body_bytes)
-        problem = check_framing(req.header_length, len(body), req.encoding is not None)
+        problem = self._early_verdict(req, body)
         if problem:
             raise BadRequest(problem)
         inflight = state.metrics.stats.inflight
@@ -232,6 +238,24 @@ class InferPlane:
         finally:
             if out.model:  # counted in flight once routed
                 inflight[model] -= 1
+
+    def _early_verdict(self, req: _Request, body: bytes) -> str | None:
+        """Binary framing and JSON depth, checked before anything reaches an edge."""
+        problem = check_framing(req.header_length, len(body), req.encoding is not None)
+        if problem:
+            return problem
+        if req.encoding is not None:  # rare: decode (bounded) to look at the JSON
+            try:
+                body = decode_body(
+                    body, req.encoding.decode("latin-1"), self.state.settings.max_body_bytes
+                )
+            except ValueError as exc:
+                return str(exc)
+            problem = check_framing(req.header_length, len(body), False)
+            if problem:
+                return problem
+        end = int(req.header_length) if req.header_length else len(body)
+        return check_depth(body, end)
 
     def _path(self, model: str, version: int) -> bytes:
         path = self._paths.get((model, version))

@@ -10,6 +10,7 @@ request-parsing errors becomes a 400 even when the explainer finds nothing more 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +44,11 @@ _INT_RANGES = {
     "INT32": (-(2**31), 2**31 - 1),
     "INT64": (-(2**63), 2**63 - 1),
 }
+MAX_JSON_DEPTH = 64
+"""Deepest JSON nesting forwarded to an edge (a rank-8 tensor as nested lists needs 12)."""
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+EXPLAIN_LIMIT = 4 * 1024 * 1024
+"""JSON headers larger than this are not parsed to explain a refusal (CPU on error paths)."""
 # Triton 2.51 answers 500 with these for requests it cannot parse: bad input, not a fault.
 TRITON_PARSE_ERRORS = (
     "failed to parse the request JSON buffer",
@@ -63,6 +69,28 @@ def check_framing(header_length: bytes | None, body_length: int, encoded: bool) 
             f"Inference-Header-Content-Length {int(header_length)} is outside the body "
             f"of {body_length} bytes"
         )
+    return None
+
+
+def check_depth(body: bytes, end: int, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Refuse JSON nested deeper than ``limit`` in ``body[:end]``; hot path.
+
+    Triton 2.51 parses request JSON recursively: about a million nested brackets crash
+    the server (measured here). Counting brackets is a C-speed scan and bounds the depth
+    from above, so ordinary requests (flat ``data``) cost two ``bytes.count`` calls; only
+    bodies with many brackets (nested ``data``) are tokenized to find the real depth.
+    """
+    if body.count(b"[", 0, end) + body.count(b"{", 0, end) <= limit:
+        return None
+    depth = 0
+    for token in _JSON_TOKENS.finditer(body, 0, end):
+        char = token.group()
+        if char in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return f"request JSON is nested more than {limit} levels deep"
+        elif char in (b"]", b"}"):
+            depth -= 1
     return None
 
 
@@ -91,15 +119,11 @@ def explain(body: bytes, header_length: int | None, schema: ModelSchema) -> str 
     """What is wrong with an inference request for ``schema``, or None if nothing is found."""
     header = body if header_length is None else body[:header_length]
     payload = 0 if header_length is None else len(body) - header_length
-    try:
-        doc = json.loads(header)
-    except (ValueError, UnicodeDecodeError) as exc:
-        if header_length is None:
-            return f"malformed request JSON: {exc}"
-        return (
-            f"malformed request JSON in the first {header_length} bytes "
-            f"(Inference-Header-Content-Length): {exc}"
-        )
+    if len(header) > EXPLAIN_LIMIT:
+        return None  # not worth parsing here: the edge's own verdict stands
+    doc, malformed = _parse_header(header, header_length)
+    if malformed:
+        return malformed
     if not isinstance(doc, dict):
         return "the request must be a JSON object with an 'inputs' list"
     # Each checker yields problems in order; only the first is taken, so later checks
@@ -113,6 +137,19 @@ def explain(body: bytes, header_length: int | None, schema: ModelSchema) -> str 
         if problem is not None:
             return problem
     return None
+
+
+def _parse_header(header: bytes, header_length: int | None) -> tuple[Any, str | None]:
+    """(the parsed JSON, None), or (None, why it is malformed)."""
+    where = ""
+    if header_length is not None:
+        where = f" in the first {header_length} bytes (Inference-Header-Content-Length)"
+    try:
+        return json.loads(header), None
+    except RecursionError:
+        return None, f"malformed request JSON{where}: nested too deeply"
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"malformed request JSON{where}: {exc}"
 
 
 def _request_problems(doc: dict[str, Any]) -> Iterator[str]:

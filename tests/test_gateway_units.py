@@ -20,7 +20,13 @@ from gateway.metrics import GatewayMetrics
 from gateway.routing import Router, TrafficSplit, parse_version
 from gateway.schemas import ModelSchema, TensorSchema
 from gateway.settings import GatewaySettings
-from gateway.validate import check_framing, decode_body, explain, is_triton_parse_error
+from gateway.validate import (
+    check_depth,
+    check_framing,
+    decode_body,
+    explain,
+    is_triton_parse_error,
+)
 
 # -- keys and roles ---------------------------------------------------------------------
 
@@ -320,6 +326,8 @@ def test_explain_integer_ranges_and_malformed_json() -> None:
         explain(json_body(doc), None, SCHEMA)
     )
     assert "malformed request JSON" in str(explain(b'{"inputs": [}', None, SCHEMA))
+    assert "nested too deeply" in str(explain(b"[" * 100_000, None, SCHEMA))
+    assert explain(b" " * (4 * 1024 * 1024 + 1), None, SCHEMA) is None  # left to the edge
 
 
 def binary_request(declared: int, payload: bytes, mask_declared: int = 2) -> tuple[bytes, int]:
@@ -370,6 +378,18 @@ def test_framing_check_is_cheap_and_strict() -> None:
     assert "outside the body" in (check_framing(b"0", 10, False) or "")
     assert "must be a byte count, got 'x'" in (check_framing(b"x", 10, False) or "")
     assert check_framing(b"11", 10, True) is None  # compressed: checked after decoding
+
+
+def test_json_depth_is_bounded_cheaply() -> None:
+    flat = json_body(request())
+    assert check_depth(flat, len(flat)) is None
+    nested = json_body(request(data=[[[[0.5] * 8] * 8]]))
+    assert check_depth(nested, len(nested)) is None
+    deep = b'{"inputs": ' + b"[" * 65 + b"]" * 65 + b"}"
+    assert "nested more than 64 levels deep" in (check_depth(deep, len(deep)) or "")
+    assert check_depth(deep, 20) is None  # only the JSON header counts
+    quoted = json_body({"id": "[" * 100, **request()})
+    assert check_depth(quoted, len(quoted)) is None  # brackets inside strings do not nest
 
 
 def test_decode_body_and_triton_parse_errors() -> None:
