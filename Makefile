@@ -38,6 +38,7 @@ lint: $(STAMP) ## ruff, mypy and the import contracts
 	$(BIN)/lint-imports
 
 pytest: $(STAMP) ## the test suite alone (exit 5, no test ran, fails)
+	@scripts/ensure-chromium.sh || test -z "$$CI"
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint pytest ## lint, type-check, then the whole suite against real nats-server and tritonserver
