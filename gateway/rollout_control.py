@@ -1,12 +1,13 @@
 """Drives rollouts: commands from the API, a tick that moves each rollout on, and effects.
 
-Each tick, per model with a rollout: read the record (KV), apply its traffic split, decide
-the next state (:mod:`gateway.rollouts`) from the fleet's heartbeats and the gates'
-observation, write it with compare-and-set, apply the new split, then write the desired
-versions edges follow. The split always moves before the desired versions do, so the
-gateway stops routing to a version before any edge drops it. On start-up (before the
-gateway serves) :meth:`RolloutController.bind` applies every recorded split, so a
-restarted gateway resumes where the record says.
+Each tick, per model with a rollout: read the record (KV), apply its traffic split (when
+the record has moved since this gateway last applied it, so an operator's routing change
+holds until the rollout moves again), decide the next state (:mod:`gateway.rollouts`) from
+the fleet's heartbeats and the gates' observation, write it with compare-and-set, apply
+the new split, then write the desired versions edges follow. The split always moves before
+the desired versions do, so the gateway stops routing to a version before any edge drops
+it. On start-up (before the gateway serves) :meth:`RolloutController.bind` applies every
+recorded split, so a restarted gateway resumes where the record says.
 
 The gates read the per-version request counts and latency histogram the data plane keeps
 for its metrics (:class:`gateway.metrics.RequestStats`): nothing is added to the request
@@ -168,6 +169,7 @@ class RolloutController:
     _baselines: dict[tuple[str, int], _Baseline] = field(default_factory=dict)
     _written: dict[str, tuple[int, int | None, str]] = field(default_factory=dict)
     _models: set[str] = field(default_factory=set)
+    _shown: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -253,7 +255,11 @@ class RolloutController:
         return None
 
     def _apply(self, r: Rollout) -> None:
-        self.state.router.set_split(r.model, split_of(r))
+        """Set the split ``r`` calls for, if ``r`` has moved since this gateway last did."""
+        moved = (r.id, r.state, r.stage)
+        if self._shown.get(r.model) != moved:
+            self.state.router.set_split(r.model, split_of(r))
+            self._shown[r.model] = moved
         self.metrics.show(r)
         if not r.active:
             for key in [k for k in self._baselines if k[0] == r.id]:

@@ -223,3 +223,18 @@ async def test_refusals_fail_the_rollout_with_each_reason(api: Api) -> None:
     # the model is free again: a new rollout may start
     again = await api.call("POST", url, {"version": 2})
     assert again.status_code == 201 and again.json()["stable"] == 1
+
+
+async def test_operator_routing_holds_until_the_rollout_moves(api: Api) -> None:
+    url = f"/v1/models/{MODEL}/rollouts"
+    r = (await api.call("POST", url, {"version": 2, "auto_promote": False})).json()
+    await wait_state(api, r["id"], "staging")
+    manual = {"stable": 1, "candidate": 2, "candidate_weight": 0.5}
+    assert (await api.call("PUT", f"/v1/models/{MODEL}/routing", manual)).status_code == 200
+    await asyncio.sleep(0.3)  # several ticks
+    routing = (await api.call("GET", f"/v1/models/{MODEL}/routing")).json()
+    assert routing["split"] == manual
+    api.beat("edge-1", [1, 2], r["id"])
+    api.beat("edge-2", [1, 2], r["id"])
+    canary = await wait_state(api, r["id"], "canary")
+    assert canary["split"] == {"stable": 1, "candidate": 2, "candidate_weight": 0.1}

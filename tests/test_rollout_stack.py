@@ -13,6 +13,8 @@ gateway; continuous concurrent load with feedback labels throughout.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from tests.conftest import SignedArtifacts, processes_mentioning
 from tests.rollout_harness import MODEL, Load, RolloutStack, start_stack, write_signed
 
 pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
 
 EDGES = ["edge-1", "edge-2"]
 GOOD_GATES = {"max_error_rate": 0.0, "max_p99_ratio": 3.0, "p99_floor_ms": 50.0}
@@ -77,15 +80,14 @@ def kinds(rollout: dict[str, Any]) -> list[str]:
     return [e["kind"] for e in rollout["events"]]
 
 
-async def test_rollouts_end_to_end(
-    stack: RolloutStack, versions: dict[int, Path], record_property: Any
-) -> None:
+async def test_rollouts_end_to_end(stack: RolloutStack, versions: dict[int, Path]) -> None:
     for v, directory in versions.items():
         await stack.upload(directory, v)
     async with Load(stack.url, stack.keys["infer"], clients=4, label_share=0.5) as load:
         await asyncio.sleep(1.0)
         timings = await asyncio.to_thread(_good_rollout, stack, load)
-        record_property("rollout_timings", timings)
+        log.info("good rollout: %s", timings)  # the closing note's numbers (pytest -o log_cli=true)
+        (stack.root / "timings.json").write_text(json.dumps(timings))
         await asyncio.to_thread(_worse_version_rolled_back, stack, load)
         await asyncio.to_thread(_bad_artifacts_refused, stack, load)
         await asyncio.to_thread(_restart_mid_rollout, stack, load)
@@ -117,6 +119,7 @@ def _good_rollout(stack: RolloutStack, load: Load) -> dict[str, float]:
     routing = stack.call("GET", f"/v1/models/{MODEL}/routing", key="infer")[1]
     assert routing["split"] == {"stable": 2, "candidate": None, "candidate_weight": 0.0}
     return {
+        "requests_during_rollout": sum(served.values()),
         "request_to_all_edges_ready_s": round(canary["ready_ts"] - canary["created_ts"], 2),
         "request_to_canary_seen_by_client_s": round(t_ready - t0, 2),
         "request_to_promoted_s": round(done["decided_ts"] - done["created_ts"], 2),
