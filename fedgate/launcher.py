@@ -25,6 +25,7 @@ from fedcore.errors import ProcessError
 from fedcore.keys import read_secret, write_secret
 from fedcore.process import ManagedProcess, free_port
 from fedgate.keys_cmd import KeyLayout, init_keys
+from fedgate.nats_accounts import role_permissions
 from fedgate.natsconf import render_nats_config, write_nats_config
 from gateway.auth import generate_key, key_line
 
@@ -165,6 +166,7 @@ class Stack:
                 monitor_port=monitor,
                 store_dir=cfg.data_dir / "nats" / "jetstream",
                 users=users,
+                permissions={u: role_permissions(u) for u in users},  # least privilege
             ),
         )
         binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"

@@ -20,6 +20,7 @@ Passwords are ``$NATS_PASSWORD_<USER>`` references resolved from the server's en
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
@@ -118,37 +119,64 @@ def trainer_permissions() -> tuple[list[str], list[str], list[str], list[str]]:
     return publish, speaks_for_edges, subscribe, [f"{FEEDBACK_PREFIX}.>"]
 
 
+@dataclass(frozen=True)
+class Permissions:
+    """One NATS user's allow lists (anything not listed is refused) and deny lists (deny
+    wins); ``responses``: may answer requests sent to subjects it subscribes to."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    publish_deny: tuple[str, ...] = ()
+    subscribe_deny: tuple[str, ...] = ()
+    responses: bool = False
+
+    def render(self, indent: str) -> str:
+        """The ``permissions: {...}`` block, its key at ``indent``."""
+        inner, lists = indent + "  ", indent + "    "
+        pub = f"{lists}allow: {_list(self.publish, lists)}\n"
+        if self.publish_deny:
+            pub += f"{lists}deny: {_list(self.publish_deny, lists)}\n"
+        sub = f"{lists}allow: {_list(self.subscribe, lists)}\n"
+        if self.subscribe_deny:
+            sub += f"{lists}deny: {_list(self.subscribe_deny, lists)}\n"
+        extra = f"{inner}allow_responses: true\n" if self.responses else ""
+        return (
+            f"{indent}permissions: {{\n"
+            f"{inner}publish: {{\n{pub}{inner}}}\n"
+            f"{inner}subscribe: {{\n{sub}{inner}}}\n"
+            f"{extra}"
+            f"{indent}}}\n"
+        )
+
+
+def role_permissions(user: str) -> Permissions:
+    """The permissions of ``user``: ``trainer``, ``gateway``, or an edge id (any other name).
+
+    The one source of the rules: the compose and Kubernetes ``accounts.conf``
+    (:func:`render_accounts`) and the local stack's ``nats.conf``
+    (:func:`fedgate.natsconf.render_nats_config`) are rendered from it.
+    """
+    if user == "trainer":
+        t_pub, t_pub_deny, t_sub, t_sub_deny = trainer_permissions()
+        return Permissions(tuple(t_pub), tuple(t_sub), tuple(t_pub_deny), tuple(t_sub_deny))
+    if user == "gateway":
+        g_pub, g_sub = gateway_permissions()
+        return Permissions(tuple(g_pub), tuple(g_sub))
+    e_pub, e_sub = edge_permissions(user)
+    return Permissions(tuple(e_pub), tuple(e_sub), responses=True)
+
+
 def _list(items: Sequence[str], indent: str) -> str:
     body = ",\n".join(f'{indent}  "{s}"' for s in items)
     return f"[\n{body}\n{indent}]"
 
 
-def _user(
-    name: str,
-    publish: Sequence[str],
-    subscribe: Sequence[str],
-    *,
-    publish_deny: Sequence[str] = (),
-    subscribe_deny: Sequence[str] = (),
-    responses: bool = False,
-) -> str:
-    i = " " * 12
-    pub = f"{i}allow: {_list(publish, i)}\n"
-    if publish_deny:
-        pub += f"{i}deny: {_list(publish_deny, i)}\n"
-    sub = f"{i}allow: {_list(subscribe, i)}\n"
-    if subscribe_deny:
-        sub += f"{i}deny: {_list(subscribe_deny, i)}\n"
-    extra = "          allow_responses: true\n" if responses else ""
+def _user(name: str, permissions: Permissions) -> str:
     return (
         "      {\n"
         f"        user: {name}\n"
         f"        password: ${password_var(name)}\n"
-        "        permissions: {\n"
-        f"          publish: {{\n{pub}          }}\n"
-        f"          subscribe: {{\n{sub}          }}\n"
-        f"{extra}"
-        "        }\n"
+        f"{permissions.render(' ' * 8)}"
         "      }\n"
     )
 
@@ -164,14 +192,7 @@ HEADER = """\
 
 def render_accounts(edge_ids: Sequence[str]) -> str:
     """The ``accounts.conf`` text for the trainer, the gateway and ``edge_ids``."""
-    t_pub, t_pub_deny, t_sub, t_sub_deny = trainer_permissions()
-    users = [
-        _user("trainer", t_pub, t_sub, publish_deny=t_pub_deny, subscribe_deny=t_sub_deny),
-        _user("gateway", *gateway_permissions()),
-    ]
-    for edge_id in edge_ids:
-        publish, subscribe = edge_permissions(edge_id)
-        users.append(_user(edge_id, publish, subscribe, responses=True))
+    users = [_user(name, role_permissions(name)) for name in ["trainer", "gateway", *edge_ids]]
     return (
         HEADER
         + f"accounts {{\n  {ACCOUNT} {{\n"

@@ -1,4 +1,6 @@
-"""The local nats-server's configuration: JetStream on disk, one user per service, optional mTLS."""
+"""The local nats-server's configuration: JetStream on disk, one user per service with the
+permissions of its role (:mod:`fedgate.nats_accounts`, as in compose and Kubernetes),
+optional mTLS."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedgate.nats_accounts import Permissions
 
 
 @dataclass(frozen=True)
@@ -40,15 +44,19 @@ def render_nats_config(
     users: Mapping[str, str],
     max_payload: int = 8 * 1024 * 1024,
     tls: NatsTls | None = None,
+    permissions: Mapping[str, Permissions] | None = None,
 ) -> str:
-    """nats-server config text. ``users`` maps user name to password; ``tls`` turns on
-    TLS (mutual by default) for client connections; the monitoring port stays plain HTTP.
+    """nats-server config text. ``users`` maps user name to password; ``permissions``
+    limits the users it names (a user without an entry may publish and subscribe to
+    anything: tests and benchmarks); ``tls`` turns on TLS (mutual by default) for client
+    connections; the monitoring port stays plain HTTP.
 
     ``sync_interval: always`` fsyncs every write before acknowledging it: acknowledged
     updates survive a power loss (see REFERENCE.md on JetStream durability).
     """
+    limits = permissions or {}
     user_lines = ",\n".join(
-        f'    {{ user: "{name}", password: "{password}" }}' for name, password in users.items()
+        _user(name, password, limits.get(name)) for name, password in users.items()
     )
     return (
         "server_name: fedgate_local\n"
@@ -65,6 +73,15 @@ def render_nats_config(
         f"{user_lines}\n"
         "  ]\n"
         "}\n"
+    )
+
+
+def _user(name: str, password: str, permissions: Permissions | None) -> str:
+    if permissions is None:
+        return f'    {{ user: "{name}", password: "{password}" }}'
+    return (
+        f'    {{\n      user: "{name}"\n      password: "{password}"\n'
+        f"{permissions.render(' ' * 6)}    }}"
     )
 
 
