@@ -79,6 +79,7 @@ class JobSpec(BaseModel):
     device: Device = "auto"
     threads: int = Field(default=1, ge=1)
     nice: int = Field(default=19, ge=0, le=19)
+    sched_idle: bool = True
     seed: int = 0
     parent_pid: int | None = None
 
@@ -198,8 +199,14 @@ class Trainer:
         self.emit({"event": "stopped", "batch": done})
         return False
 
-    def fit(self, module: torch.nn.Module, data: LabelledSet, device: Any) -> int | None:
-        """Train ``module`` in place; the number of mini-batches, or None if stopped."""
+    def fit(
+        self, module: torch.nn.Module, data: LabelledSet, device: Any, started: dict[str, Any]
+    ) -> int | None:
+        """Train ``module`` in place; the number of mini-batches, or None if stopped.
+
+        ``started`` is reported once everything is set up (the optimiser's first use
+        alone can take a second), right before the first mini-batch's pause point.
+        """
         import torch
 
         r = self.job.recipe
@@ -210,8 +217,10 @@ class Trainer:
         opt = torch.optim.SGD(
             module.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
         )
+        opt.zero_grad()
         generator = torch.Generator().manual_seed(self.job.seed)
         done = 0
+        self.emit(started)
         for _ in range(r.epochs):
             order = torch.randperm(len(y), generator=generator).to(device)
             for start in range(0, len(y), r.batch_size):
@@ -250,20 +259,19 @@ def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
     load_flat(module, base)
     module.to(device).train()
     before = evaluate(module, data.x_holdout, data.y_holdout, device)
-    emit(
-        {
-            "event": "started",
-            "batch": 0,
-            "samples": len(data.y_train),
-            "holdout": len(data.y_holdout),
-            "upto": data.upto,
-            "device": str(device),
-        }
-    )
+    started = {
+        "event": "started",
+        "batch": 0,
+        "samples": len(data.y_train),
+        "holdout": len(data.y_holdout),
+        "upto": data.upto,
+        "device": str(device),
+    }
     if len(data.y_train) == 0:
+        emit(started)
         emit({"event": "stopped", "batch": 0, "reason": "no training samples"})
         return
-    batches = Trainer(job, control, emit).fit(module, data, device)
+    batches = Trainer(job, control, emit).fit(module, data, device, started)
     if batches is None:
         return
     after = evaluate(module, data.x_holdout, data.y_holdout, device)
@@ -296,6 +304,11 @@ def _detach_from_serving(job: JobSpec) -> None:
         raise SystemExit("parent already gone")
     if job.nice:
         os.nice(job.nice)
+    if job.sched_idle and hasattr(os, "SCHED_IDLE"):
+        # Linux SCHED_IDLE: run only on CPU time nothing else wants; a waking serving
+        # thread takes this CPU as if it were idle (threads created later inherit it).
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def main(argv: list[str] | None = None) -> int:

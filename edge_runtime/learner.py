@@ -70,6 +70,7 @@ class LearnerConfig:
     device: Device = "auto"
     threads: int = 1
     nice: int = 19
+    sched_idle: bool = True
     clip_norm: float | None = None
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     window_budget_s: float = 60.0
@@ -130,6 +131,8 @@ class Learner:
         self._last_tick = time.monotonic()
         self._last_expire = 0.0
         self._jobs = 0
+        for stale in config.work_dir.glob("round-*"):  # jobs of a previous run: gone
+            shutil.rmtree(stale, ignore_errors=True)
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -229,6 +232,7 @@ class Learner:
             device=c.device,
             threads=c.threads,
             nice=c.nice,
+            sched_idle=c.sched_idle,
             seed=plan.round,
         )
         worker = await FinetuneWorker.start(spec, job_dir)

@@ -84,6 +84,7 @@ def learner_config(settings: EdgeSettings, model: str) -> LearnerConfig:
         device=s.train_device,
         threads=s.train_threads,
         nice=s.train_nice,
+        sched_idle=s.train_sched_idle,
         clip_norm=s.clip_norm,
         compression=CompressionSettings(
             mode=s.update_compression, topk_fraction=s.update_topk_fraction

@@ -87,6 +87,9 @@ class EdgeSettings(ServiceSettings):
     train_device: Literal["auto", "cpu", "cuda"] = "auto"
     train_threads: int = Field(default=1, ge=1, description="torch threads of the worker")
     train_nice: int = Field(default=19, ge=0, le=19, description="CPU niceness of the worker")
+    train_sched_idle: bool = Field(
+        default=True, description="run the worker under Linux SCHED_IDLE (only spare CPU)"
+    )
     train_window_budget_s: float = Field(
         default=120.0, gt=0, description="seconds of training per idle window"
     )

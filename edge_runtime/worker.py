@@ -90,12 +90,19 @@ class FinetuneWorker:
         return out
 
     async def close(self, timeout_s: float = 5.0) -> int | None:
-        """Stop the worker (if running) and reap it. Idempotent; the exit code."""
+        """Stop the worker (if running) and reap it; one that has not exited within
+        ``timeout_s`` is killed (it holds nothing: the spool was read at its start).
+        Idempotent; the exit code."""
         if self._closed:
             return self.proc.returncode
         self._closed = True
         if self.proc.returncode is None:
             self.control.set_command(STOP)
+            if self.job.sched_idle and hasattr(os, "SCHED_OTHER"):
+                # a SCHED_IDLE worker may get no CPU at all on a busy machine: let it
+                # run (still at its nice level) so that it can see the stop and exit
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(self.proc.pid, os.SCHED_OTHER, os.sched_param(0))
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout_s)
             except TimeoutError:

@@ -55,7 +55,8 @@ def job(root: Path, signed: SignedArtifacts, **recipe: Any) -> JobSpec:
         control=root / "control.bin",
         recipe=Recipe(**recipe),
         device="cpu",
-        nice=0,
+        nice=0,  # normal priority: the test asserts behaviour, not scheduling
+        sched_idle=False,
     )
 
 
