@@ -200,7 +200,7 @@ class InferPlane:
         finally:
             model = out.model or (target[0] if self.state.fleet.knows(target[0]) else UNKNOWN)
             seconds = perf_counter() - start
-            self.state.metrics.observe(model, out.version, out.edge, out.status, seconds)
+            self.state.metrics.stats.observe(model, out.version, out.edge, out.status, seconds)
 
     async def _serve(
         self,

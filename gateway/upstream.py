@@ -45,7 +45,7 @@ class UpstreamError(GatewayError):
         super().__init__(f"{reason}: {detail}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamResponse:
     """An edge's answer; ``headers`` holds only :data:`FORWARD_HEADERS` (lowercase names)."""
 
@@ -64,19 +64,24 @@ class UpstreamResponse:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection to an edge; one request at a time."""
+    """One keep-alive connection to an edge; one request at a time.
 
-    def __init__(self, max_body: int) -> None:
+    The connection finishes each exchange itself: on the last byte of the response it
+    leaves the in-flight set, goes back to its pool (or closes) and resolves the waiter
+    with the response, so the request path awaits one future and nothing else.
+    """
+
+    def __init__(self, pool: _EdgePool, busy: set[_Connection], max_body: int) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[None] | None = None
+        self.pool = pool
+        self.busy = busy
+        self.waiter: asyncio.Future[UpstreamResponse] | None = None
         self.closed = False
         self.received = False
         self.deadline = 0.0
         self.max_body = max_body
         self.size = 0
-        self.status = 0
-        self.keep_alive = False
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
 
@@ -111,17 +116,35 @@ class _Connection(asyncio.Protocol):
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
-        waiter = self.waiter
+        waiter, self.waiter = self.waiter, None
+        self.busy.discard(self)
+        chunks = self.chunks
+        response = UpstreamResponse(
+            self.parser.get_status_code(),
+            chunks[0] if len(chunks) == 1 else b"".join(chunks),
+            self.headers,
+        )
+        if self.parser.should_keep_alive():
+            self.pool.give(self)
+        else:
+            self.close()
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(response)
 
     # -- use -----------------------------------------------------------------------
     def _fail(self, error: UpstreamError) -> None:
-        waiter = self.waiter
+        waiter, self.waiter = self.waiter, None
+        self.busy.discard(self)
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
+
+    def abandon(self) -> None:
+        """The request was cancelled (its client went away): a connection whose answer
+        will never be read cannot be reused, or it would arrive as the next request's."""
+        if self.waiter is not None:
+            self.waiter = None
+            self.busy.discard(self)
+            self.close()
 
     def timed_out(self) -> None:
         self._fail(UpstreamError("timeout", "no complete response in time"))
@@ -132,14 +155,16 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, data: bytes, waiter: asyncio.Future[None]) -> None:
+    def send(self, data: bytes, waiter: asyncio.Future[UpstreamResponse], deadline: float) -> None:
         if self.transport is None:
             raise UpstreamError("connect", "connection not established")
         self.waiter = waiter
+        self.deadline = deadline
         self.received = False
         self.size = 0
         self.headers = []
         self.chunks = []
+        self.busy.add(self)
         self.transport.write(data)
 
 
@@ -151,6 +176,17 @@ class _EdgePool:
         self.port = port
         self.authority = f"{host}:{port}".encode()
         self.idle: collections.deque[_Connection] = collections.deque()
+        self._lines: dict[tuple[bytes, bytes], bytes] = {}
+
+    def request_line(self, method: bytes, path: bytes) -> bytes:
+        """``METHOD path HTTP/1.1`` and the ``Host`` header, cached per method and path."""
+        line = self._lines.get((method, path))
+        if line is None:
+            if len(self._lines) > 4096:
+                self._lines.clear()
+            line = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, self.authority)
+            self._lines[(method, path)] = line
+        return line
 
     def take(self) -> _Connection | None:
         while self.idle:
@@ -214,7 +250,9 @@ class Upstream:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self.max_response_bytes), pool.host, pool.port
+                    lambda: _Connection(pool, self._busy, self.max_response_bytes),
+                    pool.host,
+                    pool.port,
                 )
         except (OSError, TimeoutError) as exc:
             raise UpstreamError("connect", f"{pool.host}:{pool.port}: {exc}") from None
@@ -240,7 +278,7 @@ class Upstream:
     ) -> UpstreamResponse:
         """The hot path: ``headers`` are already filtered; ``path`` is already encoded."""
         pool = self._pool(base_url)
-        head = [method, b" ", path, b" HTTP/1.1\r\nHost: ", pool.authority, b"\r\n"]
+        head = [pool.request_line(method, path)]
         for name, value in headers:
             head += (name, b": ", value, b"\r\n")
         head += (b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body)
@@ -248,13 +286,21 @@ class Upstream:
         conn = pool.take()
         if conn is not None:
             try:
-                return await self._exchange(pool, conn, data)
+                return await self._exchange(conn, data)
             except UpstreamError as exc:
                 # An idle connection the edge closed meanwhile: retry once on a fresh one,
                 # but only if the edge never started answering this request.
                 if exc.reason != "reset" or conn.received:
                     raise
-        return await self._exchange(pool, await self._connect(pool), data)
+            except asyncio.CancelledError:
+                conn.abandon()
+                raise
+        conn = await self._connect(pool)
+        try:
+            return await self._exchange(conn, data)
+        except asyncio.CancelledError:
+            conn.abandon()
+            raise
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The loop serving this gateway, cached (``get_running_loop`` costs a getpid())."""
@@ -272,27 +318,14 @@ class Upstream:
             conn.timed_out()
         self._sweeper = loop.call_later(self._tick, self._sweep) if self._busy else None
 
-    async def _exchange(self, pool: _EdgePool, conn: _Connection, data: bytes) -> UpstreamResponse:
+    def _exchange(self, conn: _Connection, data: bytes) -> asyncio.Future[UpstreamResponse]:
+        """Send ``data`` on ``conn``; the future resolves with the response (or the error).
+
+        One sweeper for all requests enforces the deadlines rather than a timer each.
+        """
         loop = self._running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        # One sweeper for all requests rather than a timer each: cheaper on the hot path.
-        conn.deadline = loop.time() + self.timeout_s
-        self._busy.add(conn)
+        waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
+        conn.send(data, waiter, loop.time() + self.timeout_s)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._tick, self._sweep)
-        try:
-            conn.send(data, waiter)
-            await waiter
-        except asyncio.CancelledError:
-            conn.close()  # the answer will never be read: the connection cannot be reused
-            raise
-        finally:
-            self._busy.discard(conn)
-            conn.waiter = None
-        response = UpstreamResponse(conn.status, b"".join(conn.chunks), conn.headers)
-        conn.chunks = []
-        if conn.keep_alive:
-            pool.give(conn)
-        else:
-            conn.close()
-        return response
+        return waiter

@@ -130,3 +130,17 @@ async def test_connection_refused_is_a_connect_error() -> None:
     assert info.value.reason == "connect"
     with pytest.raises(UpstreamError, match="unsupported edge URL"):
         await upstream.send("https://127.0.0.1:1", b"GET", b"/", [], b"")
+
+
+async def test_a_cancelled_request_never_leaves_its_answer_to_the_next(serve: Serve) -> None:
+    answers = iter([None, OK])  # the first request is never answered in time
+    handler, url = await serve(lambda _: next(answers))
+    upstream = Upstream(timeout_s=5)
+    task = asyncio.create_task(upstream.send(url, b"GET", b"/slow", [], b""))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    resp = await upstream.send(url, b"GET", b"/next", [], b"")
+    assert resp.status == 200 and handler.connections == 2  # not the abandoned connection
+    await upstream.close()
