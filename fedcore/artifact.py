@@ -3,8 +3,9 @@
 The manifest lists the SHA-256 of every file, the model, version, parent version and
 round, and carries the trainer's Ed25519 signature over its canonical JSON. An edge
 verifies the signature against the trainer key it trusts (never a key the artifact
-names), refuses symlinks, unlisted files and unsafe names, and checks every digest before
-anything reaches the Triton model repository.
+names), refuses symlinks, unlisted files and unsafe names, checks every digest, and
+refuses ONNX models that refer to external data, before anything reaches the Triton
+model repository.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -140,7 +143,54 @@ def verify_version_dir(
     for name, digest in manifest.files.items():
         if sha256_file(directory / name) != digest:
             raise ArtifactError("digest-mismatch", f"{name}: SHA-256 differs from the manifest")
+    for name in manifest.files:
+        if name.endswith(".onnx"):
+            check_self_contained(directory / name)
     return manifest
+
+
+def check_self_contained(path: Path) -> None:
+    """Refuse an ONNX model that refers to external data (weights in other files).
+
+    The trainer exports every tensor inside the model file. A reference to external data
+    would make ONNX Runtime read a file the manifest does not cover, or one outside the
+    version directory (``../../etc/passwd``, an absolute path): refused whatever it names.
+    A file that does not parse as ONNX is left to Triton's load to refuse.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError: no model, so no reference to follow either
+        return  # (Triton's load refuses it, and the edge keeps serving what it had)
+    for tensor in _onnx_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
+            raise ArtifactError(
+                "external-data",
+                f"{path.name}: tensor {tensor.name!r} refers to external data {where!r}",
+            )
+
+
+def _onnx_tensors(model: Any) -> Iterator[Any]:
+    """Every tensor of an ONNX model: initializers, sparse ones, and the tensors in node
+    attributes, in subgraphs and in local functions."""
+    graphs, nodes = [model.graph], [n for f in model.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            yield from graph.initializer
+            for sparse in graph.sparse_initializer:
+                yield from (sparse.values, sparse.indices)
+            nodes.extend(graph.node)
+            continue
+        for attr in nodes.pop().attribute:
+            yield from ([attr.t] if attr.HasField("t") else [])
+            yield from attr.tensors
+            for sparse in [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []:
+                yield from (sparse.values, sparse.indices)
+            graphs.extend([attr.g] if attr.HasField("g") else [])
+            graphs.extend(attr.graphs)
 
 
 def install_version(

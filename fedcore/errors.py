@@ -37,7 +37,7 @@ class ArtifactError(FedgateError):
     """A model artifact is unsigned, tampered, or otherwise must not be loaded.
 
     ``reason`` is one of ``missing-manifest``, ``bad-signature``, ``digest-mismatch``,
-    ``unlisted-file``, ``missing-file``, ``unsafe-path``, ``malformed``.
+    ``unlisted-file``, ``missing-file``, ``unsafe-path``, ``external-data``, ``malformed``.
     """
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -27,6 +27,7 @@ from gateway.auth import KeyRing, RateLimiter
 from gateway.dataplane import InferPlane, Receive, Scope, Send, split_infer_path
 from gateway.errors import GatewayError
 from gateway.fleet import Edge, Fleet
+from gateway.limits import within_limit
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_infer
 from gateway.rollout_control import RolloutController
@@ -68,7 +69,7 @@ class GatewayApp:
             if target is not None:
                 await self.plane(scope, receive, send, target)
                 return
-        await self.api(scope, receive, send)
+        await within_limit(self.api, scope, receive, send)
 
 
 async def _subscribe_fleet(nc: NATS, fleet: Fleet) -> None:

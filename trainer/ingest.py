@@ -10,7 +10,8 @@ For each message of the trainer's durable pull consumer:
 3. ``check_header`` against the round open now (:class:`RoundSource`), then the payload
    is decoded at its fixed dtype (decode error, non-finite);
 4. the ledger records (model, round, edge); if a record is there already, the message is
-   a duplicate (same update id) or a second update of that edge: acked, not folded;
+   a duplicate (same update id) or a second update of that edge: acked, not folded
+   (a record this trainer wrote although the reply was lost is its own: folded);
 5. the aggregator folds it; only then is the message acknowledged.
 
 A refused update is logged with its reason, counted, and terminated (``+TERM``) so it is
@@ -55,7 +56,7 @@ from fedcore.transport import (
 )
 from trainer.bus import updates_consumer_config
 from trainer.ingest_metrics import IngestMetrics
-from trainer.ledger import LedgerRecord, UpdateLedger
+from trainer.ledger import Claim, LedgerRecord, UpdateLedger
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ class Aggregator(Protocol):
     """Folds accepted updates into the running round state.
 
     ``fold`` may refuse by raising an exception with a ``reason`` attribute; the round
-    state must then be unchanged (the ledger record is released again).
+    state must then be unchanged (the ledger record is released again). Folding an update
+    id the open round holds already must change nothing: an update whose ledger claim was
+    in doubt (its reply lost) is folded when it comes again.
     """
 
     def fold(self, update: AcceptedUpdate) -> None: ...
@@ -190,6 +193,9 @@ class UpdateIngestor:
         self.metrics = metrics
         self.options = options or IngestOptions()
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._unsure: set[str] = set()
+        """Update ids whose ledger claim failed in transit: the claim may have been written
+        (the server wrote it, the reply was lost) without the update being folded."""
 
     def consumer_config(self) -> ConsumerConfig:
         o = self.options
@@ -365,7 +371,7 @@ class UpdateIngestor:
     async def _record_and_fold(self, update: AcceptedUpdate) -> UpdateHeader | Outcome:
         h = update.header
         record = LedgerRecord.now(h.update_id, update.digest, update.stream_seq, h.num_samples)
-        claim = await self._ledger.record(h.model, h.round, h.edge_id, record)
+        claim = await self._claim(h, record)
         if not claim.first:
             if claim.record.update_id == h.update_id:
                 log.info(
@@ -389,6 +395,26 @@ class UpdateIngestor:
                 reason = "fold-failed"
             raise Refused(reason, f"aggregator refused the update: {exc}") from None
         return h
+
+    async def _claim(self, h: UpdateHeader, record: LedgerRecord) -> Claim:
+        """The ledger claim of ``h``. A claim whose reply was lost (a NATS restart, say)
+        may have been written: when the update comes again and finds its own record from
+        that attempt, the claim is ours and the update still has to be folded."""
+        try:
+            claim = await self._ledger.record(h.model, h.round, h.edge_id, record)
+        except _TRANSIENT:
+            self._unsure.add(h.update_id)
+            raise
+        if h.update_id in self._unsure:
+            self._unsure.discard(h.update_id)
+            mine = claim.record.update_id == h.update_id and claim.record.digest == record.digest
+            if not claim.first and mine:
+                log.info(
+                    "ledger claim written before its reply was lost",
+                    extra={"update_id": h.update_id},
+                )
+                return Claim(True, claim.record, claim.revision)
+        return claim
 
     async def _release(self, h: UpdateHeader, revision: int) -> None:
         try:
