@@ -19,9 +19,11 @@ neighbour hurts all alike:
 - ``always-nice0``: the same at normal priority, to show what the priority buys.
 
 Printed per condition: requests, p50 and p99 latency (client side), the p99 ratio to
-``idle``, mini-batches trained, pauses. Target: p99 with training (``learner``) <= 1.2x
-p99 without. Then the capture cost on the request path (``CaptureWriter.offer``) and in
-the writer thread (per row), measured in process on the code rendered into model.py.
+``idle`` (pooled over rounds, and the median over rounds of the ratio within each round,
+which a noisy neighbour hitting one phase does not sway), mini-batches trained, pauses.
+Target: p99 with training (``learner``, per-round median) <= 1.2x p99 without. Then the
+capture cost on the request path (``CaptureWriter.offer``) and in the writer thread (per
+row), measured in process on the code rendered into model.py.
 
     .venv/bin/python benchmarks/idle_training.py [--rounds 4] [--cycles 2] [--rate 100]
 """
