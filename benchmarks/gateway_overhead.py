@@ -13,7 +13,7 @@ prints medians: throughput ratio to direct Triton, and the p50/p99 latency the g
 adds. wrk is the load generator (``apt-get install -y wrk`` on Debian); without it the
 script says so and exits 2.
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--duration 5] [--rounds 3] [--quick]
+    .venv/bin/python benchmarks/gateway_overhead.py [--duration 4] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -328,6 +328,17 @@ def median(runs: list[Run], attr: str) -> float:
     return float(statistics.median(getattr(r, attr) for r in runs))
 
 
+def paired(a: list[Run], b: list[Run], attr: str, ratio: bool) -> float:
+    """Median over rounds of a/b (or a-b): each round's runs were back to back, so a busy
+    neighbour weighs on both sides of each pair alike."""
+    pairs = zip(a, b, strict=True)
+    values = [
+        getattr(x, attr) / getattr(y, attr) if ratio else getattr(x, attr) - getattr(y, attr)
+        for x, y in pairs
+    ]
+    return float(statistics.median(values))
+
+
 def report(runs: dict[Cell, list[Run]], args: argparse.Namespace, targets: list[str]) -> bool:
     """Print the table and the verdict against the targets; True if both are met."""
     haproxy = "haproxy" in targets
@@ -339,20 +350,23 @@ def report(runs: dict[Cell, list[Run]], args: argparse.Namespace, targets: list[
     for conc in args.concurrency:
         for encoding in ("json", "binary"):
             d, g = runs[(conc, encoding, "direct")], runs[(conc, encoding, "gateway")]
-            ratio = median(g, "rps") / median(d, "rps")
-            added50 = median(g, "p50_ms") - median(d, "p50_ms")
-            added99 = median(g, "p99_ms") - median(d, "p99_ms")
+            ratio = paired(g, d, "rps", ratio=True)
+            added50 = paired(g, d, "p50_ms", ratio=False)
+            added99 = paired(g, d, "p99_ms", ratio=False)
             verdict[(conc, encoding)] = (ratio, added50)
             row = f"{conc:>4} {encoding:<6} {median(d, 'rps'):>10.0f} {median(g, 'rps'):>11.0f}"
             row += f" {ratio:>5.2f}x"
             if haproxy:
-                h = runs[(conc, encoding, "haproxy")]
-                row += f" {median(h, 'rps') / median(d, 'rps'):>7.2f}x"
+                row += f" {paired(runs[(conc, encoding, 'haproxy')], d, 'rps', True):>7.2f}x"
             row += f" | {median(d, 'p50_ms'):>7.2f} ms {median(g, 'p50_ms'):>7.2f} {added50:>+6.2f}"
             row += f" | {median(d, 'p99_ms'):>7.2f} ms {median(g, 'p99_ms'):>7.2f} {added99:>+6.2f}"
             print(row + f" | {median(g, 'cpu_us'):>7.0f} us")
     errors = sum(r.errors for cell in runs.values() for r in cell)
     print(f"non-2xx responses in all runs: {errors}")
+    print(
+        "ratio and added latency: medians over rounds of gateway vs direct run back to back; "
+        "rps and latency columns: medians"
+    )
     return _verdict(verdict, args) and errors == 0
 
 
@@ -374,8 +388,8 @@ def _verdict(verdict: dict[tuple[int, str], tuple[float, float]], args: argparse
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy reference")
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s")
