@@ -110,6 +110,7 @@ class EdgeRuntime:
             password=s.nats_password(),
             name=f"edge:{s.edge_id}",
             max_reconnect_attempts=-1,
+            tls=s.nats_tls_context(),
         )
         self.publisher = UpdatePublisher.for_connection(
             self._nc, ack_timeout_s=s.update_ack_timeout_s, attempts=s.update_publish_attempts
