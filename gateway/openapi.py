@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from gateway.openapi_errors import document_errors
+
 _INFER_DOC = {
     "tags": ["inference"],
     "summary": "Infer (Open Inference Protocol v2, JSON or binary tensor extension)",
@@ -50,6 +52,7 @@ def document_infer(api: FastAPI) -> None:
         paths["/v2/models/{model}/versions/{version}/infer"] = {
             "post": {**_INFER_DOC, "parameters": [*params, version]}
         }
+        document_errors(schema, api.routes)
         api.openapi_schema = schema
         return schema
 
