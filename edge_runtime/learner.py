@@ -192,10 +192,12 @@ class Learner:
         stats = await asyncio.to_thread(self.spool.stats)
         if stats.new_labels < c.min_new_labels:
             return
+        announcement, sent = self.rounds.get(c.model), self.sent_rounds()
+        early = decide(announcement, c.edge_id, {}, sent, time.time())
+        if isinstance(early, Refusal) and not early.loud:
+            return  # no round for this edge now, whatever it serves
         served = await self.read_served()
-        decision = decide(
-            self.rounds.get(c.model), c.edge_id, served, self.sent_rounds(), time.time()
-        )
+        decision = decide(announcement, c.edge_id, served, sent, time.time())
         if isinstance(decision, Refusal):
             self._report_refusal(decision)
             return
