@@ -55,6 +55,13 @@ class ReleaseContext:
     eval_y: NDArray[Any]
 
 
+def epsilon_spent(book: RoundBook) -> float | None:
+    """Epsilon the model has spent so far under central DP (None without a ledger)."""
+    ledger = getattr(book.strategy, "ledger", None)
+    spent = ledger.spent(book.model) if ledger is not None else None
+    return None if spent is None else float(spent)
+
+
 def version_digest(directory: Path) -> str:
     """A version's digest: the SHA-256 of its ONNX file, as its signed manifest lists it."""
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -126,6 +133,7 @@ async def close_round(
             outcome=outcome,
             reason=reason,
             base_version=a.base_version,
+            epsilon=epsilon_spent(book),
             opened_ts=a.opened_ts,
             closed_ts=time.time(),
             contributors=contributors,
@@ -180,6 +188,7 @@ async def _release_or_hold(
         samples=sum(c.samples for c in contributors),
         accuracy=cand.accuracy,
         loss=cand.loss,
+        epsilon=epsilon_spent(book),
         created_ts=time.time(),
     )
     await _put(js, LINEAGE_BUCKET, version_key(book.model, version), lineage.encode())

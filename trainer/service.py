@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import time
+from typing import Any
 
 import nats
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
@@ -23,6 +24,7 @@ from nats.js.client import JetStreamContext
 from fedcore import subjects
 from fedcore.artifact_store import upload_version
 from fedcore.compression import sizes_from_layout
+from fedcore.errors import ConfigError
 from fedcore.keys import load_ed25519, load_x25519
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
@@ -33,6 +35,7 @@ from trainer import checkpoint
 from trainer.bootstrap import ensure_version_one
 from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
+from trainer.errors import PrivacyBudgetExceeded
 from trainer.ingest import IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
@@ -42,6 +45,8 @@ from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
+from trainer.strategies.accountant import PrivacyLedger
+from trainer.strategies.base import Strategy
 from trainer.telemetry import start_metrics
 
 log = logging.getLogger(__name__)
@@ -95,9 +100,23 @@ def released_versions(settings: TrainerSettings, model: str) -> list[int]:
     )
 
 
+def build_strategy(settings: TrainerSettings, model: str) -> Strategy:
+    """The configured strategy; ``dp_fedavg`` gets the per-model privacy ledger."""
+    options: dict[str, Any] = dict(settings.strategy_options)
+    if settings.strategy.strip().lower().replace("-", "_") == "dp_fedavg":
+        if settings.dp_epsilon_budget is None:
+            raise ConfigError("dp_fedavg needs FEDGATE_TRAINER_DP_EPSILON_BUDGET (total epsilon)")
+        ledger_path = settings.state_dir / "privacy-ledger.json"
+        options |= {
+            "ledger": PrivacyLedger(ledger_path, settings.dp_epsilon_budget, settings.dp_delta),
+            "model": model,
+        }
+    return get_strategy(settings.strategy, **options)
+
+
 def build_book(settings: TrainerSettings, model: str) -> RoundBook:
     """The model's round book: from its checkpoint, else from its newest version."""
-    strategy = get_strategy(settings.strategy, **settings.strategy_options)
+    strategy = build_strategy(settings, model)
     newest = released_versions(settings, model)[-1]
     directory = settings.artifacts_dir / model / str(newest)
     params = load_weights_file(directory / "weights.npy")
@@ -153,12 +172,20 @@ async def run_rounds(
     """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``);
     each released version is handed to ``rollouts`` (the gateway rolls it out)."""
     closed = 0
+    exhausted: set[str] = set()
     while not stop.is_set():
         for model, book in driver.books.items():
             if book.current is None:
                 if settings.max_rounds is not None and closed >= settings.max_rounds:
                     continue
-                book.open(fleet.alive())
+                if model in exhausted:
+                    continue
+                try:
+                    book.open(fleet.alive())
+                except PrivacyBudgetExceeded as exc:
+                    log.warning("no more rounds: %s", exc, extra={"model": model})
+                    exhausted.add(model)
+                    continue
                 driver.save(model)
                 await announce(js, book)
                 continue

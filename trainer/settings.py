@@ -47,6 +47,12 @@ class TrainerSettings(ServiceSettings):
     strategy_options: dict[str, float | int | str] = Field(
         default={"eta": 2.0, "momentum": 0.7}, description="options of the strategy (JSON)"
     )
+    dp_epsilon_budget: float | None = Field(
+        default=None, gt=0, description="dp_fedavg: total epsilon per model; rounds stop when spent"
+    )
+    dp_delta: float = Field(
+        default=1e-5, gt=0, lt=1, description="dp_fedavg: the delta of (eps, delta)-DP"
+    )
     round_mode: Literal["sync", "async"] = "sync"
     min_updates: int = Field(default=1, ge=1, description="sync: updates needed to close")
     round_deadline_s: float = Field(default=60.0, gt=0, description="sync: round deadline")

@@ -1,0 +1,59 @@
+"""Central DP as the trainer service configures it: a per-model ledger, epsilon in the
+round record, and no round opens once the budget is spent."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedcore.errors import ConfigError
+from trainer.errors import PrivacyBudgetExceeded
+from trainer.release import epsilon_spent
+from trainer.rounds import Contribution, RoundBook, RoundPolicy
+from trainer.service import build_strategy
+from trainer.settings import TrainerSettings
+
+
+def settings(tmp_path: Path, **extra: object) -> TrainerSettings:
+    return TrainerSettings(
+        nats_user="trainer",
+        nats_password_file=tmp_path / "p",
+        data_dir=tmp_path,
+        signing_key_file=tmp_path / "s.key",
+        hpke_private_key_file=tmp_path / "h.key",
+        edge_registry_file=tmp_path / "r.json",
+        strategy="dp_fedavg",
+        strategy_options={"clip_norm": 1.0, "noise_multiplier": 4.0},
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def test_dp_needs_a_budget(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="DP_EPSILON_BUDGET"):
+        build_strategy(settings(tmp_path), "digits")
+
+
+def test_epsilon_is_recorded_and_the_budget_stops_rounds(tmp_path: Path) -> None:
+    strategy = build_strategy(settings(tmp_path, dp_epsilon_budget=3.0), "digits")
+    book = RoundBook(
+        "digits",
+        RoundPolicy(min_updates=1),
+        strategy,
+        version=1,
+        digest="ab" * 32,
+        params=np.zeros(4, np.float32),
+    )
+    assert epsilon_spent(book) == 0.0
+    spent = []
+    with pytest.raises(PrivacyBudgetExceeded):
+        for r in range(100):
+            book.open(["edge-1"], now=float(r))
+            book.fold(Contribution(f"{r:032x}", "edge-1", 10, 1, 0.0), np.ones(4, np.float32))
+            book.advance(book.version + 1, "ab" * 32, book.finalize())
+            spent.append(epsilon_spent(book))
+    assert len(spent) >= 2 and all(b > a for a, b in itertools.pairwise(spent))
+    assert spent[-1] <= 3.0
+    assert (tmp_path / "state" / "privacy-ledger.json").exists()
