@@ -201,7 +201,7 @@ def _binary_size(item: dict[str, Any]) -> int:
 def _tensor_problems(item: dict[str, Any], spec: TensorSchema) -> Iterator[str]:
     datatype: Any = item.get("datatype")
     shape: Any = item.get("shape")
-    if datatype not in DTYPE_SIZES:
+    if not isinstance(datatype, str) or datatype not in DTYPE_SIZES:
         yield f"unknown datatype {datatype!r}"
     if datatype != spec.datatype:
         yield f"datatype {datatype} does not match the model's {spec.datatype}"

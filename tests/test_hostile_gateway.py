@@ -124,6 +124,12 @@ HOSTILE_INFER: list[tuple[str, bytes, dict[str, str], int]] = [
         {"Inference-Header-Content-Length": "8"},
         400,
     ),
+    (
+        "datatype that is a list (found by fuzzing the explainer)",
+        GOOD.replace('"FP32"', "[]").encode(),
+        {},
+        400,
+    ),
     ("invalid UTF-8 in JSON", b'{"inputs":[{"name":"\xff\xfe"}]}', {}, 400),
     # Triton parses NaN and Infinity literals (not JSON): a NaN pixel gives NaN logits
     ("NaN literal", GOOD.replace("0.5", "NaN", 1).encode(), {}, 200),
