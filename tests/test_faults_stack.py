@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import time
@@ -61,12 +62,34 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         overrides={"FEDGATE_EDGE_": EDGE_SETTINGS, "FEDGATE_TRAINER_": {"BOOTSTRAP_EPOCHS": "2"}},
     )
     running = Stack(config)
+    loggers = [logging.getLogger(name) for name in ("fedcore", "fedgate")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:  # what the launcher logs in this process
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(CAPTURED)
     try:
         running.start()
         yield running
     finally:
         running.stop()
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(CAPTURED)
+            logger.setLevel(level)
     assert processes_mentioning(str(data_dir)) == []
+
+
+class Captured(logging.Handler):
+    """Every record logged in the test process, message and extra fields."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.getMessage()} {record.__dict__!r}")
+
+
+CAPTURED = Captured()
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -337,5 +360,8 @@ def test_zz_no_secret_in_any_log_and_no_permission_violation(stack: Stack) -> No
         text = log.read_text(errors="replace")
         leaked = [name for name, value in secrets.items() if len(value) >= 16 and value in text]
         assert leaked == [], f"{log} holds {leaked}"
+    captured = "\n".join(CAPTURED.lines)
+    assert "started gateway" in captured
+    assert [name for name, value in secrets.items() if value in captured] == []
     nats_log = (data_dir / "logs" / "nats-server.log").read_text()
     assert "Violation" not in nats_log, [ln for ln in nats_log.splitlines() if "Violation" in ln]
