@@ -86,6 +86,44 @@ def sign_version_dir(
     return manifest
 
 
+_SIGNATURE = re.compile(r"[0-9a-f]{128}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_FIELDS = {"model", "version", "parent_version", "round", "files", "format"}
+
+
+def _int_or_none(value: object, name: str, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
+    if type(value) is not int:
+        raise ValueError(f"{name} must be an integer")
+    return value
+
+
+def _strict_manifest(fields: object) -> Manifest:
+    """The manifest exactly as it was signed: known fields, exact types, nothing else.
+
+    Lenient parsing (``"3"`` or ``3.0`` for 3, upper-case hex) would let bytes that were
+    never signed verify; every signed value has one spelling.
+    """
+    if type(fields) is not dict or set(fields) != _FIELDS:
+        raise ValueError(f"manifest fields must be exactly {sorted(_FIELDS)}")
+    files = fields["files"]
+    if type(files) is not dict or not all(
+        type(k) is str and type(v) is str and _DIGEST.fullmatch(v) for k, v in files.items()
+    ):
+        raise ValueError("files must map names to lowercase SHA-256 hex digests")
+    if type(fields["model"]) is not str:
+        raise ValueError("model must be a string")
+    return Manifest(
+        model=fields["model"],
+        version=_int_or_none(fields["version"], "version", optional=False) or 0,
+        parent_version=_int_or_none(fields["parent_version"], "parent_version", optional=True),
+        round=_int_or_none(fields["round"], "round", optional=True),
+        files=dict(files),
+        format=_int_or_none(fields["format"], "format", optional=False) or 0,
+    )
+
+
 def _parse_manifest(directory: Path) -> tuple[Manifest, bytes]:
     path = directory / MANIFEST
     if path.is_symlink() or not path.is_file():
@@ -94,16 +132,11 @@ def _parse_manifest(directory: Path) -> tuple[Manifest, bytes]:
         raise ArtifactError("malformed", f"{MANIFEST} is larger than {_MAX_MANIFEST} bytes")
     try:
         body = json.loads(path.read_text())
-        fields = body["manifest"]
-        manifest = Manifest(
-            model=str(fields["model"]),
-            version=int(fields["version"]),
-            parent_version=fields["parent_version"],
-            round=fields["round"],
-            files={str(k): str(v) for k, v in dict(fields["files"]).items()},
-            format=int(fields["format"]),
-        )
-        signature = bytes.fromhex(body["signature"])
+        manifest = _strict_manifest(body["manifest"])
+        signature_hex = body["signature"]
+        if type(signature_hex) is not str or not _SIGNATURE.fullmatch(signature_hex):
+            raise ValueError("signature must be 128 lowercase hex characters")
+        signature = bytes.fromhex(signature_hex)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError("malformed", f"{MANIFEST} cannot be parsed: {exc}") from None
     if manifest.format != FORMAT:
