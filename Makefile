@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install fedgate with its dev tools
 
-demo: $(STAMP) ## start a local stack, infer through the gateway, stop cleanly
-	$(BIN)/fedgate demo --edges $(EDGES)
+demo: $(STAMP) ## the whole loop: 3 edges learn from replayed traffic, 5 rounds, rollouts, a table
+	$(BIN)/fedgate demo --edges $(DEMO_EDGES) --rounds $(DEMO_ROUNDS)
 
 up: $(STAMP) ## run the whole stack locally until Ctrl-C
 	$(BIN)/fedgate up --edges $(EDGES)

@@ -166,10 +166,14 @@ async def _release_or_hold(
     round_id: int,
     record: Any,
 ) -> RoundRecord:
+    # finalize steps the server optimiser (momentum, moments): a held candidate must not
+    # leave its step behind, or every later round would carry the rejected direction
+    before = {k: v.copy() for k, v in book.strategy.server_state().items()}
     candidate = await asyncio.to_thread(book.finalize)
     cand, serving, release, reason = await asyncio.to_thread(_gate, ctx, book, candidate)
     metrics = {"accuracy": cand.accuracy, "loss": cand.loss, "serving_accuracy": serving.accuracy}
     if not release:
+        book.strategy.load_server_state(before)
         book.abandon()
         result: RoundRecord = record("held", reason, **metrics)
         return result
