@@ -28,6 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedcore.errors import EnrollmentError
+from fedcore.strict_json import no_duplicates
 
 _EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -179,7 +180,7 @@ class EdgeRegistry(Mapping[str, EdgeRecord]):
         if len(data) > MAX_REGISTRY_BYTES:
             raise _malformed(f"registry is {len(data)} bytes, over {MAX_REGISTRY_BYTES}")
         try:
-            raw = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+            raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
         except (UnicodeDecodeError, ValueError) as exc:
             raise _malformed(f"registry is not JSON: {exc}") from None
         if not isinstance(raw, dict):
@@ -219,15 +220,6 @@ def save_registry(path: Path, registry: EdgeRegistry) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise EnrollmentError("io", f"cannot write edge registry {path}: {exc}") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
 
 
 def _malformed(detail: str) -> EnrollmentError:

@@ -18,9 +18,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from fedcore.errors import EnvelopeError
+from fedcore.strict_json import no_duplicates
 
 FORMAT_VERSION = 1
 MIN_CHUNK_SIZE = 16
@@ -143,7 +143,7 @@ class UpdateHeader:
         if len(data) > MAX_HEADER_BYTES:
             raise _malformed(f"header is {len(data)} bytes, more than {MAX_HEADER_BYTES}")
         try:
-            raw = json.loads(data.decode("ascii"), object_pairs_hook=_no_duplicates)
+            raw = json.loads(data.decode("ascii"), object_pairs_hook=no_duplicates)
         except (UnicodeDecodeError, ValueError) as exc:
             raise _malformed(f"header is not ASCII JSON: {exc}") from None
         if not isinstance(raw, dict):
@@ -156,15 +156,6 @@ class UpdateHeader:
         if header.encode() != data:
             raise _malformed("header bytes are not in canonical form")
         return header
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
 
 
 def _malformed(detail: str) -> EnvelopeError:
