@@ -7,8 +7,16 @@ An edge seals a payload for the trainer:
 - the payload in AES-256-GCM chunks, STREAM style: nonce = 7-byte prefix (from the header
   digest) || 32-bit chunk index || last-chunk flag, associated data = header digest ||
   index || flag, so reordered, duplicated, dropped or truncated chunks fail;
-- an Ed25519 signature of the edge over the header digest and the SHA-256 of everything
-  after the signature (wrapped key and chunks).
+- an Ed25519 signature of the edge over the header digest and the BLAKE3 digest of
+  everything after the signature (wrapped key and chunks), so the edge is bound to the exact
+  ciphertext, even against a holder of the trainer's key (GCM tags alone are not binding
+  for someone who knows the content key).
+
+The body digest runs beside the cipher: BLAKE3 releases the GIL, so on more than one core
+a digest thread hashes chunk ``i`` while AES-GCM (which holds the GIL) seals chunk
+``i + 1``, and on open hashes the whole body while the chunks are decrypted. The signature
+is still checked before anything is returned: a body whose signature fails is reported as
+``bad-signature`` even when a chunk also fails to decrypt.
 
 Wire layout::
 
@@ -23,11 +31,15 @@ check (:func:`fedcore.envelope_header.check_header`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import blake3
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
@@ -80,7 +92,7 @@ SUITES = tuple(_HPKE)
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 MAX_PAYLOAD = 2**31  # hard ceiling; receivers pass their own, smaller max_payload
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 1: SHA-256 body digest (no longer accepted)
 _MAGIC = b"FGUE"
 _PREAMBLE = struct.Struct(">4sBI")
 _SIG_LEN = 64
@@ -91,7 +103,10 @@ _CHUNK_PARAMS = struct.Struct(">IB")
 _NONCE_PREFIX_LEN = 7
 _HEADER_CONTEXT = b"fedgate/update/v1/header\x00"
 _KEY_CONTEXT = b"fedgate/update/v1/content-key\x00"
-_SIG_CONTEXT = b"fedgate/update/v1/signature\x00"
+_SIG_CONTEXT = b"fedgate/update/v2/signature\x00"
+_BODY_CONTEXT = "fedgate/update/v2/body"
+_BACKGROUND_MIN = 256 * 1024
+"""Bodies from this size on are hashed in the digest thread, beside the cipher."""
 
 
 def generate_recipient_key(suite: str = SUITE_X25519) -> RecipientPrivateKey:
@@ -165,10 +180,12 @@ def seal_update(
     chunks_at = body_at + len(wrapped)
     out[body_at:chunks_at] = wrapped
     view = memoryview(out)
-    _encrypt_chunks(AESGCM(content_key), header, header_digest, src, view[chunks_at:])
-
-    body_digest = hashlib.sha256(view[body_at:]).digest()
-    out[sig_at:body_at] = signer.sign(_SIG_CONTEXT + header_digest + body_digest)
+    digest = _BodyDigest(background=header.chunk_count > 1 and len(src) >= _BACKGROUND_MIN)
+    digest.update(view[body_at:chunks_at])
+    _encrypt_chunks(
+        AESGCM(content_key), header, header_digest, src, view[chunks_at:], digest.update
+    )
+    out[sig_at:body_at] = signer.sign(_SIG_CONTEXT + header_digest + digest.digest())
     return header, out
 
 
@@ -197,25 +214,25 @@ def open_update(
     if public is None:
         raise EnvelopeError("unknown-edge", f"no public key for edge {header.edge_id!r}")
     body = view[body_at:]
-    body_digest = hashlib.sha256(body).digest()
+    digest = _BodyDigest(background=len(body) >= _BACKGROUND_MIN)
+    digest.update(body)
+    payload = bytearray(header.payload_len)
+    failure: EnvelopeError | None = None
+    try:  # beside the digest thread; nothing leaves before the signature verifies
+        _decrypt_body(recipient, header, header_digest, body, payload)
+    except EnvelopeError as exc:
+        failure = exc
     try:
         public.verify(
             bytes(view[body_at - _SIG_LEN : body_at]),
-            _SIG_CONTEXT + header_digest + body_digest,
+            _SIG_CONTEXT + header_digest + digest.digest(),
         )
     except InvalidSignature:
         raise EnvelopeError(
             "bad-signature", f"signature of edge {header.edge_id!r} does not verify"
         ) from None
-    wrapped_len = _ENC_LEN[header.suite] + _WRAPPED_EXTRA
-    try:
-        content_key = _HPKE[header.suite].decrypt(
-            body[:wrapped_len], recipient, info=_KEY_CONTEXT + header_digest
-        )
-    except InvalidTag:
-        raise EnvelopeError("decrypt-failed", "content key does not unwrap") from None
-    payload = bytearray(header.payload_len)
-    _decrypt_chunks(AESGCM(content_key), header, header_digest, body[wrapped_len:], payload)
+    if failure is not None:
+        raise failure
     return header, payload
 
 
@@ -223,6 +240,63 @@ def read_header_unverified(data: BytesLike) -> UpdateHeader:
     """The header of an envelope, parsed but NOT authenticated: for logs and routing only."""
     header, _, _ = _parse_frame(memoryview(data).cast("B"), MAX_PAYLOAD)
     return header
+
+
+@functools.cache
+def _digest_pool() -> ThreadPoolExecutor:
+    """One digest thread per process; tasks run in order, so one hasher's updates do too."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-digest")
+
+
+def _update_started(hasher: blake3.blake3, data: memoryview, started: threading.Event) -> None:
+    started.set()
+    hasher.update(data)  # releases the GIL
+
+
+class _BodyDigest:
+    """BLAKE3 of the body, fed piece by piece, hashed in the digest thread if ``background``.
+
+    AES-GCM holds the GIL for a whole chunk, so a digest thread that needed the GIL back
+    between pieces would wait out the interpreter's switch interval (5 ms) each time.
+    ``update`` therefore blocks until the digest thread has taken the piece (and has thus
+    finished the one before): the cipher thread hands over the GIL at that moment, and the
+    thread then hashes without it while the next chunk is sealed.
+    """
+
+    def __init__(self, *, background: bool) -> None:
+        self._hasher = blake3.blake3(derive_key_context=_BODY_CONTEXT)
+        self._pool = _digest_pool() if background else None
+        self._pending: list[Future[None]] = []
+
+    def update(self, data: memoryview) -> None:
+        if self._pool is None:
+            self._hasher.update(data)
+            return
+        started = threading.Event()
+        self._pending.append(self._pool.submit(_update_started, self._hasher, data, started))
+        started.wait()
+
+    def digest(self) -> bytes:
+        for update in self._pending:
+            update.result()
+        return self._hasher.digest()
+
+
+def _decrypt_body(
+    recipient: RecipientPrivateKey,
+    header: UpdateHeader,
+    header_digest: bytes,
+    body: memoryview,
+    out: bytearray,
+) -> None:
+    wrapped_len = _ENC_LEN[header.suite] + _WRAPPED_EXTRA
+    try:
+        content_key = _HPKE[header.suite].decrypt(
+            body[:wrapped_len], recipient, info=_KEY_CONTEXT + header_digest
+        )
+    except InvalidTag:
+        raise EnvelopeError("decrypt-failed", "content key does not unwrap") from None
+    _decrypt_chunks(AESGCM(content_key), header, header_digest, body[wrapped_len:], out)
 
 
 def _header_digest(header_bytes: bytes) -> bytes:
@@ -273,14 +347,22 @@ def _chunk_params(header_digest: bytes, index: int, last: bool) -> tuple[bytes, 
 
 
 def _encrypt_chunks(
-    aead: AESGCM, header: UpdateHeader, header_digest: bytes, src: memoryview, dst: memoryview
+    aead: AESGCM,
+    header: UpdateHeader,
+    header_digest: bytes,
+    src: memoryview,
+    dst: memoryview,
+    sealed: Callable[[memoryview], None],
 ) -> None:
+    """Seal every chunk into ``dst``, handing each sealed chunk to ``sealed`` in order."""
     size, n = header.chunk_size, header.chunk_count
     for i in range(n):
         plain = src[i * size : (i + 1) * size]
         at = i * (size + _TAG_LEN)
         nonce, ad = _chunk_params(header_digest, i, i == n - 1)
-        aead.encrypt_into(nonce, plain, ad, dst[at : at + len(plain) + _TAG_LEN])
+        chunk = dst[at : at + len(plain) + _TAG_LEN]
+        aead.encrypt_into(nonce, plain, ad, chunk)
+        sealed(chunk)
 
 
 def _decrypt_chunks(
