@@ -38,13 +38,23 @@ def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
         help=f"state directory (default {data_dir})",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS between the services and NATS: a development CA and one client "
+        "certificate per service in <data-dir>/tls (reused while valid)",
+    )
 
 
 def _stack_config(args: argparse.Namespace) -> StackConfig:
     if args.edges < 1:
         raise FedgateError("--edges must be at least 1")
     return StackConfig(
-        data_dir=args.data_dir.resolve(), edges=args.edges, port=args.port, log_level=args.log_level
+        data_dir=args.data_dir.resolve(),
+        edges=args.edges,
+        port=args.port,
+        log_level=args.log_level,
+        tls=args.tls,
     )
 
 
@@ -61,6 +71,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         _out(f"gateway:  {stack.gateway_url}  (Open Inference Protocol v2 under /v2)")
         _out(f"fleet:    {stack.gateway_url}/v1/edges")
         _out(f"nats:     {stack.nats_url}")
+        if stack.tls is not None:
+            _out(f"          mutual TLS; CA and client certificates in {stack.tls.directory}")
         _out(f"api keys: admin {stack.admin_key_file}, infer {stack.infer_key_file}")
         _out("          send 'Authorization: Bearer <key>' with every request")
         urls = stack.metrics_urls()

@@ -3,7 +3,9 @@
 Order of start: nats-server, trainer bootstrap (signed version 1), trainer, edges (each
 with its own tritonserver), gateway. Stop runs in reverse, each with a deadline, and
 leaves no process behind. Secrets and keys are created under the data directory on first
-start (development convenience; production mounts them, see the README).
+start (development convenience; production mounts them, see the README). With
+``StackConfig.tls`` every service talks to NATS over mutual TLS with its own client
+certificate (:mod:`fedgate.stack_tls`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedcore.process import ManagedProcess, free_port
 from fedgate.keys_cmd import KeyLayout, init_keys
 from fedgate.nats_accounts import role_permissions
 from fedgate.natsconf import render_nats_config, write_nats_config
+from fedgate.stack_tls import StackTls, ensure_stack_tls
 from gateway.auth import generate_key, key_line
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ class StackConfig:
     nats_port: int = 0  # 0: pick a free port
     log_level: str = "INFO"
     ready_timeout_s: float = 180.0
+    tls: bool = False
+    """mTLS between the services and NATS, certificates in ``<data_dir>/tls``."""
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
     """Extra settings by env prefix, e.g. ``{"FEDGATE_TRAINER_": {"MIN_UPDATES": "3"}}``."""
 
@@ -64,6 +69,9 @@ class Stack:
     nats_url: str = ""
     edge_ports: dict[str, EdgePorts] = field(default_factory=dict)
     trainer_metrics_port: int = 0
+    tls: StackTls | None = None
+    """The certificates, when ``config.tls``; set by :meth:`start`. NATS clients of the
+    stack's own (tools, tests) connect with ``tls.client_context(user)``."""
     _stopped: bool = False
 
     @property
@@ -135,6 +143,8 @@ class Stack:
             "NATS_PASSWORD_FILE": str(self._secret(f"nats-{user}.pass")),
             "LOG_LEVEL": self.config.log_level,
         }
+        if self.tls is not None:
+            settings |= self.tls.client_settings(user)  # its own client certificate
         for key, value in (settings | extra | self.config.overrides.get(prefix, {})).items():
             env[f"{prefix}{key}"] = value
         return env
@@ -167,6 +177,7 @@ class Stack:
                 store_dir=cfg.data_dir / "nats" / "jetstream",
                 users=users,
                 permissions={u: role_permissions(u) for u in users},  # least privilege
+                tls=self.tls.nats_server() if self.tls is not None else None,
             ),
         )
         binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
@@ -179,7 +190,7 @@ class Stack:
         proc.wait_ready(
             lambda: _http_ok(f"http://{cfg.host}:{monitor}/healthz?js-enabled-only=true"), 30
         )
-        self.nats_url = f"nats://{cfg.host}:{port}"
+        self.nats_url = f"{'tls' if self.tls is not None else 'nats'}://{cfg.host}:{port}"
 
     def _bootstrap_trainer(self, env: dict[str, str]) -> None:
         log.info("preparing version 1 of the models (first start trains briefly)")
@@ -267,6 +278,12 @@ class Stack:
         """Start everything and wait until the gateway routes to every edge."""
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self._signing_key()
+        if self.config.tls:
+            self.tls = ensure_stack_tls(
+                self.config.data_dir / "tls",
+                ["trainer", "gateway", *self.edge_ids],
+                hosts=[self.config.host],
+            )
         self._start_nats()
         self._start_trainer()
         edges = [self._start_edge(e) for e in self.edge_ids]
