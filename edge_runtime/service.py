@@ -44,6 +44,7 @@ class EdgeRuntime:
             metrics_port=settings.triton_metrics_port,
             control_secret=read_secret(settings.triton_control_secret_file),
             exit_timeout_s=settings.exit_timeout_s,
+            triton_home=settings.triton_home,
         )
         # Updates are signed with this edge's identity and sealed to the trainer's HPKE key.
         self.signer, self.trainer_hpke = load_edge_keys(

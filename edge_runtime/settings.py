@@ -40,6 +40,11 @@ class EdgeSettings(ServiceSettings):
     triton_control_secret_file: Path = Field(
         description="file holding the secret header value that guards Triton's model-control API"
     )
+    triton_home: Path | None = Field(
+        default=None,
+        description="a Triton installation to run (<home>/bin/tritonserver, <home>/backends), "
+        "e.g. /opt/tritonserver in the official image; unset: the tritonserver of nvidia-pytriton",
+    )
     triton_host: str = "127.0.0.1"
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001

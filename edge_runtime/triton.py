@@ -1,4 +1,5 @@
-"""The edge's own tritonserver: the binary bundled in ``nvidia-pytriton``, supervised.
+"""The edge's own tritonserver, supervised: the binary bundled in ``nvidia-pytriton``, or
+a Triton installation (``triton_home``, e.g. ``/opt/tritonserver`` in the official image).
 
 Explicit model-control mode; the model-repository API is restricted by a secret header,
 so only this runtime can load or unload models. Ports bind to the edge's private address.
@@ -11,11 +12,12 @@ import os
 import shutil
 import sys
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import ModelLoadError
+from edge_runtime.errors import EdgeError, ModelLoadError
 from fedcore.process import ManagedProcess
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,59 @@ def prepare_backends(dist: TritonDist, target: Path) -> Path:
     return target
 
 
+class TritonHomeError(EdgeError):
+    """``triton_home`` does not hold a Triton installation."""
+
+    def __init__(self, home: Path, missing: Path, what: str) -> None:
+        self.home = home
+        self.missing = missing
+        super().__init__(
+            f"FEDGATE_EDGE_TRITON_HOME={home} is not a Triton installation: {missing} {what} "
+            "(expected <home>/bin/tritonserver and <home>/backends, as in /opt/tritonserver "
+            "of the official image; unset it to use the tritonserver of nvidia-pytriton)"
+        )
+
+
+@dataclass(frozen=True)
+class TritonLaunch:
+    """What to run: the tritonserver binary, its backend directory, its environment."""
+
+    binary: Path
+    backends: Path
+    env: dict[str, str]
+
+
+def resolve_triton(
+    home: Path | None, work_dir: Path, environ: Mapping[str, str] | None = None
+) -> TritonLaunch:
+    """The binary, backends and environment of tritonserver.
+
+    ``home`` set: ``<home>/bin/tritonserver`` with ``<home>/backends`` as they are (an
+    installation brings its own python-backend stub and library path). ``home`` None: the
+    wheel's binary, its backends copied into ``work_dir/backends`` with the stub for this
+    Python, and the wheel's libraries on ``LD_LIBRARY_PATH``. Either way this
+    interpreter's directory leads ``PATH``: the python-backend stub runs models with the
+    environment of the first ``python3`` on it (this runtime's, with onnxruntime).
+    """
+    env = dict(os.environ if environ is None else environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    if home is not None:
+        binary, backends = home / "bin" / "tritonserver", home / "backends"
+        if not binary.is_file():
+            raise TritonHomeError(home, binary, "does not exist")
+        if not os.access(binary, os.X_OK):
+            raise TritonHomeError(home, binary, "is not executable")
+        if not backends.is_dir():
+            raise TritonHomeError(home, backends, "is not a directory")
+        return TritonLaunch(binary, backends, env)
+    dist = TritonDist.find()
+    backends = prepare_backends(dist, work_dir / "backends")
+    env["LD_LIBRARY_PATH"] = ":".join(
+        p for p in (str(dist.libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    return TritonLaunch(dist.binary, backends, env)
+
+
 class TritonServer:
     """Start, probe, control and stop one tritonserver."""
 
@@ -74,23 +129,17 @@ class TritonServer:
         metrics_port: int,
         control_secret: str,
         exit_timeout_s: int = 10,
+        triton_home: Path | None = None,
     ) -> None:
         self.host = host
         self.http_port = http_port
         self.control_secret = control_secret
         self.exit_timeout_s = exit_timeout_s
-        dist = TritonDist.find()
-        backends = prepare_backends(dist, work_dir / "backends")
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = ":".join(
-            p for p in (str(dist.libs), env.get("LD_LIBRARY_PATH", "")) if p
-        )
-        # The python-backend stub runs models with this interpreter's environment.
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        launch = resolve_triton(triton_home, work_dir)
         argv = [
-            str(dist.binary),
+            str(launch.binary),
             f"--model-repository={repository}",
-            f"--backend-directory={backends}",
+            f"--backend-directory={launch.backends}",
             "--model-control-mode=explicit",
             f"--http-restricted-api=model-repository:{CONTROL_HEADER}={control_secret}",
             f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={control_secret}",
@@ -106,7 +155,12 @@ class TritonServer:
         ]
         ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.process = ManagedProcess(
-            name, argv, log_path=work_dir / "tritonserver.log", env=env, cwd=work_dir, ports=ports
+            name,
+            argv,
+            log_path=work_dir / "tritonserver.log",
+            env=launch.env,
+            cwd=work_dir,
+            ports=ports,
         )
 
     @property
