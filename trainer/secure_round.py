@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 Send = Callable[[str, bytes], Awaitable[None]]
 Accept = Callable[[str, bytes], None]
 M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, SurvivorSignature, UnmaskResponse)
+Until = Literal["round", "bounded", "own"]
 INBOX_SIZE = 1024
 
 
@@ -156,13 +157,17 @@ class SecureRound:
         cohort = sorted(self.enrolled)
         setup = server.setup.to_bytes()
         await self._exchange(
-            {e: setup for e in cohort}, Phase.SETUP, _accept(KeyAdvert, server.receive_advert)
+            {e: setup for e in cohort},
+            Phase.SETUP,
+            _accept(KeyAdvert, server.receive_advert),
+            "bounded",
         )
         bundles = server.close_adverts()
         await self._exchange(
             {e: b.to_bytes() for e, b in bundles.items()},
             Phase.ADVERT_BUNDLE,
             _accept(ShareBundle, server.receive_shares),
+            "bounded",
         )
         deliveries = server.close_shares()
         self._progress("keys shared", len(deliveries))
@@ -170,7 +175,7 @@ class SecureRound:
             {e: d.to_bytes() for e, d in deliveries.items()},
             Phase.DELIVERY,
             _accept(MaskedInput, server.receive_masked_input),
-            until_round_deadline=True,
+            "round",
         )
         survivors = server.close_masked_inputs()
         self._progress("masked inputs in", len(survivors.survivors))
@@ -179,12 +184,14 @@ class SecureRound:
             {e: listed for e in survivors.survivors},
             Phase.SURVIVORS,
             _accept(SurvivorSignature, server.receive_survivor_signature),
+            "own",
         )
         requests = server.close_signatures()
         await self._exchange(
             {e: r.to_bytes() for e, r in requests.items()},
             Phase.UNMASK_REQUEST,
             _accept(UnmaskResponse, server.receive_unmask),
+            "own",
         )
         result = await asyncio.to_thread(server.finish)
         self._progress("unmasked", len(result.survivors), dropped=len(result.dropped))
@@ -197,25 +204,28 @@ class SecureRound:
             extra={"model": self.model, "round": self.round_no, "edges": edges, **extra},
         )
 
-    def _deadline(self, until_round_deadline: bool) -> float:
+    def _deadline(self, until: Until) -> float:
+        """The step's deadline on the loop's clock: the round's (masked inputs), the
+        step's own timeout but not past the round's (key exchange), or its own."""
         loop = asyncio.get_running_loop()
         to_round = self.deadline_ts - time.time()
-        if until_round_deadline:
+        if until == "round":
             return loop.time() + to_round
-        return loop.time() + min(self.timing.phase_timeout_s, max(to_round, 0.0))
+        if until == "bounded":
+            return loop.time() + min(self.timing.phase_timeout_s, max(to_round, 0.0))
+        return loop.time() + self.timing.phase_timeout_s
 
     async def _exchange(
         self,
         requests: Mapping[str, bytes],
         ask: Phase,
         accept: Accept,
-        *,
-        until_round_deadline: bool = False,
+        until: Until,
     ) -> None:
         """Send ``requests`` (again every ``resend_s``) until every edge answered, or was
         refused, or the step's deadline passed."""
         loop = asyncio.get_running_loop()
-        deadline = self._deadline(until_round_deadline)
+        deadline = self._deadline(until)
         answer = ANSWERS[ask]
         pending = set(requests)
         resend_at = 0.0
