@@ -256,3 +256,29 @@ async def test_the_learner_hands_a_secure_rounds_update_over_unsealed(tmp_path: 
         assert len(masked) == 1 and masked[0].num_samples == 40
     finally:
         spool.close()
+
+
+def test_edge_settings_need_the_registry_and_a_served_model(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from edge_runtime.settings import EdgeSettings
+
+    base: dict[str, Any] = {
+        "edge_id": "edge-1",
+        "data_dir": tmp_path,
+        "seed_artifacts_dir": tmp_path,
+        "trainer_public_key_file": tmp_path / "t.pub",
+        "identity_key_file": tmp_path / "e.key",
+        "trainer_hpke_public_key_file": tmp_path / "h.pub",
+        "triton_control_secret_file": tmp_path / "s",
+        "nats_user": "edge-1",
+        "nats_password_file": tmp_path / "p",
+    }
+    with pytest.raises(ValidationError, match="secagg_registry_file is required"):
+        EdgeSettings(**base, secagg={"digits": {}})
+    with pytest.raises(ValidationError, match="does not serve"):
+        EdgeSettings(**base, secagg={"other": {}}, secagg_registry_file=tmp_path / "r")
+    with pytest.raises(ValidationError, match="threshold"):
+        EdgeSettings(**base, secagg={"digits": {"threshold": 0.2}}, secagg_registry_file=tmp_path)
+    ok = EdgeSettings(**base, secagg={"digits": {"clip_norm": 2.0}}, secagg_registry_file=tmp_path)
+    assert ok.secagg["digits"].config() == SecAggConfig(clip_norm=2.0)
