@@ -4,6 +4,7 @@ DP noise on the sum, refusing sealed updates, and a round the trainer lost on re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -139,3 +140,75 @@ async def test_a_round_with_no_answers_fails_and_tells_the_edges() -> None:
     assert phases.count(Phase.SETUP) >= 2 * len(EDGES)  # requests are repeated
     assert phases[-len(EDGES) :] == [Phase.END] * len(EDGES)
     assert masked_frame_bytes(DIM) < 1024
+
+
+class Msg:
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject, self.data = subject, data
+
+
+async def run_in_process(min_updates: int, silent: str | None) -> tuple[RoundBook, str | None]:
+    """A coordinator and four edge participants wired to each other in process; the
+    ``silent`` edge never trains."""
+    from edge_runtime.rounds_watch import RoundsView
+    from edge_runtime.secure_round import SecureParticipant
+    from tests.secagg_harness import Cohort
+
+    cohort = Cohort.make(4)
+    keys = Keys()
+    keys.keys = dict(cohort.enrolled)
+    view = RoundsView()
+    edges: dict[str, SecureParticipant] = {}
+
+    async def to_edge(subject: str, data: bytes) -> None:
+        edge = subject.rsplit(".", 1)[1]
+        await edges[edge].on_message(Msg(subject, data))  # type: ignore[arg-type]
+
+    async def to_trainer(subject: str, data: bytes) -> None:
+        await secure.on_message(Msg(subject, data))  # type: ignore[arg-type]
+
+    secure = SecureCoordinator(
+        to_edge, keys, {"digits": SecAggConfig()}, {"digits": DIM}, SecureTiming(2.0, 0.05)
+    )
+    for e in cohort.names:
+        edges[e] = SecureParticipant(
+            e,
+            cohort.identities[e],
+            lambda: cohort.enrolled,
+            {"digits": SecAggConfig()},
+            view,
+            to_trainer,
+        )
+    b = RoundBook(
+        "digits",
+        RoundPolicy(min_updates=min_updates, deadline_s=1.0),
+        get_strategy("fedavg"),
+        version=1,
+        digest=DIGEST,
+        params=np.zeros(DIM, np.float32),
+    )
+    view.put(b.open(cohort.names, secure=True, min_sample=3))
+    secure.begin(b)
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        for e in cohort.names:
+            if e != silent:
+                with contextlib.suppress(Exception):
+                    await edges[e].submit("digits", 1, np.full(DIM, 0.1, np.float32))
+        ready, failed = round_verdict(b, secure)
+        if ready:
+            return b, failed
+    raise AssertionError("the secure round never ended")
+
+
+async def test_coordinator_and_participants_agree_in_process() -> None:
+    b, failed = await run_in_process(min_updates=3, silent="edge-003")
+    assert failed is None and b.current is not None and b.current.secure is not None
+    assert b.current.secure.dropped == ("edge-003",)
+    np.testing.assert_allclose(b.finalize(), np.full(DIM, 0.1, np.float32), atol=1e-6)
+
+
+async def test_fewer_masked_inputs_than_min_updates_fail_before_unmasking() -> None:
+    b, failed = await run_in_process(min_updates=4, silent="edge-003")
+    assert failed is not None and "MIN_UPDATES is 4" in failed
+    assert b.current is not None and b.current.secure is None  # nothing was folded

@@ -101,7 +101,8 @@ def _accept(cls: type[M], receive: Callable[[M], None]) -> Accept:
 
 
 class SecureRound:
-    """One secure round of one model over the ``enrolled`` cohort (edge -> Ed25519 key)."""
+    """One secure round of one model over the ``enrolled`` cohort (edge -> Ed25519 key);
+    fewer than ``quorum`` masked inputs fail it before anything is unmasked."""
 
     def __init__(
         self,
@@ -114,8 +115,10 @@ class SecureRound:
         dim: int,
         deadline_ts: float,
         timing: SecureTiming,
+        quorum: int = 1,
     ) -> None:
         self._send = send
+        self.quorum = quorum
         self.model = model
         self.round_no = round_no
         self.config = config
@@ -179,6 +182,11 @@ class SecureRound:
         )
         survivors = server.close_masked_inputs()
         self._progress("masked inputs in", len(survivors.survivors))
+        if len(survivors.survivors) < self.quorum:  # before anything is unmasked
+            raise SecAggError(
+                "below-threshold",
+                f"{len(survivors.survivors)} masked inputs, MIN_UPDATES is {self.quorum}",
+            )
         listed = survivors.to_bytes()
         await self._exchange(
             {e: listed for e in survivors.survivors},
@@ -331,6 +339,7 @@ class SecureCoordinator:
             dim=self.dims[book.model],
             deadline_ts=a.deadline_ts,
             timing=self.timing,
+            quorum=a.min_updates,
         )
         self._running[book.model] = _Running(secure, asyncio.create_task(secure.run()))
 
