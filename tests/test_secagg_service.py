@@ -13,6 +13,7 @@ them, through the service's exit status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +27,9 @@ from typing import Any
 import nats
 import numpy as np
 import pytest
+from nats.aio.client import Client as NATS
 
+from fedcore import subjects
 from fedcore.errors import ConfigError
 from fedcore.models import get_spec
 from fedcore.params import load_weights_file
@@ -130,6 +133,20 @@ async def wait_for_step(path: Path, phase: str, within_s: float = 60.0) -> None:
     raise AssertionError(f"{path.name} never got {phase}")
 
 
+async def heartbeats_from(nc: NATS, edges: list[str], within_s: float = 60.0) -> None:
+    heard: set[str] = set()
+    sub = await nc.subscribe(subjects.HEARTBEAT_ALL)
+    deadline = time.monotonic() + within_s
+    try:
+        while heard != set(edges):
+            assert time.monotonic() < deadline, f"heard only {sorted(heard)}"
+            with contextlib.suppress(nats.errors.TimeoutError):
+                msg = await sub.next_msg(timeout=1)
+                heard.add(msg.subject.rsplit(".", 1)[1])
+    finally:
+        await sub.unsubscribe()
+
+
 def expected_v2(v1: np.ndarray, survivors: list[str], participants: int) -> np.ndarray:
     """Version 1 plus the mean of the survivors' clipped, quantised updates (FedAvg,
     server_lr 1), computed from the harness's deterministic deltas."""
@@ -154,8 +171,9 @@ async def test_a_secure_round_survives_a_killed_edge(
 ) -> None:
     keys = init_keys(tmp_path / "keys", EDGES)
     edges = {e: start_edge(tmp_path, keys, secure_nats, e) for e in EDGES}
-    trainer = start_trainer(tmp_path, trainer_env(tmp_path, keys, secure_nats))
     nc = await nats.connect(secure_nats.url, user="trainer", password=secure_nats.users["trainer"])
+    await heartbeats_from(nc, EDGES)  # every edge is up before the trainer samples them
+    trainer = start_trainer(tmp_path, trainer_env(tmp_path, keys, secure_nats))
     edge_nc = await nats.connect(
         secure_nats.url, user="edge-1", password=secure_nats.users["edge-1"]
     )
