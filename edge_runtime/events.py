@@ -26,6 +26,8 @@ KINDS = frozenset(
         "train-finished",
         "train-abandoned",  # the round moved on, the deadline passed, or the worker failed
         "update-published",
+        "update-masked",  # the update went into a secure round, masked (no envelope)
+        "secure-refused",  # the edge refused a secure-aggregation step (reason says why)
     }
 )
 

@@ -8,7 +8,9 @@ base version. While the job runs, traffic returning (or the budget running out) 
 it before its next mini-batch; the next idle window resumes it; a round that moves on
 abandons it. A finished job becomes an update: delta = local - base (flat FP32),
 optionally clipped to ``clip_norm``, compressed, sealed for the round with the local
-metrics in the signed header, and published. Only the sealed update leaves the edge.
+metrics in the signed header, and published. Only the sealed update leaves the edge. In a
+securely aggregated round the delta goes to the secure-aggregation participant instead
+(:class:`SecureSink`), which sends it only masked (``docs/secagg.md``).
 Everything is recorded in the :class:`~edge_runtime.events.EventLog`.
 """
 
@@ -24,13 +26,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from numpy.typing import NDArray
 
 from edge_runtime.budget import TrainingBudget
+from edge_runtime.errors import EdgeError
 from edge_runtime.events import EventLog
 from edge_runtime.finetune import Device, JobSpec, Recipe
 from edge_runtime.idle import IdleDetector, IdleThresholds, IdleVerdict
@@ -48,6 +51,14 @@ log = logging.getLogger(__name__)
 ReadLoad = Callable[[], Awaitable[TritonLoad]]
 ReadServed = Callable[[], Awaitable[Mapping[int, ServedVersion]]]
 Publish = Callable[[bytes], Awaitable[Any]]
+
+
+class SecureSink(Protocol):
+    """Where an update of a securely aggregated round goes instead of an envelope
+    (:class:`edge_runtime.secure_round.SecureParticipant`)."""
+
+    async def submit(self, model: str, round_no: int, delta: NDArray[Any]) -> None: ...
+
 
 _SENT_ROUNDS = "sent_rounds"
 _BUDGET = "train_budget"
@@ -72,6 +83,7 @@ class LearnerConfig:
     nice: int = 19
     sched_idle: bool = True
     clip_norm: float | None = None
+    secure: bool = False
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     window_budget_s: float = 60.0
     daily_budget_s: float = 3600.0
@@ -112,8 +124,10 @@ class Learner:
         publish: Publish,
         keys: Keys,
         events: EventLog | None = None,
+        secure: SecureSink | None = None,
     ) -> None:
         self.config = config
+        self.secure = secure
         self.spool = spool
         self.rounds = rounds
         self.read_load = read_load
@@ -193,11 +207,11 @@ class Learner:
         if stats.new_labels < c.min_new_labels:
             return
         announcement, sent = self.rounds.get(c.model), self.sent_rounds()
-        early = decide(announcement, c.edge_id, {}, sent, time.time())
+        early = decide(announcement, c.edge_id, {}, sent, time.time(), c.secure)
         if isinstance(early, Refusal) and not early.loud:
             return  # no round for this edge now, whatever it serves
         served = await self.read_served()
-        decision = decide(announcement, c.edge_id, served, sent, time.time())
+        decision = decide(announcement, c.edge_id, served, sent, time.time(), c.secure)
         if isinstance(decision, Refusal):
             self._report_refusal(decision)
             return
@@ -347,6 +361,9 @@ class Learner:
         c, plan, result = self.config, job.plan, job.result or {}
         local = load_weights_file(job.job_dir / "local.npy", expected=job.base.size)
         delta, norm = clip_delta(local - job.base, c.clip_norm)
+        if plan.announcement.secure:
+            await self._submit_secure(job, delta, local_metrics(result, norm))
+            return
         encoded = encode_update(delta, c.sizes, c.compression, self.feedback)
         metrics = local_metrics(result, norm)
         samples = int(result.get("samples", 0))
@@ -375,6 +392,28 @@ class Learner:
             base_version=plan.base.version,
             update_id=header.update_id,
             num_samples=samples,
+            loss=metrics.get("loss"),
+            accuracy=metrics.get("accuracy"),
+        )
+
+    async def _submit_secure(
+        self, job: Job, delta: NDArray[Any], metrics: dict[str, float]
+    ) -> None:
+        """A secure round's update goes to the secure-aggregation participant, which sends
+        it masked; no envelope, no metrics leave the edge with it."""
+        c, plan, result = self.config, job.plan, job.result or {}
+        if self.secure is None or not c.secure:
+            raise EdgeError(f"round {plan.round} is securely aggregated; it is off here")
+        await self.secure.submit(c.model, plan.round, delta)
+        self.spool.mark_trained(int(result.get("upto", 0)))
+        self._remember_sent(plan.round)
+        self.events.emit(
+            "update-masked",
+            c.model,
+            batch=_opt_int(result.get("batch")),
+            round=plan.round,
+            base_version=plan.base.version,
+            num_samples=int(result.get("samples", 0)),
             loss=metrics.get("loss"),
             accuracy=metrics.get("accuracy"),
         )

@@ -31,10 +31,12 @@ from edge_runtime.rounds_watch import (
     stage_verified,
     watch_rounds,
 )
+from edge_runtime.secure_round import SecureParticipant
 from edge_runtime.settings import EdgeSettings
 from edge_runtime.spool import Spool, spool_path
 from fedcore.artifact import MANIFEST, Manifest
 from fedcore.compression import CompressionSettings, sizes_from_layout
+from fedcore.enrollment import load_registry
 from fedcore.models import get_spec
 from fedcore.params import layout
 from fedcore.triton_config import CaptureParams
@@ -86,6 +88,7 @@ def learner_config(settings: EdgeSettings, model: str) -> LearnerConfig:
         nice=s.train_nice,
         sched_idle=s.train_sched_idle,
         clip_norm=s.clip_norm,
+        secure=model in s.secagg,
         compression=CompressionSettings(
             mode=s.update_compression, topk_fraction=s.update_topk_fraction
         ),
@@ -119,15 +122,18 @@ class EdgeLearning:
         self.spools = {m: Spool(spool_path(settings.data_dir, m)) for m in settings.models}
         self.feedback = FeedbackResponder(settings.edge_id, self.spools)
         self.learners: dict[str, Learner] = {}
+        self.secure: SecureParticipant | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._staged: dict[tuple[str, int], tuple[int, Manifest, Path]] = {}
 
     async def start(self, nc: NATS, publish: Publish) -> None:
-        """Answer feedback, follow rounds and (if enabled) run the learners."""
+        """Answer feedback, follow rounds and (if enabled) run the learners, taking part
+        in secure rounds of the models that have secure aggregation on."""
         await self.feedback.start(nc)
         if not self.settings.learning_enabled:
             return
+        self.secure = await self._start_secure(nc)
         self._tasks.append(
             asyncio.create_task(watch_rounds(nc.jetstream(), self.rounds, self._stop))
         )
@@ -141,9 +147,35 @@ class EdgeLearning:
                 publish=publish,
                 keys=self.keys,
                 events=self.events,
+                secure=self.secure if model in self.settings.secagg else None,
             )
             self.learners[model] = learner
             self._tasks.append(asyncio.create_task(learner.run(self._stop)))
+
+    async def _start_secure(self, nc: NATS) -> SecureParticipant | None:
+        s = self.settings
+        if not s.secagg or s.secagg_registry_file is None:
+            return None
+        registry = s.secagg_registry_file
+
+        def enrolled() -> Mapping[str, ed25519.Ed25519PublicKey]:
+            return load_registry(registry).active_keys()
+
+        async def send(subject: str, data: bytes) -> None:
+            await nc.publish(subject, data)
+
+        participant = SecureParticipant(
+            s.edge_id,
+            self.keys.signer,
+            enrolled,
+            {m: options.config() for m, options in s.secagg.items()},
+            self.rounds,
+            send,
+            events=self.events,
+        )
+        dims = {m: sum(learner_config(s, m).sizes) for m in s.secagg}
+        await participant.start(nc, dims)
+        return participant
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop learners (their workers too), the watcher and feedback. Idempotent."""

@@ -12,7 +12,10 @@ versions this edge serves into a :class:`Plan` or a :class:`Refusal`:
 - ``async``: the edge trains from the newest version it serves that is at most
   ``max_staleness`` versions behind ``base_version``;
 - in both, an open round, before its deadline, that this edge has not yet sent an
-  update for.
+  update for;
+- a securely aggregated round (``secure``) only on an edge with secure aggregation on for
+  the model, and, on such an edge, only a securely aggregated round: its update never
+  leaves it unmasked (``secure-not-configured``, ``round-not-secure``).
 """
 
 from __future__ import annotations
@@ -76,12 +79,16 @@ def decide(
     served: Mapping[int, ServedVersion],
     sent_rounds: Collection[int],
     now: float,
+    secure: bool = False,
 ) -> Plan | Refusal:
-    """The plan for this edge under ``announcement`` (see the module doc)."""
+    """The plan for this edge under ``announcement`` (see the module doc); ``secure``:
+    this edge sends updates for the model only into securely aggregated rounds."""
     if announcement is None:
         return Refusal("no-round", "no round is announced")
     if (closed := _closed(announcement, edge_id, sent_rounds, now)) is not None:
         return closed
+    if announcement.secure != secure:
+        return _secure_mismatch(announcement, secure)
     if announcement.mode == "sync":
         return _sync_base(announcement, served)
     return _async_base(announcement, served)
@@ -100,6 +107,22 @@ def _closed(
     if not a.invites(edge_id):
         return Refusal("not-invited", f"round {a.round} did not sample {edge_id}")
     return None
+
+
+def _secure_mismatch(a: RoundAnnouncement, secure: bool) -> Refusal:
+    if a.secure:
+        return Refusal(
+            "secure-not-configured",
+            f"round {a.round} is securely aggregated; secure aggregation is off for "
+            f"{a.model} on this edge (FEDGATE_EDGE_SECAGG)",
+            loud=True,
+        )
+    return Refusal(
+        "round-not-secure",
+        f"round {a.round} is not securely aggregated; this edge sends {a.model} updates "
+        "only masked into secure rounds",
+        loud=True,
+    )
 
 
 def _sync_base(a: RoundAnnouncement, served: Mapping[int, ServedVersion]) -> Plan | Refusal:

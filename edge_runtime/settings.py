@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from fedcore.compression import Mode
+from fedcore.secagg.options import SecAggOptions
 from fedcore.settings import ServiceSettings
 from fedcore.wire import check_edge_id
 
@@ -101,6 +102,17 @@ class EdgeSettings(ServiceSettings):
     train_daily_budget_s: float = Field(
         default=3600.0, gt=0, description="seconds of training per UTC day"
     )
+    secagg: dict[str, SecAggOptions] = Field(
+        default={},
+        description="secure aggregation per model (JSON, model -> options): the same "
+        "options as the trainer's FEDGATE_TRAINER_SECAGG; such a model's updates leave "
+        "this edge only masked, in securely aggregated rounds (docs/secagg.md)",
+    )
+    secagg_registry_file: Path | None = Field(
+        default=None,
+        description="the edge registry (fedgate keys enroll): peers' public keys, to verify "
+        "their key adverts in secure rounds; needed when secagg is set",
+    )
     update_compression: Mode = Field(default="none", description="none, fp16, int8 or topk")
     update_topk_fraction: float = Field(default=0.01, gt=0, le=1)
 
@@ -108,3 +120,15 @@ class EdgeSettings(ServiceSettings):
     @classmethod
     def _edge_id(cls, v: str) -> str:
         return check_edge_id(v)
+
+    @model_validator(mode="after")
+    def _secagg(self) -> Self:
+        unknown = sorted(set(self.secagg) - set(self.models))
+        if unknown:
+            raise ValueError(f"secagg names models this edge does not serve: {unknown}")
+        if self.secagg and self.secagg_registry_file is None:
+            raise ValueError(
+                "secagg_registry_file is required with secagg: the enrolled edges' public "
+                "keys verify the peers' key adverts (the trainer is not trusted with them)"
+            )
+        return self

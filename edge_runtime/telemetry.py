@@ -6,7 +6,8 @@ these series cover the edge runtime:
 - ``fedgate_edge_learn_events_total{model,kind}``: learner events (``train-started``,
   ``train-paused``, ``train-finished``, ``train-abandoned``, ``update-published``,
   ``round-refused``, ...), counted as they are emitted;
-- ``fedgate_edge_update_samples_total{model}``: samples behind published updates;
+- ``fedgate_edge_update_samples_total{model}``: samples behind published updates (sealed,
+  or masked into a secure round);
 - ``fedgate_edge_local_loss{model}``, ``fedgate_edge_local_accuracy{model}``: the local
   evaluation of the last published update (held-out labels of this edge);
 - ``fedgate_edge_spool_samples{model}``, ``..._labelled``, ``..._new_labels``,
@@ -104,7 +105,7 @@ class EdgeMetrics:
 
     def on_event(self, event: LearnEvent) -> None:
         self.events.labels(event.model, event.kind).inc()
-        if event.kind != "update-published":
+        if event.kind not in ("update-published", "update-masked"):
             return
         self.update_samples.labels(event.model).inc(event.num_samples or 0)
         if event.loss is not None:

@@ -129,6 +129,10 @@ class EdgeRegistry(Mapping[str, EdgeRecord]):
         """The public key of an active edge; ``None`` for unknown and revoked edges."""
         return self._keys.get(edge_id)
 
+    def active_keys(self) -> dict[str, ed25519.Ed25519PublicKey]:
+        """Every active edge's public key (what secure aggregation takes as enrolled)."""
+        return dict(self._keys)
+
     def lookup_any(self, edge_id: str) -> ed25519.Ed25519PublicKey | None:
         """The public key of an edge, revoked or not (to re-verify what was accepted
         before a revocation); ``None`` for unknown edges."""

@@ -25,3 +25,28 @@ FEEDBACK_PREFIX = "fedgate.feedback"
 def feedback(model: str) -> str:
     """Subject the gateway sends feedback labels for ``model`` on (a request: edges reply)."""
     return f"{FEEDBACK_PREFIX}.{model}"
+
+
+SECAGG_PREFIX = "fedgate.secagg"
+
+
+def secagg_to_edge(model: str, edge_id: str) -> str:
+    """Subject the trainer sends ``edge_id`` its secure-aggregation messages for ``model`` on."""
+    return f"{SECAGG_PREFIX}.{model}.to.{edge_id}"
+
+
+def secagg_from_edge(model: str, edge_id: str) -> str:
+    """Subject ``edge_id`` answers the trainer on in a secure round of ``model``."""
+    return f"{SECAGG_PREFIX}.{model}.from.{edge_id}"
+
+
+SECAGG_FROM_ALL = f"{SECAGG_PREFIX}.*.from.*"
+
+
+def parse_secagg_subject(subject: str) -> tuple[str, str, str] | None:
+    """``(model, direction, edge)`` of a secure-aggregation subject (direction ``to`` or
+    ``from``), or None when ``subject`` is not one."""
+    parts = subject.split(".")
+    if len(parts) != 5 or ".".join(parts[:2]) != SECAGG_PREFIX or parts[3] not in ("to", "from"):
+        return None
+    return parts[2], parts[3], parts[4]

@@ -111,6 +111,9 @@ class RoundAnnouncement(_Message):
     ``mode`` ``async``: any edge may send an update whenever it has trained, from any
     version at most ``max_staleness`` behind ``base_version``; the trainer aggregates
     every ``buffer_size`` updates. ``state`` is ``open`` or ``closed``.
+    ``secure``: the round is securely aggregated (``docs/secagg.md``): invited edges take
+    part in the protocol on ``fedgate.secagg.<model>.*`` and send their update masked
+    there, never as a sealed envelope (absent in older messages: False).
     """
 
     model: str
@@ -125,6 +128,7 @@ class RoundAnnouncement(_Message):
     buffer_size: int = Field(default=1, ge=1)
     max_staleness: int = Field(default=0, ge=0)
     state: str = Field(default="open", pattern="^(open|closed)$")
+    secure: bool = False
 
     def invites(self, edge_id: str) -> bool:
         """True when ``edge_id`` may send an update for this round."""
@@ -177,7 +181,12 @@ class Contributor(_Message):
 
 
 class RoundRecord(_Message):
-    """How a round ended: ``released``, ``held`` (gate said no) or ``failed`` (no quorum)."""
+    """How a round ended: ``released``, ``held`` (gate said no) or ``failed`` (no quorum).
+
+    A securely aggregated round (``secure``) has no per-edge contributions to show beyond
+    who survived: ``survivors`` edges' masked updates are in the sum, ``dropped`` edges
+    shared keys but sent none (both None when the protocol did not get that far).
+    """
 
     model: str
     round: int = Field(ge=1)
@@ -193,6 +202,9 @@ class RoundRecord(_Message):
     loss: float | None = None
     serving_accuracy: float | None = None
     epsilon: float | None = None
+    secure: bool = False
+    survivors: int | None = Field(default=None, ge=0)
+    dropped: int | None = Field(default=None, ge=0)
 
 
 class Lineage(_Message):

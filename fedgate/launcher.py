@@ -251,6 +251,8 @@ class Stack:
                 ),
                 "IDENTITY_KEY_FILE": str(keys.edge_key(edge_id)),
                 "TRAINER_HPKE_PUBLIC_KEY_FILE": str(keys.hpke_pub),
+                # peers' keys for secure rounds (used only when SECAGG is set)
+                "SECAGG_REGISTRY_FILE": str(keys.registry),
                 "TRITON_CONTROL_SECRET_FILE": str(self._secret(f"triton-control-{edge_id}")),
                 "TRITON_HOST": self.config.host,
                 "TRITON_HTTP_PORT": str(ports.http),

@@ -7,12 +7,15 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
 - An edge publishes only its own heartbeat, leave and update subjects, may store large
   updates in the updates object store, reads the round announcements, the signed model
   versions and the desired versions (rollouts), receives the feedback of its models and
-  answers it (``allow_responses``).
+  answers it (``allow_responses``). In secure rounds it reads only
+  ``fedgate.secagg.<model>.to.<itself>`` and writes only ``...from.<itself>``: that is how
+  the trainer knows which edge sent a secure-aggregation message.
 - The gateway reads heartbeats, sends feedback requests and reads the rounds, round log
   and lineage buckets and the model versions' manifests; it owns the rollout buckets
   (rollout records, and the desired versions that edges read).
-- The trainer manages JetStream and its buckets; it can neither speak for an edge nor
-  read the feedback labels (raw labels stay with the edges).
+- The trainer manages JetStream and its buckets; it can neither speak for an edge (nor
+  answer a secure-aggregation step in an edge's name) nor read the feedback labels (raw
+  labels stay with the edges).
 
 Passwords are ``$NATS_PASSWORD_<USER>`` references resolved from the server's environment.
 """
@@ -86,8 +89,9 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
         *_read_stream(f"KV_{ROUNDS_BUCKET}"),
         *_read_stream(f"OBJ_{MODELS_BUCKET}"),
         *_read_stream(f"KV_{DESIRED_BUCKET}"),
+        subjects.secagg_from_edge("*", edge_id),
     ]
-    return publish, [INBOX, f"{FEEDBACK_PREFIX}.*"]
+    return publish, [INBOX, f"{FEEDBACK_PREFIX}.*", subjects.secagg_to_edge("*", edge_id)]
 
 
 def gateway_permissions() -> tuple[list[str], list[str]]:
@@ -114,6 +118,7 @@ def trainer_permissions() -> tuple[list[str], list[str], list[str], list[str]]:
         f"{subjects.LEAVE_PREFIX}.>",
         f"{transport.UPDATES_PREFIX}.>",
         f"{FEEDBACK_PREFIX}.>",
+        subjects.secagg_from_edge("*", "*"),
     ]
     subscribe = [INBOX, "fedgate.>", *buckets]
     return publish, speaks_for_edges, subscribe, [f"{FEEDBACK_PREFIX}.>"]

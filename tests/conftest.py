@@ -61,8 +61,9 @@ class NatsServer:
     process: ManagedProcess
 
 
-def start_nats(root: Path, users: list[str]) -> NatsServer:
-    """A real nats-server with JetStream on disk and one password user per name."""
+def start_nats(root: Path, users: list[str], roles: bool = False) -> NatsServer:
+    """A real nats-server with JetStream on disk and one password user per name; with
+    ``roles``, each user gets the permissions of its role (``fedgate.nats_accounts``)."""
     import secrets
     import shutil
     import sys
@@ -70,6 +71,7 @@ def start_nats(root: Path, users: list[str]) -> NatsServer:
 
     from fedcore.keys import write_secret
     from fedcore.process import free_port
+    from fedgate.nats_accounts import role_permissions
     from fedgate.natsconf import render_nats_config, write_nats_config
 
     passwords = {u: secrets.token_urlsafe(16) for u in users}
@@ -83,7 +85,12 @@ def start_nats(root: Path, users: list[str]) -> NatsServer:
     write_nats_config(
         conf,
         render_nats_config(
-            host="127.0.0.1", port=port, monitor_port=monitor, store_dir=store, users=passwords
+            host="127.0.0.1",
+            port=port,
+            monitor_port=monitor,
+            store_dir=store,
+            users=passwords,
+            permissions={u: role_permissions(u) for u in users} if roles else None,
         ),
     )
     binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"

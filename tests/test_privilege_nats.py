@@ -347,3 +347,36 @@ async def test_gateway_and_trainer_cannot_speak_for_edges_nor_the_trainer_read_l
     assert reply.data == b"ok"
     await conns["edge-1"].publish(subjects.feedback("digits"), json.dumps({}).encode())
     await local_nats.violation(conns["edge-1"], "edge-1", 'publish to "fedgate.feedback.digits')
+
+
+async def test_secure_aggregation_subjects_are_per_edge(
+    local_nats: LocalNats, conns: dict[str, NATS]
+) -> None:
+    """Only the trainer writes an edge's ``...to.<edge>``, only that edge reads it; only
+    the edge writes ``...from.<edge>``: the trainer knows who sent a masked input."""
+    own_to = subjects.secagg_to_edge("digits", "edge-1")
+    own_from = subjects.secagg_from_edge("digits", "edge-1")
+    inbox = await conns["edge-1"].subscribe(own_to)
+    answers = await conns["trainer"].subscribe(subjects.SECAGG_FROM_ALL)
+    await conns["edge-1"].flush()
+    await conns["trainer"].flush()
+    assert (await delivered(conns["trainer"], own_to, inbox)).subject == own_to
+    assert (await delivered(conns["edge-1"], own_from, answers)).subject == own_from
+    await local_nats.no_violation(conns["edge-1"], "edge-1")
+    await local_nats.no_violation(conns["trainer"], "trainer")
+
+    spy = conns["edge-1"]
+    await spy.subscribe(subjects.secagg_to_edge("digits", "edge-2"))
+    await local_nats.violation(spy, "edge-1", 'subscription to "fedgate.secagg.digits.to.edge-2')
+    await spy.subscribe(subjects.SECAGG_FROM_ALL)
+    await local_nats.violation(spy, "edge-1", 'subscription to "fedgate.secagg.*.from.*')
+    await spy.publish(subjects.secagg_from_edge("digits", "edge-2"), b"forged masked input")
+    await local_nats.violation(spy, "edge-1", 'publish to "fedgate.secagg.digits.from.edge-2')
+    await spy.publish(subjects.secagg_to_edge("digits", "edge-2"), b"forged request")
+    await local_nats.violation(spy, "edge-1", 'publish to "fedgate.secagg.digits.to.edge-2')
+    await conns["trainer"].publish(subjects.secagg_from_edge("digits", "edge-2"), b"forged")
+    await local_nats.violation(
+        conns["trainer"], "trainer", 'publish to "fedgate.secagg.digits.from.edge-2'
+    )
+    with pytest.raises(nats.errors.TimeoutError):  # none of the forgeries arrived
+        await answers.next_msg(timeout=0.3)

@@ -109,6 +109,8 @@ class WeightedSum:
     round_id: str
     count: int
     total_weight: float
+    sensitivity: float | None
+    """Set by :meth:`fold_sum`: the L2 bound on one edge's part of a pre-aggregated sum."""
 
     def __init__(self, dim: int, round_id: str = "") -> None:
         if dim < 1:
@@ -126,6 +128,7 @@ class WeightedSum:
         self.round_id = round_id
         self.count = 0
         self.total_weight = 0.0
+        self.sensitivity = None
         self._block.fill(0.0)
         self._total.fill(0.0)
         self._in_block = 0
@@ -153,6 +156,29 @@ class WeightedSum:
         if self._in_block >= FLUSH_EVERY:
             self._flush()
         return norm
+
+    def fold_sum(self, total: F64Array, count: int, *, sensitivity: float) -> None:
+        """Add the sum of ``count`` equally weighted updates, summed elsewhere (secure
+        aggregation: the trainer never sees them one by one, so none is clipped here).
+
+        ``sensitivity`` bounds the L2 norm of any one of them (the edges' clip plus the
+        quantisation error); central DP calibrates its noise to it. Raises
+        :class:`UpdateRejected` and leaves the state unchanged when the sum is invalid.
+        """
+        vector = np.asarray(total, dtype=np.float64)
+        if vector.ndim != 1 or vector.size != self.dim:
+            raise UpdateRejected(
+                "wrong-size", f"sum has shape {vector.shape}, expected ({self.dim},)"
+            )
+        if not np.isfinite(vector).all():
+            raise UpdateRejected("non-finite", "the aggregated sum holds NaN or Inf")
+        if count < 1 or not (math.isfinite(sensitivity) and sensitivity > 0):
+            raise UpdateRejected("bad-weight", f"count {count} and sensitivity {sensitivity}")
+        self._flush()
+        np.add(self._total, vector, out=self._total)
+        self.count += count
+        self.total_weight += float(count)
+        self.sensitivity = max(self.sensitivity or 0.0, float(sensitivity))
 
     def _flush(self) -> None:
         np.add(self._total, self._block, out=self._total)

@@ -50,6 +50,19 @@ class AsyncTarget(RoundTarget):
             )
 
 
+@dataclass(frozen=True)
+class SecureTarget(RoundTarget):
+    """A securely aggregated round: edges send masked inputs over the secure-aggregation
+    subjects, so any sealed update for it is refused (and never folded)."""
+
+    def check(self, header: UpdateHeader) -> None:
+        raise EnvelopeError(
+            "wrong-round",
+            f"round {self.round} of {self.model} is securely aggregated: sealed updates "
+            "are refused (its edges send masked inputs)",
+        )
+
+
 class RoundDriver:
     """Round books by model, their checkpoints, and the ingestor-facing protocol."""
 
@@ -84,7 +97,8 @@ class RoundDriver:
                 max_staleness=a.max_staleness,
                 digests=tuple(sorted(digests.items())),
             )
-        return RoundTarget(model, a.round, a.base_version, a.base_digest, self.sizes[model])
+        kind = SecureTarget if a.secure else RoundTarget
+        return kind(model, a.round, a.base_version, a.base_digest, self.sizes[model])
 
     def fold(self, update: AcceptedUpdate) -> None:
         h = update.header

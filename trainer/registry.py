@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
@@ -63,6 +64,10 @@ class RegistryFile:
                     extra={"reason": exc.reason, "detail": exc.detail},
                 )
         return self._registry
+
+    def active_keys(self) -> dict[str, ed25519.Ed25519PublicKey]:
+        """The active edges' public keys, from the current registry."""
+        return self.current().active_keys()
 
 
 async def edges_bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:

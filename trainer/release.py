@@ -124,6 +124,7 @@ async def close_round(
         raise RuntimeError("close_round without an open round")
     a = rnd.announcement
     contributors = _contributors(book)
+    secure = rnd.secure
 
     def record(outcome: str, reason: str, **extra: Any) -> RoundRecord:
         return RoundRecord(
@@ -137,6 +138,9 @@ async def close_round(
             opened_ts=a.opened_ts,
             closed_ts=time.time(),
             contributors=contributors,
+            secure=a.secure,
+            survivors=None if secure is None else len(secure.survivors),
+            dropped=None if secure is None else len(secure.dropped),
             **extra,
         )
 

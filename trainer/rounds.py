@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.wire import RoundAnnouncement
+from trainer.aggregate import WeightedSum
 from trainer.errors import TrainerError
 from trainer.strategies.base import RoundState, Strategy
 
@@ -55,6 +56,15 @@ class Contribution:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SecureOutcome:
+    """What a securely aggregated round folded: how many edges' masked updates are in
+    the sum (``survivors``) and how many shared keys but sent none (``dropped``)."""
+
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
 @dataclass
 class OpenRound:
     """The open round: its announcement and what has been folded into it."""
@@ -62,6 +72,7 @@ class OpenRound:
     announcement: RoundAnnouncement
     state: RoundState
     folded: dict[str, Contribution] = field(default_factory=dict)
+    secure: SecureOutcome | None = None
 
     @property
     def round(self) -> int:
@@ -71,12 +82,14 @@ class OpenRound:
         return {c.edge_id for c in self.folded.values()}
 
 
-def sample_edges(edges: list[str], fraction: float, rng: random.Random) -> list[str] | None:
-    """A sorted sample of ``ceil(fraction * n)`` of the edges alive; None (anyone) when
-    no edge is known yet."""
+def sample_edges(
+    edges: list[str], fraction: float, rng: random.Random, minimum: int = 1
+) -> list[str] | None:
+    """A sorted sample of ``ceil(fraction * n)`` (at least ``minimum``, at most all) of
+    the edges alive; None (anyone) when no edge is known yet."""
     if not edges:
         return None
-    k = max(1, math.ceil(fraction * len(edges)))
+    k = min(len(edges), max(minimum, math.ceil(fraction * len(edges))))
     return sorted(rng.sample(sorted(edges), k))
 
 
@@ -110,11 +123,24 @@ class RoundBook:
         self.current: OpenRound | None = None
         self._rng = random.Random(seed)  # noqa: S311 - client sampling, not a secret
 
-    def open(self, fleet: list[str], now: float | None = None) -> RoundAnnouncement:
-        """Open the next round over ``fleet`` (edge ids seen alive) and announce it."""
+    def open(
+        self,
+        fleet: list[str],
+        now: float | None = None,
+        *,
+        secure: bool = False,
+        min_sample: int = 1,
+    ) -> RoundAnnouncement:
+        """Open the next round over ``fleet`` (edge ids seen alive) and announce it.
+
+        ``secure``: a securely aggregated (sync) round; its sample has at least
+        ``min_sample`` edges and the aggregate arrives through :meth:`fold_secure`."""
         t = time.time() if now is None else now
         p = self.policy
         sync = p.mode == "sync"
+        if secure and not sync:
+            raise TrainerError("bad-round-policy", "secure aggregation needs sync rounds")
+        sampled = sample_edges(fleet, p.sample_fraction, self._rng, min_sample) if sync else None
         announcement = RoundAnnouncement(
             model=self.model,
             round=self.next_round,
@@ -123,10 +149,11 @@ class RoundBook:
             base_digest=self.digest,
             opened_ts=t,
             deadline_ts=t + p.deadline_s,
-            sampled=sample_edges(fleet, p.sample_fraction, self._rng) if sync else None,
+            sampled=sampled,
             min_updates=p.min_updates if sync else p.buffer_size,
             buffer_size=1 if sync else p.buffer_size,
             max_staleness=0 if sync else p.max_staleness,
+            secure=secure,
         )
         state = self.strategy.start(self.params.size, round_id=f"{self.model}-{self.next_round}")
         self.current = OpenRound(announcement, state)
@@ -158,6 +185,23 @@ class RoundBook:
         self.strategy.fold(rnd.state, np.asarray(vector, dtype=np.float32), weight)
         rnd.folded[contribution.update_id] = recorded
         return recorded
+
+    def fold_secure(self, total: NDArray[Any], outcome: SecureOutcome, sensitivity: float) -> None:
+        """Fold a secure round's aggregate: the unweighted sum of the survivors' updates
+        (example counts stay on the edges, so the mean is unweighted, as in DP-FedAvg).
+
+        Each survivor is recorded as a contribution with weight 1 and no sample count."""
+        rnd = self._require_open()
+        if not rnd.announcement.secure or rnd.secure is not None or rnd.folded:
+            raise TrainerError("not-secure", f"{self.model}: round {rnd.round} takes no secure sum")
+        state = rnd.state
+        if not isinstance(state, WeightedSum):
+            raise TrainerError("not-secure", f"{self.strategy.name} cannot fold a sum")
+        state.fold_sum(total, len(outcome.survivors), sensitivity=sensitivity)
+        rnd.secure = outcome
+        for edge in outcome.survivors:
+            update_id = f"secagg-{self.model}-{rnd.round}-{edge}"
+            rnd.folded[update_id] = Contribution(update_id, edge, 0, self.version, 1.0)
 
     def verdict(self, now: float | None = None) -> Literal["wait", "close", "fail"]:
         """``close`` when enough updates are in, ``fail`` past the deadline without them."""

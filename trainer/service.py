@@ -29,6 +29,7 @@ from fedcore.keys import load_ed25519, load_x25519
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
+from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.transport import StreamSpec
 from fedcore.wire import ROUNDS_BUCKET, WireError, decode_heartbeat
 from trainer import checkpoint
@@ -43,6 +44,8 @@ from trainer.registry import RegistryFile, mirror_registry
 from trainer.release import ReleaseContext, close_round, version_digest
 from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
+from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
+from trainer.secure_setup import check_payload, secure_configs
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 from trainer.strategies.accountant import PrivacyLedger
@@ -142,6 +145,11 @@ class Fleet:
     def __init__(self, ttl_s: float = 5.0) -> None:
         self.ttl_s = ttl_s
         self.seen: dict[str, float] = {}
+        self.started = time.monotonic()
+
+    def settled(self) -> bool:
+        """True once heartbeats were heard for a whole TTL: the view is complete."""
+        return time.monotonic() - self.started >= self.ttl_s
 
     async def on_heartbeat(self, msg: Msg) -> None:
         with contextlib.suppress(WireError):
@@ -160,6 +168,35 @@ async def announce(js: JetStreamContext, book: RoundBook) -> None:
     log.info("round open", extra={"model": book.model, "round": book.current.round})
 
 
+def open_round(
+    settings: TrainerSettings, book: RoundBook, fleet: Fleet, secure: SecureCoordinator | None
+) -> bool:
+    """Open ``book``'s next round; False when it cannot open yet (a secure round waits
+    for ``max(3, min_updates)`` enrolled edges alive). Raises ``PrivacyBudgetExceeded``."""
+    if secure is None or not secure.handles(book.model):
+        book.open(fleet.alive())
+        return True
+    minimum = max(MIN_PARTICIPANTS, settings.min_updates)
+    cohort = secure.cohort(fleet.alive(), minimum) if fleet.settled() else None
+    if cohort is None:
+        return False
+    book.open(cohort, secure=True, min_sample=minimum)
+    return True
+
+
+def round_verdict(book: RoundBook, secure: SecureCoordinator | None) -> tuple[bool, str | None]:
+    """(time to close, failure reason) of ``book``'s open round; a finished secure round's
+    aggregate is folded here."""
+    rnd = book.current
+    if rnd is not None and rnd.announcement.secure:
+        result = secure.outcome(book.model) if secure is not None else None
+        if result is None and secure is not None:
+            return False, None
+        return True, settle(book, result or SecureResult(None, "secure aggregation is off"))
+    verdict = book.verdict()
+    return verdict != "wait", "deadline passed without quorum" if verdict == "fail" else None
+
+
 async def run_rounds(
     settings: TrainerSettings,
     driver: RoundDriver,
@@ -168,9 +205,11 @@ async def run_rounds(
     fleet: Fleet,
     stop: asyncio.Event,
     rollouts: RolloutRequester | None = None,
+    secure: SecureCoordinator | None = None,
 ) -> None:
     """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``);
-    each released version is handed to ``rollouts`` (the gateway rolls it out)."""
+    each released version is handed to ``rollouts`` (the gateway rolls it out); secure
+    rounds run through ``secure``."""
     closed = 0
     exhausted: set[str] = set()
     while not stop.is_set():
@@ -181,18 +220,20 @@ async def run_rounds(
                 if model in exhausted:
                     continue
                 try:
-                    book.open(fleet.alive())
+                    if not open_round(settings, book, fleet, secure):
+                        continue
                 except PrivacyBudgetExceeded as exc:
                     log.warning("no more rounds: %s", exc, extra={"model": model})
                     exhausted.add(model)
                     continue
                 driver.save(model)
                 await announce(js, book)
+                if secure is not None and book.current and book.current.announcement.secure:
+                    secure.begin(book)
                 continue
-            verdict = book.verdict()
-            if verdict == "wait":
+            ready, failed = round_verdict(book, secure)
+            if not ready:
                 continue
-            failed = "deadline passed without quorum" if verdict == "fail" else None
             record = await close_round(contexts[model], book, js, failed=failed)
             if rollouts is not None and record.released_version is not None:
                 rollouts.request(model, record.released_version)
@@ -205,7 +246,9 @@ async def run_rounds(
 
 
 async def serve(settings: TrainerSettings) -> None:
-    """Bootstrap, connect to NATS and run rounds until SIGTERM or SIGINT."""
+    """Check the settings, bootstrap, connect to NATS and run rounds until SIGTERM or
+    SIGINT."""
+    secure_configs(settings)  # refuse impossible secure-aggregation settings first
     await asyncio.to_thread(bootstrap, settings)
     recipient = load_x25519(settings.hpke_private_key_file)
     signing = load_ed25519(settings.signing_key_file)
@@ -284,10 +327,39 @@ async def _run(
             await announce(js, book)
     fleet = Fleet()
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
+    secure = await start_secure(settings, nc, registry, sizes)
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
     rollouts = rollout_requester(settings)
-    await asyncio.gather(
-        ingestor.run(stop),
-        run_rounds(settings, driver, contexts, js, fleet, stop, rollouts),
-        *([rollouts.run(stop)] if rollouts is not None else []),
-    )
+    try:
+        await asyncio.gather(
+            ingestor.run(stop),
+            run_rounds(settings, driver, contexts, js, fleet, stop, rollouts, secure),
+            *([rollouts.run(stop)] if rollouts is not None else []),
+        )
+    finally:
+        if secure is not None:
+            await secure.stop()
+
+
+async def start_secure(
+    settings: TrainerSettings,
+    nc: NATS,
+    registry: RegistryFile,
+    sizes: dict[str, tuple[int, ...]],
+) -> SecureCoordinator | None:
+    """The secure-round coordinator, listening to the edges (None: secure aggregation off)."""
+    configs = secure_configs(settings)
+    if not configs:
+        return None
+    dims = {m: sum(sizes[m]) for m in configs}
+    for model, dim in dims.items():
+        check_payload(model, dim, nc.max_payload)
+
+    async def send(subject: str, data: bytes) -> None:
+        await nc.publish(subject, data)
+
+    timing = SecureTiming(settings.secagg_phase_timeout_s, settings.secagg_resend_s)
+    secure = SecureCoordinator(send, registry, configs, dims, timing)
+    await nc.subscribe(subjects.SECAGG_FROM_ALL, cb=secure.on_message)
+    log.info("secure aggregation on", extra={"models": ",".join(sorted(configs))})
+    return secure

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from fedcore.secagg.options import SecAggOptions
 from fedcore.settings import ServiceSettings
 
 
@@ -74,6 +75,19 @@ class TrainerSettings(ServiceSettings):
     rollout_options: dict[str, Any] = Field(
         default={"canary": 10.0},
         description="rollout request fields besides the version (JSON): canary, stages, gates...",
+    )
+
+    secagg: dict[str, SecAggOptions] = Field(
+        default={},
+        description="secure aggregation per model (JSON): model -> options (clip_norm, "
+        "threshold, neighbours, expected_dropout, quant_bits, stochastic_rounding); the "
+        "edges of that model must give the same options (docs/secagg.md)",
+    )
+    secagg_phase_timeout_s: float = Field(
+        default=10.0, gt=0, description="secure rounds: deadline of each step but the masked input"
+    )
+    secagg_resend_s: float = Field(
+        default=1.0, gt=0, description="secure rounds: resend a step to edges that did not answer"
     )
 
     @property

@@ -2,11 +2,13 @@
 
 Each update is clipped to L2 norm ``clip_norm`` (``S``) and the clipped updates are
 summed with equal weight, so adding or removing one edge changes the sum by at most
-``S``. Gaussian noise ``N(0, (z * S)^2)`` per coordinate is added to the sum, which
-is divided by ``expected_updates`` when set (a fixed denominator, as in the paper) or
-by the number of updates folded (that count is then released too), and applied with
-``server_lr``. Sample weights are ignored on purpose: weighting by a self-reported
-example count would break the sensitivity bound.
+``S``. (With secure aggregation the edges clip and the trainer gets only the sum: the
+noise is then calibrated to the larger of ``clip_norm`` and the edges' bound, see
+:meth:`DPFedAvg.noise_std_for`.) Gaussian noise ``N(0, (z * S)^2)`` per coordinate is
+added to the sum, which is divided by ``expected_updates`` when set (a fixed
+denominator, as in the paper) or by the number of updates folded (that count is then
+released too), and applied with ``server_lr``. Sample weights are ignored on purpose:
+weighting by a self-reported example count would break the sensitivity bound.
 
 The noise comes from the operating system's CSPRNG (``os.urandom``), never from a
 seedable PRNG: 64-bit words become uniforms in (0, 1) and pairs of uniforms become
@@ -127,6 +129,12 @@ class DPFedAvg(StatelessMixin):
         """Standard deviation of the noise added to each coordinate of the sum."""
         return self.noise_multiplier * self.clip_norm
 
+    def noise_std_for(self, acc: WeightedSum) -> float:
+        """The noise of a round: calibrated to ``clip_norm``, or to the larger bound a
+        securely aggregated sum carries (the edges' clip plus quantisation error, set by
+        :meth:`WeightedSum.fold_sum`), so the noise never falls short of the sensitivity."""
+        return self.noise_multiplier * max(self.clip_norm, acc.sensitivity or 0.0)
+
     def options(self) -> dict[str, OptionValue]:
         return {
             "clip_norm": self.clip_norm,
@@ -152,6 +160,6 @@ class DPFedAvg(StatelessMixin):
             release_id = acc.round_id or uuid.uuid4().hex
             self.ledger.charge(self.model, release_id, self.noise_multiplier, self.sample_rate)
         total = acc.weighted_sum()
-        total += gaussian_noise(acc.dim, self.noise_std, self._random_bytes)
+        total += gaussian_noise(acc.dim, self.noise_std_for(acc), self._random_bytes)
         total /= float(self.expected_updates or acc.count)
         return apply_step(global_params, total, self.server_lr)

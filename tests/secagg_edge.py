@@ -1,0 +1,106 @@
+"""An edge-harness process for secure rounds: the edge runtime's secure-aggregation
+participant (:class:`edge_runtime.secure_round.SecureParticipant`), its round watcher and
+a heartbeat, without Triton or fine-tuning (their part is a deterministic update).
+
+``python -m tests.secagg_edge`` with ``SECAGG_EDGE_*`` variables. In every securely
+aggregated round that invites it, the edge hands over :func:`harness_delta` (unless
+``SECAGG_EDGE_HOLD`` is set: it then takes part in the protocol but never trains, as an
+edge that is about to die). Each request it receives is appended to ``SECAGG_EDGE_LOG``
+as a JSON line ``{"round", "phase"}`` so a test can tell how far it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import nats
+import numpy as np
+from nats.aio.msg import Msg
+from numpy.typing import NDArray
+
+from edge_runtime.rounds_watch import RoundsView, watch_rounds
+from edge_runtime.secure_round import SecureParticipant, SecureRoundError
+from fedcore import subjects
+from fedcore.enrollment import load_registry
+from fedcore.keys import load_ed25519, read_secret
+from fedcore.secagg.frame import Frame
+from fedcore.secagg.options import SecAggOptions
+from fedcore.wire import Heartbeat
+
+MODEL = "digits"
+
+
+def harness_delta(edge: str, round_no: int, dim: int) -> NDArray[np.float32]:
+    """The update ``edge`` sends in round ``round_no`` (norm about 1.4: it gets clipped)."""
+    rng = np.random.default_rng([round_no, int(edge.rsplit("-", 1)[1])])
+    return rng.normal(0.0, 0.02, dim).astype(np.float32)
+
+
+def record_step(path: Path, data: bytes) -> None:
+    """Append the request in ``data`` to the harness's step log."""
+    with contextlib.suppress(Exception):
+        frame = Frame.decode(data)
+        with path.open("a") as f:
+            f.write(json.dumps({"round": frame.round, "phase": frame.phase.name}) + "\n")
+
+
+async def main() -> None:
+    env = os.environ
+    edge, dim = env["SECAGG_EDGE_ID"], int(env["SECAGG_EDGE_DIM"])
+    hold = bool(env.get("SECAGG_EDGE_HOLD"))
+    log_path = Path(env["SECAGG_EDGE_LOG"])
+    nc = await nats.connect(
+        env["SECAGG_EDGE_NATS_URL"],
+        user=edge,
+        password=read_secret(Path(env["SECAGG_EDGE_PASSWORD_FILE"])),
+    )
+    registry = Path(env["SECAGG_EDGE_REGISTRY"])
+    options = SecAggOptions.model_validate_json(env["SECAGG_EDGE_OPTIONS"])
+    view, stop = RoundsView(), asyncio.Event()
+
+    async def send(subject: str, data: bytes) -> None:
+        await nc.publish(subject, data)
+
+    participant = SecureParticipant(
+        edge,
+        load_ed25519(Path(env["SECAGG_EDGE_KEY"])),
+        lambda: load_registry(registry).active_keys(),
+        {MODEL: options.config()},
+        view,
+        send,
+    )
+
+    async def on_message(msg: Msg) -> None:
+        record_step(log_path, msg.data)
+        await participant.on_message(msg)
+
+    await nc.subscribe(subjects.secagg_to_edge(MODEL, edge), cb=on_message)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(watch_rounds(nc.jetstream(), view, stop, retry_s=0.5))
+    submitted: set[int] = set()
+    seq = 0
+    while not stop.is_set():
+        seq += 1
+        beat = Heartbeat(edge_id=edge, url="http://127.0.0.1:9", seq=seq, ts=time.time(), models={})
+        await nc.publish(subjects.heartbeat(edge), beat.encode())
+        a = view.get(MODEL)
+        if not hold and a is not None and a.secure and a.round not in submitted:
+            with contextlib.suppress(SecureRoundError):  # setup not here yet: next tick
+                await participant.submit(MODEL, a.round, harness_delta(edge, a.round, dim))
+                submitted.add(a.round)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.3)
+    await watcher
+    await nc.drain()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

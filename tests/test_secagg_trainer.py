@@ -1,0 +1,214 @@
+"""The trainer's side of secure rounds, without a broker: folding the aggregate, central
+DP noise on the sum, refusing sealed updates, and a round the trainer lost on restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedcore.errors import EnvelopeError
+from fedcore.secagg import SecAggConfig, round_params
+from fedcore.secagg.frame import Frame, Phase, masked_frame_bytes
+from trainer.driver import RoundDriver, SecureTarget
+from trainer.errors import TrainerError
+from trainer.rounds import RoundBook, RoundPolicy, SecureOutcome
+from trainer.secure_round import SecureCoordinator, SecureTiming, sensitivity
+from trainer.service import Fleet, open_round, round_verdict
+from trainer.settings import TrainerSettings
+from trainer.strategies import get_strategy
+
+DIGEST = hashlib.sha256(b"v1").hexdigest()
+DIM = 8
+EDGES = ["edge-1", "edge-2", "edge-3", "edge-4"]
+
+
+def book(strategy: str = "fedavg", **options: object) -> RoundBook:
+    return RoundBook(
+        "digits",
+        RoundPolicy(min_updates=3),
+        get_strategy(strategy, **options),
+        version=1,
+        digest=DIGEST,
+        params=np.zeros(DIM, np.float32),
+        seed=0,
+    )
+
+
+class Keys:
+    def __init__(self) -> None:
+        self.keys = {e: ed25519.Ed25519PrivateKey.generate().public_key() for e in EDGES}
+
+    def active_keys(self) -> dict[str, ed25519.Ed25519PublicKey]:
+        return dict(self.keys)
+
+
+def coordinator(sent: list[tuple[str, bytes]]) -> SecureCoordinator:
+    async def send(subject: str, data: bytes) -> None:
+        sent.append((subject, data))
+
+    return SecureCoordinator(
+        send, Keys(), {"digits": SecAggConfig()}, {"digits": DIM}, SecureTiming(1.0, 0.05)
+    )
+
+
+def test_a_secure_aggregate_is_the_unweighted_mean_of_the_survivors() -> None:
+    b = book()
+    a = b.open(EDGES, now=0.0, secure=True, min_sample=3)
+    assert a.secure and a.sampled == EDGES
+    total = np.arange(DIM, dtype=np.float64) * 3.0  # three survivors' sum
+    b.fold_secure(total, SecureOutcome(("edge-1", "edge-2", "edge-3"), ("edge-4",)), 1.0)
+    np.testing.assert_allclose(b.finalize(), np.arange(DIM, dtype=np.float32))
+    assert b.current is not None and [c.weight for c in b.current.folded.values()] == [1.0] * 3
+    with pytest.raises(TrainerError, match="no secure sum"):  # once per round
+        b.fold_secure(total, SecureOutcome(("edge-1",), ()), 1.0)
+
+
+def test_central_dp_noise_is_calibrated_to_the_edges_bound() -> None:
+    b = book("dp_fedavg", clip_norm=0.5, noise_multiplier=2.0)
+    b.open(EDGES, now=0.0, secure=True, min_sample=3)
+    assert b.current is not None
+    b.fold_secure(np.zeros(DIM), SecureOutcome(("edge-1", "edge-2", "edge-3"), ()), 1.25)
+    strategy = b.strategy
+    assert strategy.noise_std_for(b.current.state) == pytest.approx(2.0 * 1.25)  # type: ignore[attr-defined]
+    noisy = b.finalize()  # noise on the sum, divided by the three survivors
+    assert np.std(noisy) > 0.1
+    params = round_params(SecAggConfig(clip_norm=1.0), 4)
+    assert 1.0 < sensitivity(params, 10**6) < 1.0 + 1e-5
+
+
+def test_sealed_updates_for_a_secure_round_are_refused() -> None:
+    b = book()
+    b.open(EDGES, now=0.0, secure=True, min_sample=3)
+    driver = RoundDriver({"digits": b}, Path("/nonexistent"), {"digits": (DIM,)})
+    target = driver.target("digits")
+    assert isinstance(target, SecureTarget)
+    with pytest.raises(EnvelopeError, match="securely aggregated"):  # whatever it says
+        target.check(None)  # type: ignore[arg-type]
+
+
+async def test_a_secure_round_waits_for_a_settled_fleet_of_enrolled_edges(
+    tmp_path: Path,
+) -> None:
+    settings = TrainerSettings(
+        nats_user="trainer",
+        nats_password_file=tmp_path / "p",
+        data_dir=tmp_path,
+        signing_key_file=tmp_path / "s",
+        hpke_private_key_file=tmp_path / "h",
+        edge_registry_file=tmp_path / "r",
+        min_updates=3,
+        secagg={"digits": {}},
+    )
+    secure, b, fleet = coordinator([]), book(), Fleet(ttl_s=0.2)
+    fleet.seen = {"edge-1": 1e18, "edge-2": 1e18, "stranger": 1e18}
+    assert not open_round(settings, b, fleet, secure)  # the fleet is not settled yet
+    await asyncio.sleep(0.25)
+    assert not open_round(settings, b, fleet, secure)  # two enrolled edges: too few
+    fleet.seen["edge-3"] = 1e18
+    assert open_round(settings, b, fleet, secure)
+    assert b.current is not None and b.current.announcement.sampled == EDGES[:3]
+
+
+async def test_a_secure_round_without_a_running_protocol_fails() -> None:
+    """After a restart the checkpoint still holds the open secure round, but its
+    protocol state is gone: the round is closed as failed and a new one opens."""
+    b = book()
+    b.open(EDGES, now=0.0, secure=True, min_sample=3)
+    ready, failed = round_verdict(b, coordinator([]))
+    assert ready and failed is not None and "restarted" in failed
+
+
+async def test_a_round_with_no_answers_fails_and_tells_the_edges() -> None:
+    sent: list[tuple[str, bytes]] = []
+    secure, b = coordinator(sent), book()
+    b.open(EDGES, secure=True, min_sample=3)
+    secure.begin(b)
+    assert round_verdict(b, secure) == (False, None)
+    for _ in range(100):
+        ready, failed = round_verdict(b, secure)
+        if ready:
+            break
+        await asyncio.sleep(0.05)
+    assert failed is not None and "below-threshold" in failed
+    phases = [Frame.decode(data).phase for _, data in sent]
+    assert phases.count(Phase.SETUP) >= 2 * len(EDGES)  # requests are repeated
+    assert phases[-len(EDGES) :] == [Phase.END] * len(EDGES)
+    assert masked_frame_bytes(DIM) < 1024
+
+
+class Msg:
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject, self.data = subject, data
+
+
+async def run_in_process(min_updates: int, silent: str | None) -> tuple[RoundBook, str | None]:
+    """A coordinator and four edge participants wired to each other in process; the
+    ``silent`` edge never trains."""
+    from edge_runtime.rounds_watch import RoundsView
+    from edge_runtime.secure_round import SecureParticipant
+    from tests.secagg_harness import Cohort
+
+    cohort = Cohort.make(4)
+    keys = Keys()
+    keys.keys = dict(cohort.enrolled)
+    view = RoundsView()
+    edges: dict[str, SecureParticipant] = {}
+
+    async def to_edge(subject: str, data: bytes) -> None:
+        edge = subject.rsplit(".", 1)[1]
+        await edges[edge].on_message(Msg(subject, data))  # type: ignore[arg-type]
+
+    async def to_trainer(subject: str, data: bytes) -> None:
+        await secure.on_message(Msg(subject, data))  # type: ignore[arg-type]
+
+    secure = SecureCoordinator(
+        to_edge, keys, {"digits": SecAggConfig()}, {"digits": DIM}, SecureTiming(2.0, 0.05)
+    )
+    for e in cohort.names:
+        edges[e] = SecureParticipant(
+            e,
+            cohort.identities[e],
+            lambda: cohort.enrolled,
+            {"digits": SecAggConfig()},
+            view,
+            to_trainer,
+        )
+    b = RoundBook(
+        "digits",
+        RoundPolicy(min_updates=min_updates, deadline_s=1.0),
+        get_strategy("fedavg"),
+        version=1,
+        digest=DIGEST,
+        params=np.zeros(DIM, np.float32),
+    )
+    view.put(b.open(cohort.names, secure=True, min_sample=3))
+    secure.begin(b)
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        for e in cohort.names:
+            if e != silent:
+                with contextlib.suppress(Exception):
+                    await edges[e].submit("digits", 1, np.full(DIM, 0.1, np.float32))
+        ready, failed = round_verdict(b, secure)
+        if ready:
+            return b, failed
+    raise AssertionError("the secure round never ended")
+
+
+async def test_coordinator_and_participants_agree_in_process() -> None:
+    b, failed = await run_in_process(min_updates=3, silent="edge-003")
+    assert failed is None and b.current is not None and b.current.secure is not None
+    assert b.current.secure.dropped == ("edge-003",)
+    np.testing.assert_allclose(b.finalize(), np.full(DIM, 0.1, np.float32), atol=1e-6)
+
+
+async def test_fewer_masked_inputs_than_min_updates_fail_before_unmasking() -> None:
+    b, failed = await run_in_process(min_updates=4, silent="edge-003")
+    assert failed is not None and "MIN_UPDATES is 4" in failed
+    assert b.current is not None and b.current.secure is None  # nothing was folded
