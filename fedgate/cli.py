@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -10,12 +11,15 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from fedcore.errors import FedgateError
+from fedcore.errors import ConfigError, FedgateError
 from fedcore.logs import configure_logging
+from fedcore.secagg import SecAggConfig
+from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedgate.keys_cmd import add_keys_commands
 from fedgate.launcher import Stack, StackConfig
 from fedgate.rollout_cmd import add_rollout_parser
 from fedgate.tls_cmd import add_tls_parser
+from trainer.settings import TrainerSettings
 
 log = logging.getLogger("fedgate")
 
@@ -44,17 +48,47 @@ def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
         help="mutual TLS between the services and NATS: a development CA and one client "
         "certificate per service in <data-dir>/tls (reused while valid)",
     )
+    p.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation for every model: the trainer learns only the sum of the "
+        "edges' updates (needs --edges >= 3; see docs/secagg.md)",
+    )
+    p.add_argument(
+        "--secagg-clip-norm",
+        type=float,
+        default=1.0,
+        help="with --secagg: L2 norm each edge clips its update to (default 1.0)",
+    )
 
 
 def _stack_config(args: argparse.Namespace) -> StackConfig:
     if args.edges < 1:
         raise FedgateError("--edges must be at least 1")
+    overrides: dict[str, dict[str, str]] = {}
+    if args.secagg:
+        if args.edges < MIN_PARTICIPANTS:
+            raise FedgateError(
+                f"--secagg needs at least {MIN_PARTICIPANTS} edges (got --edges {args.edges}): "
+                "with fewer, the sum would reveal a single edge's update to the other"
+            )
+        try:
+            options = SecAggConfig(clip_norm=args.secagg_clip_norm)
+        except ConfigError as exc:
+            raise FedgateError(f"--secagg-clip-norm: {exc}") from None
+        models = TrainerSettings.model_fields["models"].default  # what the stack's trainer runs
+        per_model = json.dumps({m: {"clip_norm": options.clip_norm} for m in models})
+        overrides = {
+            "FEDGATE_TRAINER_": {"SECAGG": per_model},
+            "FEDGATE_EDGE_": {"SECAGG": per_model},
+        }
     return StackConfig(
         data_dir=args.data_dir.resolve(),
         edges=args.edges,
         port=args.port,
         log_level=args.log_level,
         tls=args.tls,
+        overrides=overrides,
     )
 
 

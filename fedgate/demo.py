@@ -49,7 +49,7 @@ class DemoPlan:
 class RoundRow:
     round: int
     edges: str = "-"
-    samples: int = 0
+    samples: int | None = 0  # None: securely aggregated, per-edge counts stay on the edges
     accuracy: float | None = None
     loss: float | None = None
     epsilon: float | None = None
@@ -275,14 +275,20 @@ async def run_round(
     )
     contributors = record.get("contributors", [])
     row.edges = ",".join(c["edge_id"].removeprefix("edge-") for c in contributors) or "-"
-    row.samples = sum(int(c["samples"]) for c in contributors)
+    row.samples = None if record.get("secure") else sum(int(c["samples"]) for c in contributors)
     row.accuracy, row.loss, row.epsilon = (
         record.get("accuracy"),
         record.get("loss"),
         record.get("epsilon"),
     )
     version = record.get("released_version")
-    out(f"round {n}: {record['outcome']} ({record['reason']})")
+    secure = (
+        f"; secure aggregation: {record.get('survivors')} edges in the sum, "
+        f"{record.get('dropped')} dropped"
+        if record.get("secure")
+        else ""
+    )
+    out(f"round {n}: {record['outcome']} ({record['reason']}{secure})")
     if record["outcome"] != "released" or version is None:
         row.released = record["outcome"]
         return row
@@ -316,7 +322,8 @@ def table(rows: list[RoundRow]) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"{r.round:>5}  {r.edges:<8} {r.samples:>7}  {f(r.accuracy):>8}  {f(r.loss):>6}  "
+            f"{r.round:>5}  {r.edges:<8} {'-' if r.samples is None else r.samples:>7}  "
+            f"{f(r.accuracy):>8}  {f(r.loss):>6}  "
             f"{f(r.epsilon, 2):>7}  {r.released:<8}  {r.rollout}"
         )
     return lines
