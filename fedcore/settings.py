@@ -10,12 +10,12 @@ from __future__ import annotations
 import ssl
 import stat
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fedcore.errors import KeyFileError
+from fedcore.errors import ConfigError, KeyFileError
 from fedcore.keys import read_secret
 
 
@@ -74,6 +74,24 @@ class ServiceSettings(BaseSettings):
             _check_private(self.nats_tls_key_file)
             ctx.load_cert_chain(self.nats_tls_cert_file, self.nats_tls_key_file)
         return ctx
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def settings_from_env(cls: type[SettingsT]) -> SettingsT:
+    """``cls`` built from the environment; a missing or invalid setting raises
+    ``ConfigError`` naming each variable and what is wrong (never the value given)."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        problems = []
+        for error in exc.errors():
+            field, *path = [str(part) for part in error["loc"]] or ["settings"]
+            where = f"{prefix}{field.upper()}" + (f" ({'.'.join(path)})" if path else "")
+            problems.append(f"{where}: {error['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
 
 
 def _check_private(path: Path) -> None:

@@ -14,13 +14,19 @@ import uvicorn
 
 from fedcore.errors import ConfigError
 from fedcore.logs import configure_logging
+from fedcore.settings import settings_from_env
 from gateway.app import create_app
 from gateway.fastpath import protocol_class
 from gateway.settings import GatewaySettings
 
 
 def main() -> int:
-    settings = GatewaySettings()  # type: ignore[call-arg]  # fields come from the environment
+    try:
+        settings = settings_from_env(GatewaySettings)
+    except ConfigError as exc:
+        configure_logging("gateway")
+        logging.getLogger("gateway").error("gateway not started: %s", exc)
+        return 2
     configure_logging("gateway", settings.log_level, settings.log_json)
     try:
         app = create_app(settings)

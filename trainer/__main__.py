@@ -7,8 +7,9 @@ import asyncio
 import logging
 import sys
 
-from fedcore.errors import FedgateError
+from fedcore.errors import ConfigError, FedgateError
 from fedcore.logs import configure_logging
+from fedcore.settings import settings_from_env
 from trainer.service import bootstrap, serve
 from trainer.settings import TrainerSettings
 
@@ -17,7 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer")
     parser.add_argument("command", choices=["bootstrap", "serve"], nargs="?", default="serve")
     args = parser.parse_args(argv)
-    settings = TrainerSettings()  # type: ignore[call-arg]  # fields come from the environment
+    try:
+        settings = settings_from_env(TrainerSettings)
+    except ConfigError as exc:
+        configure_logging("trainer")
+        logging.getLogger("trainer").error("trainer not started: %s", exc)
+        return 2
     configure_logging("trainer", settings.log_level, settings.log_json)
     try:
         if args.command == "bootstrap":
