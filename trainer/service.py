@@ -269,8 +269,14 @@ async def serve(settings: TrainerSettings) -> None:
         await prepare_transport(nc, settings, registry)
         await _run(settings, nc, recipient, signing, registry, stop)
     finally:
+        # Close, not drain: every update the trainer acknowledged is folded and
+        # checkpointed, and the unacknowledged ones are redelivered. A drain waited for the
+        # pending queues of the pull and watch subscriptions, which nothing reads once the
+        # loops stopped, and ran into its timeout on every stop.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), 5)
+            await asyncio.wait_for(nc.flush(), 2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 5)
 
 
 async def _run(
