@@ -7,16 +7,16 @@ An edge seals a payload for the trainer:
 - the payload in AES-256-GCM chunks, STREAM style: nonce = 7-byte prefix (from the header
   digest) || 32-bit chunk index || last-chunk flag, associated data = header digest ||
   index || flag, so reordered, duplicated, dropped or truncated chunks fail;
-- an Ed25519 signature of the edge over the header digest and the BLAKE3 digest of
-  everything after the signature (wrapped key and chunks), so the edge is bound to the exact
+- an Ed25519 signature of the edge over the header digest and the SHA-256 of everything
+  after the signature (wrapped key and chunks), so the edge is bound to the exact
   ciphertext, even against a holder of the trainer's key (GCM tags alone are not binding
   for someone who knows the content key).
 
-The body digest runs beside the cipher: BLAKE3 releases the GIL, so on more than one core
-a digest thread hashes chunk ``i`` while AES-GCM (which holds the GIL) seals chunk
-``i + 1``, and on open hashes the whole body while the chunks are decrypted. The signature
-is still checked before anything is returned: a body whose signature fails is reported as
-``bad-signature`` even when a chunk also fails to decrypt.
+The body digest runs beside the cipher: ``hashlib``'s ``update`` releases the GIL, so on
+more than one core a digest thread hashes chunk ``i`` while AES-GCM (which holds the GIL)
+seals chunk ``i + 1``, and on open hashes the whole body while the chunks are decrypted.
+The signature is still checked before anything is returned: a body whose signature fails
+is reported as ``bad-signature`` even when a chunk also fails to decrypt.
 
 Wire layout::
 
@@ -25,8 +25,9 @@ Wire layout::
 
 Each chunk is its plaintext length plus a 16-byte tag; all chunks but the last hold
 ``chunk_size`` plaintext bytes. The receiver checks framing, looks up the edge's key,
-verifies the signature, then decrypts; the round, model and base are for the caller to
-check (:func:`fedcore.envelope_header.check_header`).
+verifies the signature and decrypts (beside the digest for bodies from 256 KiB), and hands
+out the plaintext only once the signature verified; the round, model and base are for the
+caller to check (:func:`fedcore.envelope_header.check_header`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import struct
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
-import blake3
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
@@ -92,7 +93,7 @@ SUITES = tuple(_HPKE)
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 MAX_PAYLOAD = 2**31  # hard ceiling; receivers pass their own, smaller max_payload
-WIRE_VERSION = 2  # 1: SHA-256 body digest (no longer accepted)
+WIRE_VERSION = 1
 _MAGIC = b"FGUE"
 _PREAMBLE = struct.Struct(">4sBI")
 _SIG_LEN = 64
@@ -103,8 +104,7 @@ _CHUNK_PARAMS = struct.Struct(">IB")
 _NONCE_PREFIX_LEN = 7
 _HEADER_CONTEXT = b"fedgate/update/v1/header\x00"
 _KEY_CONTEXT = b"fedgate/update/v1/content-key\x00"
-_SIG_CONTEXT = b"fedgate/update/v2/signature\x00"
-_BODY_CONTEXT = "fedgate/update/v2/body"
+_SIG_CONTEXT = b"fedgate/update/v1/signature\x00"
 _BACKGROUND_MIN = 256 * 1024
 """Bodies from this size on are hashed in the digest thread, beside the cipher."""
 
@@ -242,19 +242,22 @@ def read_header_unverified(data: BytesLike) -> UpdateHeader:
     return header
 
 
+Hasher = Any  # hashlib's hash object (its type is private)
+
+
 @functools.cache
 def _digest_pool() -> ThreadPoolExecutor:
     """One digest thread per process; tasks run in order, so one hasher's updates do too."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-digest")
 
 
-def _update_started(hasher: blake3.blake3, data: memoryview, started: threading.Event) -> None:
+def _update_started(hasher: Hasher, data: memoryview, started: threading.Event) -> None:
     started.set()
-    hasher.update(data)  # releases the GIL
+    hasher.update(data)  # releases the GIL (hashlib does for updates over 2 KiB)
 
 
 class _BodyDigest:
-    """BLAKE3 of the body, fed piece by piece, hashed in the digest thread if ``background``.
+    """SHA-256 of the body, fed piece by piece, hashed in the digest thread if ``background``.
 
     AES-GCM holds the GIL for a whole chunk, so a digest thread that needed the GIL back
     between pieces would wait out the interpreter's switch interval (5 ms) each time.
@@ -264,7 +267,7 @@ class _BodyDigest:
     """
 
     def __init__(self, *, background: bool) -> None:
-        self._hasher = blake3.blake3(derive_key_context=_BODY_CONTEXT)
+        self._hasher = hashlib.sha256()
         self._pool = _digest_pool() if background else None
         self._pending: list[Future[None]] = []
 

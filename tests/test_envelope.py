@@ -13,7 +13,6 @@ import os
 import struct
 from typing import Any
 
-import blake3
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -90,15 +89,14 @@ def split(data: bytes) -> tuple[bytes, bytes, bytes, list[bytes]]:
 
 
 def join(header: bytes, sig: bytes, wrapped: bytes, chunks: list[bytes]) -> bytes:
-    return b"FGUE\x02" + struct.pack(">I", len(header)) + header + sig + wrapped + b"".join(chunks)
+    return b"FGUE\x01" + struct.pack(">I", len(header)) + header + sig + wrapped + b"".join(chunks)
 
 
 def resign(header: bytes, wrapped: bytes, chunks: list[bytes], key=EDGE) -> bytes:
-    """Sign as the edge would: over SHA-256(context || header) and BLAKE3(body)."""
+    """Sign as the edge would: over SHA-256(context || header) and SHA-256(body)."""
     header_digest = hashlib.sha256(b"fedgate/update/v1/header\x00" + header).digest()
-    body = wrapped + b"".join(chunks)
-    body_digest = blake3.blake3(body, derive_key_context="fedgate/update/v2/body").digest()
-    sig = key.sign(b"fedgate/update/v2/signature\x00" + header_digest + body_digest)
+    body_digest = hashlib.sha256(wrapped + b"".join(chunks)).digest()
+    sig = key.sign(b"fedgate/update/v1/signature\x00" + header_digest + body_digest)
     return join(header, sig, wrapped, chunks)
 
 
@@ -127,7 +125,7 @@ def test_round_trip_exposes_header_fields() -> None:
 def test_envelope_length_follows_the_layout() -> None:
     data = seal()
     header, _, _, chunks = split(data)
-    assert data[:5] == b"FGUE\x02"
+    assert data[:5] == b"FGUE\x01"
     assert [len(c) for c in chunks] == [80, 80, 80, 24]
     assert len(data) == 9 + len(header) + 64 + 80 + 200 + 4 * 16
 
@@ -553,18 +551,3 @@ def test_large_payload_tampering_is_refused_while_hashed_beside_the_cipher() -> 
     chunk_1 = body_at + WRAPPED_X25519 + 1024 * 1024 + 16 + 7
     for at in (body_at + 3, chunk_1, len(data) - 1, 9 + len(header) + 1):
         assert reason(_flip(data, at), max_payload=4 << 20) == "bad-signature", at
-
-
-def test_version_1_envelopes_and_sha256_signatures_are_refused() -> None:
-    """Wire version 1 signed SHA-256 of the body: refused, by the version and the digest."""
-    data = bytearray(seal())
-    data[4] = 1
-    with pytest.raises(EnvelopeError, match="wire version 1 is not 2") as info:
-        open_(bytes(data))
-    assert info.value.reason == "malformed"
-    header, _, wrapped, chunks = split(seal())
-    header_digest = hashlib.sha256(b"fedgate/update/v1/header\x00" + header).digest()
-    sha = hashlib.sha256(wrapped + b"".join(chunks)).digest()
-    for context in (b"fedgate/update/v1/signature\x00", b"fedgate/update/v2/signature\x00"):
-        sig = EDGE.sign(context + header_digest + sha)
-        assert reason(join(header, sig, wrapped, chunks)) == "bad-signature"
