@@ -8,17 +8,14 @@ import sys
 
 from edge_runtime.service import serve
 from edge_runtime.settings import EdgeSettings
-from fedcore.errors import ConfigError, FedgateError
+from fedcore.errors import FedgateError
 from fedcore.logs import configure_logging
-from fedcore.settings import settings_from_env
+from fedcore.settings import load_settings
 
 
 def main() -> int:
-    try:
-        settings = settings_from_env(EdgeSettings)
-    except ConfigError as exc:
-        configure_logging("edge")
-        logging.getLogger("edge_runtime").error("edge not started: %s", exc)
+    settings = load_settings(EdgeSettings, "edge")
+    if settings is None:
         return 2
     configure_logging(f"edge:{settings.edge_id}", settings.log_level, settings.log_json)
     try:

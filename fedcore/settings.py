@@ -7,6 +7,7 @@ values with defaults: they are read from files named by settings (``*_file``).
 
 from __future__ import annotations
 
+import logging
 import ssl
 import stat
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedcore.errors import ConfigError, KeyFileError
 from fedcore.keys import read_secret
+from fedcore.logs import configure_logging
 
 
 class ServiceSettings(BaseSettings):
@@ -92,6 +94,17 @@ def settings_from_env(cls: type[SettingsT]) -> SettingsT:
             where = f"{prefix}{field.upper()}" + (f" ({'.'.join(path)})" if path else "")
             problems.append(f"{where}: {error['msg']}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+def load_settings(cls: type[SettingsT], service: str) -> SettingsT | None:
+    """:func:`settings_from_env` for a service's ``main``: None after logging why not (the
+    caller exits 2), so a bad setting ends in one clear line, not a traceback."""
+    try:
+        return settings_from_env(cls)
+    except ConfigError as exc:
+        configure_logging(service)
+        logging.getLogger(service).error("%s not started: %s", service, exc)
+        return None
 
 
 def _check_private(path: Path) -> None:

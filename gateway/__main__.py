@@ -14,18 +14,15 @@ import uvicorn
 
 from fedcore.errors import ConfigError
 from fedcore.logs import configure_logging
-from fedcore.settings import settings_from_env
+from fedcore.settings import load_settings
 from gateway.app import create_app
 from gateway.fastpath import protocol_class
 from gateway.settings import GatewaySettings
 
 
 def main() -> int:
-    try:
-        settings = settings_from_env(GatewaySettings)
-    except ConfigError as exc:
-        configure_logging("gateway")
-        logging.getLogger("gateway").error("gateway not started: %s", exc)
+    settings = load_settings(GatewaySettings, "gateway")
+    if settings is None:
         return 2
     configure_logging("gateway", settings.log_level, settings.log_json)
     try:

@@ -7,9 +7,9 @@ import asyncio
 import logging
 import sys
 
-from fedcore.errors import ConfigError, FedgateError
+from fedcore.errors import FedgateError
 from fedcore.logs import configure_logging
-from fedcore.settings import settings_from_env
+from fedcore.settings import load_settings
 from trainer.service import bootstrap, serve
 from trainer.settings import TrainerSettings
 
@@ -18,11 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer")
     parser.add_argument("command", choices=["bootstrap", "serve"], nargs="?", default="serve")
     args = parser.parse_args(argv)
-    try:
-        settings = settings_from_env(TrainerSettings)
-    except ConfigError as exc:
-        configure_logging("trainer")
-        logging.getLogger("trainer").error("trainer not started: %s", exc)
+    settings = load_settings(TrainerSettings, "trainer")
+    if settings is None:
         return 2
     configure_logging("trainer", settings.log_level, settings.log_json)
     try:
