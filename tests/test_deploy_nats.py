@@ -114,7 +114,10 @@ def compose_nats(tmp_path_factory: pytest.TempPathFactory, tls_dir: Path) -> Ite
     root = tmp_path_factory.mktemp("nats")
     port, monitor = free_port(), free_port()
     conf = localise(root / "conf", tls_dir, port, monitor)
-    passwords = {u: secrets.token_urlsafe(16) for u in USERS}
+    # as docs/deploy.md makes them: nats-server reads a $VAR value as a config token, so a
+    # token_urlsafe password such as "12-Rk..." was a malformed date and the server refused
+    # the config (test_passwords_must_start_with_a_letter)
+    passwords = {u: "fg" + secrets.token_hex(16) for u in USERS}
     env = dict(os.environ) | {password_var(u): p for u, p in passwords.items()}
     proc = ManagedProcess(
         "nats-server", [nats_binary(), "-c", str(conf)], log_path=root / "nats.log", env=env
@@ -168,6 +171,29 @@ def test_the_config_refuses_to_start_without_a_password(tmp_path: Path, tls_dir:
         check=False,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_passwords_must_start_with_a_letter(tmp_path: Path, tls_dir: Path) -> None:
+    """Why docs/deploy.md makes "fg" + hex passwords: a ``$VAR`` value is a config token."""
+    conf = localise(tmp_path, tls_dir, free_port(), free_port())
+
+    def check(password: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ) | {password_var(u): "fg" + secrets.token_hex(8) for u in USERS}
+        env[password_var("edge-2")] = password
+        return subprocess.run(
+            [nats_binary(), "-c", str(conf), "-t"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    for bad in ("12-Rk" + secrets.token_hex(8), "5" + "7" * 20):  # a date, a number
+        refused = check(bad)
+        assert refused.returncode != 0, bad
+    assert "NATS_PASSWORD_EDGE_2" in check("1-x").stdout + check("1-x").stderr
+    assert check("fg" + secrets.token_hex(24)).returncode == 0
 
 
 async def test_a_wrong_password_is_refused(compose_nats: ComposeNats) -> None:
