@@ -282,3 +282,15 @@ def test_edge_settings_need_the_registry_and_a_served_model(tmp_path: Path) -> N
         EdgeSettings(**base, secagg={"digits": {"threshold": 0.2}}, secagg_registry_file=tmp_path)
     ok = EdgeSettings(**base, secagg={"digits": {"clip_norm": 2.0}}, secagg_registry_file=tmp_path)
     assert ok.secagg["digits"].config() == SecAggConfig(clip_norm=2.0)
+
+
+def test_settings_options_mirror_the_protocol_config() -> None:
+    """SecAggOptions repeats SecAggConfig's fields for pydantic: same names, same defaults."""
+    import dataclasses
+
+    from fedcore.secagg.options import SecAggOptions
+
+    fields = {f.name: f.default for f in dataclasses.fields(SecAggConfig)}
+    options = {name: f.default for name, f in SecAggOptions.model_fields.items()}
+    assert options == fields
+    assert SecAggOptions().config() == SecAggConfig()
