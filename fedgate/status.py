@@ -162,13 +162,16 @@ def round_rows(rounds: list[dict[str, Any]]) -> list[list[object]]:
         versions = f"v{r['base_version']}"
         if r.get("released_version"):
             versions += f" -> v{r['released_version']}"
+        edges: object = len(r.get("contributors", []))
+        if r.get("secure"):  # securely aggregated: who is in the sum, who dropped out
+            edges = f"{r.get('survivors')} ({r.get('dropped')} dropped)"
         rows.append(
             [
                 r["round"],
-                r["mode"],
+                f"{r['mode']} secure" if r.get("secure") else r["mode"],
                 r["outcome"],
                 versions,
-                len(r.get("contributors", [])),
+                edges,
                 r.get("accuracy"),
                 r.get("loss"),
                 r["reason"],

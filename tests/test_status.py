@@ -14,7 +14,7 @@ import pytest
 from fedcore.errors import FedgateError
 from fedcore.keys import write_secret
 from fedgate import status
-from fedgate.status import print_status, render_table
+from fedgate.status import print_status, render_table, round_rows
 
 KEY = "fgk_status-test"
 EDGES = [
@@ -179,3 +179,14 @@ def test_default_key_prefers_the_local_admin_key(
 def test_render_table_aligns_numbers_right() -> None:
     lines = render_table(("name", "n", "x"), [["a", 1, 0.5], ["bbb", 10, None]])
     assert lines == ["name   n      x", "----  --  -----", "a      1  0.500", "bbb   10      -"]
+
+
+def test_round_rows_show_secure_rounds_with_survivors_and_dropouts() -> None:
+    base = {"mode": "sync", "outcome": "released", "base_version": 2, "reason": "ok"}
+    plain = base | {"round": 3, "released_version": 3, "contributors": [{}, {}]}
+    secure = base | {"round": 4, "secure": True, "survivors": 3, "dropped": 1, "contributors": []}
+    rows = round_rows([secure, plain])  # newest first, as the API lists them
+    assert [row[:5] for row in rows] == [
+        [3, "sync", "released", "v2 -> v3", 2],
+        [4, "sync secure", "released", "v2", "3 (1 dropped)"],
+    ]
