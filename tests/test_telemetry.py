@@ -16,6 +16,7 @@ from edge_runtime.telemetry import EdgeMetrics
 from edge_runtime.telemetry import start_metrics as start_edge_metrics
 from fedcore.settings import ServiceSettings
 from fedcore.triton_model import capture_source
+from fedcore.wire import RoundRecord
 from trainer.ingest_metrics import IngestMetrics
 from trainer.rounds import Contribution, RoundBook, RoundPolicy
 from trainer.strategies import get_strategy
@@ -57,6 +58,50 @@ def test_round_gauges_follow_the_book() -> None:
     assert value(registry, "fedgate_trainer_round_updates", model="digits") == 1
     assert value(registry, "fedgate_trainer_round_samples", model="digits") == 25
     assert value(registry, "fedgate_trainer_round_deadline_seconds", model="digits") == 30.0
+
+
+def test_round_outcomes_are_counted_by_outcome(tmp_path: Path) -> None:
+    telemetry = start_metrics(settings(tmp_path, None), {"digits": book()})
+    registry = telemetry.registry
+    for outcome in ("released", "held", "failed"):
+        assert (
+            value(registry, "fedgate_trainer_rounds_closed_total", model="digits", outcome=outcome)
+            == 0
+        )
+    assert value(registry, "fedgate_trainer_candidate_accuracy", model="digits") is None
+    common = {
+        "model": "digits",
+        "mode": "sync",
+        "base_version": 4,
+        "opened_ts": 1.0,
+        "closed_ts": 2.0,
+    }
+    telemetry.outcomes.observe(
+        RoundRecord(
+            round=1, outcome="held", reason="gate", accuracy=0.8, serving_accuracy=0.9, **common
+        )
+    )
+    telemetry.outcomes.observe(
+        RoundRecord(
+            round=2,
+            outcome="released",
+            reason="ok",
+            released_version=5,
+            accuracy=0.93,
+            serving_accuracy=0.9,
+            epsilon=1.5,
+            **common,
+        )
+    )
+    telemetry.outcomes.observe(RoundRecord(round=3, outcome="failed", reason="no quorum", **common))
+    counts = {
+        o: value(registry, "fedgate_trainer_rounds_closed_total", model="digits", outcome=o)
+        for o in ("released", "held", "failed")
+    }
+    assert counts == {"released": 1, "held": 1, "failed": 1}
+    assert value(registry, "fedgate_trainer_candidate_accuracy", model="digits") == 0.93
+    assert value(registry, "fedgate_trainer_serving_accuracy", model="digits") == 0.9
+    assert value(registry, "fedgate_trainer_privacy_epsilon", model="digits") == 1.5
 
 
 def test_trainer_serves_rounds_and_ingestion_over_http(tmp_path: Path) -> None:

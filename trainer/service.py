@@ -50,7 +50,7 @@ from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 from trainer.strategies.accountant import PrivacyLedger
 from trainer.strategies.base import Strategy
-from trainer.telemetry import start_metrics
+from trainer.telemetry import RoundOutcomes, start_metrics
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,11 @@ async def run_rounds(
     stop: asyncio.Event,
     rollouts: RolloutRequester | None = None,
     secure: SecureCoordinator | None = None,
+    outcomes: RoundOutcomes | None = None,
 ) -> None:
     """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``);
     each released version is handed to ``rollouts`` (the gateway rolls it out); secure
-    rounds run through ``secure``."""
+    rounds run through ``secure``; ``outcomes`` counts how rounds ended."""
     closed = 0
     exhausted: set[str] = set()
     while not stop.is_set():
@@ -235,6 +236,8 @@ async def run_rounds(
             if not ready:
                 continue
             record = await close_round(contexts[model], book, js, failed=failed)
+            if outcomes is not None:
+                outcomes.observe(record)
             if rollouts is not None and record.released_version is not None:
                 rollouts.request(model, record.released_version)
             driver.digests[model][book.version] = book.digest
@@ -310,6 +313,7 @@ async def _run(
         for v in released_versions(settings, m):
             driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))
             await upload_version(js, m, v, settings.artifacts_dir / m / str(v))
+    telemetry = start_metrics(settings, books)
     ingestor = UpdateIngestor(
         js,
         recipient=recipient,
@@ -317,7 +321,7 @@ async def _run(
         rounds=driver,
         aggregator=driver,
         ledger=await UpdateLedger.open(js, replicas=settings.nats_replicas),
-        metrics=IngestMetrics(start_metrics(settings, books).registry),
+        metrics=IngestMetrics(telemetry.registry),
         options=IngestOptions(
             max_update_bytes=settings.max_update_bytes, ack_wait_s=settings.updates_ack_wait_s
         ),
@@ -339,7 +343,9 @@ async def _run(
     try:
         await asyncio.gather(
             ingestor.run(stop),
-            run_rounds(settings, driver, contexts, js, fleet, stop, rollouts, secure),
+            run_rounds(
+                settings, driver, contexts, js, fleet, stop, rollouts, secure, telemetry.outcomes
+            ),
             *([rollouts.run(stop)] if rollouts is not None else []),
         )
     finally:

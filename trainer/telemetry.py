@@ -7,7 +7,12 @@
 - ``fedgate_trainer_round_updates{model}``: updates folded into the open round;
 - ``fedgate_trainer_round_samples{model}``: training samples behind those updates;
 - ``fedgate_trainer_round_deadline_seconds{model}``: seconds left before the open round's
-  deadline (negative once it passed).
+  deadline (negative once it passed);
+- ``fedgate_trainer_rounds_closed_total{model,outcome}``: rounds closed, by outcome
+  (``released``, ``held``, ``failed``; every pair exported from the start, at 0);
+- ``fedgate_trainer_candidate_accuracy{model}`` and ``..._serving_accuracy{model}``: the
+  held-out accuracy of the last evaluated candidate and of the version it was gated
+  against; ``fedgate_trainer_privacy_epsilon{model}``: epsilon spent (central DP only).
 
 The round series are read from the round books when Prometheus scrapes (no bookkeeping on
 the rounds' path). Served on ``metrics_port`` when the settings set one.
@@ -20,11 +25,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from fedcore.metrics_http import MetricsServer, serve_metrics
 from fedcore.settings import ServiceSettings
+from fedcore.wire import RoundRecord
 from trainer.rounds import RoundBook
 
 log = logging.getLogger(__name__)
@@ -66,11 +72,57 @@ class RoundsCollector:
         yield from (version, current, is_open, updates, samples, deadline)
 
 
+OUTCOMES = ("released", "held", "failed")
+
+
+class RoundOutcomes:
+    """How rounds ended, counted as they close (``observe`` each :class:`RoundRecord`)."""
+
+    def __init__(self, registry: CollectorRegistry, models: list[str]) -> None:
+        self.closed = Counter(
+            "fedgate_trainer_rounds_closed",
+            "Rounds closed, by outcome (released, held by the gate, failed)",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.candidate = Gauge(
+            "fedgate_trainer_candidate_accuracy",
+            "Held-out accuracy of the last evaluated candidate version",
+            ["model"],
+            registry=registry,
+        )
+        self.serving = Gauge(
+            "fedgate_trainer_serving_accuracy",
+            "Held-out accuracy of the version the last candidate was gated against",
+            ["model"],
+            registry=registry,
+        )
+        self.epsilon = Gauge(
+            "fedgate_trainer_privacy_epsilon",
+            "Epsilon spent so far (central DP only)",
+            ["model"],
+            registry=registry,
+        )
+        for model in models:
+            for outcome in OUTCOMES:
+                self.closed.labels(model, outcome)
+
+    def observe(self, record: RoundRecord) -> None:
+        self.closed.labels(record.model, record.outcome).inc()
+        if record.accuracy is not None:
+            self.candidate.labels(record.model).set(record.accuracy)
+        if record.serving_accuracy is not None:
+            self.serving.labels(record.model).set(record.serving_accuracy)
+        if record.epsilon is not None:
+            self.epsilon.labels(record.model).set(record.epsilon)
+
+
 @dataclass
 class Telemetry:
-    """The trainer's registry, and its exposition server when one runs."""
+    """The trainer's registry, its round outcomes, and its exposition server when one runs."""
 
     registry: CollectorRegistry
+    outcomes: RoundOutcomes
     server: MetricsServer | None = None
 
 
@@ -82,8 +134,9 @@ def start_metrics(settings: ServiceSettings, books: Mapping[str, RoundBook]) -> 
     """
     registry = CollectorRegistry()
     registry.register(RoundsCollector(books))
+    outcomes = RoundOutcomes(registry, list(books))
     if settings.metrics_port is None:
-        return Telemetry(registry)
+        return Telemetry(registry, outcomes)
     server = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
     log.info(
         "metrics at http://%s:%d/metrics",
@@ -91,4 +144,4 @@ def start_metrics(settings: ServiceSettings, books: Mapping[str, RoundBook]) -> 
         server.port,
         extra={"port": server.port},
     )
-    return Telemetry(registry, server)
+    return Telemetry(registry, outcomes, server)
