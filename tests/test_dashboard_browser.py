@@ -49,6 +49,7 @@ HISTORY = [
     (5, "released", 0.912, 0.33, 0.889),
     (6, "held", 0.905, 0.35, 0.912),
 ]
+SECURE = 6  # this round was securely aggregated
 
 
 def history(model: str, edges: list[str]) -> tuple[list[RoundRecord], list[Lineage]]:
@@ -88,6 +89,7 @@ def history(model: str, edges: list[str]) -> tuple[list[RoundRecord], list[Linea
                 accuracy=acc,
                 loss=loss,
                 serving_accuracy=serving,
+                **({"secure": True, "survivors": 2, "dropped": 0} if rnd == SECURE else {}),
             )
         )
         if released is not None:
@@ -187,8 +189,10 @@ def test_dashboard_renders_the_stack(stack: Stack, tmp_path: Path) -> None:
     assert "fedavgm" in versions and "bootstrap" in versions
 
     rounds = section(dom, "rounds")
-    rows = re.findall(r"<tr><td>(\d+)</td><td>sync</td>", rounds)
+    rows = re.findall(r"<tr><td>(\d+)</td><td>sync(?:, secure)?</td>", rounds)
     assert sorted(map(int, rows)) == [1, 2, 3, 4, 5, 6]
+    assert f"<tr><td>{SECURE}</td><td>sync, secure</td>" in rounds
+    assert "2 in the sum, 0 dropped" in rounds
     assert "deadline passed without quorum" in rounds and "v3 → v4" in rounds
     chart = re.search(r'<svg [^>]*id="rounds-chart".*?</svg>', rounds, re.S)
     assert chart, "no rounds chart"

@@ -310,10 +310,13 @@ function renderRounds(data) {
     : "no round open";
   setText("rounds-summary", `${rounds.length} closed; ${openText}`);
   if (!rounds.length) return setBody("rounds", message(`no closed round yet; ${openText}`));
+  const contributors = (r) => r.secure  // securely aggregated: per-edge counts stay on the edges
+    ? `${r.survivors ?? "?"} in the sum, ${r.dropped ?? "?"} dropped`
+    : (r.contributors || []).map((c) => `${c.edge_id} (${c.samples})`).join(", ") || "—";
   const rows = rounds.slice().reverse().map((r) => [
-    String(r.round), r.mode, outcome(r.outcome), r.reason,
+    String(r.round), r.secure ? `${r.mode}, secure` : r.mode, outcome(r.outcome), r.reason,
     r.released_version ? `v${r.base_version} → v${r.released_version}` : `v${r.base_version}`,
-    (r.contributors || []).map((c) => `${c.edge_id} (${c.samples})`).join(", ") || "—",
+    contributors(r),
     fmt(r.accuracy), fmt(r.loss), fmt(r.serving_accuracy), duration(r.closed_ts - r.opened_ts),
     clock(r.closed_ts),
   ]);
