@@ -147,9 +147,11 @@ class Msg:
         self.subject, self.data = subject, data
 
 
-async def run_in_process(min_updates: int, silent: str | None) -> tuple[RoundBook, str | None]:
+async def run_in_process(
+    min_updates: int, silent: str | None, *, deadline_s: float = 1.0, heartbeats: bool = False
+) -> tuple[RoundBook, str | None]:
     """A coordinator and four edge participants wired to each other in process; the
-    ``silent`` edge never trains."""
+    ``silent`` edge never trains (and, with ``heartbeats``, is not heard from either)."""
     from edge_runtime.rounds_watch import RoundsView
     from edge_runtime.secure_round import SecureParticipant
     from tests.secagg_harness import Cohort
@@ -167,8 +169,16 @@ async def run_in_process(min_updates: int, silent: str | None) -> tuple[RoundBoo
     async def to_trainer(subject: str, data: bytes) -> None:
         await secure.on_message(Msg(subject, data))  # type: ignore[arg-type]
 
+    def alive() -> list[str]:
+        return [e for e in cohort.names if e != silent]
+
     secure = SecureCoordinator(
-        to_edge, keys, {"digits": SecAggConfig()}, {"digits": DIM}, SecureTiming(2.0, 0.05)
+        to_edge,
+        keys,
+        {"digits": SecAggConfig()},
+        {"digits": DIM},
+        SecureTiming(2.0, 0.05),
+        alive if heartbeats else None,
     )
     for e in cohort.names:
         edges[e] = SecureParticipant(
@@ -181,7 +191,7 @@ async def run_in_process(min_updates: int, silent: str | None) -> tuple[RoundBoo
         )
     b = RoundBook(
         "digits",
-        RoundPolicy(min_updates=min_updates, deadline_s=1.0),
+        RoundPolicy(min_updates=min_updates, deadline_s=deadline_s),
         get_strategy("fedavg"),
         version=1,
         digest=DIGEST,
@@ -203,6 +213,17 @@ async def run_in_process(min_updates: int, silent: str | None) -> tuple[RoundBoo
 
 async def test_coordinator_and_participants_agree_in_process() -> None:
     b, failed = await run_in_process(min_updates=3, silent="edge-003")
+    assert failed is None and b.current is not None and b.current.secure is not None
+    assert b.current.secure.dropped == ("edge-003",)
+    np.testing.assert_allclose(b.finalize(), np.full(DIM, 0.1, np.float32), atol=1e-6)
+
+
+async def test_an_edge_whose_heartbeats_stopped_is_dropped_before_the_deadline() -> None:
+    """The round deadline is 60 s; the silent edge has no heartbeat, so the masked-input
+    step ends as soon as the others sent theirs (the loop gives up after about 4 s)."""
+    b, failed = await run_in_process(
+        min_updates=3, silent="edge-003", deadline_s=60.0, heartbeats=True
+    )
     assert failed is None and b.current is not None and b.current.secure is not None
     assert b.current.secure.dropped == ("edge-003",)
     np.testing.assert_allclose(b.finalize(), np.full(DIM, 0.1, np.float32), atol=1e-6)

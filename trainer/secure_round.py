@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -54,6 +54,7 @@ from trainer.rounds import RoundBook, SecureOutcome
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, bytes], Awaitable[None]]
+Alive = Callable[[], Collection[str]]
 Accept = Callable[[str, bytes], None]
 M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, SurvivorSignature, UnmaskResponse)
 Until = Literal["round", "bounded", "own"]
@@ -116,9 +117,11 @@ class SecureRound:
         deadline_ts: float,
         timing: SecureTiming,
         quorum: int = 1,
+        alive: Alive | None = None,
     ) -> None:
         self._send = send
         self.quorum = quorum
+        self.alive = alive
         self.model = model
         self.round_no = round_no
         self.config = config
@@ -231,7 +234,9 @@ class SecureRound:
         until: Until,
     ) -> None:
         """Send ``requests`` (again every ``resend_s``) until every edge answered, or was
-        refused, or the step's deadline passed."""
+        refused, or the step's deadline passed. While waiting for masked inputs (until the
+        round's deadline), an edge whose heartbeats stopped (``alive``) is given up: it is a
+        dropout now rather than at the deadline."""
         loop = asyncio.get_running_loop()
         deadline = self._deadline(until)
         answer = ANSWERS[ask]
@@ -239,6 +244,8 @@ class SecureRound:
         resend_at = 0.0
         while pending and loop.time() < deadline:
             if loop.time() >= resend_at:
+                if until == "round" and self.alive is not None:
+                    self._give_up_silent(pending, set(self.alive()))
                 for edge in sorted(pending):
                     await self._send_one(edge, ask, requests[edge])
                 resend_at = loop.time() + self.timing.resend_s
@@ -258,6 +265,14 @@ class SecureRound:
                         exc,
                         extra={"model": self.model, "round": self.round_no, "edge": edge},
                     )
+            pending.discard(edge)
+
+    def _give_up_silent(self, pending: set[str], alive: set[str]) -> None:
+        for edge in sorted(pending - alive):
+            log.warning(
+                "secure round: no heartbeat, counted as dropped",
+                extra={"model": self.model, "round": self.round_no, "edge": edge},
+            )
             pending.discard(edge)
 
     async def _send_one(self, edge: str, phase: Phase, body: bytes) -> None:
@@ -286,8 +301,10 @@ class SecureCoordinator:
         configs: Mapping[str, SecAggConfig],
         dims: Mapping[str, int],
         timing: SecureTiming,
+        alive: Alive | None = None,
     ) -> None:
         self._send = send
+        self._alive = alive
         self._registry = registry
         self.configs = dict(configs)
         self.dims = dict(dims)
@@ -340,6 +357,7 @@ class SecureCoordinator:
             deadline_ts=a.deadline_ts,
             timing=self.timing,
             quorum=a.min_updates,
+            alive=self._alive,
         )
         self._running[book.model] = _Running(secure, asyncio.create_task(secure.run()))
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -337,7 +338,7 @@ async def _run(
             await announce(js, book)
     fleet = Fleet()
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
-    secure = await start_secure(settings, nc, registry, sizes)
+    secure = await start_secure(settings, nc, registry, sizes, fleet.alive)
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
     rollouts = rollout_requester(settings)
     try:
@@ -358,8 +359,10 @@ async def start_secure(
     nc: NATS,
     registry: RegistryFile,
     sizes: dict[str, tuple[int, ...]],
+    alive: Callable[[], list[str]] | None = None,
 ) -> SecureCoordinator | None:
-    """The secure-round coordinator, listening to the edges (None: secure aggregation off)."""
+    """The secure-round coordinator, listening to the edges (None: secure aggregation off);
+    ``alive`` lists the edges heard from lately (a silent edge is a dropout)."""
     configs = secure_configs(settings)
     if not configs:
         return None
@@ -371,7 +374,7 @@ async def start_secure(
         await nc.publish(subject, data)
 
     timing = SecureTiming(settings.secagg_phase_timeout_s, settings.secagg_resend_s)
-    secure = SecureCoordinator(send, registry, configs, dims, timing)
+    secure = SecureCoordinator(send, registry, configs, dims, timing, alive)
     await nc.subscribe(subjects.SECAGG_FROM_ALL, cb=secure.on_message)
     log.info("secure aggregation on", extra={"models": ",".join(sorted(configs))})
     return secure
