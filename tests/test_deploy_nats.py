@@ -189,7 +189,8 @@ def test_passwords_must_start_with_a_letter(tmp_path: Path, tls_dir: Path) -> No
             check=False,
         )
 
-    for bad in ("12-Rk" + secrets.token_hex(8), "5" + "7" * 20):  # a date, a number
+    # a date, a number, a negative number: token_urlsafe made such values 8 times in 300
+    for bad in ("12-Rk" + secrets.token_hex(8), "5" + "7" * 20, "-uE7" + secrets.token_hex(8)):
         refused = check(bad)
         assert refused.returncode != 0, bad
     assert "NATS_PASSWORD_EDGE_2" in check("1-x").stdout + check("1-x").stderr
