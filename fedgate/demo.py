@@ -80,11 +80,6 @@ def demo_overrides(edges: int, rounds: int) -> dict[str, dict[str, str]]:
             "CAPTURE_RATE": "1.0",
             "MIN_NEW_LABELS": "48",
             "IDLE_QUIET_S": "1.0",
-            # Each window trains one epoch over the whole spool, which grows every round,
-            # so unclipped deltas grew too and FedAvgM (eta 2) overshot: candidates were
-            # held from round 2 or 3 on. Clipped to 1.0, two 5-round runs with 3 edges
-            # released every round (0.829 -> 0.913 both times).
-            "CLIP_NORM": "1.0",
         },
     }
 
