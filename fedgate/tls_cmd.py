@@ -24,7 +24,6 @@ import datetime as dt
 import functools
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcore.errors import FedgateError
+from fedcore.keys import write_file
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,7 @@ class Issued:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
+    write_file(path, data, mode)  # a fresh file: a re-issued key never lands in a loose one
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -51,3 +51,24 @@ def test_secrets_are_owner_only(tmp_path: Path) -> None:
     os.chmod(tmp_path / "s", 0o640)
     with pytest.raises(KeyFileError):
         read_secret(tmp_path / "s")
+
+
+def test_write_file_never_writes_into_an_old_file_or_through_a_symlink(tmp_path: Path) -> None:
+    from fedcore.keys import write_file
+
+    path = tmp_path / "tls.key"
+    path.write_bytes(b"old key")
+    path.chmod(0o644)
+    with path.open("rb") as before:  # someone who opened the loose file earlier
+        write_file(path, b"new key", 0o600)
+        assert before.read() == b"old key"  # ...does not see the new key
+    assert path.read_bytes() == b"new key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"untouched")
+    link = tmp_path / "link.key"
+    link.symlink_to(target)
+    write_file(link, b"secret", 0o600)
+    assert target.read_bytes() == b"untouched" and not link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link.key", "tls.key"]
