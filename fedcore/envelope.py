@@ -251,6 +251,10 @@ def _digest_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-digest")
 
 
+# A forked child inherits the cached pool but not its thread: it starts a pool of its own.
+os.register_at_fork(after_in_child=_digest_pool.cache_clear)
+
+
 def _update_started(hasher: Hasher, data: memoryview, started: threading.Event) -> None:
     started.set()
     hasher.update(data)  # releases the GIL (hashlib does for updates over 2 KiB)

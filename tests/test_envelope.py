@@ -551,3 +551,20 @@ def test_large_payload_tampering_is_refused_while_hashed_beside_the_cipher() -> 
     chunk_1 = body_at + WRAPPED_X25519 + 1024 * 1024 + 16 + 7
     for at in (body_at + 3, chunk_1, len(data) - 1, 9 + len(header) + 1):
         assert reason(_flip(data, at), max_payload=4 << 20) == "bad-signature", at
+
+
+def test_a_forked_child_seals_with_its_own_digest_thread() -> None:
+    """The digest pool's thread does not survive fork: the child must start its own."""
+    import signal
+
+    payload = os.urandom(600_000)
+    seal(payload, chunk_size=65536)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        signal.alarm(10)
+        try:
+            ok = open_(seal(payload, chunk_size=65536), max_payload=1 << 20)[1] == payload
+        finally:
+            os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
