@@ -65,6 +65,7 @@ class _EdgeRound:
 
     round_no: int
     client: SecAggClient
+    setup: bytes = b""  # the setup this state answers (a trainer restart sends another)
     answers: dict[Phase, bytes] = field(default_factory=dict)
     delivery: ShareBundle | None = None
     delta: NDArray[np.float32] | None = None
@@ -135,8 +136,10 @@ class SecureParticipant:
         if frame.phase is Phase.SETUP and not self._invited(model, frame.round):
             return  # not (yet) announced as secure for this edge: the trainer will repeat it
         state = self._state.get(model)
-        if frame.phase is Phase.SETUP and (state is None or state.round_no != frame.round):
-            state = self._new_round(model, frame.round)
+        if frame.phase is Phase.SETUP and (
+            state is None or state.round_no != frame.round or state.setup != frame.body
+        ):  # a new round, or the same number from a restarted trainer: start afresh
+            state = self._new_round(model, frame.round, frame.body)
         if state is None or state.round_no != frame.round:
             return
         async with state.lock:
@@ -146,9 +149,9 @@ class SecureParticipant:
         a = self.rounds.get(model)
         return a is not None and a.secure and a.round == round_no and a.invites(self.edge_id)
 
-    def _new_round(self, model: str, round_no: int) -> _EdgeRound:
+    def _new_round(self, model: str, round_no: int, setup: bytes) -> _EdgeRound:
         client = SecAggClient(self.edge_id, self._identity, self._enrolled(), self.configs[model])
-        state = _EdgeRound(round_no, client)
+        state = _EdgeRound(round_no, client, setup)
         self._state[model] = state
         return state
 

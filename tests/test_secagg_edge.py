@@ -199,6 +199,24 @@ async def test_a_participant_ignores_rounds_not_announced_as_secure_for_it() -> 
     assert wire.last(e).phase is Phase.ADVERT
 
 
+async def test_a_restarted_trainers_new_setup_for_the_same_round_starts_afresh() -> None:
+    """The same round number with another setup (a trainer that lost its state): the edge
+    advertises fresh keys for it, instead of repeating the advert of the old setup."""
+    cohort = Cohort.make(3)
+    view, wire = RoundsView(), Wire()
+    view.put(announcement(sampled=cohort.names))
+    edges = participants(cohort, view, wire)
+    e = cohort.names[0]
+    adverts = []
+    for _ in range(2):
+        server = SecAggServer(CONFIG, secure_round_id("digits", 3), cohort.enrolled, DIM)
+        await edges[e].handle("digits", Frame(Phase.SETUP, 3, server.setup.to_bytes()))
+        advert = KeyAdvert.from_bytes(wire.last(e).body)
+        server.receive_advert(advert)  # verifies against this setup's digest
+        adverts.append(advert)
+    assert adverts[0].to_bytes() != adverts[1].to_bytes()
+
+
 class Worker:
     batches_done = 3
 

@@ -18,7 +18,7 @@ from fedcore.secagg.frame import Frame, Phase, masked_frame_bytes
 from trainer.driver import RoundDriver, SecureTarget
 from trainer.errors import TrainerError
 from trainer.rounds import RoundBook, RoundPolicy, SecureOutcome
-from trainer.secure_round import SecureCoordinator, SecureTiming, sensitivity
+from trainer.secure_round import SecureCoordinator, SecureRound, SecureTiming, sensitivity
 from trainer.service import Fleet, open_round, round_verdict
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
@@ -233,3 +233,47 @@ async def test_fewer_masked_inputs_than_min_updates_fail_before_unmasking() -> N
     b, failed = await run_in_process(min_updates=4, silent="edge-003")
     assert failed is not None and "MIN_UPDATES is 4" in failed
     assert b.current is not None and b.current.secure is None  # nothing was folded
+
+
+def _bare_round() -> SecureRound:
+    from tests.secagg_harness import Cohort
+
+    async def send(subject: str, data: bytes) -> None:
+        return None
+
+    return SecureRound(
+        send,
+        model="digits",
+        round_no=3,
+        config=SecAggConfig(),
+        enrolled=Cohort.make(4).enrolled,
+        dim=DIM,
+        deadline_ts=0.0,
+        timing=SecureTiming(),
+    )
+
+
+def test_an_edge_cannot_flood_the_answer_queue() -> None:
+    """Only the awaited answer, from an edge that owes it, one at a time per edge."""
+    secure = _bare_round()
+    edges = sorted(secure.enrolled)
+    secure._awaiting, secure._pending = Phase.ADVERT, set(edges[:2])
+    for _ in range(1000):
+        secure.offer(edges[0], Frame(Phase.ADVERT, 3, b"x"))
+    secure.offer(edges[1], Frame(Phase.SHARES, 3, b"x"))  # not the awaited answer
+    secure.offer(edges[1], Frame(Phase.ADVERT, 2, b"x"))  # another round
+    secure.offer(edges[2], Frame(Phase.ADVERT, 3, b"x"))  # owes nothing
+    secure.offer(edges[1], Frame(Phase.ADVERT, 3, b"x"))
+    assert secure.inbox.qsize() == 2
+    assert secure.dropped_frames == 999 + 3
+
+
+def test_silence_from_everyone_is_the_trainer_cut_off_not_dropouts() -> None:
+    secure = _bare_round()
+    edges = set(secure.enrolled)
+    pending = set(edges)
+    secure._give_up_silent(pending, set())  # NATS down: nobody heard from
+    assert pending == edges
+    alive = set(sorted(edges)[:3])
+    secure._give_up_silent(pending, alive)
+    assert pending == alive

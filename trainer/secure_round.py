@@ -58,7 +58,6 @@ Alive = Callable[[], Collection[str]]
 Accept = Callable[[str, bytes], None]
 M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, SurvivorSignature, UnmaskResponse)
 Until = Literal["round", "bounded", "own"]
-INBOX_SIZE = 1024
 
 
 class EnrolledKeys(Protocol):
@@ -129,14 +128,27 @@ class SecureRound:
         self.dim = dim
         self.deadline_ts = deadline_ts
         self.timing = timing
-        self.inbox: asyncio.Queue[tuple[str, Frame]] = asyncio.Queue(INBOX_SIZE)
+        # at most one answer per edge waits here (``offer``), so no bound is needed
+        self.inbox: asyncio.Queue[tuple[str, Frame]] = asyncio.Queue()
+        self._awaiting: Phase | None = None  # the answer the running step waits for
+        self._pending: set[str] = set()  # edges that have not given it
+        self._queued: set[str] = set()  # edges with an answer in the inbox
+        self.dropped_frames = 0
 
     def offer(self, edge: str, frame: Frame) -> None:
-        """Queue an edge's answer for the running step (dropped when the queue is full)."""
-        if frame.round != self.round_no or edge not in self.enrolled:
+        """Queue an edge's answer for the running step: only the answer the step waits
+        for, from an edge that owes it, one at a time (a flooding edge cannot crowd out the
+        others); anything else is dropped and counted."""
+        if (
+            frame.round != self.round_no
+            or frame.phase is not self._awaiting
+            or edge not in self._pending
+            or edge in self._queued
+        ):
+            self.dropped_frames += 1
             return
-        with contextlib.suppress(asyncio.QueueFull):
-            self.inbox.put_nowait((edge, frame))
+        self._queued.add(edge)
+        self.inbox.put_nowait((edge, frame))
 
     async def run(self) -> SecureResult:
         """Run the protocol; a failure is returned, never raised."""
@@ -241,6 +253,7 @@ class SecureRound:
         deadline = self._deadline(until)
         answer = ANSWERS[ask]
         pending = set(requests)
+        self._awaiting, self._pending, self._queued = answer, pending, set()
         resend_at = 0.0
         while pending and loop.time() < deadline:
             if loop.time() >= resend_at:
@@ -254,6 +267,7 @@ class SecureRound:
                 edge, frame = await asyncio.wait_for(self.inbox.get(), wait)
             except TimeoutError:
                 continue
+            self._queued.discard(edge)
             if frame.phase is not answer or edge not in pending:
                 continue  # a late or repeated answer to an earlier step
             try:
@@ -268,6 +282,8 @@ class SecureRound:
             pending.discard(edge)
 
     def _give_up_silent(self, pending: set[str], alive: set[str]) -> None:
+        if not alive:  # nobody heard from: the trainer is cut off (NATS down), not the edges
+            return
         for edge in sorted(pending - alive):
             log.warning(
                 "secure round: no heartbeat, counted as dropped",
@@ -280,8 +296,8 @@ class SecureRound:
         await self._send(subjects.secagg_to_edge(self.model, edge), frame)
 
     async def _broadcast(self, phase: Phase, body: bytes, edges: Mapping[str, object]) -> None:
-        with contextlib.suppress(Exception):  # best effort: edges forget the round anyway
-            for edge in sorted(edges):
+        for edge in sorted(edges):
+            with contextlib.suppress(Exception):  # best effort, edge by edge
                 await self._send_one(edge, phase, body)
 
 
