@@ -87,7 +87,7 @@ def learner_config(settings: EdgeSettings, model: str) -> LearnerConfig:
         threads=s.train_threads,
         nice=s.train_nice,
         sched_idle=s.train_sched_idle,
-        clip_norm=s.clip_norm if s.clip_norm is not None else spec.update_clip_norm,
+        clip_norm=s.clip_norm,
         secure=model in s.secagg,
         compression=CompressionSettings(
             mode=s.update_compression, topk_fraction=s.update_topk_fraction

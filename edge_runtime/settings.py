@@ -85,9 +85,7 @@ class EdgeSettings(ServiceSettings):
     train_weight_decay: float = Field(default=0.0, ge=0)
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx term; 0 turns it off")
     clip_norm: float | None = Field(
-        default=None,
-        gt=0,
-        description="clip the update's L2 norm to this (None: the model spec's update_clip_norm)",
+        default=None, gt=0, description="clip the update's L2 norm to this (None: no clipping)"
     )
     holdout_fraction: float = Field(
         default=0.2, ge=0, lt=1, description="labelled share kept for local evaluation"

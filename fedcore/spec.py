@@ -81,11 +81,6 @@ class ModelSpec:
     max_queue_delay_us: int = 200
     versions_kept: int = 2  # a stable and a candidate version can be loaded side by side
     opset: int = 17
-    update_clip_norm: float | None = None
-    """L2 norm an edge clips its update (the delta from the served version) to, unless
-    ``FEDGATE_EDGE_CLIP_NORM`` says otherwise; None: no clipping. The scale of a useful
-    update is the model's: each window trains over the whole, growing spool, so unclipped
-    updates grow round after round and a server step (FedAvgM's ``eta``) overshoots."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -95,8 +90,6 @@ class ModelSpec:
             raise ModelSpecError(f"model {self.name!r}: tensor names must be unique, got {names}")
         if not self.inputs or not self.outputs:
             raise ModelSpecError(f"model {self.name!r}: needs at least one input and one output")
-        if self.update_clip_norm is not None and not self.update_clip_norm > 0:
-            raise ModelSpecError(f"model {self.name!r}: update_clip_norm must be positive")
         if any(b > self.max_batch_size for b in self.preferred_batch_sizes):
             raise ModelSpecError(
                 f"model {self.name!r}: preferred batch sizes exceed max_batch_size"

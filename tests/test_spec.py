@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -112,28 +111,3 @@ def test_tensor_spec_validation(
 def test_unknown_model_names_the_known_ones() -> None:
     with pytest.raises(ModelSpecError, match=r"unknown model 'cats'; known: \['digits'\]"):
         get_spec("cats")
-
-
-def test_edges_clip_updates_to_the_spec_norm_unless_set(tmp_path: Path) -> None:
-    from edge_runtime.learning import learner_config
-    from edge_runtime.settings import EdgeSettings
-
-    base = {
-        "edge_id": "edge-1",
-        "data_dir": tmp_path,
-        "seed_artifacts_dir": tmp_path,
-        "trainer_public_key_file": tmp_path / "t.pub",
-        "identity_key_file": tmp_path / "e.key",
-        "trainer_hpke_public_key_file": tmp_path / "h.pub",
-        "triton_control_secret_file": tmp_path / "s",
-        "nats_user": "edge-1",
-        "nats_password_file": tmp_path / "p",
-    }
-    assert get_spec("digits").update_clip_norm == 1.0
-    assert learner_config(EdgeSettings(**base), "digits").clip_norm == 1.0
-    assert learner_config(EdgeSettings(**base, clip_norm=3.5), "digits").clip_norm == 3.5
-
-
-def test_update_clip_norm_must_be_positive() -> None:
-    with pytest.raises(ModelSpecError, match="update_clip_norm must be positive"):
-        dataclasses.replace(get_spec("digits"), update_clip_norm=0.0)

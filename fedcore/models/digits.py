@@ -72,7 +72,4 @@ DIGITS = ModelSpec(
     input_convention=(
         "pixels: FP32 [batch, 64], the 8x8 image row-major, intensities 0..16 divided by 16"
     ),
-    # `make demo` with 3 edges, 5 rounds: unclipped, rounds were held from the 2nd or 3rd
-    # on (candidates down to 0.70); clipped at 1.0, every round released (0.829 -> 0.904-0.913)
-    update_clip_norm=1.0,
 )
