@@ -205,6 +205,7 @@ class RoundRecord(_Message):
     secure: bool = False
     survivors: int | None = Field(default=None, ge=0)
     dropped: int | None = Field(default=None, ge=0)
+    step_scale: float | None = Field(default=None, gt=0, le=1)
 
 
 class Lineage(_Message):

@@ -36,3 +36,67 @@ def test_held_round_restores_momentum(tmp_path: Path) -> None:
         not np.any(v) for v in strategy.server_state().values()
     )
     assert book.current is None and book.version == 1
+    assert book.step_scale == 0.5  # the next candidate takes half the server step
+
+
+def test_the_step_shrinks_after_each_hold_and_grows_back_after_a_release() -> None:
+    params = np.zeros(4, np.float32)
+    book = RoundBook(
+        "digits",
+        RoundPolicy(min_updates=1),
+        get_strategy("fedavgm", eta=2.0, momentum=0.0),
+        version=1,
+        digest="ab" * 32,
+        params=params,
+    )
+
+    def candidate() -> np.ndarray:
+        book.open(["edge-1"], now=0.0)
+        book.fold(Contribution("a" * 32, "edge-1", 10, 1, 0.0), np.ones(4, np.float32))
+        out = book.finalize()
+        book.abandon()
+        return out
+
+    np.testing.assert_allclose(candidate(), 2.0)  # eta * delta
+    for scale in (0.5, 0.25, 0.125, 0.125):  # down to 1/8
+        book.after_hold()
+        assert book.step_scale == scale
+    np.testing.assert_allclose(candidate(), 0.25)
+    book.after_release()
+    assert book.step_scale == 0.25
+    for _ in range(3):
+        book.after_release()
+    assert book.step_scale == 1.0
+
+
+def test_step_backoff_one_turns_it_off_and_a_checkpoint_keeps_the_scale(tmp_path: Path) -> None:
+    from trainer import checkpoint
+
+    policy = RoundPolicy(min_updates=1, step_backoff=1.0)
+    book = RoundBook(
+        "digits", policy, get_strategy("fedavg"), version=1, digest="ab" * 32, params=np.zeros(2)
+    )
+    book.after_hold()
+    assert book.step_scale == 1.0
+    halving = RoundBook(
+        "digits",
+        RoundPolicy(min_updates=1),
+        get_strategy("fedavg"),
+        version=1,
+        digest="ab" * 32,
+        params=np.zeros(2, np.float32),
+    )
+    halving.after_hold()
+    checkpoint.save(tmp_path, halving)
+    restored = checkpoint.load(tmp_path)
+    assert restored is not None and restored.step_scale == 0.5
+    fresh = RoundBook(
+        "digits",
+        RoundPolicy(min_updates=1),
+        get_strategy("fedavg"),
+        version=1,
+        digest="ab" * 32,
+        params=np.zeros(2, np.float32),
+    )
+    checkpoint.resume(fresh, restored)
+    assert fresh.step_scale == 0.5

@@ -43,6 +43,7 @@ class Restored:
     folded: dict[str, Contribution]
     round_arrays: dict[str, NDArray[Any]]
     server_state: dict[str, NDArray[Any]]
+    step_scale: float = 1.0
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -85,6 +86,7 @@ def save(directory: Path, book: RoundBook) -> None:
         "announcement": rnd.announcement.model_dump() if rnd else None,
         "folded": [asdict(c) for c in rnd.folded.values()] if rnd else [],
         "round_state_saved": bool(rnd and isinstance(rnd.state, WeightedSum)),
+        "step_scale": book.step_scale,
     }
     _fsync_write(directory / META, json.dumps(meta, sort_keys=True).encode())
     for stale in directory.glob("arrays-*.npz"):
@@ -123,6 +125,7 @@ def load(directory: Path) -> Restored | None:
             folded=folded if saved else {},
             round_arrays={k[6:]: v for k, v in arrays.items() if k.startswith("round.")},
             server_state={k[7:]: v for k, v in arrays.items() if k.startswith("server.")},
+            step_scale=float(meta.get("step_scale", 1.0)),
         )
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise TrainerError("checkpoint-corrupt", f"{directory}: {exc}") from None
@@ -131,6 +134,7 @@ def load(directory: Path) -> Restored | None:
 def resume(book: RoundBook, restored: Restored) -> None:
     """Put a restored checkpoint into a fresh ``book`` (same model and strategy)."""
     book.next_round = restored.next_round
+    book.step_scale = restored.step_scale
     book.version, book.digest, book.params = restored.version, restored.digest, restored.params
     if restored.server_state:
         book.strategy.load_server_state(

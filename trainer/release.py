@@ -176,8 +176,10 @@ async def _release_or_hold(
     candidate = await asyncio.to_thread(book.finalize)
     cand, serving, release, reason = await asyncio.to_thread(_gate, ctx, book, candidate)
     metrics = {"accuracy": cand.accuracy, "loss": cand.loss, "serving_accuracy": serving.accuracy}
+    metrics["step_scale"] = book.step_scale
     if not release:
         book.strategy.load_server_state(before)
+        book.after_hold()
         book.abandon()
         result: RoundRecord = record("held", reason, **metrics)
         return result
@@ -201,6 +203,7 @@ async def _release_or_hold(
     )
     await _put(js, LINEAGE_BUCKET, version_key(book.model, version), lineage.encode())
     book.advance(version, digest, candidate)
+    book.after_release()
     released: RoundRecord = record("released", reason, released_version=version, **metrics)
     return released
 

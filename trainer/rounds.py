@@ -36,8 +36,14 @@ class RoundPolicy:
     buffer_size: int = 3
     max_staleness: int = 2
     staleness_exponent: float = 0.5
+    step_backoff: float = 0.5
+    """After a held round the next candidate takes this share of its server step (again
+    after each hold, down to :data:`MIN_STEP_SCALE`); each release doubles it back up to
+    the full step. 1.0 turns it off."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.step_backoff <= 1.0:
+            raise TrainerError("bad-round-policy", "step_backoff must be in (0, 1]")
         if self.min_updates < 1 or self.buffer_size < 1 or self.max_staleness < 0:
             raise TrainerError("bad-round-policy", "min_updates and buffer_size must be >= 1")
         if not (0.0 < self.sample_fraction <= 1.0) or self.deadline_s <= 0:
@@ -98,8 +104,17 @@ def staleness_weight(samples: int, staleness: int, exponent: float) -> float:
     return float(samples) * float((1.0 + staleness) ** (-exponent))
 
 
+MIN_STEP_SCALE = 0.125
+
+
 class RoundBook:
-    """Round bookkeeping for one model over a strategy and the current global version."""
+    """Round bookkeeping for one model over a strategy and the current global version.
+
+    ``step_scale`` shrinks the server step after a held candidate and grows it back after
+    a release (:meth:`after_hold`, :meth:`after_release`): a held round usually means the
+    step overshot, and the next round, trained from the same base on more data, would
+    overshoot further with the full step.
+    """
 
     def __init__(
         self,
@@ -120,6 +135,7 @@ class RoundBook:
         self.digest = digest
         self.params = params
         self.next_round = next_round
+        self.step_scale = 1.0
         self.current: OpenRound | None = None
         self._rng = random.Random(seed)  # noqa: S311 - client sampling, not a secret
 
@@ -224,7 +240,19 @@ class RoundBook:
         :meth:`advance` or :meth:`abandon`)."""
         rnd = self._require_open()
         out: NDArray[Any] = self.strategy.finalize(rnd.state, self.params)
+        if self.step_scale != 1.0:
+            base = np.asarray(self.params, dtype=np.float32)
+            step = np.asarray(out, dtype=np.float32) - base
+            out = base + np.float32(self.step_scale) * step
         return out
+
+    def after_hold(self) -> None:
+        """The candidate was held: the next one takes a shorter step."""
+        self.step_scale = max(MIN_STEP_SCALE, self.step_scale * self.policy.step_backoff)
+
+    def after_release(self) -> None:
+        """The candidate was released: the step grows back towards the full one."""
+        self.step_scale = min(1.0, self.step_scale / self.policy.step_backoff)
 
     def advance(self, version: int, digest: str, params: NDArray[Any]) -> None:
         """The candidate was released as ``version``: it is the new base."""

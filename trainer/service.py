@@ -94,6 +94,7 @@ def policy_of(settings: TrainerSettings) -> RoundPolicy:
         buffer_size=settings.buffer_size,
         max_staleness=settings.max_staleness,
         staleness_exponent=settings.staleness_exponent,
+        step_backoff=settings.step_backoff,
     )
 
 

@@ -61,6 +61,13 @@ class TrainerSettings(ServiceSettings):
     buffer_size: int = Field(default=3, ge=1, description="async: updates per aggregation")
     max_staleness: int = Field(default=2, ge=0, description="async: oldest base accepted")
     staleness_exponent: float = Field(default=0.5, ge=0)
+    step_backoff: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="after a held round, the next candidate's server step is scaled by this "
+        "(again per hold, down to 1/8); a release scales it back up; 1 turns it off",
+    )
     gate_margin: float = Field(
         default=0.01, ge=0, description="hold back a candidate this much less accurate"
     )
