@@ -171,6 +171,7 @@ class RolloutController:
     _models: set[str] = field(default_factory=set)
     _shown: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
+    _closing: bool = False
 
     def __post_init__(self) -> None:
         self.metrics = RolloutMetrics(self.state)
@@ -191,11 +192,17 @@ class RolloutController:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the tick loop. A cancellation can be lost inside a NATS call (asyncio's
+        wait_for in Python 3.11 returns a result that arrived with the cancel), so the loop
+        also checks ``_closing``, and the cancel is repeated until the task is done."""
+        self._closing = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        if task is not None and not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()
 
     def _store(self) -> RolloutStore:
         if self.store is None:
@@ -207,7 +214,7 @@ class RolloutController:
 
     async def _run(self) -> None:
         listed = 0.0
-        while True:
+        while not self._closing:
             try:
                 if time.monotonic() - listed > 2.0:  # rollouts other gateways started
                     self._models.update(await self._store().models())

@@ -238,3 +238,25 @@ async def test_operator_routing_holds_until_the_rollout_moves(api: Api) -> None:
     api.beat("edge-2", [1, 2], r["id"])
     canary = await wait_state(api, r["id"], "canary")
     assert canary["split"] == {"stable": 1, "candidate": 2, "candidate_weight": 0.1}
+
+
+async def test_close_stops_a_loop_that_swallowed_its_cancellation(api: Api) -> None:
+    """asyncio.wait_for in Python 3.11 can return a result that arrived with a cancel; a
+    tick loop that lost its cancellation must still stop on close (this hung a CI run)."""
+    controller = api.controller
+    await controller.close()
+    controller._closing = False
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while not controller._closing:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                swallowed += 1  # lost, as in the race
+
+    controller._task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(controller.close(), 5)
+    assert swallowed >= 1 and controller._task is None
