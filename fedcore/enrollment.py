@@ -16,7 +16,6 @@ sees half a registry.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -28,6 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedcore.errors import EnrollmentError
+from fedcore.files import write_atomic
 from fedcore.strict_json import no_duplicates
 
 _EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -212,17 +212,9 @@ def load_registry(path: Path, *, missing_ok: bool = False) -> EdgeRegistry:
 
 def save_registry(path: Path, registry: EdgeRegistry) -> None:
     """Write a registry file atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(registry.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        write_atomic(path, registry.encode(), 0o644)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EnrollmentError("io", f"cannot write edge registry {path}: {exc}") from None
 
 

@@ -7,8 +7,6 @@ values, hex-encoded, so they fit in registries and NATS KV values.
 
 from __future__ import annotations
 
-import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -16,30 +14,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from fedcore.errors import KeyFileError
+from fedcore.files import write_atomic
 
 PRIVATE_MODE = 0o600
 
 
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` with ``mode`` atomically: a new file (never an old one whose mode may
-    be looser, nor a symlink) is written, synced and renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # whatever the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_private(path: Path, pem: bytes) -> None:
-    write_file(path, pem, PRIVATE_MODE)
+    write_atomic(path, pem, PRIVATE_MODE)
 
 
 def _read_private(path: Path) -> bytes:

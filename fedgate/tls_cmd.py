@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcore.errors import FedgateError
-from fedcore.keys import write_file
+from fedcore.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Issued:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    write_file(path, data, mode)  # a fresh file: a re-issued key never lands in a loose one
+    write_atomic(path, data, mode)  # a fresh file: a re-issued key never lands in a loose one
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -54,7 +54,7 @@ def test_secrets_are_owner_only(tmp_path: Path) -> None:
 
 
 def test_write_file_never_writes_into_an_old_file_or_through_a_symlink(tmp_path: Path) -> None:
-    from fedcore.keys import write_file
+    from fedcore.files import write_atomic as write_file
 
     path = tmp_path / "tls.key"
     path.write_bytes(b"old key")

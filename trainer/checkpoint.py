@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedcore.files import write_atomic
 from fedcore.wire import RoundAnnouncement
 from trainer.aggregate import WeightedSum
 from trainer.errors import TrainerError
@@ -44,20 +45,6 @@ class Restored:
     round_arrays: dict[str, NDArray[Any]]
     server_state: dict[str, NDArray[Any]]
     step_scale: float = 1.0
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save(directory: Path, book: RoundBook) -> None:
@@ -88,7 +75,7 @@ def save(directory: Path, book: RoundBook) -> None:
         "round_state_saved": bool(rnd and isinstance(rnd.state, WeightedSum)),
         "step_scale": book.step_scale,
     }
-    _fsync_write(directory / META, json.dumps(meta, sort_keys=True).encode())
+    write_atomic(directory / META, json.dumps(meta, sort_keys=True).encode(), sync_dir=True)
     for stale in directory.glob("arrays-*.npz"):
         if stale != arrays_path:
             stale.unlink(missing_ok=True)

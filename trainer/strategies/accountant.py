@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcore.files import write_atomic
 from trainer.aggregate import F64Array
 from trainer.errors import LedgerError, PrivacyBudgetExceeded
 
@@ -236,19 +235,8 @@ class PrivacyLedger:
             "models": {m: [asdict(r) for r in rs] for m, rs in sorted(models.items())},
         }
         data = json.dumps(doc, indent=2, sort_keys=True).encode("utf-8")
-        directory = self.path.parent
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(self.path, data, 0o600)
         except OSError as exc:
             raise LedgerError("ledger-io", f"cannot write {self.path}: {exc}") from exc
 
