@@ -361,12 +361,12 @@ class Learner:
         c, plan, result = self.config, job.plan, job.result or {}
         local = load_weights_file(job.job_dir / "local.npy", expected=job.base.size)
         delta, norm = clip_delta(local - job.base, c.clip_norm)
+        metrics = local_metrics(result, norm)
         if plan.announcement.secure:
-            await self._submit_secure(job, delta, local_metrics(result, norm))
+            await self._submit_secure(job, delta)
+            self._sent(job, "update-masked", metrics)
             return
         encoded = encode_update(delta, c.sizes, c.compression, self.feedback)
-        metrics = local_metrics(result, norm)
-        samples = int(result.get("samples", 0))
         header, envelope = await asyncio.to_thread(
             seal_update,
             encoded.data,
@@ -378,41 +378,32 @@ class Learner:
             base_version=plan.base.version,
             base_digest=plan.base.digest,
             compression=encoded.mode,
-            num_samples=samples,
+            num_samples=int(result.get("samples", 0)),
             metrics=metrics,
         )
         await self.publish(bytes(envelope))
-        self.spool.mark_trained(int(result.get("upto", 0)))
-        self._remember_sent(plan.round)
-        self.events.emit(
-            "update-published",
-            c.model,
-            batch=_opt_int(result.get("batch")),
-            round=plan.round,
-            base_version=plan.base.version,
-            update_id=header.update_id,
-            num_samples=samples,
-            loss=metrics.get("loss"),
-            accuracy=metrics.get("accuracy"),
-        )
+        self._sent(job, "update-published", metrics, update_id=header.update_id)
 
-    async def _submit_secure(
-        self, job: Job, delta: NDArray[Any], metrics: dict[str, float]
-    ) -> None:
+    async def _submit_secure(self, job: Job, delta: NDArray[Any]) -> None:
         """A secure round's update goes to the secure-aggregation participant, which sends
         it masked; no envelope, no metrics leave the edge with it."""
-        c, plan, result = self.config, job.plan, job.result or {}
+        c, plan = self.config, job.plan
         if self.secure is None or not c.secure:
             raise EdgeError(f"round {plan.round} is securely aggregated; it is off here")
         await self.secure.submit(c.model, plan.round, delta)
+
+    def _sent(self, job: Job, kind: str, metrics: Mapping[str, float], **extra: Any) -> None:
+        """The update left (or was handed over): its samples are trained, its round sent."""
+        plan, result = job.plan, job.result or {}
         self.spool.mark_trained(int(result.get("upto", 0)))
         self._remember_sent(plan.round)
         self.events.emit(
-            "update-masked",
-            c.model,
+            kind,
+            self.config.model,
             batch=_opt_int(result.get("batch")),
             round=plan.round,
             base_version=plan.base.version,
+            **extra,
             num_samples=int(result.get("samples", 0)),
             loss=metrics.get("loss"),
             accuracy=metrics.get("accuracy"),
