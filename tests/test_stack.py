@@ -63,12 +63,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    data_dir = tmp_path_factory.mktemp("stack")
-    port = free_port()
+def start_up(
+    options: list[str], port: int, data_dir: Path
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """``fedgate up`` with ``options``, once it printed ``ready;`` (its output so far)."""
     proc = subprocess.Popen(
-        [*FEDGATE, "up", "--edges", "2", "--port", str(port), "--data-dir", str(data_dir)],
+        [*FEDGATE, "up", *options, "--port", str(port), "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -85,7 +85,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
             break
     if not output or not output[-1].startswith("ready;"):
         proc.kill()
-        pytest.fail("fedgate up did not become ready:\n" + "".join(output))
+        pytest.fail(f"fedgate up {' '.join(options)} did not become ready:\n" + "".join(output))
+    return proc, output
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    data_dir = tmp_path_factory.mktemp("stack")
+    port = free_port()
+    proc, output = start_up(["--edges", "2"], port, data_dir)
     running = RunningStack(f"http://127.0.0.1:{port}", data_dir, proc, output)
     yield running
     if proc.poll() is None:

@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,9 +31,8 @@ from fedcore.process import free_port
 from fedgate.stack_tls import StackTls, ensure_stack_tls, tls_problems
 from fedgate.tls_cmd import TlsPlan, create_tls
 from tests.conftest import processes_mentioning
-from tests.test_stack import alive, descendants
+from tests.test_stack import alive, descendants, start_up
 
-FEDGATE = [sys.executable, "-m", "fedgate.cli"]
 CLIENTS = ["trainer", "gateway", "edge-1"]
 
 
@@ -142,26 +140,7 @@ class TlsStack:
 def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     data_dir = tmp_path_factory.mktemp("tls-stack")
     port = free_port()
-    argv = [*FEDGATE, "up", "--tls", "--edges", "1", "--port", str(port)]
-    proc = subprocess.Popen(
-        [*argv, "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output: list[str] = []
-    deadline = time.monotonic() + 240
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        output.append(line)
-        if line.startswith("ready;"):
-            break
-    if not output or not output[-1].startswith("ready;"):
-        proc.kill()
-        pytest.fail("fedgate up --tls did not become ready:\n" + "".join(output))
+    proc, output = start_up(["--tls", "--edges", "1"], port, data_dir)
     conf = (data_dir / "nats" / "nats.conf").read_text()
     listen = re.search(r"^listen: [\d.]+:(\d+)$", conf, re.M)
     monitor = re.search(r"^http: [\d.]+:(\d+)$", conf, re.M)
