@@ -48,7 +48,7 @@ from fedgate.keys_cmd import KeyLayout, init_keys
 from fedgate.launcher import Stack, StackConfig
 from tests.conftest import NatsServer, processes_mentioning
 from tests.transport_harness import DIM as TRANSPORT_DIM
-from tests.transport_harness import open_bus
+from tests.transport_harness import open_bus, trainer_env
 from tests.transport_harness import seal as transport_seal
 from trainer.ingest import IngestOptions, Outcome, Verdict
 
@@ -65,24 +65,15 @@ def password(stack: Stack, user: str) -> str:
 
 def start_trainer(stack: Stack, keys: KeyLayout) -> subprocess.Popen[bytes]:
     root = stack.config.data_dir
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
-    env |= {
-        "FEDGATE_TRAINER_NATS_URL": stack.nats_url,
-        "FEDGATE_TRAINER_NATS_USER": "trainer",
-        "FEDGATE_TRAINER_NATS_PASSWORD_FILE": str(root / "secrets" / "nats-trainer.pass"),
-        "FEDGATE_TRAINER_DATA_DIR": str(root / "trainer"),
-        "FEDGATE_TRAINER_SIGNING_KEY_FILE": str(keys.signing_key),
-        "FEDGATE_TRAINER_HPKE_PRIVATE_KEY_FILE": str(keys.hpke_key),
-        "FEDGATE_TRAINER_EDGE_REGISTRY_FILE": str(keys.registry),
-        "FEDGATE_TRAINER_BOOTSTRAP_EPOCHS": "2",
-        "FEDGATE_TRAINER_STRATEGY": "fedavg",
-        "FEDGATE_TRAINER_STRATEGY_OPTIONS": "{}",
-        "FEDGATE_TRAINER_MIN_UPDATES": str(N_EDGES),
-        "FEDGATE_TRAINER_ROUND_DEADLINE_S": "150",
-        "FEDGATE_TRAINER_GATE_MARGIN": "1.0",
-        "FEDGATE_TRAINER_ROUND_INTERVAL_S": "0",
-        "FEDGATE_TRAINER_MAX_ROUNDS": "1",
-    }
+    env = trainer_env(
+        root,
+        keys,
+        stack.nats_url,
+        root / "secrets" / "nats-trainer.pass",
+        MIN_UPDATES=str(N_EDGES),
+        ROUND_DEADLINE_S="150",
+        MAX_ROUNDS="1",
+    )
     log = (root / "logs" / "trainer.log").open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "trainer", "serve"],

@@ -41,6 +41,7 @@ from fedgate.keys_cmd import KeyLayout, init_keys
 from tests.conftest import NatsServer, processes_mentioning, start_nats
 from tests.secagg_edge import harness_delta
 from tests.test_trainer_rounds import DIM, send, wait_kv
+from tests.transport_harness import trainer_env as base_trainer_env
 from trainer.secure_setup import secure_configs
 from trainer.settings import TrainerSettings
 
@@ -50,29 +51,18 @@ OPTIONS = {"clip_norm": 1.0, "stochastic_rounding": False}  # deterministic: rec
 
 
 def trainer_env(root: Path, keys: KeyLayout, server: NatsServer, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
-    env.update(
-        {
-            "FEDGATE_TRAINER_NATS_URL": server.url,
-            "FEDGATE_TRAINER_NATS_USER": "trainer",
-            "FEDGATE_TRAINER_NATS_PASSWORD_FILE": str(server.password_files["trainer"]),
-            "FEDGATE_TRAINER_DATA_DIR": str(root / "trainer"),
-            "FEDGATE_TRAINER_SIGNING_KEY_FILE": str(keys.signing_key),
-            "FEDGATE_TRAINER_HPKE_PRIVATE_KEY_FILE": str(keys.hpke_key),
-            "FEDGATE_TRAINER_EDGE_REGISTRY_FILE": str(keys.registry),
-            "FEDGATE_TRAINER_BOOTSTRAP_EPOCHS": "2",
-            "FEDGATE_TRAINER_STRATEGY": "fedavg",
-            "FEDGATE_TRAINER_STRATEGY_OPTIONS": "{}",
-            "FEDGATE_TRAINER_MIN_UPDATES": "3",
-            "FEDGATE_TRAINER_ROUND_DEADLINE_S": "10",
-            "FEDGATE_TRAINER_GATE_MARGIN": "1.0",
-            "FEDGATE_TRAINER_ROUND_INTERVAL_S": "0",
-            "FEDGATE_TRAINER_SECAGG": json.dumps({"digits": OPTIONS}),
-            "FEDGATE_TRAINER_SECAGG_PHASE_TIMEOUT_S": "5",
-        }
+    return (
+        base_trainer_env(
+            root,
+            keys,
+            server.url,
+            server.password_files["trainer"],
+            ROUND_DEADLINE_S="10",
+            SECAGG=json.dumps({"digits": OPTIONS}),
+            SECAGG_PHASE_TIMEOUT_S="5",
+        )
+        | extra
     )
-    env.update(extra)
-    return env
 
 
 def start_edge(

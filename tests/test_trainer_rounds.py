@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from fedcore.params import layout, load_weights_file
 from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, RoundRecord, round_key
 from fedgate.keys_cmd import KeyLayout, init_keys
 from tests.conftest import NatsServer
+from tests.transport_harness import trainer_env
 
 EDGES = ["edge-1", "edge-2", "edge-3"]
 SIZES = sizes_from_layout(layout(get_spec("digits").build_module()))
@@ -33,25 +33,7 @@ DIM = sum(SIZES)
 
 
 def start_trainer(root: Path, keys: KeyLayout, nats_server: NatsServer) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
-    env.update(
-        {
-            "FEDGATE_TRAINER_NATS_URL": nats_server.url,
-            "FEDGATE_TRAINER_NATS_USER": "trainer",
-            "FEDGATE_TRAINER_NATS_PASSWORD_FILE": str(nats_server.password_files["trainer"]),
-            "FEDGATE_TRAINER_DATA_DIR": str(root / "trainer"),
-            "FEDGATE_TRAINER_SIGNING_KEY_FILE": str(keys.signing_key),
-            "FEDGATE_TRAINER_HPKE_PRIVATE_KEY_FILE": str(keys.hpke_key),
-            "FEDGATE_TRAINER_EDGE_REGISTRY_FILE": str(keys.registry),
-            "FEDGATE_TRAINER_BOOTSTRAP_EPOCHS": "2",
-            "FEDGATE_TRAINER_STRATEGY": "fedavg",
-            "FEDGATE_TRAINER_STRATEGY_OPTIONS": "{}",
-            "FEDGATE_TRAINER_MIN_UPDATES": "3",
-            "FEDGATE_TRAINER_ROUND_DEADLINE_S": "120",
-            "FEDGATE_TRAINER_GATE_MARGIN": "1.0",
-            "FEDGATE_TRAINER_ROUND_INTERVAL_S": "0",
-        }
-    )
+    env = trainer_env(root, keys, nats_server.url, nats_server.password_files["trainer"])
     log = (root / "trainer.log").open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "trainer", "serve"], env=env, stdout=log, stderr=log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -180,3 +181,29 @@ async def open_bus(
     finally:
         await edge_nc.close()
         await trainer_nc.close()
+
+
+def trainer_env(
+    root: Path, keys: KeyLayout, nats_url: str, password_file: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of a test trainer process: the caller's ``FEDGATE_*`` dropped, data
+    under ``root/trainer``, a short bootstrap, FedAvg, 3 updates per round, a gate that
+    releases anything; ``settings`` (names without the ``FEDGATE_TRAINER_`` prefix) win."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
+    values = {
+        "NATS_URL": nats_url,
+        "NATS_USER": "trainer",
+        "NATS_PASSWORD_FILE": str(password_file),
+        "DATA_DIR": str(root / "trainer"),
+        "SIGNING_KEY_FILE": str(keys.signing_key),
+        "HPKE_PRIVATE_KEY_FILE": str(keys.hpke_key),
+        "EDGE_REGISTRY_FILE": str(keys.registry),
+        "BOOTSTRAP_EPOCHS": "2",
+        "STRATEGY": "fedavg",
+        "STRATEGY_OPTIONS": "{}",
+        "MIN_UPDATES": "3",
+        "ROUND_DEADLINE_S": "120",
+        "GATE_MARGIN": "1.0",
+        "ROUND_INTERVAL_S": "0",
+    } | settings
+    return env | {f"FEDGATE_TRAINER_{k}": v for k, v in values.items()}
