@@ -3,8 +3,9 @@
 Each DP release (one round's noisy aggregate) is a sampled Gaussian mechanism with
 noise multiplier ``z`` (noise std over clip norm) and sampling rate ``q`` (the chance
 that a given edge takes part; 1.0 when nothing is known about sampling, which is the
-conservative choice). Its Renyi DP at integer order ``a`` (Mironov, Talwar, Zhang,
-"Renyi Differential Privacy of the Sampled Gaussian Mechanism", 2019) is::
+conservative choice, and the only one the trainer uses: its cohorts are not Poisson
+samples, see :mod:`trainer.strategies.dp`). Its Renyi DP at integer order ``a``
+(Mironov, Talwar, Zhang, "Renyi Differential Privacy of the Sampled Gaussian Mechanism", 2019) is::
 
     rdp(a) = log( sum_{k=0..a} C(a,k) (1-q)^(a-k) q^k exp((k^2 - k) / (2 z^2)) ) / (a - 1)
 

@@ -10,6 +10,11 @@ denominator, as in the paper) or by the number of updates folded (that count is 
 released too), and applied with ``server_lr``. Sample weights are ignored on purpose:
 weighting by a self-reported example count would break the sensitivity bound.
 
+Every release is charged at sampling rate 1: the trainer's cohort (``sample_fraction``)
+is a fixed-size choice published in the round announcement, not Poisson sampling with a
+hidden choice, so the accountant's amplification by sampling does not apply and
+``sample_rate`` other than 1 is refused (issue #16, finding 10).
+
 The noise comes from the operating system's CSPRNG (``os.urandom``), never from a
 seedable PRNG: 64-bit words become uniforms in (0, 1) and pairs of uniforms become
 normals by the Box-Muller transform, vectorised. Caveat: this is floating-point
@@ -46,6 +51,13 @@ from trainer.strategies.base import (
 )
 
 RandomBytes = Callable[[int], bytes]
+
+NOT_POISSON = (
+    "must be 1, got {!r}: amplification by sampling needs each edge to take part "
+    "independently with that probability (Poisson sampling) and the choice to stay hidden, "
+    "but the trainer invites a fixed-size cohort and announces it, so epsilon is charged "
+    "without amplification"
+)
 
 _TWO_POW_MINUS_52 = 2.0**-52
 
@@ -114,10 +126,8 @@ class DPFedAvg(StatelessMixin):
             raise StrategyConfigError(self.name, "expected_updates", "must be >= 1 or unset")
         self.expected_updates = None if expected_updates is None else int(expected_updates)
         self.sample_rate = float(sample_rate)
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise StrategyConfigError(
-                self.name, "sample_rate", f"must lie in (0, 1], got {sample_rate!r}"
-            )
+        if self.sample_rate != 1.0:
+            raise StrategyConfigError(self.name, "sample_rate", NOT_POISSON.format(sample_rate))
         if ledger is not None and not model:
             raise StrategyConfigError(self.name, "model", "a ledger needs the model's name")
         self.ledger = ledger
