@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trainer import checkpoint
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, UpdateRejected
 from trainer.rounds import Contribution, RoundBook, RoundPolicy, sample_edges, staleness_weight
 from trainer.strategies import get_strategy
 
@@ -127,7 +127,7 @@ def test_checkpoint_resume_gives_the_same_result(tmp_path: Path, strategy: str) 
                 and set(b.current.folded) == {"b" * 32, "c" * 32}
             )
             b.fold(contrib("b", "edge-1", 10), updates[1])  # redelivered: already folded
-        b.fold(contrib("d", "edge-2", 5), updates[3])
+        b.fold(contrib("d", "edge-3", 5), updates[3])
         return b.finalize()
 
     np.testing.assert_allclose(run(True), run(False), rtol=1e-6)
@@ -141,3 +141,15 @@ def test_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TrainerError) as info:
         checkpoint.load(tmp_path)
     assert info.value.reason == "checkpoint-corrupt"
+
+
+def test_one_update_per_edge_per_round_sync_and_async() -> None:
+    for policy in (RoundPolicy(min_updates=3), RoundPolicy(mode="async", buffer_size=3)):
+        b = book(policy)
+        b.open(["edge-1", "edge-2"], now=0.0)
+        b.fold(contrib("a", "edge-1", 10), np.ones(3, np.float32))
+        with pytest.raises(UpdateRejected) as err:
+            b.fold(contrib("b", "edge-1", 10, base=2), np.ones(3, np.float32))
+        assert err.value.reason == "second-update"
+        b.fold(contrib("a", "edge-1", 10), np.ones(3, np.float32))  # the same id: no change
+        assert b.current is not None and b.current.state.count == 1

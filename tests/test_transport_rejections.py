@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from prometheus_client import CollectorRegistry
 
 from fedcore.transport import (
     MSG_ID_HEADER,
@@ -19,8 +20,12 @@ from fedcore.transport import (
 )
 from tests.conftest import NatsServer
 from tests.transport_harness import DIM, TARGET, Bus, open_bus, seal
-from trainer.ingest import IngestOptions, RoundTarget, Verdict
-from trainer.ingest_metrics import REJECTION_REASONS
+from trainer.driver import RoundDriver
+from trainer.ingest import IngestOptions, RoundTarget, UpdateIngestor, Verdict
+from trainer.ingest_metrics import REJECTION_REASONS, IngestMetrics
+from trainer.registry import RegistryFile
+from trainer.rounds import RoundBook, RoundPolicy
+from trainer.strategies import get_strategy
 
 LIMIT = 64 * 1024
 OPTIONS = IngestOptions(max_update_bytes=LIMIT, ack_wait_s=1.0, fetch_timeout_s=0.5)
@@ -116,3 +121,46 @@ async def test_second_update_and_no_open_round(nats_server: NatsServer, tmp_path
         outcomes = await bus.ingestor.poll()
         assert [(o.verdict, o.reason) for o in outcomes] == [(Verdict.REJECTED, "no-open-round")]
         np.testing.assert_array_equal(bus.aggregator.total, good(1).astype(np.float64))
+
+
+async def test_an_async_buffer_takes_one_update_per_edge(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Finding 9 of #16: an async round accepts updates signed for any round up to the
+    open one, and the ledger's key is (model, round, edge), so edge-1's updates for rounds
+    0 to 3 all went into one buffer (4 of the 3 updates it closes on). One edge, one
+    update per buffer: the others are refused as ``second-update``."""
+    policy = RoundPolicy(mode="async", buffer_size=3, max_staleness=2)
+    book = RoundBook(
+        "digits",
+        policy,
+        get_strategy("fedavg"),
+        version=TARGET.base_version,
+        digest=TARGET.base_digest,
+        params=np.zeros(DIM, np.float32),
+        next_round=3,
+    )
+    book.open(["edge-1", "edge-3"], now=0.0)
+    driver = RoundDriver({"digits": book}, tmp_path / "state", {"digits": TARGET.sizes})
+    async with open_bus(nats_server, tmp_path, OPTIONS) as bus:
+        ingestor = UpdateIngestor(
+            bus.trainer_nc.jetstream(),
+            recipient=bus.keys.trainer,
+            edges=RegistryFile(bus.keys.layout.registry),
+            rounds=driver,
+            aggregator=driver,
+            ledger=bus.ledger,
+            metrics=IngestMetrics(CollectorRegistry()),
+            options=dataclasses.replace(OPTIONS, durable="async-buffer"),
+        )
+        await ingestor.bind()
+        for r in range(4):
+            await bus.publisher.publish(seal(bus.keys, good(r), round=r)[1])
+        outcomes = []
+        while len(outcomes) < 4:
+            outcomes += await ingestor.poll()
+        assert [(o.verdict, o.reason) for o in outcomes] == [(Verdict.ACCEPTED, None)] + [
+            (Verdict.REJECTED, "second-update")
+        ] * 3
+        assert book.current is not None and book.current.edges() == {"edge-1"}
+        assert book.current.state.count == 1 and book.verdict() == "wait"

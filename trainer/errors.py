@@ -49,7 +49,7 @@ class UpdateRejected(TrainerError):
     """One update cannot be folded into the round; the round state is unchanged.
 
     ``reason`` is one of ``wrong-size``, ``wrong-dtype``, ``non-finite``, ``bad-weight``,
-    ``buffer-full``.
+    ``buffer-full``, ``second-update``.
     """
 
 

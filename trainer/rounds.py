@@ -3,8 +3,9 @@
 Synchronous rounds sample edges, wait for ``min_updates`` until a deadline (closing early
 once every sampled edge has reported) and fold each update weighted by its sample count.
 Asynchronous (buffered) aggregation accepts updates from any edge trained on a version at
-most ``max_staleness`` behind the current one, weighs them by samples times
-``(1 + staleness) ** -staleness_exponent`` and closes every ``buffer_size`` updates.
+most ``max_staleness`` behind the current one (one update per edge per buffer), weighs
+them by samples times ``(1 + staleness) ** -staleness_exponent`` and closes every
+``buffer_size`` updates.
 The service (``trainer.service``) does the I/O: announcing, ingesting, releasing.
 """
 
@@ -21,7 +22,7 @@ from numpy.typing import NDArray
 
 from fedcore.wire import RoundAnnouncement
 from trainer.aggregate import WeightedSum
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, UpdateRejected
 from trainer.strategies.base import RoundState, Strategy
 
 
@@ -182,10 +183,19 @@ class RoundBook:
         return 0 <= lag <= (self.policy.max_staleness if self.policy.mode == "async" else 0)
 
     def fold(self, contribution: Contribution, vector: NDArray[Any]) -> Contribution:
-        """Fold one accepted update with its weight; returns the contribution recorded."""
+        """Fold one accepted update with its weight; returns the contribution recorded.
+
+        Folding an update id the round holds changes nothing; a second update of an edge
+        that contributed already is refused (``second-update``): an asynchronous buffer
+        takes updates signed for earlier rounds, which the ledger keys apart."""
         rnd = self._require_open()
         if contribution.update_id in rnd.folded:
             return rnd.folded[contribution.update_id]
+        if contribution.edge_id in rnd.edges():
+            raise UpdateRejected(
+                "second-update",
+                f"edge {contribution.edge_id!r} already contributed to round {rnd.round}",
+            )
         staleness = self.version - contribution.base_version
         weight = staleness_weight(
             max(1, contribution.samples), staleness, self.policy.staleness_exponent
