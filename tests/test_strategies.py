@@ -288,6 +288,7 @@ def test_registry_names() -> None:
         "fedavgm",
         "fedprox",
         "fedyogi",
+        "krum",
         "median",
         "trimmed_mean",
     )
@@ -304,11 +305,11 @@ def test_get_strategy_normalises_names_and_passes_options() -> None:
 
 def test_get_strategy_unknown_name() -> None:
     with pytest.raises(UnknownStrategyError) as err:
-        get_strategy("krum")
+        get_strategy("bulyan")
     assert err.value.reason == "unknown-strategy"
-    assert err.value.name == "krum"
-    assert "fedavg" in err.value.known
-    assert "no strategy named 'krum'" in str(err.value)
+    assert err.value.name == "bulyan"
+    assert "krum" in err.value.known
+    assert "no strategy named 'bulyan'" in str(err.value)
 
 
 def test_get_strategy_bad_options() -> None:

@@ -3,7 +3,7 @@
 Secure aggregation hands the trainer only the sum of a round's updates, so every setting
 that needs them one by one is refused before the trainer does anything else, with a
 :class:`ConfigError` that says why (the service then exits non-zero with that message):
-robust strategies (median, trimmed mean), trainer-side clipping of individual updates
+robust strategies (median, trimmed mean, Krum), trainer-side clipping of individual updates
 (strategy ``clipping``), buffered asynchronous rounds, and a model too large for one NATS
 message. ``dp_fedavg`` is accepted: the edges clip (``secagg clip_norm``) instead of the
 trainer and the noise goes on the sum (:meth:`DPFedAvg.noise_std_for`).

@@ -116,7 +116,23 @@ def build_strategy(settings: TrainerSettings, model: str) -> Strategy:
             "ledger": PrivacyLedger(ledger_path, settings.dp_epsilon_budget, settings.dp_delta),
             "model": model,
         }
-    return get_strategy(settings.strategy, **options)
+    strategy = get_strategy(settings.strategy, **options)
+    check_quorum(settings, strategy)
+    return strategy
+
+
+def check_quorum(settings: TrainerSettings, strategy: Strategy) -> None:
+    """Refuse a round size below what the strategy needs (Krum: ``2f + 3`` updates), so a
+    round never closes with too few updates to aggregate."""
+    needed = int(getattr(strategy, "min_round_updates", 1))
+    async_ = settings.round_mode == "async"
+    quorum = settings.buffer_size if async_ else settings.min_updates
+    if quorum < needed:
+        name = "BUFFER_SIZE" if async_ else "MIN_UPDATES"
+        raise ConfigError(
+            f"strategy {strategy.name} {strategy.options()} needs {needed} updates per round; "
+            f"FEDGATE_TRAINER_{name} is {quorum}"
+        )
 
 
 def build_book(settings: TrainerSettings, model: str) -> RoundBook:

@@ -6,7 +6,7 @@
 >>> new_global = strategy.finalize(state, global_params)
 
 Names: ``fedavg``, ``fedprox``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``,
-``median``, ``trimmed_mean``, ``clipping``, ``dp_fedavg``.
+``median``, ``trimmed_mean``, ``krum`` (Multi-Krum), ``clipping``, ``dp_fedavg``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from trainer.strategies.dp import DPFedAvg
 from trainer.strategies.fedavg import FedAvg
 from trainer.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from trainer.strategies.fedprox import FedProx, proximal_term
+from trainer.strategies.krum import MultiKrum
 from trainer.strategies.median import Median
 from trainer.strategies.trimmed_mean import TrimmedMean
 
@@ -36,6 +37,7 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
         FedAdagrad,
         Median,
         TrimmedMean,
+        MultiKrum,
         NormClipping,
         DPFedAvg,
     )
@@ -78,6 +80,7 @@ __all__ = [
     "FedProx",
     "FedYogi",
     "Median",
+    "MultiKrum",
     "NormClipping",
     "RoundState",
     "Strategy",
