@@ -7,84 +7,30 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nats
 import numpy as np
 import pytest
+from nats.aio.client import Client as NATS
 
 from edge_runtime.publisher import UpdatePublisher
-from fedcore.compression import CompressionSettings, encode_update, sizes_from_layout
-from fedcore.envelope import seal_update
-from fedcore.keys import load_ed25519, x25519_public_from_hex
-from fedcore.models import get_spec
-from fedcore.params import layout, load_weights_file
-from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, RoundRecord, round_key
+from fedcore.keys import x25519_public_from_hex
+from fedcore.params import load_weights_file
+from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, round_key
 from fedgate.keys_cmd import KeyLayout, init_keys
 from tests.conftest import NatsServer
-from tests.transport_harness import trainer_env
+from tests.trainer_process import DIM, open_round, record_of, start_trainer, wait_kv
+from tests.trainer_process import send as send_update
 
 EDGES = ["edge-1", "edge-2", "edge-3"]
-SIZES = sizes_from_layout(layout(get_spec("digits").build_module()))
-DIM = sum(SIZES)
-
-
-def start_trainer(root: Path, keys: KeyLayout, nats_server: NatsServer) -> subprocess.Popen[bytes]:
-    env = trainer_env(root, keys, nats_server.url, nats_server.password_files["trainer"])
-    log = (root / "trainer.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainer", "serve"], env=env, stdout=log, stderr=log
-    )
-
-
-async def wait_kv(js, bucket: str, key: str, accept, within_s: float = 90.0):
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            kv = await js.key_value(bucket)
-            entry = await kv.get(key)
-            value = accept(entry.value)
-            if value is not None:
-                return value
-        except Exception:  # bucket or key not there yet
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{bucket}/{key} never became what the test waits for")
-
-
-def open_round(n: int):
-    def accept(raw: bytes) -> RoundAnnouncement | None:
-        a = RoundAnnouncement.decode(raw)
-        return a if a.round == n and a.state == "open" else None
-
-    return accept
-
-
-def record_of(raw: bytes) -> RoundRecord:
-    return RoundRecord.decode(raw)
 
 
 async def send(
-    nc, keys: KeyLayout, edge: str, a: RoundAnnouncement, delta: np.ndarray, samples: int
-) -> str:
-    payload = encode_update(delta, SIZES, CompressionSettings(mode="none")).data
-    _, envelope = seal_update(
-        payload,
-        recipient=x25519_public_from_hex(keys.hpke_pub.read_text()),
-        signer=load_ed25519(keys.edge_key(edge)),
-        model="digits",
-        round=a.round,
-        edge_id=edge,
-        base_version=a.base_version,
-        base_digest=a.base_digest,
-        num_samples=samples,
-    )
-    publisher = UpdatePublisher.for_connection(nc)
-    await publisher.publish(envelope)
-    return bytes(envelope)
+    nc: NATS, keys: KeyLayout, edge: str, a: RoundAnnouncement, delta: np.ndarray, samples: int
+) -> bytes:
+    recipient = x25519_public_from_hex(keys.hpke_pub.read_text())
+    return await send_update(nc, keys, edge, a, delta, samples, recipient)
 
 
 @pytest.mark.timeout(240)
