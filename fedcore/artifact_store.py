@@ -14,12 +14,14 @@ import asyncio
 import json
 from pathlib import Path
 
+from nats.js.api import ObjectStoreConfig, StorageType
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from fedcore.artifact import MANIFEST, SAFE_NAME
 from fedcore.errors import ArtifactError
+from fedcore.replicas import creation_error, ensure_replicas
 
 MODELS_BUCKET = "fedgate_models"
 
@@ -29,19 +31,32 @@ def object_name(model: str, version: int, file: str) -> str:
     return f"{model}/{version}/{file}"
 
 
-async def models_bucket(js: JetStreamContext, *, create: bool) -> ObjectStore:
-    """The models bucket; created (file storage) when ``create`` and missing."""
+async def models_bucket(js: JetStreamContext, *, create: bool, replicas: int = 1) -> ObjectStore:
+    """The models bucket; when ``create``, made if missing (file storage, ``replicas``) and
+    scaled up to ``replicas`` if it has fewer (:func:`fedcore.replicas.ensure_replicas`)."""
     try:
-        return await js.object_store(MODELS_BUCKET)
+        store = await js.object_store(MODELS_BUCKET)
     except BucketNotFoundError:
         if not create:
             raise
-        return await js.create_object_store(MODELS_BUCKET)
+        config = ObjectStoreConfig(
+            description="fedgate: signed model versions", storage=StorageType.FILE
+        )
+        try:
+            return await js.create_object_store(MODELS_BUCKET, config.evolve(replicas=replicas))
+        except APIError as exc:
+            raise creation_error(f"OBJ_{MODELS_BUCKET}", replicas, exc) from None
+    if create:
+        await ensure_replicas(js, f"OBJ_{MODELS_BUCKET}", replicas)
+    return store
 
 
-async def upload_version(js: JetStreamContext, model: str, version: int, directory: Path) -> int:
-    """Upload every file of a signed version directory; returns the bytes stored."""
-    store = await models_bucket(js, create=True)
+async def upload_version(
+    js: JetStreamContext, model: str, version: int, directory: Path, *, replicas: int = 1
+) -> int:
+    """Upload every file of a signed version directory; returns the bytes stored. The
+    bucket is created or scaled up to ``replicas`` first."""
+    store = await models_bucket(js, create=True, replicas=replicas)
     total = 0
     names = await asyncio.to_thread(_regular_names, directory)
     for name in names:

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
+from fedcore.replicas import creation_error, ensure_replicas
 
-async def kv_bucket(js: JetStreamContext, name: str, replicas: int = 1) -> KeyValue:
-    """A KV bucket, created on first use."""
+
+async def kv_bucket(
+    js: JetStreamContext, name: str, replicas: int = 1, config: KeyValueConfig | None = None
+) -> KeyValue:
+    """A KV bucket, created on first use with ``replicas`` (``config``, when given, for its
+    other values); an existing one with fewer replicas is scaled up
+    (:func:`fedcore.replicas.ensure_replicas`)."""
     try:
-        return await js.key_value(name)
+        kv = await js.key_value(name)
     except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=name, replicas=replicas))
+        base = config or KeyValueConfig(bucket=name)
+        try:
+            return await js.create_key_value(base.evolve(bucket=name, replicas=replicas))
+        except APIError as exc:
+            raise creation_error(f"KV_{name}", replicas, exc) from None
+    await ensure_replicas(js, f"KV_{name}", replicas)
+    return kv
 
 
 async def kv_keys(js: JetStreamContext, bucket: str, pattern: str = ">") -> list[str]:

@@ -11,14 +11,25 @@ import logging
 import ssl
 import stat
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import Annotated, Self, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedcore.errors import ConfigError, KeyFileError
 from fedcore.keys import read_secret
 from fedcore.logs import configure_logging
+from fedcore.replicas import check_replicas
+
+NatsReplicas = Annotated[
+    int,
+    AfterValidator(check_replicas),
+    Field(
+        description="replicas of the streams and buckets this service creates (1, 3 or 5; 3 on a "
+        "3-node JetStream cluster); an existing one with fewer is scaled up at start"
+    ),
+]
+"""The ``nats_replicas`` setting of the services that create JetStream assets."""
 
 
 class ServiceSettings(BaseSettings):

@@ -102,6 +102,7 @@ def gateway_permissions() -> tuple[list[str], list[str]]:
     for bucket in (ROLLOUTS_BUCKET, DESIRED_BUCKET):  # rollouts: the gateway owns these two
         publish += [
             f"$JS.API.STREAM.CREATE.KV_{bucket}",
+            f"$JS.API.STREAM.UPDATE.KV_{bucket}",  # scaled up to nats_replicas (fedcore.replicas)
             *_read_stream(f"KV_{bucket}"),
             f"$KV.{bucket}.>",
         ]

@@ -184,7 +184,8 @@ def create_app(
             )
             await _subscribe_fleet(nc, state.fleet)
             relay.bind(nc)
-            await controller.bind(nc.jetstream())  # applies recorded splits first
+            # applies recorded splits first
+            await controller.bind(nc.jetstream(), settings.nats_replicas)
             reader.bind(nc)
         prober = asyncio.create_task(_probe_loop(state))
         log.info("gateway listening", extra={"host": settings.host, "port": settings.port})

@@ -177,9 +177,10 @@ class RolloutController:
         self.metrics = RolloutMetrics(self.state)
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def bind(self, js: JetStreamContext) -> None:
-        """Open the buckets and apply every recorded split (call before serving)."""
-        self.store = await RolloutStore.open(js)
+    async def bind(self, js: JetStreamContext, replicas: int = 1) -> None:
+        """Open the buckets (created or scaled up to ``replicas``) and apply every recorded
+        split (call before serving)."""
+        self.store = await RolloutStore.open(js, replicas)
         for model in await self.store.models():
             found = await self.store.current(model)
             if found is not None:

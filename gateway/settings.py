@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from fedcore.settings import ServiceSettings
+from fedcore.settings import NatsReplicas, ServiceSettings
 
 
 class GatewaySettings(ServiceSettings):
@@ -24,6 +24,7 @@ class GatewaySettings(ServiceSettings):
     api_keys: str | None = Field(
         default=None, description="the same entries inline, separated by commas or newlines"
     )
+    nats_replicas: NatsReplicas = 1
     dev_mode: bool = Field(
         default=False, description="run without API keys (every request is admin); never in prod"
     )

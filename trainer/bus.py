@@ -20,9 +20,10 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 
+from fedcore.replicas import ReplicasError, creation_error, ensure_replicas
 from fedcore.transport import TRAINER_CONSUMER, StreamSpec, updates_filter
 
 
@@ -48,27 +49,40 @@ async def ensure_updates_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     """Create the updates stream, or bring an existing one to ``spec``."""
     config = updates_stream_config(spec)
     try:
-        await js.stream_info(spec.name)
+        info = await js.stream_info(spec.name)
     except NotFoundError:
-        await js.add_stream(config)
+        try:
+            await js.add_stream(config)
+        except APIError as exc:
+            raise creation_error(spec.name, spec.replicas, exc) from None
         return
-    await js.update_stream(config)
+    have = info.config.num_replicas or 1
+    try:  # never scaled down here: fewer replicas is an operator's decision
+        await js.update_stream(config.evolve(num_replicas=max(have, spec.replicas)))
+    except APIError as exc:
+        if have >= spec.replicas:
+            raise
+        raise ReplicasError(spec.name, have, spec.replicas, exc.description or str(exc)) from None
 
 
 async def ensure_object_bucket(js: JetStreamContext, spec: StreamSpec) -> ObjectStore:
-    """The object bucket for large updates, created (file storage, same age) if missing."""
+    """The object bucket for large updates, created (file storage, same age) if missing,
+    scaled up to the spec's replicas if it has fewer."""
     try:
-        return await js.object_store(spec.object_bucket)
+        store = await js.object_store(spec.object_bucket)
     except BucketNotFoundError:
-        return await js.create_object_store(
-            spec.object_bucket,
-            ObjectStoreConfig(
-                description="fedgate: sealed updates too large for one message",
-                ttl=spec.max_age_s,
-                storage=StorageType.FILE,
-                replicas=spec.replicas,
-            ),
+        config = ObjectStoreConfig(
+            description="fedgate: sealed updates too large for one message",
+            ttl=spec.max_age_s,
+            storage=StorageType.FILE,
+            replicas=spec.replicas,
         )
+        try:
+            return await js.create_object_store(spec.object_bucket, config)
+        except APIError as exc:
+            raise creation_error(f"OBJ_{spec.object_bucket}", spec.replicas, exc) from None
+    await ensure_replicas(js, f"OBJ_{spec.object_bucket}", spec.replicas)
+    return store
 
 
 def updates_consumer_config(

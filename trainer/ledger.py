@@ -27,11 +27,11 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from fedcore.errors import FedgateError
-from fedcore.kv import kv_keys
+from fedcore.kv import kv_bucket, kv_keys
 from fedcore.transport import LEDGER_BUCKET
 
 _MODEL = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -121,20 +121,15 @@ class UpdateLedger:
     async def open(
         cls, js: JetStreamContext, *, bucket: str = LEDGER_BUCKET, replicas: int = 1
     ) -> UpdateLedger:
-        """Bind to the ledger bucket, creating it (file storage, history 1) if missing."""
-        try:
-            kv = await js.key_value(bucket)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=bucket,
-                    history=1,
-                    storage=StorageType.FILE,
-                    replicas=replicas,
-                    description="fedgate: accepted updates, one per (model, round, edge)",
-                )
-            )
-        return cls(js, kv, bucket)
+        """Bind to the ledger bucket, creating it (file storage, history 1) if missing; an
+        existing one with fewer than ``replicas`` is scaled up."""
+        config = KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            storage=StorageType.FILE,
+            description="fedgate: accepted updates, one per (model, round, edge)",
+        )
+        return cls(js, await kv_bucket(js, bucket, replicas, config), bucket)
 
     async def record(self, model: str, round: int, edge_id: str, record: LedgerRecord) -> Claim:
         """Write ``record`` for (model, round, edge) unless one is there already."""

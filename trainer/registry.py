@@ -16,12 +16,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from fedcore.enrollment import EdgeRegistry, load_registry
 from fedcore.errors import EnrollmentError
-from fedcore.kv import kv_keys
+from fedcore.kv import kv_bucket, kv_keys
 from fedcore.transport import EDGES_BUCKET
 
 log = logging.getLogger(__name__)
@@ -71,19 +71,14 @@ class RegistryFile:
 
 
 async def edges_bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
-    """The ``fedgate_edges`` KV bucket, created if missing."""
-    try:
-        return await js.key_value(EDGES_BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=EDGES_BUCKET,
-                history=5,
-                storage=StorageType.FILE,
-                replicas=replicas,
-                description="fedgate: enrolled edges (mirror of the trainer's registry file)",
-            )
-        )
+    """The ``fedgate_edges`` KV bucket, created if missing (scaled up to ``replicas``)."""
+    config = KeyValueConfig(
+        bucket=EDGES_BUCKET,
+        history=5,
+        storage=StorageType.FILE,
+        description="fedgate: enrolled edges (mirror of the trainer's registry file)",
+    )
+    return await kv_bucket(js, EDGES_BUCKET, replicas, config)
 
 
 async def mirror_registry(

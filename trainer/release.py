@@ -53,6 +53,8 @@ class ReleaseContext:
     margin: float
     eval_x: NDArray[Any]
     eval_y: NDArray[Any]
+    replicas: int = 1
+    """of the buckets a release writes (``nats_replicas``), should one be missing"""
 
 
 def epsilon_spent(book: RoundBook) -> float | None:
@@ -149,7 +151,7 @@ async def close_round(
         book.abandon()
     else:
         result = await _release_or_hold(ctx, book, js, contributors, a.round, record)
-    await _put(js, ROUND_LOG_BUCKET, round_key(book.model, a.round), result.encode())
+    await _put(js, ROUND_LOG_BUCKET, round_key(book.model, a.round), result.encode(), ctx.replicas)
     log.info(
         "round closed",
         extra={
@@ -186,7 +188,7 @@ async def _release_or_hold(
     version = book.version + 1
     directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
     digest = await asyncio.to_thread(version_digest, directory)
-    await upload_version(js, book.model, version, directory)
+    await upload_version(js, book.model, version, directory, replicas=ctx.replicas)
     lineage = Lineage(
         model=book.model,
         version=version,
@@ -201,13 +203,13 @@ async def _release_or_hold(
         epsilon=epsilon_spent(book),
         created_ts=time.time(),
     )
-    await _put(js, LINEAGE_BUCKET, version_key(book.model, version), lineage.encode())
+    await _put(js, LINEAGE_BUCKET, version_key(book.model, version), lineage.encode(), ctx.replicas)
     book.advance(version, digest, candidate)
     book.after_release()
     released: RoundRecord = record("released", reason, released_version=version, **metrics)
     return released
 
 
-async def _put(js: JetStreamContext, bucket: str, key: str, value: bytes) -> None:
-    kv = await kv_bucket(js, bucket)
+async def _put(js: JetStreamContext, bucket: str, key: str, value: bytes, replicas: int) -> None:
+    kv = await kv_bucket(js, bucket, replicas)
     await kv.put(key, value)

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from fedcore import subjects
-from fedcore.artifact_store import upload_version
+from fedcore.artifact_store import models_bucket, upload_version
 from fedcore.compression import sizes_from_layout
 from fedcore.errors import ConfigError
 from fedcore.keys import load_ed25519, load_x25519
@@ -32,7 +32,13 @@ from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.transport import StreamSpec
-from fedcore.wire import ROUNDS_BUCKET, WireError, decode_heartbeat
+from fedcore.wire import (
+    LINEAGE_BUCKET,
+    ROUND_LOG_BUCKET,
+    ROUNDS_BUCKET,
+    WireError,
+    decode_heartbeat,
+)
 from trainer import checkpoint
 from trainer.bootstrap import ensure_version_one
 from trainer.bus import ensure_transport
@@ -72,17 +78,23 @@ def bootstrap(settings: TrainerSettings) -> None:
 
 
 async def prepare_transport(nc: NATS, settings: TrainerSettings, registry: RegistryFile) -> None:
-    """Create the updates stream, object bucket and ledger; mirror the edge registry."""
+    """Create every stream and bucket the trainer owns, with ``nats_replicas`` (scaling up
+    one that has fewer): the updates stream, its object bucket and the ledger, the rounds,
+    round log and lineage buckets, the models object store; mirror the edge registry."""
     js = nc.jetstream()
+    replicas = settings.nats_replicas
     spec = StreamSpec(
         duplicate_window_s=settings.updates_duplicate_window_s,
         max_age_s=settings.updates_max_age_s,
         max_msg_size=nc.max_payload,
-        replicas=settings.nats_replicas,
+        replicas=replicas,
     )
     await ensure_transport(js, spec)
-    await UpdateLedger.open(js, replicas=settings.nats_replicas)
-    await mirror_registry(js, registry.current(), replicas=settings.nats_replicas)
+    await UpdateLedger.open(js, replicas=replicas)
+    await mirror_registry(js, registry.current(), replicas=replicas)
+    for bucket in (ROUNDS_BUCKET, ROUND_LOG_BUCKET, LINEAGE_BUCKET):
+        await kv_bucket(js, bucket, replicas)
+    await models_bucket(js, create=True, replicas=replicas)
 
 
 def policy_of(settings: TrainerSettings) -> RoundPolicy:
@@ -178,10 +190,10 @@ class Fleet:
         return sorted(e for e, t in self.seen.items() if now - t <= self.ttl_s)
 
 
-async def announce(js: JetStreamContext, book: RoundBook) -> None:
+async def announce(js: JetStreamContext, book: RoundBook, replicas: int = 1) -> None:
     if book.current is None:
         return
-    kv = await kv_bucket(js, ROUNDS_BUCKET)
+    kv = await kv_bucket(js, ROUNDS_BUCKET, replicas)
     await kv.put(book.model, book.current.announcement.encode())
     log.info("round open", extra={"model": book.model, "round": book.current.round})
 
@@ -246,7 +258,7 @@ async def run_rounds(
                     exhausted.add(model)
                     continue
                 driver.save(model)
-                await announce(js, book)
+                await announce(js, book, settings.nats_replicas)
                 if secure is not None and book.current and book.current.announcement.secure:
                     secure.begin(book)
                 continue
@@ -327,10 +339,13 @@ async def _run(
             settings.gate_margin,
             x_test,
             y_test,
+            replicas=settings.nats_replicas,
         )
         for v in released_versions(settings, m):
             driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))
-            await upload_version(js, m, v, settings.artifacts_dir / m / str(v))
+            await upload_version(
+                js, m, v, settings.artifacts_dir / m / str(v), replicas=settings.nats_replicas
+            )
     telemetry = start_metrics(settings, books)
     ingestor = UpdateIngestor(
         js,
@@ -352,7 +367,7 @@ async def _run(
             if refolded:
                 driver.save(m)
                 log.info("refolded after restart", extra={"model": m, "updates": len(refolded)})
-            await announce(js, book)
+            await announce(js, book, settings.nats_replicas)
     fleet = Fleet()
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
     secure = await start_secure(settings, nc, registry, sizes, fleet.alive)

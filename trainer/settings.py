@@ -9,7 +9,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from fedcore.secagg.options import SecAggOptions
-from fedcore.settings import ServiceSettings
+from fedcore.settings import NatsReplicas, ServiceSettings
 
 
 class TrainerSettings(ServiceSettings):
@@ -43,7 +43,7 @@ class TrainerSettings(ServiceSettings):
     updates_ack_wait_s: float = Field(
         default=30.0, gt=0, description="redelivery delay of an unacknowledged update"
     )
-    nats_replicas: int = Field(default=1, description="replicas of streams and buckets (1 or 3)")
+    nats_replicas: NatsReplicas = 1
     strategy: str = Field(default="fedavgm", description="aggregation strategy by name")
     strategy_options: dict[str, float | int | str] = Field(
         default={"eta": 2.0, "momentum": 0.7}, description="options of the strategy (JSON)"
