@@ -1,8 +1,12 @@
 """The edge's own tritonserver, supervised: the binary bundled in ``nvidia-pytriton``, or
 a Triton installation (``triton_home``, e.g. ``/opt/tritonserver`` in the official image).
 
-Explicit model-control mode; the model-repository API is restricted by a secret header,
-so only this runtime can load or unload models. Ports bind to the edge's private address.
+Explicit model-control mode. Every API but inference, health and metadata (what the
+gateway needs) is restricted by a secret header only this runtime knows: the model
+repository and model configuration (dynamic loading runs model code), system and CUDA
+shared memory, trace, logging and statistics (:data:`RESTRICTED_APIS`), on HTTP and gRPC
+alike. Ports bind to the edge's private address. Triton's metrics port (read by the idle
+detector) is a separate listener, not one of these APIs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from fedcore.process import ManagedProcess
 log = logging.getLogger(__name__)
 
 CONTROL_HEADER = "fedgate-control-key"
+RESTRICTED_APIS = (
+    "model-repository",
+    "model-config",
+    "shared-memory",
+    "statistics",
+    "trace",
+    "logging",
+)
+"""Triton 2.51's API categories behind :data:`CONTROL_HEADER` (``--help`` lists them)."""
 
 
 @dataclass(frozen=True)
@@ -136,13 +149,14 @@ class TritonServer:
         self.control_secret = control_secret
         self.exit_timeout_s = exit_timeout_s
         launch = resolve_triton(triton_home, work_dir)
+        restricted = ",".join(RESTRICTED_APIS)
         argv = [
             str(launch.binary),
             f"--model-repository={repository}",
             f"--backend-directory={launch.backends}",
             "--model-control-mode=explicit",
-            f"--http-restricted-api=model-repository:{CONTROL_HEADER}={control_secret}",
-            f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={control_secret}",
+            f"--http-restricted-api={restricted}:{CONTROL_HEADER}={control_secret}",
+            f"--grpc-restricted-protocol={restricted}:{CONTROL_HEADER}={control_secret}",
             f"--http-address={host}",
             f"--http-port={http_port}",
             f"--grpc-address={host}",

@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 
 from edge_runtime.errors import ModelLoadError
 from edge_runtime.repository import prepare_model
-from edge_runtime.triton import TritonServer
+from edge_runtime.triton import CONTROL_HEADER, TritonServer
 from fedcore.artifact import install_version, sign_version_dir
 from fedcore.keys import ed25519_public_from_hex, load_ed25519
 from fedcore.models import get_spec
@@ -60,7 +60,7 @@ def triton(
 
 def test_served_config_is_the_spec(triton: TritonServer) -> None:
     client = httpclient.InferenceServerClient(triton.url.removeprefix("http://"))
-    config = client.get_model_config("digits")
+    config = client.get_model_config("digits", headers={CONTROL_HEADER: SECRET})
     assert config_summary(config) == spec_summary(get_spec("digits"), "KIND_CPU")
 
 
@@ -88,6 +88,60 @@ def test_model_control_requires_the_secret(triton: TritonServer) -> None:
         urllib.request.urlopen(req)
     assert info.value.code == 403
     assert triton.index()  # with the secret header the same API answers
+
+
+RESTRICTED = [
+    ("GET", "/v2/systemsharedmemory/status"),
+    ("POST", "/v2/systemsharedmemory/region/r/register"),
+    ("GET", "/v2/cudasharedmemory/status"),
+    ("POST", "/v2/cudasharedmemory/region/r/unregister"),
+    ("GET", "/v2/trace/setting"),
+    ("POST", "/v2/trace/setting"),
+    ("GET", "/v2/logging"),
+    ("POST", "/v2/logging"),
+    ("GET", "/v2/models/stats"),
+    ("GET", "/v2/models/digits/stats"),
+    ("GET", "/v2/models/digits/config"),
+    ("POST", "/v2/repository/index"),
+    ("POST", "/v2/repository/models/digits/load"),
+]
+
+
+def _call(url: str, method: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    body = b"{}" if method == "POST" else None
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.mark.parametrize(("method", "path"), RESTRICTED)
+def test_apis_beyond_inference_need_the_secret(
+    triton: TritonServer, method: str, path: str
+) -> None:
+    """Shared memory, trace, logging, statistics, model config and the repository are
+    refused without the edge's secret header, and with a wrong one (finding 7)."""
+    for headers in ({}, {CONTROL_HEADER: "guess"}, {"Authorization": f"Bearer {SECRET}"}):
+        status, body = _call(triton.url + path, method, headers)
+        assert status == 403, (path, headers, status, body)
+        assert b"restricted" in body
+    if method == "GET":  # the edge itself still reaches them with its secret
+        status, body = _call(triton.url + path, method, {CONTROL_HEADER: SECRET})
+        assert status == 200, (path, body)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/digits", "/v2/models/digits/ready"],
+)
+def test_health_metadata_and_inference_stay_open(triton: TritonServer, path: str) -> None:
+    assert _call(triton.url + path, "GET", {})[0] == 200
+    client = httpclient.InferenceServerClient(triton.url.removeprefix("http://"))
+    inp = httpclient.InferInput("pixels", [1, 64], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
+    assert client.infer("digits", [inp]).as_numpy("logits").shape == (1, 10)
 
 
 def test_failed_load_names_model_and_keeps_serving(
