@@ -124,6 +124,13 @@ class RolloutApplier:
                 task.cancel()
             self._tasks.clear()
 
+    def resync(self) -> None:
+        """Reconcile every model with its desired state again (after Triton restarted:
+        a desired version that no longer verified on disk is fetched again)."""
+        for model, event in self._wake.items():
+            if model in self._latest:
+                event.set()
+
     # -- what the heartbeat says ---------------------------------------------------------
     def annotate(self, states: dict[str, ModelState]) -> dict[str, ModelState]:
         """The heartbeat's model states with the applied rollout, its refusals and failures,

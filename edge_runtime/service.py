@@ -1,5 +1,12 @@
-"""The edge runtime service: prepare the repository, run Triton, heartbeat to the fleet,
-and learn from its traffic (capture, feedback, idle-window fine-tuning: ``learning``)."""
+"""The edge runtime service: prepare the repository, run and supervise Triton, heartbeat
+to the fleet, and learn from its traffic (capture, feedback, idle-window fine-tuning:
+``learning``).
+
+While Triton is down or being restarted (:mod:`edge_runtime.supervisor`) the heartbeat
+says no version is ready; it goes out at once when that changes. A heartbeat that cannot
+be built or published (Triton not answering, NATS down) is logged, counted in
+``fedgate_edge_loop_failures_total{loop="heartbeat"}`` and tried again with backoff.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import signal
 import time
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 
 from edge_runtime.learner import Keys
@@ -18,10 +26,17 @@ from edge_runtime.publisher import UpdatePublisher, load_edge_keys
 from edge_runtime.repository import detect_kind, prepare_model
 from edge_runtime.rollout import build_applier
 from edge_runtime.settings import EdgeSettings
+from edge_runtime.supervisor import (
+    SupervisionPolicy,
+    SupervisorCollector,
+    TritonSupervisor,
+    reverify_repository,
+)
 from edge_runtime.telemetry import start_metrics
-from edge_runtime.triton import TritonServer
+from edge_runtime.triton import TritonFailure, TritonServer
 from fedcore import subjects
 from fedcore.keys import ed25519_public_from_hex, read_secret
+from fedcore.loops import Backoff, loop_failed
 from fedcore.wire import Heartbeat, ModelState
 
 log = logging.getLogger(__name__)
@@ -61,29 +76,77 @@ class EdgeRuntime:
             keys=Keys(self.signer, self.trainer_hpke),
         )
         self.rollouts = build_applier(settings, self.repository, self.trusted, self.triton)
-        self.metrics = start_metrics(settings, self.learning.spools, self.learning.events)
+        self.supervisor = TritonSupervisor(
+            self.triton,
+            settings.models,
+            SupervisionPolicy(
+                probe_interval_s=settings.triton_probe_interval_s,
+                probe_timeout_s=settings.triton_probe_timeout_s,
+                probe_failures=settings.triton_probe_failures,
+                restart_base_s=settings.triton_restart_base_s,
+                restart_max_s=settings.triton_restart_max_s,
+                ready_timeout_s=settings.ready_timeout_s,
+            ),
+            restore=self._restore_repository,
+            on_change=self._triton_changed,
+        )
+        self.metrics = start_metrics(
+            settings,
+            self.learning.spools,
+            self.learning.events,
+            collectors=[SupervisorCollector(self.supervisor.stats)],
+        )
         self._nc: NATS | None = None
         self._seq = 0
         self._stopping = asyncio.Event()
+        self._beat_now = asyncio.Event()
         self._stopped = False
 
     def start_triton(self) -> None:
         """Install verified versions, start Triton and load every model (main thread)."""
         s = self.settings
         for model in s.models:
-            capture = capture_params(s, model)
-            prepare_model(
-                self.repository, s.seed_artifacts_dir, model, self.kind, self.trusted, capture
-            )
+            self._prepare(model)
         self.triton.start(self.settings.ready_timeout_s)
         for model in self.settings.models:
             self.triton.load(model)
             log.info("model %s loaded", model, extra={"model": model})
 
+    def _prepare(self, model: str) -> None:
+        s = self.settings
+        capture = capture_params(s, model)
+        prepare_model(
+            self.repository, s.seed_artifacts_dir, model, self.kind, self.trusted, capture
+        )
+
+    def _restore_repository(self) -> None:
+        """Before a restart: keep what still verifies; a model left with no version gets
+        its newest seed version again."""
+        kept = reverify_repository(self.repository, self.settings.models, self.trusted)
+        for model, versions in kept.items():
+            if not versions:
+                self._prepare(model)
+
+    def _triton_changed(self) -> None:
+        """Triton went down or came back: heartbeat now; once back, reconcile rollouts."""
+        self._beat_now.set()
+        if self.supervisor.up:
+            self.rollouts.resync()
+
     def heartbeat(self) -> Heartbeat:
-        """The current heartbeat, from Triton's repository index."""
+        """The current heartbeat, from Triton's repository index (nothing ready while
+        Triton is down, restarting or not answering)."""
         states: dict[str, ModelState] = {m: ModelState() for m in self.settings.models}
-        for entry in self.triton.index():
+        try:
+            entries = (
+                self.triton.index(self.settings.triton_probe_timeout_s)
+                if self.supervisor.up
+                else []
+            )
+        except TritonFailure as exc:
+            log.debug("Triton's index unreadable: %r", exc)
+            entries = []
+        for entry in entries:
             name, version = str(entry.get("name")), str(entry.get("version"))
             if name not in states or not version.isdigit():
                 continue
@@ -118,12 +181,38 @@ class EdgeRuntime:
         )
         await self.learning.start(self._nc, self.publisher.publish)
         await self.rollouts.start(self._nc)
+        supervision = asyncio.create_task(self.supervisor.run(self._stopping))
+        try:
+            await self._heartbeats(self._nc)
+        finally:
+            self._stopping.set()
+            await supervision
+
+    async def _heartbeats(self, nc: NATS) -> None:
+        """Heartbeat every interval (and at once when Triton goes down or comes back)."""
+        s = self.settings
         subject = subjects.heartbeat(s.edge_id)
+        backoff = Backoff(s.heartbeat_interval_s, max(5.0, s.heartbeat_interval_s))
         while not self._stopping.is_set():
-            beat = await asyncio.to_thread(self.heartbeat)
-            await self._nc.publish(subject, beat.encode())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), s.heartbeat_interval_s)
+            self._beat_now.clear()
+            wait = s.heartbeat_interval_s
+            try:
+                beat = await asyncio.to_thread(self.heartbeat)
+                await nc.publish(subject, beat.encode())
+                backoff.reset()
+            except Exception as exc:  # the heartbeat never ends on a failure
+                wait = backoff.next()
+                expected = isinstance(exc, nats.errors.Error | OSError)
+                loop_failed(log, "edge", "heartbeat", exc, wait, expected=expected)
+            waiters = [
+                asyncio.ensure_future(self._stopping.wait()),
+                asyncio.ensure_future(self._beat_now.wait()),
+            ]
+            try:
+                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
 
     def request_stop(self) -> None:
         self._stopping.set()

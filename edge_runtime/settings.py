@@ -54,6 +54,22 @@ class EdgeSettings(ServiceSettings):
     ready_timeout_s: float = Field(default=120.0, gt=0)
     exit_timeout_s: int = Field(default=10, ge=1, description="Triton's own drain deadline")
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    # -- supervision of tritonserver (README "Operations")
+    triton_probe_interval_s: float = Field(
+        default=1.0, gt=0, description="seconds between liveness probes of tritonserver"
+    )
+    triton_probe_timeout_s: float = Field(
+        default=2.0, gt=0, description="a liveness probe not answered in this time failed"
+    )
+    triton_probe_failures: int = Field(
+        default=3, ge=1, description="failed probes in a row: Triton is hung and restarted"
+    )
+    triton_restart_base_s: float = Field(
+        default=0.5, gt=0, description="first delay before restarting a dead or hung Triton"
+    )
+    triton_restart_max_s: float = Field(
+        default=30.0, gt=0, description="cap of the restart delay (doubling, with jitter)"
+    )
 
     # -- traffic capture (model.py writes the spool; see README "Learning at the edge")
     capture_rate: float = Field(

@@ -11,7 +11,12 @@ these series cover the edge runtime:
 - ``fedgate_edge_local_loss{model}``, ``fedgate_edge_local_accuracy{model}``: the local
   evaluation of the last published update (held-out labels of this edge);
 - ``fedgate_edge_spool_samples{model}``, ``..._labelled``, ``..._new_labels``,
-  ``..._tombstones``: the capture spool, read when Prometheus scrapes.
+  ``..._tombstones``: the capture spool, read when Prometheus scrapes;
+- ``fedgate_edge_loop_failures_total{loop}``: failures of the runtime's loops (logged and
+  retried, :mod:`fedcore.loops`);
+- ``fedgate_edge_triton_restarts_total{reason}``, ``fedgate_edge_triton_up``: the
+  supervision of tritonserver (:mod:`edge_runtime.supervisor`), when the runtime passes
+  its collector.
 
 Only counts and aggregates: no input, label or request id leaves the edge this way.
 Served on ``metrics_port`` when the settings set one.
@@ -21,17 +26,27 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from edge_runtime.events import KINDS, EventLog, LearnEvent
 from edge_runtime.spool import Spool
+from fedcore.loops import LoopFailureCollector
 from fedcore.metrics_http import MetricsServer, serve_metrics
 from fedcore.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+EDGE_LOOPS = ("heartbeat", "learner", "rounds-watch", "rollout-watch", "rollout-apply")
+"""The edge's service loops, in ``fedgate_edge_loop_failures_total{loop}``."""
+
+
+class Collector(Protocol):
+    def describe(self) -> Iterator[Metric]: ...
+    def collect(self) -> Iterator[Metric]: ...
 
 
 class SpoolCollector:
@@ -69,9 +84,14 @@ class EdgeMetrics:
     """The edge's registry: learner event counters (a listener on the event log) and the
     spool collector."""
 
-    def __init__(self, spools: Mapping[str, Spool], events: EventLog) -> None:
+    def __init__(
+        self, spools: Mapping[str, Spool], events: EventLog, collectors: Sequence[Collector] = ()
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        r.register(LoopFailureCollector("edge", EDGE_LOOPS))
+        for collector in collectors:
+            r.register(collector)
         self.events = Counter(
             "fedgate_edge_learn_events",
             "Learner events by model and kind",
@@ -115,15 +135,19 @@ class EdgeMetrics:
 
 
 def start_metrics(
-    settings: ServiceSettings, spools: Mapping[str, Spool], events: EventLog
+    settings: ServiceSettings,
+    spools: Mapping[str, Spool],
+    events: EventLog,
+    collectors: Sequence[Collector] = (),
 ) -> MetricsServer | None:
-    """Count the learner's events; serve them with the spool gauges on ``metrics_port``.
+    """Count the learner's events; serve them with the spool gauges and ``collectors``
+    (Triton's supervision, the loop failures) on ``metrics_port``.
 
     None, and nothing counted, when no port is set.
     """
     if settings.metrics_port is None:
         return None
-    metrics = EdgeMetrics(spools, events)
+    metrics = EdgeMetrics(spools, events, collectors)
     server = serve_metrics(metrics.registry, settings.metrics_host, settings.metrics_port)
     log.info(
         "metrics at http://%s:%d/metrics",

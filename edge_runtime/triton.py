@@ -11,10 +11,14 @@ detector) is a separate listener, not one of these APIs.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
 import os
+import re
 import shutil
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import EdgeError, ModelLoadError
-from fedcore.process import ManagedProcess
+from fedcore.process import ManagedProcess, cmdline, group_members, kill_group
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,12 @@ RESTRICTED_APIS = (
     "logging",
 )
 """Triton 2.51's API categories behind :data:`CONTROL_HEADER` (``--help`` lists them)."""
+CONTROL_TIMEOUT_S = 120.0
+"""Loading a model may take long; probes and the index use their own, short timeouts."""
+TritonFailure = (OSError, ValueError, http.client.HTTPException)
+"""What a call to a dead, dying or hung Triton raises (refused, reset, timed out, garbled)."""
+SHM_DIR = Path("/dev/shm")  # noqa: S108 - where POSIX shared memory objects live, not a temp file
+_SHM_REGION = re.compile(r"\btriton_python_backend_shm_region_[0-9A-Za-z-]+")
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,7 @@ class TritonServer:
             env=launch.env,
             cwd=work_dir,
             ports=ports,
+            pid_file=work_dir / "tritonserver.pid",
         )
 
     @property
@@ -182,25 +193,57 @@ class TritonServer:
         return f"http://{self.host}:{self.http_port}"
 
     def _request(
-        self, method: str, path: str, body: bytes | None = None, control: bool = False
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        control: bool = False,
+        timeout: float = CONTROL_TIMEOUT_S,
     ) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/json"}
         if control:
             headers[CONTROL_HEADER] = self.control_secret
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)  # noqa: S310 - our own loopback URL
         try:
-            with urllib.request.urlopen(req, timeout=120) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
                 return int(resp.status), bytes(resp.read())
         except urllib.error.HTTPError as err:
             return int(err.code), bytes(err.read())
 
-    def live(self) -> bool:
-        return self._request("GET", "/v2/health/live")[0] == 200
+    def live(self, timeout: float = 2.0) -> bool:
+        """``/v2/health/live`` answered 200 within ``timeout``; raises on no answer."""
+        return self._request("GET", "/v2/health/live", timeout=timeout)[0] == 200
 
     def start(self, timeout: float) -> None:
-        """Start and wait until the server answers ``/v2/health/live``."""
+        """Start and wait until the server answers ``/v2/health/live``.
+
+        A tritonserver left by a previous run of this edge (its runtime was killed; the
+        server got the death signal but may still be draining) is killed with its
+        python-backend stub first, so the new one gets the ports.
+        """
+        self.clear_previous()
         self.process.start()
         self.process.wait_ready(self.live, timeout)
+
+    def clear_previous(self) -> None:
+        """Kill what a previous run of this edge left of its tritonserver."""
+        pgid = self.process.previous_group()
+        if pgid is None:
+            return
+        members = group_members(pgid)
+        log.warning("killing the tritonserver of a previous run", extra={"pids": members})
+        regions = _shm_regions(members)
+        kill_group(pgid)
+        _unlink_regions(regions)
+
+    def kill(self) -> int | None:
+        """SIGKILL Triton and its python-backend stubs now (dead or hung: no drain) and
+        remove the stubs' shared-memory regions, which a killed server leaves behind.
+        Returns the server's exit code (negative: the signal that ended it)."""
+        regions = _shm_regions(self.process.members())
+        code = self.process.kill()
+        _unlink_regions(regions)
+        return code
 
     def load(self, model: str) -> None:
         """Load (or reload) ``model`` through the repository API; raise with Triton's reason."""
@@ -213,11 +256,12 @@ class TritonServer:
         if status != 200:
             raise ModelLoadError(model, None, "unload failed: " + _error_text(body))
 
-    def index(self) -> list[dict[str, Any]]:
-        """Triton's repository index: name, version, state, reason per model version."""
+    def index(self, timeout: float = CONTROL_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Triton's repository index: name, version, state, reason per model version.
+        Raises one of :data:`TritonFailure` when Triton does not answer."""
         import json
 
-        status, body = self._request("POST", "/v2/repository/index", b"{}", True)
+        status, body = self._request("POST", "/v2/repository/index", b"{}", True, timeout)
         if status != 200:
             return []
         entries = json.loads(body)
@@ -226,6 +270,19 @@ class TritonServer:
     def stop(self) -> int | None:
         """SIGTERM, wait for Triton's drain deadline (plus slack), then kill what is left."""
         return self.process.stop(timeout=self.exit_timeout_s + 5)
+
+
+def _shm_regions(pids: list[int]) -> set[str]:
+    """Shared-memory regions named on the command lines of ``pids`` (python-backend stubs
+    are started with the name of the region they share with their server)."""
+    return {m.group(0) for pid in pids for m in _SHM_REGION.finditer(cmdline(pid))}
+
+
+def _unlink_regions(regions: set[str]) -> None:
+    for name in regions:
+        with contextlib.suppress(FileNotFoundError):
+            (SHM_DIR / name).unlink()
+            log.info("removed shared memory %s of a killed tritonserver", name)
 
 
 def _error_text(body: bytes) -> str:

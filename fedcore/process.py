@@ -4,6 +4,10 @@ Each process starts in a session of its own (its own process group), so stopping
 reaches its children, such as Triton's python-backend stub. On Linux the child gets
 SIGTERM if its supervisor dies (``PR_SET_PDEATHSIG``). Start processes from the main
 thread: the death signal follows the thread that forked.
+
+With a ``pid_file``, a process left behind by a supervisor that was itself killed (its
+child got the death signal but may still be draining) is found at the next start and
+killed with its group before the new one starts on the same ports.
 """
 
 from __future__ import annotations
@@ -54,6 +58,27 @@ def _set_parent_death_signal() -> None:  # runs in the child between fork and ex
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def cmdline(pid: int) -> str:
+    """The command line of ``pid``, arguments joined by spaces ("" if it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def kill_group(pgid: int, grace: float = 5.0) -> None:
+    """SIGKILL every member of process group ``pgid`` until none is left (the caller reaps
+    its own children). Raises :class:`ProcessError` when members survive ``grace``."""
+    deadline = time.monotonic() + grace
+    while members := group_members(pgid):
+        if time.monotonic() > deadline:
+            raise ProcessError(f"group {pgid}", "orphans", f"processes {members} survived SIGKILL")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
 def group_members(pgid: int) -> list[int]:
     """PIDs whose process group is ``pgid`` (reads /proc; zombies excluded)."""
     pids = []
@@ -83,6 +108,7 @@ class ManagedProcess:
         cwd: Path | None = None,
         ports: Mapping[str, int] | None = None,
         stop_signal: signal.Signals = signal.SIGTERM,
+        pid_file: Path | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -91,6 +117,7 @@ class ManagedProcess:
         self.cwd = cwd
         self.ports = dict(ports or {})
         self.stop_signal = stop_signal
+        self.pid_file = pid_file
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -124,7 +151,30 @@ class ManagedProcess:
             start_new_session=True,
             preexec_fn=_set_parent_death_signal,  # noqa: PLW1509 - no threads touch it
         )
+        if self.pid_file is not None:
+            self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+            self.pid_file.write_text(f"{self._proc.pid}\n")
         log.info("started %s", self.name, extra={"proc": self.name, "child_pid": self._proc.pid})
+
+    def previous_group(self) -> int | None:
+        """The process group of a previous run of this same command (``pid_file`` names a
+        live process whose command line is exactly ``argv``), else None."""
+        if self.pid_file is None or (self._proc is not None and self._proc.poll() is None):
+            return None
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if cmdline(pid) != " ".join(self.argv):
+            return None
+        try:
+            return os.getpgid(pid)
+        except ProcessLookupError:
+            return None
+
+    def members(self) -> list[int]:
+        """Live members of the process's group (the process and its children)."""
+        return group_members(self._proc.pid) if self._proc is not None else []
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of the process log, for error messages."""
@@ -177,10 +227,26 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0fs; killing", self.name, timeout)
         self._kill_group(pgid)
+        return self._reaped(proc)
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole group now (a hung or dead process: no drain), reap it.
+        Idempotent. Returns the exit code (None if it was never started)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        self._kill_group(proc.pid)
+        return self._reaped(proc)
+
+    def _reaped(self, proc: subprocess.Popen[bytes]) -> int:
         code = proc.wait()
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self.pid_file is not None:
+            with contextlib.suppress(OSError):
+                if self.pid_file.read_text().strip() == str(proc.pid):
+                    self.pid_file.unlink()
         return code
 
     def _kill_group(self, pgid: int, grace: float = 5.0) -> None:

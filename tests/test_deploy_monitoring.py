@@ -83,6 +83,7 @@ def service_registries() -> list[Any]:
     import numpy as np
 
     from edge_runtime.events import EventLog
+    from edge_runtime.supervisor import SupervisionStats, SupervisorCollector
     from edge_runtime.telemetry import EdgeMetrics
     from fedcore.settings import ServiceSettings
     from trainer.ingest_metrics import IngestMetrics
@@ -98,7 +99,8 @@ def service_registries() -> list[Any]:
     settings = ServiceSettings(nats_user="x", nats_password_file=COMPOSE_DIR / "none")
     trainer = start_metrics(settings, {"m": book}).registry
     IngestMetrics(trainer)
-    edge = EdgeMetrics({}, EventLog())  # the spool families are there without spools
+    # the spool families are there without spools
+    edge = EdgeMetrics({}, EventLog(), [SupervisorCollector(SupervisionStats())])
     edge.on_event(EventLog().emit("update-published", "m", num_samples=1, loss=1.0, accuracy=1.0))
     return [trainer, edge.registry]
 
