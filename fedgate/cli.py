@@ -17,6 +17,7 @@ from fedcore.secagg import SecAggConfig
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedgate.keys_cmd import add_keys_commands
 from fedgate.launcher import Stack, StackConfig
+from fedgate.restarts import STATUS_FILE, CrashLoop
 from fedgate.rollout_cmd import add_rollout_parser
 from fedgate.tls_cmd import add_tls_parser
 from trainer.settings import TrainerSettings
@@ -116,12 +117,16 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"{edge_id}:   triton http://{stack.config.host}:{ports.http} (private to the edge)"
                 f", metrics {urls[edge_id]}"
             )
-        _out("ready; Ctrl-C stops the stack")
+        _out(
+            f"ready; Ctrl-C stops the stack (a service that exits is restarted; "
+            f"restarts in {stack.config.data_dir / STATUS_FILE}, shown by 'fedgate status')"
+        )
         while True:
-            time.sleep(1)
-            if dead := stack.failed():
-                log.error("processes exited: %s; see their logs", ", ".join(dead))
-                return 1
+            time.sleep(0.25)
+            stack.check()
+    except CrashLoop as exc:
+        log.error("%s", exc)
+        return 1
     except Interrupted as sig:
         _out(f"{sig}: stopping")
         return 0
@@ -143,7 +148,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from fedgate.status import print_status
 
-    return print_status(args.url, _out, args.key_file, model=args.model, rounds=args.rounds)
+    return print_status(
+        args.url,
+        _out,
+        args.key_file,
+        model=args.model,
+        rounds=args.rounds,
+        data_dir=args.data_dir,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "stack's .fedgate/secrets/gateway-admin.key, else gateway-infer.key)",
     )
     status.add_argument("--model", default=None, help="only this model (default: all served)")
+    status.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".fedgate"),
+        help="state directory of a local 'fedgate up' (default .fedgate): its processes "
+        "and their restarts are shown first",
+    )
     status.add_argument("--rounds", type=int, default=10, help="closed rounds to list")
     status.set_defaults(func=cmd_status)
     add_rollout_parser(sub, _out)

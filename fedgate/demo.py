@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.models import get_spec
-from fedgate.launcher import Stack, StackConfig
+from fedgate.launcher import Stack, StackConfig, supervised
 
 Out = Callable[[str], None]
 MODEL = "digits"
@@ -383,7 +383,7 @@ def run_demo(config: StackConfig, out: Out, rounds: int = 5) -> int:
             f"stack ready in {time.monotonic() - t0:.1f}s; gateway at {stack.gateway_url} "
             f"(dashboard at {stack.gateway_url}/#key=<admin key from {stack.admin_key_file}>)"
         )
-        code = asyncio.run(drive(stack, DemoPlan(rounds=rounds), out))
+        code = asyncio.run(supervised(stack, drive(stack, DemoPlan(rounds=rounds), out)))
         out(f"demo took {time.monotonic() - t0:.0f}s")
         return code
     finally:

@@ -2,14 +2,18 @@
 
 Order of start: nats-server, trainer bootstrap (signed version 1), trainer, edges (each
 with its own tritonserver), gateway. Stop runs in reverse, each with a deadline, and
-leaves no process behind. Secrets and keys are created under the data directory on first
-start (development convenience; production mounts them, see the README). With
-``StackConfig.tls`` every service talks to NATS over mutual TLS with its own client
-certificate (:mod:`fedgate.stack_tls`).
+leaves no process behind. While it runs, :meth:`Stack.check` (stepped by ``fedgate up``,
+or :meth:`Stack.supervise` / :func:`supervised`) restarts a service that exits, with
+backoff, and gives up on one that keeps failing (:mod:`fedgate.restarts`); restarts are
+in ``<data-dir>/launcher-status.json`` for ``fedgate status``. Secrets and keys are
+created under the data directory on first start (development convenience; production
+mounts them, see the README). With ``StackConfig.tls`` every service talks to NATS over
+mutual TLS with its own client certificate (:mod:`fedgate.stack_tls`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,11 +21,13 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from fedcore.errors import ProcessError
 from fedcore.keys import read_secret, write_secret
@@ -29,6 +35,7 @@ from fedcore.process import ManagedProcess, free_port
 from fedgate.keys_cmd import KeyLayout, init_keys
 from fedgate.nats_accounts import role_permissions
 from fedgate.natsconf import render_nats_config, write_nats_config
+from fedgate.restarts import STATUS_FILE, ProcessSupervisor, RestartPolicy
 from fedgate.stack_tls import StackTls, ensure_stack_tls
 from gateway.auth import generate_key, key_line
 
@@ -50,6 +57,8 @@ class StackConfig:
     """mTLS between the services and NATS, certificates in ``<data_dir>/tls``."""
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
     """Extra settings by env prefix, e.g. ``{"FEDGATE_TRAINER_": {"MIN_UPDATES": "3"}}``."""
+    restarts: RestartPolicy = field(default_factory=RestartPolicy)
+    """How exited services are restarted, and when the stack gives up (a crash loop)."""
 
 
 @dataclass
@@ -72,7 +81,16 @@ class Stack:
     tls: StackTls | None = None
     """The certificates, when ``config.tls``; set by :meth:`start`. NATS clients of the
     stack's own (tools, tests) connect with ``tls.client_context(user)``."""
+    supervisor: ProcessSupervisor | None = None
     _stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.supervisor = ProcessSupervisor(
+            self.config.data_dir / STATUS_FILE, self.config.restarts, extra=self._status_extra
+        )
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {"gateway_url": self.gateway_url, "metrics": self.metrics_urls()}
 
     @property
     def gateway_url(self) -> str:
@@ -158,6 +176,8 @@ class Stack:
         )
         proc.start()
         self.processes.append(proc)
+        if self.supervisor is not None:
+            self.supervisor.add(proc)
         return proc
 
     def _start_nats(self) -> None:
@@ -308,15 +328,29 @@ class Stack:
             any(m["ready"] for m in e["models"].values()) for e in edges
         )
 
-    def failed(self) -> list[str]:
-        """Processes that have exited on their own."""
-        return [p.name for p in self.processes if p.exited() is not None]
+    def check(self) -> None:
+        """Restart services that exited (when due); raises :class:`fedgate.restarts.CrashLoop`
+        for one that keeps failing. Non-blocking; call it from the thread that started the
+        stack (or one that outlives the processes: their death signal follows it)."""
+        if not self._stopped and self.supervisor is not None:
+            self.supervisor.check()
+
+    def supervise(self, stop: threading.Event, interval_s: float = 0.25) -> None:
+        """:meth:`check` until ``stop`` is set (or a crash loop raises)."""
+        while not stop.wait(interval_s):
+            self.check()
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts so far, per process name."""
+        return self.supervisor.restarts() if self.supervisor is not None else {}
 
     def stop(self) -> None:
         """Stop in reverse start order, each with a deadline. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        if self.supervisor is not None:
+            self.supervisor.mark_stopped()
         for proc in reversed(self.processes):
             timeout = 30.0 if proc.name.startswith("edge-") else 15.0
             try:
@@ -324,6 +358,24 @@ class Stack:
             except ProcessError as exc:
                 log.error("%s", exc)
         log.info("stack stopped")
+
+
+T = TypeVar("T")
+
+
+async def supervised(stack: Stack, work: Coroutine[Any, Any, T], interval_s: float = 0.5) -> T:
+    """Run ``work`` while checking the stack's processes from this (the loop's) thread;
+    a crash loop cancels ``work`` and raises :class:`fedgate.restarts.CrashLoop`."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=interval_s)
+            stack.check()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return task.result()
 
 
 def _read(path: Path) -> str:

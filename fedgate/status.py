@@ -1,5 +1,10 @@
 """``fedgate status``: fleet, versions, rounds and rollouts of a running gateway, as tables.
 
+When a ``fedgate up`` runs on ``--data-dir`` (default ``.fedgate``), its processes come
+first: state, pid, restarts (and, for each edge, its Triton's restarts, read from the
+edge runtime's metrics), the last exit; from the launcher's status file, so they show
+while the gateway itself is down too.
+
 It reads the gateway's JSON API with an API key: ``--key-file``, else ``$FEDGATE_API_KEY``,
 else the local stack's admin key (``.fedgate/secrets/gateway-admin.key``, which may read
 rollouts), else its infer key. A section the gateway cannot answer (no NATS, no rollout
@@ -21,6 +26,7 @@ from urllib.parse import quote
 
 from fedcore.errors import FedgateError
 from fedcore.keys import read_secret
+from fedgate.restarts import read_status, status_rows
 
 DEFAULT_KEY_FILES = (
     Path(".fedgate/secrets/gateway-admin.key"),
@@ -233,6 +239,42 @@ def _model_sections(gw: Gateway, out: Out, model: str, edges: list[Any], limit: 
     _section(out, f"Rollouts of {model}", rollouts)
 
 
+def triton_restarts(metrics_url: str | None, timeout_s: float = 2.0) -> int | None:
+    """The sum of ``fedgate_edge_triton_restarts_total`` at an edge runtime's metrics URL
+    (None when it cannot be read)."""
+    if metrics_url is None:
+        return None
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:  # noqa: S310
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    found = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fedgate_edge_triton_restarts_total")
+    ]
+    return int(sum(found)) if found else None
+
+
+def print_processes(data_dir: Path, out: Out) -> bool:
+    """The processes of the ``fedgate up`` running on ``data_dir``; False if none runs."""
+    status = read_status(data_dir)
+    if status is None:
+        return False
+    metrics: dict[str, str] = status.get("metrics", {})
+    tritons = [
+        triton_restarts(metrics.get(p["name"])) if p["name"].startswith("edge-") else None
+        for p in status["processes"]
+    ]
+    headers = ("process", "state", "pid", "restarts", "triton restarts", "last exit")
+    out(f"Processes (fedgate up, pid {status['launcher_pid']}, {data_dir})")
+    for text in render_table(headers, status_rows(status, tritons)):
+        out("  " + text)
+    out("")
+    return True
+
+
 def print_status(
     url: str,
     out: Out,
@@ -240,8 +282,12 @@ def print_status(
     *,
     model: str | None = None,
     rounds: int = 10,
+    data_dir: Path | None = None,
 ) -> int:
-    """Print the fleet, then versions, rounds and rollouts of each model. Exit code."""
+    """Print the local stack's processes (when one runs on ``data_dir``), the fleet, then
+    versions, rounds and rollouts of each model. Exit code."""
+    if data_dir is not None:
+        print_processes(data_dir, out)
     gw = Gateway(url, api_key(key_file))
     edges: list[dict[str, Any]] = gw.get("/v1/edges")["edges"]
     headers = ("edge", "device", "health", "models (ready versions)", "outstanding", "served")

@@ -6,6 +6,7 @@ SIGTERM nothing of the stack may be left running.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -207,6 +208,49 @@ def test_status_lists_the_fleet(stack: RunningStack) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "edge-1" in out.stdout and "edge-2" in out.stdout and "2 edge(s)" in out.stdout
+
+
+def gateway_pid(stack: RunningStack) -> int:
+    (pid,) = [
+        p
+        for p in descendants(stack.proc.pid)
+        if Path(f"/proc/{p}/cmdline").read_bytes().endswith(b"-m\0gateway\0")
+    ]
+    return pid
+
+
+def test_a_killed_service_is_restarted_and_status_shows_it(stack: RunningStack) -> None:
+    """``fedgate up`` restarts the gateway after SIGKILL instead of stopping the stack,
+    and ``fedgate status`` lists the restart (finding 1)."""
+    killed = gateway_pid(stack)
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    served = ""
+    while time.monotonic() < deadline and not served:
+        assert stack.proc.poll() is None, "fedgate up ended when one service died"
+        time.sleep(0.5)
+        try:
+            req = urllib.request.Request(stack.url + "/v1/edges", headers=auth(stack))
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                edges = json.loads(resp.read())["edges"]
+            served = "ok" if len(edges) == 2 else ""
+        except OSError:
+            continue
+    assert served, "the gateway did not come back"
+    assert gateway_pid(stack) != killed
+    out = subprocess.run(
+        [*FEDGATE, "status", "--url", stack.url, "--data-dir", str(stack.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "FEDGATE_API_KEY": auth(stack)["Authorization"].split()[1]},
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:10] if line}
+    assert rows["gateway"][1:2] == ["running"] and rows["gateway"][3] == "1", out.stdout
+    assert "killed by SIGKILL" in out.stdout
+    assert rows["nats-server"][3] == "0" and rows["edge-1"][3] == "0", out.stdout
 
 
 def test_zz_sigterm_stops_everything(stack: RunningStack) -> None:
