@@ -17,6 +17,10 @@ train split for 20 epochs (= 20 rounds x 1 local epoch of the reference).
 For context it also prints the centralised accuracy after 3x the epochs: the 20-epoch
 baseline is not fully converged, so a strong federated recipe can end slightly above it.
 
+Rounds run through the trainer's ``RoundBook`` with its default per-update bounds
+(``trainer.bounds``: weights capped at twice the round's median sample count, norms
+clipped at twice its median norm); the last row is the default without them.
+
 Run: ``.venv/bin/python benchmarks/fl_quality.py`` (about a minute on 2 cores).
 """
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +39,8 @@ from torch import nn
 
 from fedcore.models.digits import DIGITS, train_test_split_digits
 from fedcore.params import flatten, load_flat
+from trainer.bounds import UpdateBounds
+from trainer.rounds import Contribution, RoundBook, RoundPolicy
 from trainer.strategies import get_strategy, proximal_term
 from trainer.strategies.defaults import (
     DEFAULT_LOCAL,
@@ -50,12 +56,19 @@ SEEDS = (0, 1, 2)
 REFERENCE_LOCAL = LocalRecipe(epochs=1, batch_size=32, lr=0.05, momentum=0.9)
 
 
+NO_BOUNDS = UpdateBounds(max_samples=10**9, sample_ratio=None, norm_ratio=None, warmup=1)
+
+
 @dataclass(frozen=True)
 class Recipe:
+    """A strategy and local recipe; ``bounds``: the trainer's per-update bounds (its
+    defaults unless said otherwise, see ``trainer.bounds``)."""
+
     label: str
     strategy: str
     options: dict[str, object]
     local: LocalRecipe
+    bounds: UpdateBounds = field(default_factory=UpdateBounds)
 
 
 RECIPES = (
@@ -64,6 +77,13 @@ RECIPES = (
     Recipe("fedadam eta=0.1", "fedadam", {"eta": 0.1}, REFERENCE_LOCAL),
     Recipe(
         f"DEFAULT {DEFAULT_STRATEGY}", DEFAULT_STRATEGY, DEFAULT_STRATEGY_OPTIONS, DEFAULT_LOCAL
+    ),
+    Recipe(
+        f"{DEFAULT_STRATEGY} without bounds",
+        DEFAULT_STRATEGY,
+        DEFAULT_STRATEGY_OPTIONS,
+        DEFAULT_LOCAL,
+        NO_BOUNDS,
     ),
 )
 
@@ -135,18 +155,28 @@ def centralised(data: Data, seed: int, epochs: int = ROUNDS) -> float:
 def federated(data: Data, parts: list[npt.NDArray[Any]], recipe: Recipe, seed: int) -> list[float]:
     """Test accuracy after each round."""
     x_tr, y_tr, x_te, y_te = data
-    strategy = get_strategy(recipe.strategy, **recipe.options)
     module = DIGITS.build_module()
-    params = initial_params(seed)
+    book = RoundBook(
+        "digits",
+        RoundPolicy(min_updates=len(parts), step_backoff=1.0, bounds=recipe.bounds),
+        get_strategy(recipe.strategy, **recipe.options),
+        version=1,
+        digest="0" * 64,
+        params=initial_params(seed),
+    )
+    edges = [f"edge-{e}" for e in range(len(parts))]
     history = []
     for rnd in range(ROUNDS):
-        state = strategy.start(params.size, round_id=f"{seed}-{rnd}")
+        book.open(edges, now=float(rnd))
         for e, idx in enumerate(parts):
-            load_flat(module, params)
+            load_flat(module, book.params)
             train_local(module, x_tr[idx], y_tr[idx], recipe.local, seed * 10_000 + rnd * 10 + e)
-            strategy.fold(state, flatten(module) - params, float(len(idx)))
-        params = strategy.finalize(state, params)
-        load_flat(module, params)
+            delta = (flatten(module) - book.params).astype(np.float32)
+            book.fold(
+                Contribution(f"{rnd:016x}{e:016x}", edges[e], len(idx), book.version, 0.0), delta
+            )
+        book.advance(book.version + 1, "0" * 64, book.finalize())
+        load_flat(module, book.params)
         history.append(accuracy(module, x_te, y_te))
     return history
 

@@ -69,7 +69,10 @@ def test_duplicate_update_ids_fold_once() -> None:
     b.open(["edge-1"], now=0.0)
     for _ in range(3):
         b.fold(contrib("a", "edge-1", 10), np.ones(3, np.float32))
-    assert b.current is not None and b.current.state.count == 1
+    assert b.current is not None and b.current.count() == 1
+    b.settle()
+    b.fold(contrib("a", "edge-1", 10), np.ones(3, np.float32))
+    assert b.current.state.count == 1
 
 
 def test_async_staleness_weighting_by_hand() -> None:
@@ -121,12 +124,13 @@ def test_checkpoint_resume_gives_the_same_result(tmp_path: Path, strategy: str) 
             restored = checkpoint.load(tmp_path / strategy)
             assert restored is not None
             checkpoint.resume(b, restored)
-            assert (
-                b.version == 4
-                and b.current is not None
-                and set(b.current.folded) == {"b" * 32, "c" * 32}
-            )
-            b.fold(contrib("b", "edge-1", 10), updates[1])  # redelivered: already folded
+            assert b.version == 4 and b.current is not None
+            # the first updates of a round are held back (trainer.bounds), so not in the
+            # checkpoint: the ledger brings them back from the stream (ingest.refold)
+            assert set(b.current.folded) == set() and b.current.held == {}
+            b.fold(contrib("b", "edge-1", 10), updates[1])
+            b.fold(contrib("c", "edge-2", 20), updates[2])
+            b.fold(contrib("b", "edge-1", 10), updates[1])  # redelivered: already in
         b.fold(contrib("d", "edge-3", 5), updates[3])
         return b.finalize()
 
@@ -152,4 +156,4 @@ def test_one_update_per_edge_per_round_sync_and_async() -> None:
             b.fold(contrib("b", "edge-1", 10, base=2), np.ones(3, np.float32))
         assert err.value.reason == "second-update"
         b.fold(contrib("a", "edge-1", 10), np.ones(3, np.float32))  # the same id: no change
-        assert b.current is not None and b.current.state.count == 1
+        assert b.current is not None and b.current.count() == 1

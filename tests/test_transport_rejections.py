@@ -163,4 +163,4 @@ async def test_an_async_buffer_takes_one_update_per_edge(
             (Verdict.REJECTED, "second-update")
         ] * 3
         assert book.current is not None and book.current.edges() == {"edge-1"}
-        assert book.current.state.count == 1 and book.verdict() == "wait"
+        assert book.current.count() == 1 and book.verdict() == "wait"

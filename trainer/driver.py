@@ -108,8 +108,9 @@ class RoundDriver:
         )
         recorded = book.fold(contribution, update.vector)
         self.save(h.model)
+        held = book.current is not None and recorded.update_id in book.current.held
         log.info(
-            "update folded",
+            "update held until the round's bounds are known" if held else "update folded",
             extra={
                 "model": h.model,
                 "round": h.round,

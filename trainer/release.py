@@ -92,8 +92,10 @@ def _gate(
     cand = evaluate(ctx.spec, candidate, ctx.eval_x, ctx.eval_y)
     serving = evaluate(ctx.spec, book.params, ctx.eval_x, ctx.eval_y)
     folded = book.current.folded.values() if book.current else []
-    reports = {
-        c.edge_id: (c.metrics["accuracy"], c.samples) for c in folded if "accuracy" in c.metrics
+    reports = {  # weighted as folded: a claimed sample count is capped (trainer.bounds)
+        c.edge_id: (c.metrics["accuracy"], round(c.weight))
+        for c in folded
+        if "accuracy" in c.metrics
     }
     decision = gate(cand, serving, margin=ctx.margin, edge_accuracy=weighted_edge_accuracy(reports))
     return cand, serving, decision.release, decision.reason
@@ -125,6 +127,7 @@ async def close_round(
     if rnd is None:
         raise RuntimeError("close_round without an open round")
     a = rnd.announcement
+    book.settle()  # updates held back for the round's bounds are folded now
     contributors = _contributors(book)
     secure = rnd.secure
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.wire import RoundAnnouncement
-from trainer.aggregate import WeightedSum
+from trainer.aggregate import WeightedSum, update_norm
+from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError, UpdateRejected
 from trainer.strategies.base import RoundState, Strategy
 
@@ -41,6 +42,8 @@ class RoundPolicy:
     """After a held round the next candidate takes this share of its server step (again
     after each hold, down to :data:`MIN_STEP_SCALE`); each release doubles it back up to
     the full step. 1.0 turns it off."""
+    bounds: UpdateBounds = field(default_factory=UpdateBounds)
+    """What one update may weigh and how long it may be (:mod:`trainer.bounds`)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.step_backoff <= 1.0:
@@ -61,6 +64,8 @@ class Contribution:
     base_version: int
     weight: float
     metrics: dict[str, float] = field(default_factory=dict)
+    norm: float = 0.0
+    """The update's L2 norm as it came (before any bound)."""
 
 
 @dataclass(frozen=True)
@@ -80,13 +85,26 @@ class OpenRound:
     state: RoundState
     folded: dict[str, Contribution] = field(default_factory=dict)
     secure: SecureOutcome | None = None
+    held: dict[str, tuple[Contribution, NDArray[np.float32]]] = field(default_factory=dict)
+    """Updates accepted but not folded yet: the first ones of a round wait until the
+    medians their bounds need are known (:mod:`trainer.bounds`). Not checkpointed: after
+    a restart the ledger's records bring them back from the stream."""
 
     @property
     def round(self) -> int:
         return self.announcement.round
 
     def edges(self) -> set[str]:
-        return {c.edge_id for c in self.folded.values()}
+        return {c.edge_id for c in self.folded.values()} | {
+            c.edge_id for c, _ in self.held.values()
+        }
+
+    def count(self) -> int:
+        """Updates accepted into the round, held ones included."""
+        return len(self.folded) + len(self.held)
+
+    def contributions(self) -> list[Contribution]:
+        return [*self.folded.values(), *(c for c, _ in self.held.values())]
 
 
 def sample_edges(
@@ -183,33 +201,67 @@ class RoundBook:
         return 0 <= lag <= (self.policy.max_staleness if self.policy.mode == "async" else 0)
 
     def fold(self, contribution: Contribution, vector: NDArray[Any]) -> Contribution:
-        """Fold one accepted update with its weight; returns the contribution recorded.
+        """Fold one accepted update within the round's bounds; returns the contribution
+        recorded (weight 0 while it is held back, see :mod:`trainer.bounds`).
 
         Folding an update id the round holds changes nothing; a second update of an edge
         that contributed already is refused (``second-update``): an asynchronous buffer
-        takes updates signed for earlier rounds, which the ledger keys apart."""
+        takes updates signed for earlier rounds, which the ledger keys apart. An invalid
+        vector is refused (``UpdateRejected``) before anything changes."""
         rnd = self._require_open()
-        if contribution.update_id in rnd.folded:
-            return rnd.folded[contribution.update_id]
+        known = (
+            rnd.folded.get(contribution.update_id)
+            or rnd.held.get(contribution.update_id, (None, None))[0]
+        )
+        if known is not None:
+            return known
         if contribution.edge_id in rnd.edges():
             raise UpdateRejected(
                 "second-update",
                 f"edge {contribution.edge_id!r} already contributed to round {rnd.round}",
             )
-        staleness = self.version - contribution.base_version
+        update = np.asarray(vector, dtype=np.float32)
+        norm = update_norm(update, self.params.size)
+        arrived = replace(contribution, weight=0.0, norm=norm)
+        b = self.policy.bounds
+        if b.relative and self.strategy.streams and rnd.count() < b.warmup:
+            rnd.held[arrived.update_id] = (arrived, np.array(update, copy=True))
+            if rnd.count() >= b.warmup:
+                self.settle()
+            return rnd.folded.get(arrived.update_id, arrived)
+        return self._fold_bounded(rnd, arrived, update)
+
+    def settle(self) -> None:
+        """Fold the updates held back, with the bounds of every update the round has
+        (when the warm-up is complete, or the round closes with fewer)."""
+        rnd = self._require_open()
+        everyone = rnd.contributions()
+        held, rnd.held = list(rnd.held.values()), {}
+        for arrived, update in held:
+            self._fold_bounded(rnd, arrived, update, everyone)
+
+    def _fold_bounded(
+        self,
+        rnd: OpenRound,
+        arrived: Contribution,
+        update: NDArray[np.float32],
+        everyone: list[Contribution] | None = None,
+    ) -> Contribution:
+        """Fold ``arrived`` with its weight and norm bounded by the round's medians over
+        ``everyone`` (default: the folded updates and this one)."""
+        among = everyone if everyone is not None else [*rnd.folded.values(), arrived]
+        b = self.policy.bounds
         weight = staleness_weight(
-            max(1, contribution.samples), staleness, self.policy.staleness_exponent
+            round(b.weight(arrived.samples, [c.samples for c in among])),
+            self.version - arrived.base_version,
+            self.policy.staleness_exponent,
         )
-        recorded = Contribution(
-            contribution.update_id,
-            contribution.edge_id,
-            contribution.samples,
-            contribution.base_version,
-            weight,
-            dict(contribution.metrics),
-        )
-        self.strategy.fold(rnd.state, np.asarray(vector, dtype=np.float32), weight)
-        rnd.folded[contribution.update_id] = recorded
+        limit = b.norm_limit([c.norm for c in among])
+        if limit is not None and arrived.norm > limit:
+            update = update * np.float32(limit / arrived.norm)
+        recorded = replace(arrived, weight=weight, metrics=dict(arrived.metrics))
+        self.strategy.fold(rnd.state, update, weight)
+        rnd.folded[recorded.update_id] = recorded
         return recorded
 
     def fold_secure(self, total: NDArray[Any], outcome: SecureOutcome, sensitivity: float) -> None:
@@ -218,7 +270,7 @@ class RoundBook:
 
         Each survivor is recorded as a contribution with weight 1 and no sample count."""
         rnd = self._require_open()
-        if not rnd.announcement.secure or rnd.secure is not None or rnd.folded:
+        if not rnd.announcement.secure or rnd.secure is not None or rnd.count():
             raise TrainerError("not-secure", f"{self.model}: round {rnd.round} takes no secure sum")
         state = rnd.state
         if not isinstance(state, WeightedSum):
@@ -234,7 +286,7 @@ class RoundBook:
         rnd = self._require_open()
         t = time.time() if now is None else now
         a = rnd.announcement
-        count = len(rnd.folded)
+        count = rnd.count()
         if self.policy.mode == "async":
             return "close" if count >= self.policy.buffer_size else "wait"
         # invited edges all in, or no fleet known at opening: quorum is enough
@@ -249,6 +301,7 @@ class RoundBook:
         """The candidate parameters from the open round (the round stays open until
         :meth:`advance` or :meth:`abandon`)."""
         rnd = self._require_open()
+        self.settle()
         out: NDArray[Any] = self.strategy.finalize(rnd.state, self.params)
         if self.step_scale != 1.0:
             base = np.asarray(self.params, dtype=np.float32)

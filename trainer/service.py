@@ -41,6 +41,7 @@ from fedcore.wire import (
 )
 from trainer import checkpoint
 from trainer.bootstrap import ensure_version_one
+from trainer.bounds import UpdateBounds
 from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
 from trainer.errors import PrivacyBudgetExceeded
@@ -97,8 +98,22 @@ async def prepare_transport(nc: NATS, settings: TrainerSettings, registry: Regis
     await models_bucket(js, create=True, replicas=replicas)
 
 
+def bounds_of(settings: TrainerSettings) -> UpdateBounds:
+    """The per-update bounds of the settings; ``dp_fedavg`` keeps only the absolute ones
+    (its sensitivity bound needs each edge's part independent of the others')."""
+    dp = settings.strategy.strip().lower().replace("-", "_") == "dp_fedavg"
+    return UpdateBounds(
+        max_samples=settings.max_samples_per_update,
+        sample_ratio=None if dp else settings.sample_weight_ratio,
+        norm_ratio=None if dp else settings.update_norm_ratio,
+        clip_norm=settings.update_clip_norm,
+        warmup=settings.bounds_warmup,
+    )
+
+
 def policy_of(settings: TrainerSettings) -> RoundPolicy:
     return RoundPolicy(
+        bounds=bounds_of(settings),
         mode=settings.round_mode,
         min_updates=settings.min_updates,
         deadline_s=settings.round_deadline_s,

@@ -68,6 +68,33 @@ class TrainerSettings(ServiceSettings):
         description="after a held round, the next candidate's server step is scaled by this "
         "(again per hold, down to 1/8); a release scales it back up; 1 turns it off",
     )
+    max_samples_per_update: int = Field(
+        default=20_000,
+        ge=1,
+        description="largest sample count an update may weigh (claims above it are capped; "
+        "the edges' default spool holds 20000 samples)",
+    )
+    sample_weight_ratio: float | None = Field(
+        default=2.0,
+        ge=1,
+        description="an update weighs at most this many times the round's median claimed "
+        "sample count (None: no relative cap; not applied to dp_fedavg)",
+    )
+    update_norm_ratio: float | None = Field(
+        default=2.0,
+        ge=1,
+        description="an update is clipped to this many times the round's median update norm "
+        "(None: off; not applied to dp_fedavg, which clips to its own clip_norm)",
+    )
+    update_clip_norm: float | None = Field(
+        default=None, gt=0, description="an update is clipped to this L2 norm (None: off)"
+    )
+    bounds_warmup: int = Field(
+        default=3,
+        ge=1,
+        description="updates held back at the start of a round until the medians of the "
+        "relative bounds are known (memory: 4 * warmup * parameters bytes)",
+    )
     gate_margin: float = Field(
         default=0.01, ge=0, description="hold back a candidate this much less accurate"
     )

@@ -4,7 +4,7 @@
 - ``fedgate_trainer_model_version{model}``: the newest global version (the round base);
 - ``fedgate_trainer_round{model}``: the id of the open round, else of the last one opened;
 - ``fedgate_trainer_round_open{model}``: 1 while a round is open;
-- ``fedgate_trainer_round_updates{model}``: updates folded into the open round;
+- ``fedgate_trainer_round_updates{model}``: updates accepted into the open round;
 - ``fedgate_trainer_round_samples{model}``: training samples behind those updates;
 - ``fedgate_trainer_round_deadline_seconds{model}``: seconds left before the open round's
   deadline (negative once it passed);
@@ -55,7 +55,7 @@ class RoundsCollector:
         version = gauge("model_version", "Newest global version of the model (the round base)")
         current = gauge("round", "Id of the open round, else of the last round opened")
         is_open = gauge("round_open", "1 while a round of the model is open")
-        updates = gauge("round_updates", "Updates folded into the open round")
+        updates = gauge("round_updates", "Updates accepted into the open round")
         samples = gauge("round_samples", "Training samples behind the open round's updates")
         deadline = gauge("round_deadline_seconds", "Seconds left before the open round's deadline")
         now = self.clock()
@@ -64,7 +64,7 @@ class RoundsCollector:
             version.add_metric([model], book.version)
             current.add_metric([model], book.next_round - 1)
             is_open.add_metric([model], 1 if rnd is not None else 0)
-            folded = list(rnd.folded.values()) if rnd is not None else []
+            folded = rnd.contributions() if rnd is not None else []
             updates.add_metric([model], len(folded))
             samples.add_metric([model], sum(c.samples for c in folded))
             if rnd is not None:
