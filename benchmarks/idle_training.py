@@ -261,9 +261,10 @@ def make_learner(root: Path, server: Any) -> Any:
 
     from edge_runtime.finetune import Recipe
     from edge_runtime.idle import IdleThresholds
-    from edge_runtime.learner import Keys, Learner, LearnerConfig
+    from edge_runtime.learner import Learner, LearnerConfig
     from edge_runtime.metrics_poll import MetricsPoller
     from edge_runtime.rounds_watch import RoundsView, ServedVersion
+    from edge_runtime.sealer import Keys
     from edge_runtime.spool import Spool, spool_path
     from fedcore.compression import sizes_from_layout
     from fedcore.models import get_spec

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from numpy.typing import NDArray
 
 from edge_runtime.budget import TrainingBudget
@@ -39,10 +38,10 @@ from edge_runtime.finetune import Device, JobSpec, Recipe
 from edge_runtime.idle import IdleDetector, IdleThresholds, IdleVerdict
 from edge_runtime.metrics_poll import TritonLoad
 from edge_runtime.rounds_watch import Plan, Refusal, RoundsView, ServedVersion, decide
+from edge_runtime.sealer import Keys, UpdateFor, UpdateSealer
 from edge_runtime.spool import Spool
 from edge_runtime.worker import FinetuneWorker
-from fedcore.compression import CompressionSettings, ErrorFeedback, encode_update
-from fedcore.envelope import seal_update
+from fedcore.compression import CompressionSettings
 from fedcore.errors import FedgateError
 from fedcore.params import load_weights_file
 
@@ -60,6 +59,8 @@ class SecureSink(Protocol):
     async def submit(self, model: str, round_no: int, delta: NDArray[Any]) -> None: ...
 
 
+RESIDUAL_FILE = "error-feedback.npy"
+"""The compression residual in the learner's work directory (survives restarts)."""
 _SENT_ROUNDS = "sent_rounds"
 _BUDGET = "train_budget"
 _KEEP_SENT = 64
@@ -88,14 +89,6 @@ class LearnerConfig:
     window_budget_s: float = 60.0
     daily_budget_s: float = 3600.0
     spool_max_age_s: float = 7 * 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class Keys:
-    """The edge's signing identity and the trainer's HPKE public key."""
-
-    signer: ed25519.Ed25519PrivateKey
-    recipient: x25519.X25519PublicKey
 
 
 @dataclass
@@ -138,7 +131,13 @@ class Learner:
         self.detector = IdleDetector(config.thresholds)
         self.budget = TrainingBudget(config.window_budget_s, config.daily_budget_s)
         self.budget.restore(spool.get_meta(_BUDGET))
-        self.feedback = ErrorFeedback(sum(config.sizes))
+        self.sealer = UpdateSealer(
+            edge_id=config.edge_id,
+            sizes=config.sizes,
+            compression=config.compression,
+            keys=keys,
+            residual_file=config.work_dir / RESIDUAL_FILE,
+        )
         self.job: Job | None = None
         self.verdict = IdleVerdict(False, "no-data")
         self._refused: set[tuple[int, str]] = set()
@@ -366,23 +365,17 @@ class Learner:
             await self._submit_secure(job, delta)
             self._sent(job, "update-masked", metrics)
             return
-        encoded = encode_update(delta, c.sizes, c.compression, self.feedback)
-        header, envelope = await asyncio.to_thread(
-            seal_update,
-            encoded.data,
-            recipient=self.keys.recipient,
-            signer=self.keys.signer,
-            model=c.model,
-            round=plan.round,
-            edge_id=c.edge_id,
-            base_version=plan.base.version,
-            base_digest=plan.base.digest,
-            compression=encoded.mode,
+        target = UpdateFor(c.model, plan.round, plan.base.version, plan.base.digest)
+        sealed = await asyncio.to_thread(
+            self.sealer.seal,
+            delta,
+            target,
             num_samples=int(result.get("samples", 0)),
             metrics=metrics,
         )
-        await self.publish(bytes(envelope))
-        self._sent(job, "update-published", metrics, update_id=header.update_id)
+        await self.publish(sealed.envelope)
+        self.sealer.commit(sealed)  # published: what it did not carry is the new residual
+        self._sent(job, "update-published", metrics, update_id=sealed.header.update_id)
 
     async def _submit_secure(self, job: Job, delta: NDArray[Any]) -> None:
         """A secure round's update goes to the secure-aggregation participant, which sends

@@ -22,7 +22,7 @@ from edge_runtime.events import EventLog
 from edge_runtime.feedback import FeedbackResponder
 from edge_runtime.finetune import Recipe
 from edge_runtime.idle import IdleThresholds
-from edge_runtime.learner import Keys, Learner, LearnerConfig, Publish
+from edge_runtime.learner import Learner, LearnerConfig, Publish
 from edge_runtime.metrics_poll import MetricsPoller
 from edge_runtime.rounds_watch import (
     RoundsView,
@@ -31,6 +31,7 @@ from edge_runtime.rounds_watch import (
     stage_verified,
     watch_rounds,
 )
+from edge_runtime.sealer import Keys
 from edge_runtime.secure_round import SecureParticipant
 from edge_runtime.settings import EdgeSettings
 from edge_runtime.spool import Spool, spool_path

@@ -20,11 +20,11 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from edge_runtime.learner import Keys
 from edge_runtime.learning import EdgeLearning, capture_params
 from edge_runtime.publisher import UpdatePublisher, load_edge_keys
 from edge_runtime.repository import detect_kind, prepare_model
 from edge_runtime.rollout import build_applier
+from edge_runtime.sealer import Keys
 from edge_runtime.settings import EdgeSettings
 from edge_runtime.supervisor import (
     SupervisionPolicy,

@@ -15,16 +15,19 @@ trusts the input: lengths, indices and scales are checked and non-finite values 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcore.errors import CodecError
+from fedcore.errors import CodecError, ResidualFileError
+from fedcore.files import write_atomic
 
 Mode = Literal["none", "fp16", "int8", "topk"]
 MODES: tuple[Mode, ...] = ("none", "fp16", "int8", "topk")
@@ -71,7 +74,11 @@ class EncodedUpdate:
 
 
 class ErrorFeedback:
-    """The residual a sender keeps between rounds: what compression has not sent yet."""
+    """The residual a sender keeps between rounds: what compression has not sent yet.
+
+    :meth:`save` writes it as a ``.npy`` file (little-endian float32, written atomically
+    with mode 0600, no pickle) and :meth:`load` reads it back, so a restarted sender goes
+    on where it stopped."""
 
     def __init__(self, size: int) -> None:
         self.residual: Vector = np.zeros(size, dtype=np.float32)
@@ -79,6 +86,40 @@ class ErrorFeedback:
     def reset(self) -> None:
         """Forget the residual (e.g. after the base model changed under the edge)."""
         self.residual[:] = 0.0
+
+    def copy(self) -> ErrorFeedback:
+        """An independent copy (encode into it; keep it only once the update was sent)."""
+        out = ErrorFeedback(0)
+        out.residual = self.residual.copy()
+        return out
+
+    def save(self, path: Path) -> None:
+        """Write the residual to ``path`` atomically (``.npy``, float32, mode 0600)."""
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(self.residual, dtype=_F32), allow_pickle=False)
+        write_atomic(path, buf.getvalue(), 0o600)
+
+    @classmethod
+    def load(cls, path: Path, size: int) -> ErrorFeedback:
+        """The residual saved at ``path``; zeros when there is no file. Raises
+        :class:`ResidualFileError` for a file that is not ``size`` finite float32 values."""
+        out = cls(size)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return out
+        try:
+            saved = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ResidualFileError(f"{path} is not a .npy array: {exc}") from None
+        if saved.dtype != _F32 or saved.shape != (size,):
+            raise ResidualFileError(
+                f"{path} holds {saved.dtype} {saved.shape}, expected float32 ({size},)",
+            )
+        if not np.isfinite(saved).all():
+            raise ResidualFileError(f"{path} holds NaN or infinite values")
+        out.residual = saved.astype(np.float32)
+        return out
 
 
 def sizes_from_layout(layout: Sequence[tuple[str, tuple[int, ...]]]) -> list[int]:

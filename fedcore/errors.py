@@ -104,6 +104,11 @@ class CodecError(EnvelopeError):
     non-finite values (``non-finite``)."""
 
 
+class ResidualFileError(FedgateError):
+    """A saved error-feedback residual cannot be used (not ``.npy``, wrong dtype or size,
+    or non-finite values); the sender starts again from zeros."""
+
+
 class TransportError(FedgateError):
     """An update could not be moved over the bus, or a transport message is malformed.
 
