@@ -17,11 +17,13 @@ interleaved repetitions (raw, seal, open take turns), so background load hits al
    (layout of ``fedcore.models.digits``) and a 4M-parameter layout: encoded payload,
    sealed envelope, ratio, relative L2 error of one round.
 
-Run: ``.venv/bin/python benchmarks/envelope.py`` (about 30 s on 2 cores).
+Run: ``.venv/bin/python benchmarks/envelope.py`` (about 30 s on 2 cores);
+``--kem`` runs part 2 alone (a few seconds).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import platform
@@ -222,8 +224,13 @@ def wire_bytes() -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kem", action="store_true", help="only part 2: cost per update by KEM")
+    args = parser.parse_args()
     started = time.perf_counter()
-    throughput()
+    if not args.kem:
+        throughput()
     kem_cost()
-    wire_bytes()
+    if not args.kem:
+        wire_bytes()
     print(f"\n(total {time.perf_counter() - started:.1f} s)")

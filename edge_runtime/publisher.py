@@ -22,14 +22,14 @@ from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta, ObjectMetaOptions
 
-from fedcore.envelope import BytesLike, read_header_unverified
+from fedcore.envelope import BytesLike, RecipientPublicKey, read_header_unverified, suite_of
 from fedcore.errors import TransportError
-from fedcore.keys import load_ed25519, x25519_public_from_hex
+from fedcore.keys import load_ed25519, read_hpke_public
 from fedcore.transport import (
     MSG_ID_HEADER,
     UPDATES_OBJECT_BUCKET,
@@ -72,10 +72,12 @@ class Published:
 
 def load_edge_keys(
     identity_key_file: Path, trainer_hpke_public_key_file: Path
-) -> tuple[ed25519.Ed25519PrivateKey, x25519.X25519PublicKey]:
-    """This edge's signing identity and the trainer's HPKE public key, from their files."""
+) -> tuple[ed25519.Ed25519PrivateKey, RecipientPublicKey]:
+    """This edge's signing identity and the trainer's HPKE public key, from their files;
+    updates are sealed with the suite the public file names (X25519 or ML-KEM-768+X25519)."""
     signer = load_ed25519(identity_key_file)
-    recipient = x25519_public_from_hex(trainer_hpke_public_key_file.read_text())
+    recipient = read_hpke_public(trainer_hpke_public_key_file)
+    log.info("updates are sealed with HPKE suite %s", suite_of(recipient))
     return signer, recipient
 
 

@@ -32,7 +32,8 @@ class EdgeSettings(ServiceSettings):
         description="this edge's Ed25519 private key (0600): signs its model updates"
     )
     trainer_hpke_public_key_file: Path = Field(
-        description="hex X25519 public key of the trainer: updates are sealed to it (HPKE)"
+        description="the trainer's HPKE public key file (fedgate keys init): updates are "
+        "sealed to it with the suite it names (X25519 or ML-KEM-768+X25519)"
     )
     update_ack_timeout_s: float = Field(
         default=5.0, gt=0, description="wait for JetStream's ack of an update, per attempt"

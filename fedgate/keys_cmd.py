@@ -3,14 +3,15 @@
 Layout of a keys directory (default ``.fedgate/keys``, the one ``fedgate up`` uses)::
 
     trainer-signing.{key,pub}   Ed25519: signs model versions (edges trust the .pub)
-    trainer-hpke.{key,pub}      X25519: edges seal updates to the .pub (HPKE)
+    trainer-hpke.{key,pub}      HPKE (X25519, or with --kem the hybrid ML-KEM-768+X25519):
+                                edges seal updates to the .pub, which names its KEM
     edges/<edge>.{key,pub}      Ed25519 identity of each edge (the .key belongs on the edge)
     edge-registry.json          enrolled edge public keys, read by the trainer
 
 Private keys are PEM files with mode 0600 (:mod:`fedcore.keys`); public keys are hex.
-Every command is idempotent: existing keys are kept, never overwritten. Only public keys
-and file paths are ever written to the terminal. The ML-KEM-768+X25519 HPKE suite is
-not stored here yet: the trainer's HPKE key file is X25519.
+Every command is idempotent: existing keys are kept, never overwritten (``init --kem``
+naming another KEM than the existing HPKE key's is refused). Only public keys and file
+paths are ever written to the terminal.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from pathlib import Path
 from fedcore.enrollment import EdgeRegistry, load_registry, save_registry
 from fedcore.errors import FedgateError
 from fedcore.keys import (
+    KEMS,
     generate_ed25519,
-    generate_x25519,
+    generate_hpke_key,
     load_ed25519,
-    load_x25519,
+    load_hpke_key,
     public_hex,
     write_public,
 )
@@ -69,20 +71,34 @@ class KeyLayout:
         return self.root / "edges" / f"{check_edge_id(edge_id)}.pub"
 
 
-def ensure_trainer_keys(layout: KeyLayout) -> None:
-    """Create the trainer's signing and HPKE keys if missing; (re)write their .pub files."""
+def ensure_trainer_keys(layout: KeyLayout, kem: str | None = None) -> str:
+    """Create the trainer's signing and HPKE keys if missing; (re)write their .pub files.
+
+    ``kem`` picks the HPKE KEM of a new key (None: ``x25519``); an existing key of another
+    KEM is refused, never replaced. Returns the HPKE key's KEM."""
     signing = (
         load_ed25519(layout.signing_key)
         if layout.signing_key.exists()
         else generate_ed25519(layout.signing_key)
     )
     write_public(layout.signing_pub, public_hex(signing))
-    hpke = (
-        load_x25519(layout.hpke_key)
-        if layout.hpke_key.exists()
-        else generate_x25519(layout.hpke_key)
-    )
-    write_public(layout.hpke_pub, public_hex(hpke))
+    if layout.hpke_key.exists():
+        hpke = load_hpke_key(layout.hpke_key)
+        if kem is not None and hpke.kem != kem:
+            raise FedgateError(
+                f"{layout.hpke_key} is an HPKE key of KEM {hpke.kem}, not {kem}; keys are "
+                "never overwritten: move it away (edges then need the new .pub) or use "
+                "another --dir"
+            )
+    else:
+        hpke = generate_hpke_key(layout.hpke_key, kem or "x25519")
+    write_public(layout.hpke_pub, hpke.public_text)
+    return hpke.kem
+
+
+def hpke_kem(layout: KeyLayout) -> str:
+    """The KEM of the trainer's HPKE key in ``layout`` (for the trainer's ``HPKE_KEM``)."""
+    return load_hpke_key(layout.hpke_key).kem
 
 
 def ensure_edge_identity(layout: KeyLayout, edge_id: str) -> str:
@@ -118,10 +134,11 @@ def revoke_edge(layout: KeyLayout, edge_id: str) -> None:
         save_registry(layout.registry, updated)
 
 
-def init_keys(root: Path, edge_ids: list[str]) -> KeyLayout:
-    """Trainer keys, then each edge's identity, enrolled. Idempotent."""
+def init_keys(root: Path, edge_ids: list[str], kem: str | None = None) -> KeyLayout:
+    """Trainer keys (a new HPKE key of ``kem``, default ``x25519``), then each edge's
+    identity, enrolled. Idempotent."""
     layout = KeyLayout(root)
-    ensure_trainer_keys(layout)
+    ensure_trainer_keys(layout, kem)
     registry = load_registry(layout.registry, missing_ok=True)
     if not layout.registry.exists():
         save_registry(layout.registry, registry)
@@ -143,9 +160,9 @@ def _describe(registry: EdgeRegistry, out: Out) -> None:
 def cmd_init(args: argparse.Namespace, out: Out) -> int:
     if args.edges < 0:
         raise FedgateError("--edges must not be negative")
-    layout = init_keys(args.dir, [f"edge-{i + 1}" for i in range(args.edges)])
+    layout = init_keys(args.dir, [f"edge-{i + 1}" for i in range(args.edges)], args.kem)
     out(f"trainer signing key: {layout.signing_key} (public {layout.signing_pub})")
-    out(f"trainer HPKE key:    {layout.hpke_key} (public {layout.hpke_pub})")
+    out(f"trainer HPKE key:    {layout.hpke_key} (public {layout.hpke_pub}), {hpke_kem(layout)}")
     out(f"edge registry:       {layout.registry}")
     _describe(load_registry(layout.registry), out)
     return 0
@@ -193,6 +210,13 @@ def add_keys_commands(
 
     init = command("init", "create the trainer's keys and N enrolled edge identities", cmd_init)
     init.add_argument("--edges", type=int, default=2, help="identities edge-1..edge-N (default 2)")
+    init.add_argument(
+        "--kem",
+        choices=KEMS,
+        default=None,
+        help="KEM of a new trainer HPKE key: x25519 (default) or mlkem768-x25519 (hybrid "
+        "post-quantum; set FEDGATE_TRAINER_HPKE_KEM to match); an existing key is kept",
+    )
     enroll = command("enroll", "add an edge's public key to the registry", cmd_enroll)
     enroll.add_argument("edge_id", type=_edge_id_arg)
     enroll.add_argument("--public-key", help="hex Ed25519 public key made on the edge itself")

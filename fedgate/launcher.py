@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from fedcore.errors import ProcessError
 from fedcore.keys import read_secret, write_secret
 from fedcore.process import ManagedProcess, free_port
-from fedgate.keys_cmd import KeyLayout, init_keys
+from fedgate.keys_cmd import KeyLayout, hpke_kem, init_keys
 from fedgate.nats_accounts import role_permissions
 from fedgate.natsconf import render_nats_config, write_nats_config
 from fedgate.restarts import STATUS_FILE, ProcessSupervisor, RestartPolicy
@@ -242,6 +242,7 @@ class Stack:
                 "DATA_DIR": str(d),
                 "SIGNING_KEY_FILE": str(keys.signing_key),
                 "HPKE_PRIVATE_KEY_FILE": str(keys.hpke_key),
+                "HPKE_KEM": hpke_kem(keys),  # the key's own (fedgate keys init --kem)
                 "EDGE_REGISTRY_FILE": str(keys.registry),
                 "METRICS_HOST": self.config.host,
                 "METRICS_PORT": str(self.trainer_metrics_port),

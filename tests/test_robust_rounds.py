@@ -12,7 +12,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from fedcore.keys import x25519_public_from_hex
 from fedgate.keys_cmd import init_keys
 from tests.conftest import NatsServer
 from tests.trainer_process import (
@@ -75,7 +74,6 @@ async def test_robust_strategy_in_the_trainer_process(
     expected: Callable[[Rows], Rows],
 ) -> None:
     keys = init_keys(tmp_path / "keys", EDGES)
-    recipient = x25519_public_from_hex(keys.hpke_pub.read_text())
     rng = np.random.default_rng(7)
     honest = rng.normal(0.0, 1e-3, (4, DIM)).astype(np.float32)  # norms about 0.07
     outlier = np.full((1, DIM), 0.02, dtype=np.float32)  # norm 1.39, every coordinate high
@@ -89,7 +87,7 @@ async def test_robust_strategy_in_the_trainer_process(
         js = nc.jetstream()
         a1 = await wait_open(js, 1, trainer)
         for edge, delta, samples in zip(EDGES, deltas, SAMPLES, strict=True):
-            await send(nc, keys, edge, a1, delta, int(samples), recipient)
+            await send(nc, keys, edge, a1, delta, int(samples))
         record = await wait_record(js, 1, trainer)
         assert record.outcome == "released", record
         assert record.released_version == 2

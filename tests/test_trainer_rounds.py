@@ -12,25 +12,15 @@ from pathlib import Path
 import nats
 import numpy as np
 import pytest
-from nats.aio.client import Client as NATS
 
 from edge_runtime.publisher import UpdatePublisher
-from fedcore.keys import x25519_public_from_hex
 from fedcore.params import load_weights_file
-from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, round_key
-from fedgate.keys_cmd import KeyLayout, init_keys
+from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, round_key
+from fedgate.keys_cmd import init_keys
 from tests.conftest import NatsServer
-from tests.trainer_process import DIM, open_round, record_of, start_trainer, wait_kv
-from tests.trainer_process import send as send_update
+from tests.trainer_process import DIM, open_round, record_of, send, start_trainer, wait_kv
 
 EDGES = ["edge-1", "edge-2", "edge-3"]
-
-
-async def send(
-    nc: NATS, keys: KeyLayout, edge: str, a: RoundAnnouncement, delta: np.ndarray, samples: int
-) -> bytes:
-    recipient = x25519_public_from_hex(keys.hpke_pub.read_text())
-    return await send_update(nc, keys, edge, a, delta, samples, recipient)
 
 
 @pytest.mark.timeout(240)

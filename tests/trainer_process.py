@@ -22,7 +22,7 @@ from nats.js.client import JetStreamContext
 from edge_runtime.publisher import UpdatePublisher
 from fedcore.compression import CompressionSettings, encode_update, sizes_from_layout
 from fedcore.envelope import RecipientPublicKey, seal_update
-from fedcore.keys import load_ed25519
+from fedcore.keys import load_ed25519, read_hpke_public
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, RoundRecord, round_key
@@ -134,13 +134,14 @@ async def send(
     a: RoundAnnouncement,
     delta: np.ndarray,
     samples: int,
-    recipient: RecipientPublicKey,
+    recipient: RecipientPublicKey | None = None,
 ) -> bytes:
-    """Seal ``delta`` (FP32, uncompressed) as ``edge`` for round ``a`` and publish it."""
+    """Seal ``delta`` (FP32, uncompressed) as ``edge`` for round ``a`` and publish it;
+    sealed to the trainer's HPKE public file (its suite) unless ``recipient`` is given."""
     payload = encode_update(delta, SIZES, CompressionSettings(mode="none")).data
     _, envelope = seal_update(
         payload,
-        recipient=recipient,
+        recipient=recipient or read_hpke_public(keys.hpke_pub),
         signer=load_ed25519(keys.edge_key(edge)),
         model="digits",
         round=a.round,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import nats
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
@@ -25,8 +25,9 @@ from nats.js.client import JetStreamContext
 from fedcore import subjects
 from fedcore.artifact_store import models_bucket, upload_version
 from fedcore.compression import sizes_from_layout
+from fedcore.envelope import RecipientPrivateKey
 from fedcore.errors import ConfigError
-from fedcore.keys import load_ed25519, load_x25519
+from fedcore.keys import load_ed25519, load_hpke_key
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
@@ -297,8 +298,8 @@ async def serve(settings: TrainerSettings) -> None:
     """Check the settings, bootstrap, connect to NATS and run rounds until SIGTERM or
     SIGINT."""
     secure_configs(settings)  # refuse impossible secure-aggregation settings first
+    recipient = load_hpke_key(settings.hpke_private_key_file, settings.hpke_kem).private
     await asyncio.to_thread(bootstrap, settings)
-    recipient = load_x25519(settings.hpke_private_key_file)
     signing = load_ed25519(settings.signing_key_file)
     registry = RegistryFile(settings.edge_registry_file)
     stop = asyncio.Event()
@@ -330,7 +331,7 @@ async def serve(settings: TrainerSettings) -> None:
 async def _run(
     settings: TrainerSettings,
     nc: NATS,
-    recipient: x25519.X25519PrivateKey,
+    recipient: RecipientPrivateKey,
     signing: ed25519.Ed25519PrivateKey,
     registry: RegistryFile,
     stop: asyncio.Event,

@@ -26,7 +26,13 @@ class TrainerSettings(ServiceSettings):
     bootstrap_epochs: int = Field(default=8, ge=1)
     seed: int = 0
     hpke_private_key_file: Path = Field(
-        description="X25519 private key (0600) edges seal their updates to (HPKE)"
+        description="HPKE private key (0600) edges seal their updates to, of HPKE_KEM"
+    )
+    hpke_kem: Literal["x25519", "mlkem768-x25519"] = Field(
+        default="x25519",
+        description="KEM of the HPKE key: x25519, or mlkem768-x25519 (hybrid post-quantum, "
+        "fedgate keys init --kem mlkem768-x25519); a key file of the other KEM is refused, "
+        "and so is every update sealed with another suite",
     )
     edge_registry_file: Path = Field(
         description="enrolled edges and their Ed25519 public keys (fedgate keys enroll)"
