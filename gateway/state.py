@@ -55,6 +55,10 @@ def _infer_key(request: Request) -> Principal:
     return _state(request).admit(_authorization(request), "infer")
 
 
+def _metrics_key(request: Request) -> Principal:
+    return _state(request).admit(_authorization(request), "metrics")
+
+
 def _admin_key(request: Request) -> Principal:
     return _state(request).admit(_authorization(request), "admin")
 
@@ -62,5 +66,7 @@ def _admin_key(request: Request) -> Principal:
 State = Annotated[GatewayState, Depends(_state)]
 InferKey = Annotated[Principal, Depends(_infer_key)]
 """A request with a key of role ``infer`` or ``admin`` (else 401/403/429)."""
+MetricsKey = Annotated[Principal, Depends(_metrics_key)]
+"""A request with a key of any role: ``metrics`` (a scraper's), ``infer`` or ``admin``."""
 AdminKey = Annotated[Principal, Depends(_admin_key)]
 """A request with a key of role ``admin`` (else 401/403/429)."""

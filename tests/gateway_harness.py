@@ -187,11 +187,13 @@ class GatewayStack:
 
 
 def _write_keys(root: Path) -> tuple[dict[str, str], Path]:
-    keys = {"admin": generate_key(), "infer": generate_key(), "slow": generate_key()}
+    names = ("admin", "infer", "slow", "metrics")
+    keys = {name: generate_key() for name in names}
     lines = [
         key_line("admin", "ops", keys["admin"]),
         key_line("infer", "app", keys["infer"]),
         key_line("infer", "slow", keys["slow"], rate_per_s=1.0),
+        key_line("metrics", "prometheus", keys["metrics"]),
     ]
     path = root / "secrets" / "api-keys"
     write_secret(path, "\n".join(lines))

@@ -136,5 +136,7 @@ def test_gateway_requirements_cover_its_imports() -> None:
     reqs = [Requirement(x) for x in lines if x.strip() and not x.startswith("#")]
     missing = imported - _closure(reqs)
     assert not missing, f"add to compose/requirements/gateway.txt: {sorted(missing)}"
+    unused = {re.sub(r"[-_.]+", "-", r.name).lower() for r in reqs} - imported
+    assert not unused, f"the gateway imports none of {sorted(unused)}: drop them"
     forbidden = {"torch", "onnx", "onnxruntime", "nvidia-pytriton"} & _closure(reqs)
     assert not forbidden, f"the gateway image would pull {forbidden}"

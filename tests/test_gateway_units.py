@@ -73,7 +73,7 @@ def test_roles_infer_cannot_do_admin() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("root:ops:" + "a" * 64, "role 'root' is not one of infer, admin"),
+        ("root:ops:" + "a" * 64, "role 'root' is not one of metrics, infer, admin"),
         ("admin:ops:abc", "64 hex digits"),
         ("admin:o ps:" + "a" * 64, "key name"),
         ("admin:ops:" + "a" * 64 + ":fast", "must be a positive number"),

@@ -1,9 +1,10 @@
 """Least privilege at the gateway: which key may call which route.
 
 Every operation in ``/openapi.json`` is called without a key, with a wrong or malformed
-key, with the ``infer`` key and with the ``admin`` key (a real gateway process on a real
-nats-server; no edge is needed to be refused). Without a valid key only the health routes
-answer; an infer key gets 403 from exactly the admin routes; and every route that changes
+key, with the ``metrics``, the ``infer`` and the ``admin`` key (a real gateway process on a
+real nats-server; no edge is needed to be refused). Without a valid key only the health
+routes answer; a metrics key reads /metrics only; an infer key gets 403 from exactly the
+admin routes; and every route that changes
 state is an admin route, so a new one cannot slip in open (it fails here until listed).
 """
 
@@ -154,6 +155,23 @@ def test_an_infer_key_cannot_call_admin_routes(
             assert "needs 'admin'" in json.loads(body)["error"]
         else:
             assert status not in (401, 403), (op, status, body[:200])
+
+
+def test_a_metrics_key_reads_the_metrics_and_nothing_else(
+    gateway: Gateway, operations: dict[str, dict[str, object]]
+) -> None:
+    """A scraper's key (role ``metrics``): Prometheus can read /metrics with it, and a
+    leaked one runs no inference and reads no fleet, rounds or rollouts."""
+    assert "GET /metrics" in operations
+    for op in operations:
+        status, body = gateway.call(op, f"Bearer {gateway.keys['metrics']}")
+        if op == "GET /metrics":
+            assert status == 200 and b"fedgate_gateway_" in body, (op, status)
+        elif op in PUBLIC:
+            assert status in (200, 400), (op, status)
+        else:
+            assert status == 403, (op, status, body[:200])
+            assert "has role 'metrics'" in json.loads(body)["error"], op
 
 
 def test_the_admin_key_is_refused_nowhere(
