@@ -197,6 +197,20 @@ class EdgeRegistry(Mapping[str, EdgeRecord]):
         return cls(edges)
 
 
+def decode_record(data: bytes) -> EdgeRecord:
+    """One edge's record as :meth:`EdgeRecord.encode` wrote it (the KV mirror's value),
+    parsed strictly (``EnrollmentError(malformed)`` otherwise)."""
+    if len(data) > 4096:
+        raise _malformed(f"edge record is {len(data)} bytes, over 4096")
+    try:
+        fields = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _malformed(f"edge record is not JSON: {exc}") from None
+    if not isinstance(fields, dict) or set(fields) != _FIELDS:
+        raise _malformed(f"an edge record must be an object with exactly {sorted(_FIELDS)}")
+    return EdgeRecord(**fields)
+
+
 def load_registry(path: Path, *, missing_ok: bool = False) -> EdgeRegistry:
     """Read a registry file; a missing file is an empty registry only with ``missing_ok``."""
     try:

@@ -10,8 +10,8 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
   answers it (``allow_responses``). In secure rounds it reads only
   ``fedgate.secagg.<model>.to.<itself>`` and writes only ``...from.<itself>``: that is how
   the trainer knows which edge sent a secure-aggregation message.
-- The gateway reads heartbeats, sends feedback requests and reads the rounds, round log
-  and lineage buckets and the model versions' manifests; it owns the rollout buckets
+- The gateway reads heartbeats, sends feedback requests and reads the rounds, round log,
+  lineage and enrolled-edges buckets and the model versions' manifests; it owns the rollout buckets
   (rollout records, and the desired versions that edges read).
 - The trainer manages JetStream and its buckets; it can neither speak for an edge (nor
   answer a secure-aggregation step in an edge's name) nor read the feedback labels (raw
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
 from fedcore.subjects import FEEDBACK_PREFIX
+from fedcore.transport import EDGES_BUCKET
 from fedcore.wire import (
     DESIRED_BUCKET,
     LINEAGE_BUCKET,
@@ -96,7 +97,8 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
 
 def gateway_permissions() -> tuple[list[str], list[str]]:
     publish = [f"{FEEDBACK_PREFIX}.*", STREAM_NAMES]
-    for bucket in (ROUNDS_BUCKET, ROUND_LOG_BUCKET, LINEAGE_BUCKET):  # history and rounds API
+    # history and rounds API; the enrolled edges (the registry mirror) it routes to
+    for bucket in (ROUNDS_BUCKET, ROUND_LOG_BUCKET, LINEAGE_BUCKET, EDGES_BUCKET):
         publish += _read_stream(f"KV_{bucket}")
     publish += _read_stream(f"OBJ_{MODELS_BUCKET}")  # a rollout's version must be there
     for bucket in (ROLLOUTS_BUCKET, DESIRED_BUCKET):  # rollouts: the gateway owns these two

@@ -18,15 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from starlette.exceptions import HTTPException
 
-from fedcore import subjects
-from fedcore.wire import WireError, decode_heartbeat
 from gateway.auth import KeyRing, RateLimiter
 from gateway.dataplane import InferPlane, Receive, Scope, Send, split_infer_path
 from gateway.errors import GatewayError
 from gateway.fleet import Edge, Fleet
+from gateway.fleet_feed import FleetFeed
 from gateway.limits import within_limit
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_infer
@@ -70,20 +68,6 @@ class GatewayApp:
                 await self.plane(scope, receive, send, target)
                 return
         await within_limit(self.api, scope, receive, send)
-
-
-async def _subscribe_fleet(nc: NATS, fleet: Fleet) -> None:
-    async def on_heartbeat(msg: Msg) -> None:
-        try:
-            fleet.observe(decode_heartbeat(msg.data))
-        except WireError as exc:
-            log.warning("dropped heartbeat: %s", exc, extra={"subject": msg.subject})
-
-    async def on_leave(msg: Msg) -> None:
-        fleet.leave(msg.subject.rsplit(".", 1)[-1])
-
-    await nc.subscribe(subjects.HEARTBEAT_ALL, cb=on_heartbeat)
-    await nc.subscribe(subjects.LEAVE_ALL, cb=on_leave)
 
 
 async def _probe(state: GatewayState, edge: Edge) -> None:
@@ -168,6 +152,7 @@ def create_app(
     relay = feedback.FeedbackRelay()
     controller = RolloutController(state)
     reader = history.HistoryReader()
+    feed = FleetFeed(state.fleet, state.metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -182,7 +167,7 @@ def create_app(
                 max_reconnect_attempts=-1,
                 tls=settings.nats_tls_context(),
             )
-            await _subscribe_fleet(nc, state.fleet)
+            await feed.start(nc)
             relay.bind(nc)
             # applies recorded splits first
             await controller.bind(nc.jetstream(), settings.nats_replicas)
@@ -197,6 +182,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
             if nc is not None:
+                await feed.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.drain(), 5)
             await state.upstream.close()

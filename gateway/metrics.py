@@ -24,6 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from fedcore.heartbeats import REFUSALS as HEARTBEAT_REFUSALS
+
 if TYPE_CHECKING:
     from gateway.fleet import Fleet
 
@@ -141,6 +143,15 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.heartbeats_refused = Counter(
+            "fedgate_gateway_heartbeats_refused",
+            "Heartbeats dropped: malformed, naming another edge than their subject, or from "
+            "an edge the registry does not list as active",
+            ["reason"],
+            registry=r,
+        )
+        for reason in HEARTBEAT_REFUSALS:
+            self.heartbeats_refused.labels(reason)
         self.edges = Gauge(
             "fedgate_gateway_edges", "Fresh edges by routing state", ["state"], registry=r
         )

@@ -106,6 +106,35 @@ def start_nats(root: Path, users: list[str], roles: bool = False) -> NatsServer:
     return NatsServer(f"nats://127.0.0.1:{port}", passwords, files, store, proc)
 
 
+def enroll_edges(server: NatsServer, edge_ids: list[str], user: str) -> None:
+    """Mirror a registry of ``edge_ids`` (fresh keys) into the KV bucket ``fedgate_edges``
+    as the trainer does, connected as ``user``: gateways and trainers accept heartbeats
+    only from the active edges it lists."""
+    import asyncio
+    import concurrent.futures
+
+    import nats
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from fedcore.enrollment import EdgeRegistry
+    from trainer.registry import mirror_registry
+
+    registry = EdgeRegistry()
+    for edge_id in edge_ids:
+        key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+        registry = registry.enroll(edge_id, key)
+
+    async def mirror() -> None:
+        nc = await nats.connect(server.url, user=user, password=server.users[user])
+        try:
+            await mirror_registry(nc.jetstream(), registry)
+        finally:
+            await nc.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # callers may run in a loop
+        pool.submit(asyncio.run, mirror()).result()
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh nats-server per test, users ``trainer``, ``gateway``, ``edge-1..3``."""

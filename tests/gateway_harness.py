@@ -32,7 +32,7 @@ from fedcore.models import get_spec
 from fedcore.process import ManagedProcess, free_port
 from fedcore.wire import Heartbeat, ModelState
 from gateway.auth import generate_key, key_line
-from tests.conftest import NatsServer, SignedArtifacts, start_nats
+from tests.conftest import NatsServer, SignedArtifacts, enroll_edges, start_nats
 
 T = TypeVar("T")
 
@@ -231,6 +231,8 @@ def start_stack(root: Path, signed: SignedArtifacts) -> GatewayStack:
     """edge-1 serves digits version 1, edge-2 version 2 (different weights)."""
     seeds = {"edge-1": signed.artifacts, "edge-2": signed_version(root, signed, 2, 0.5)}
     server = start_nats(root / "nats", ["gateway", "edge-1"])
+    # the gateway routes to enrolled edges only; edge-9 is the dead edge a test adds
+    enroll_edges(server, [*seeds, "edge-9"], "gateway")
     edges: dict[str, TritonServer] = {}
     gateway: ManagedProcess | None = None
     heartbeats: Heartbeats | None = None

@@ -28,7 +28,7 @@ from fedcore.keys import load_ed25519, write_public, write_secret
 from fedcore.models import get_spec
 from fedcore.process import ManagedProcess, free_port
 from fedgate.keys_cmd import init_keys
-from tests.conftest import NatsServer, SignedArtifacts, start_nats
+from tests.conftest import NatsServer, SignedArtifacts, enroll_edges, start_nats
 from tests.gateway_harness import _write_keys, start_gateway
 
 MODEL = "digits"
@@ -202,6 +202,7 @@ def _triton_ready(port: int) -> bool:
 def start_stack(root: Path, signed: SignedArtifacts, edge_ids: list[str]) -> RolloutStack:
     """nats-server, the edges (serving version 1) and the gateway, all ready and routed."""
     server = start_nats(root / "nats", ["trainer", "gateway", *edge_ids])
+    enroll_edges(server, edge_ids, "trainer")  # the gateway routes to enrolled edges only
     keys, keys_file = _write_keys(root)
     stack = RolloutStack(root, server, {}, keys, keys_file, free_port())
     try:

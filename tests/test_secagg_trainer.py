@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedcore.enrollment import EdgeRegistry
 from fedcore.errors import EnvelopeError
 from fedcore.secagg import SecAggConfig, round_params
 from fedcore.secagg.frame import Frame, Phase, masked_frame_bytes
 from trainer.driver import RoundDriver, SecureTarget
 from trainer.errors import TrainerError
+from trainer.fleet import Fleet
 from trainer.rounds import RoundBook, RoundPolicy, SecureOutcome
 from trainer.secure_round import SecureCoordinator, SecureRound, SecureTiming, sensitivity
-from trainer.service import Fleet, open_round, round_verdict
+from trainer.service import open_round, round_verdict
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 
@@ -46,6 +48,12 @@ class Keys:
 
     def active_keys(self) -> dict[str, ed25519.Ed25519PublicKey]:
         return dict(self.keys)
+
+    def current(self) -> EdgeRegistry:
+        registry = EdgeRegistry()
+        for edge, key in self.keys.items():
+            registry = registry.enroll(edge, key.public_bytes_raw().hex())
+        return registry
 
 
 def coordinator(sent: list[tuple[str, bytes]]) -> SecureCoordinator:
@@ -105,7 +113,7 @@ async def test_a_secure_round_waits_for_a_settled_fleet_of_enrolled_edges(
         min_updates=3,
         secagg={"digits": {}},
     )
-    secure, b, fleet = coordinator([]), book(), Fleet(ttl_s=0.2)
+    secure, b, fleet = coordinator([]), book(), Fleet(Keys(), ttl_s=0.2)
     fleet.seen = {"edge-1": 1e18, "edge-2": 1e18, "stranger": 1e18}
     assert not open_round(settings, b, fleet, secure)  # the fleet is not settled yet
     await asyncio.sleep(0.25)

@@ -4,15 +4,19 @@
 ``fedgate keys revoke`` takes effect on the next update without a restart. A file that
 stops parsing keeps the last good registry in force and is logged, never half-applied.
 :func:`mirror_registry` copies the records into the KV bucket ``fedgate_edges`` (one key
-per edge, the record as compact JSON) for the gateway and dashboards; the file stays the
-source of truth.
+per edge, the record as compact JSON) for the gateway (which routes only to the active
+edges it lists, :mod:`gateway.enrolled`) and dashboards; :func:`keep_mirrored` copies it
+again whenever the file changes. The file stays the source of truth.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
+import nats.errors
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
@@ -106,3 +110,28 @@ async def mirror_registry(
         await kv.put(edge_id, registry[edge_id].encode())
         written += 1
     return written
+
+
+async def keep_mirrored(
+    js: JetStreamContext,
+    registry: RegistryFile,
+    stop: asyncio.Event,
+    *,
+    interval_s: float = 1.0,
+    replicas: int = 1,
+) -> None:
+    """Mirror ``registry`` again each time its file changes, until ``stop`` (a revocation
+    reaches the gateway within about ``interval_s``). NATS trouble is logged and retried."""
+    mirrored: EdgeRegistry | None = None
+    while not stop.is_set():
+        current = registry.current()
+        if current is not mirrored:
+            try:
+                written = await mirror_registry(js, current, replicas=replicas)
+                mirrored = current
+                if written:
+                    log.info("edge registry mirrored", extra={"written": written})
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("edge registry not mirrored yet: %r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

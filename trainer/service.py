@@ -12,14 +12,12 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
 import nats
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from fedcore import subjects
@@ -37,8 +35,6 @@ from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
     ROUNDS_BUCKET,
-    WireError,
-    decode_heartbeat,
 )
 from trainer import checkpoint
 from trainer.bootstrap import ensure_version_one
@@ -46,10 +42,11 @@ from trainer.bounds import UpdateBounds
 from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
 from trainer.errors import PrivacyBudgetExceeded
+from trainer.fleet import Fleet
 from trainer.ingest import IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
-from trainer.registry import RegistryFile, mirror_registry
+from trainer.registry import RegistryFile, keep_mirrored, mirror_registry
 from trainer.release import ReleaseContext, close_round, version_digest
 from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
@@ -183,27 +180,6 @@ def build_book(settings: TrainerSettings, model: str) -> RoundBook:
         checkpoint.resume(book, restored)
         log.info("resumed from checkpoint", extra={"model": model, "round": book.next_round - 1})
     return book
-
-
-class Fleet:
-    """Edges heard from recently (heartbeats), for client sampling."""
-
-    def __init__(self, ttl_s: float = 5.0) -> None:
-        self.ttl_s = ttl_s
-        self.seen: dict[str, float] = {}
-        self.started = time.monotonic()
-
-    def settled(self) -> bool:
-        """True once heartbeats were heard for a whole TTL: the view is complete."""
-        return time.monotonic() - self.started >= self.ttl_s
-
-    async def on_heartbeat(self, msg: Msg) -> None:
-        with contextlib.suppress(WireError):
-            self.seen[decode_heartbeat(msg.data).edge_id] = time.monotonic()
-
-    def alive(self) -> list[str]:
-        now = time.monotonic()
-        return sorted(e for e, t in self.seen.items() if now - t <= self.ttl_s)
 
 
 async def announce(js: JetStreamContext, book: RoundBook, replicas: int = 1) -> None:
@@ -384,7 +360,7 @@ async def _run(
                 driver.save(m)
                 log.info("refolded after restart", extra={"model": m, "updates": len(refolded)})
             await announce(js, book, settings.nats_replicas)
-    fleet = Fleet()
+    fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
     secure = await start_secure(settings, nc, registry, sizes, fleet.alive)
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
@@ -392,6 +368,7 @@ async def _run(
     try:
         await asyncio.gather(
             ingestor.run(stop),
+            keep_mirrored(js, registry, stop, replicas=settings.nats_replicas),
             run_rounds(
                 settings, driver, contexts, js, fleet, stop, rollouts, secure, telemetry.outcomes
             ),

@@ -101,6 +101,12 @@ class TrainerSettings(ServiceSettings):
         description="updates held back at the start of a round until the medians of the "
         "relative bounds are known (memory: 4 * warmup * parameters bytes)",
     )
+    heartbeat_ttl_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="an edge silent this long is no longer invited into rounds (edges beat "
+        "every FEDGATE_EDGE_HEARTBEAT_INTERVAL_S, 1 s by default)",
+    )
     gate_margin: float = Field(
         default=0.01, ge=0, description="hold back a candidate this much less accurate"
     )
