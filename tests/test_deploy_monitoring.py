@@ -6,6 +6,7 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tests.deploy_support import COMPOSE_DIR, load_yaml
@@ -85,7 +86,9 @@ def service_registries() -> list[Any]:
     from edge_runtime.events import EventLog
     from edge_runtime.supervisor import SupervisionStats, SupervisorCollector
     from edge_runtime.telemetry import EdgeMetrics
+    from fedcore.enrollment import EdgeRegistry
     from fedcore.settings import ServiceSettings
+    from trainer.fleet import Fleet
     from trainer.ingest_metrics import IngestMetrics
     from trainer.rounds import RoundBook, RoundPolicy
     from trainer.strategies import get_strategy
@@ -99,6 +102,7 @@ def service_registries() -> list[Any]:
     settings = ServiceSettings(nats_user="x", nats_password_file=COMPOSE_DIR / "none")
     trainer = start_metrics(settings, {"m": book}).registry
     IngestMetrics(trainer)
+    Fleet(SimpleNamespace(current=EdgeRegistry), 5.0, trainer)  # its heartbeat refusals
     # the spool families are there without spools
     edge = EdgeMetrics({}, EventLog(), [SupervisorCollector(SupervisionStats())])
     edge.on_event(EventLog().emit("update-published", "m", num_samples=1, loss=1.0, accuracy=1.0))
