@@ -28,6 +28,7 @@ from edge_runtime.service import EdgeRuntime
 from edge_runtime.settings import EdgeSettings
 from fedcore.artifact import MANIFEST
 from fedcore.compression import sizes_from_layout
+from fedcore.enrollment import load_registry
 from fedcore.keys import load_x25519, write_public, write_secret
 from fedcore.models import get_spec
 from fedcore.params import layout
@@ -42,7 +43,7 @@ from trainer.bus import ensure_transport
 from trainer.ingest import AcceptedUpdate, IngestOptions, RoundTarget, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
-from trainer.registry import RegistryFile
+from trainer.registry import RegistryFile, mirror_registry
 
 MODEL = "digits"
 
@@ -160,6 +161,7 @@ async def _trainer_side(
 ) -> tuple[NATS, UpdateIngestor, Folded, Rounds]:
     nc = await nats.connect(server.url, user="trainer", password=server.users["trainer"])
     js = nc.jetstream()
+    await mirror_registry(js, load_registry(registry))  # the gateway routes enrolled edges only
     await ensure_transport(js, StreamSpec(max_msg_size=nc.max_payload))
     await js.create_key_value(bucket=ROUNDS_BUCKET)
     folded, rounds = Folded(), Rounds()

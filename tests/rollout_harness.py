@@ -70,7 +70,10 @@ class RolloutStack:
 
     # -- processes ---------------------------------------------------------------------
     def start_gateway(self) -> None:
-        self.gateway = start_gateway(self.root, self.nats, self.keys_file, PORT=str(self.port))
+        # no per-key rate limit: the load (and its feedback) runs as fast as the machine can
+        self.gateway = start_gateway(
+            self.root, self.nats, self.keys_file, PORT=str(self.port), RATE_LIMIT_PER_S="0"
+        )
         self.gateway.wait_ready(self._gateway_live, 30)
 
     def stop_gateway(self) -> None:
