@@ -231,6 +231,23 @@ class UpdateIngestor:
                 log.warning("update fetch failed; retrying", extra={"error": repr(exc)})
                 await asyncio.sleep(self.options.retry_delay_s)
 
+    async def catch_up(self, within_s: float = 30.0, timeout_s: float = 0.5) -> int:
+        """Handle what the stream holds now, until a fetch finds nothing (at most
+        ``within_s``); how many. After a restart, before rounds are judged: a deadline
+        that passed while the trainer was down must not drop the updates sent in time."""
+        loop = asyncio.get_running_loop()
+        deadline, handled = loop.time() + within_s, 0
+        while loop.time() < deadline:
+            try:
+                outcomes = await self.poll(timeout_s=timeout_s)
+            except _TRANSIENT as exc:
+                log.warning("catching up failed; rounds go on", extra={"error": repr(exc)})
+                break
+            if not outcomes:
+                break
+            handled += len(outcomes)
+        return handled
+
     async def handle(self, msg: Msg) -> Outcome:
         """Process one message and settle it: ack, term or nak."""
         outcome = await self.process(msg)

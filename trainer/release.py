@@ -127,6 +127,7 @@ async def close_round(
     if rnd is None:
         raise RuntimeError("close_round without an open round")
     a = rnd.announcement
+    closed_ts = book.begin_close()  # no update joins while the release runs
     book.settle()  # updates held back for the round's bounds are folded now
     contributors = _contributors(book)
     secure = rnd.secure
@@ -141,7 +142,7 @@ async def close_round(
             base_version=a.base_version,
             epsilon=epsilon_spent(book),
             opened_ts=a.opened_ts,
-            closed_ts=time.time(),
+            closed_ts=closed_ts,
             contributors=contributors,
             secure=a.secure,
             survivors=None if secure is None else len(secure.survivors),

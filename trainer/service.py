@@ -360,6 +360,10 @@ async def _run(
                 driver.save(m)
                 log.info("refolded after restart", extra={"model": m, "updates": len(refolded)})
             await announce(js, book, settings.nats_replicas)
+    # updates sent while the trainer was down count before a passed deadline closes a round
+    caught_up = await ingestor.catch_up()
+    if caught_up:
+        log.info("caught up with the updates stream", extra={"messages": caught_up})
     fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
     secure = await start_secure(settings, nc, registry, sizes, fleet.alive)
