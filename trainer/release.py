@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from numpy.typing import NDArray
 
 from fedcore.artifact import verify_version_dir
 from fedcore.artifact_store import upload_version
+from fedcore.errors import ModelSpecError
 from fedcore.kv import kv_bucket
 from fedcore.spec import ModelSpec
 from fedcore.triton_model import ONNX_FILE
@@ -183,14 +185,23 @@ async def _release_or_hold(
     cand, serving, release, reason = await asyncio.to_thread(_gate, ctx, book, candidate)
     metrics = {"accuracy": cand.accuracy, "loss": cand.loss, "serving_accuracy": serving.accuracy}
     metrics["step_scale"] = book.step_scale
-    if not release:
+
+    def hold(why: str) -> RoundRecord:
         book.strategy.load_server_state(before)
         book.after_hold()
         book.abandon()
-        result: RoundRecord = record("held", reason, **metrics)
+        result: RoundRecord = record("held", why, **metrics)
         return result
+
+    if not release:
+        return hold(reason)
     version = book.version + 1
-    directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
+    try:
+        directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
+    except ModelSpecError as exc:  # the candidate cannot be served: held, the trainer goes on
+        log.error("candidate not exportable", extra={"model": book.model, "error": str(exc)})
+        shutil.rmtree(ctx.artifacts_dir / book.model / str(version), ignore_errors=True)
+        return hold(f"export failed: {exc}")
     digest = await asyncio.to_thread(version_digest, directory)
     await upload_version(js, book.model, version, directory, replicas=ctx.replicas)
     lineage = Lineage(
