@@ -18,8 +18,9 @@ turn, one SIGKILL each:
 Per fault: the requests from the kill until everything was back (in flight at the kill
 included), how many failed (5xx, 4xx or no answer); "serving back": every edge ready in
 the gateway's fleet and serving again (a 200 from it, sent after the kill); "all back":
-that and a round closed (released or held) after the kill, so rounds progress (a round
-takes a rollout's staging plus training, about 25 s here). At the end, every update the
+that and a round closed (released or held) after the kill with an update of every edge
+in it, so every edge learns again and rounds progress (a round takes a rollout's staging
+plus training, about 25 s here). At the end, every update the
 edges' logs say JetStream acknowledged is looked up in the trainer's ledger and rounds:
 counted once, or late (acknowledged after its round had stopped taking updates, or
 within ``RACE_S`` before), never lost or counted twice.
@@ -163,12 +164,15 @@ class Chaos:
         silent = sorted(set(self.stack.edge_ids) - self.load.served_since(kill_mono))
         if silent:
             return f"not serving: {silent}"
+        everyone = set(self.stack.edge_ids)
         done = [
             r
             for r in self.rounds().get("rounds", [])  # type: ignore[attr-defined]
-            if r["closed_ts"] > kill_wall and r["outcome"] in ("released", "held")
+            if r["closed_ts"] > kill_wall
+            and r["outcome"] in ("released", "held")
+            and everyone <= {c["edge_id"] for c in r["contributors"]}
         ]
-        return "" if done else "rounds: none closed since the kill"
+        return "" if done else "rounds: none closed since the kill with every edge in it"
 
     async def fault(self, name: str, kill: Callable[[], Awaitable[str]]) -> Row:
         """Wait until everything is up, kill, wait until everything is back."""
@@ -186,6 +190,9 @@ class Chaos:
             if not missing:
                 recovery = time.monotonic() - kill_mono
                 break
+            if missing != detail:
+                t = time.monotonic() - kill_mono
+                print(f"  {name} +{t:.1f}s: {missing}", file=sys.stderr, flush=True)
             detail = missing
             await asyncio.sleep(0.5)
         end = kill_mono + (recovery if recovery is not None else self.recover_s)
