@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
 from starlette.exceptions import HTTPException
 
+from fedcore.version import package_version
 from gateway.auth import KeyRing, RateLimiter
 from gateway.dataplane import InferPlane, Receive, Scope, Send, split_infer_path
 from gateway.errors import GatewayError
@@ -187,7 +188,7 @@ def create_app(
                     await asyncio.wait_for(nc.drain(), 5)
             await state.upstream.close()
 
-    api = FastAPI(title="fedgate gateway", version="0.1.0", lifespan=lifespan)
+    api = FastAPI(title="fedgate gateway", version=package_version(), lifespan=lifespan)
     api.state.gateway = state
     api.state.feedback = relay
     api.state.rollouts = controller

@@ -15,8 +15,10 @@ class GatewaySettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDGATE_GATEWAY_", extra="forbid", frozen=True)
 
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = Field(default="127.0.0.1", description="address the HTTP server binds")
+    port: int = Field(
+        default=8080, ge=0, le=65535, description="HTTP port (OIP v2, APIs, dashboard)"
+    )
     api_keys_file: Path | None = Field(
         default=None,
         description="file of API keys, one '<role>:<name>:<sha256-hex>[:<rate>]' per line",
@@ -36,11 +38,15 @@ class GatewaySettings(ServiceSettings):
     )
     heartbeat_ttl_s: float = Field(default=3.5, gt=0, description="edge expires after this silence")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="413 above this")
-    upstream_timeout_s: float = Field(default=30.0, gt=0)
-    upstream_connect_timeout_s: float = Field(default=2.0, gt=0)
+    upstream_timeout_s: float = Field(
+        default=30.0, gt=0, description="longest wait for an edge's answer to one request"
+    )
+    upstream_connect_timeout_s: float = Field(
+        default=2.0, gt=0, description="longest wait for a connection to an edge's Triton"
+    )
     eject_after_failures: int = Field(
         default=3, ge=1, description="consecutive failures (connection error, 503) to eject"
     )
     eject_base_s: float = Field(default=5.0, gt=0, description="first ejection time, then x2")
-    eject_max_s: float = Field(default=60.0, gt=0)
+    eject_max_s: float = Field(default=60.0, gt=0, description="longest ejection time")
     probe_interval_s: float = Field(default=0.5, gt=0, description="how often ejections are due")
