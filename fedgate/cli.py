@@ -59,6 +59,23 @@ def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
     )
     _add_settings_args(p)
     p.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=1,
+        choices=(1, 3, 5),
+        metavar="N",
+        help="nats-server processes: 1 (default), or a JetStream cluster of 3 or 5 with "
+        "routes, every stream and bucket at 3 replicas",
+    )
+    p.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gateway replicas on --port, --port + 1, ... (default 1); they share splits, "
+        "gate counts and one acting rollout controller through NATS",
+    )
+    p.add_argument(
         "--tls",
         action="store_true",
         help="mutual TLS between the services and NATS: a development CA and one client "
@@ -119,6 +136,8 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, dict[str, str]]:
 def _stack_config(args: argparse.Namespace) -> StackConfig:
     if args.edges < 1:
         raise FedgateError("--edges must be at least 1")
+    if not 1 <= args.gateways <= 8:
+        raise ConfigError("--gateways must be from 1 to 8")
     settings = collect(args.config, args.sets, _flag_settings(args))
     return StackConfig(
         data_dir=args.data_dir.resolve(),
@@ -126,6 +145,8 @@ def _stack_config(args: argparse.Namespace) -> StackConfig:
         port=args.port,
         log_level=args.log_level,
         tls=args.tls,
+        nats_cluster=args.nats_cluster,
+        gateways=args.gateways,
         overrides=settings.env_overrides(),
     )
 
@@ -140,7 +161,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         _out(f"starting {args.edges} edge(s); logs under {stack.config.data_dir / 'logs'}")
         stack.start()
-        _out(f"gateway:  {stack.gateway_url}  (Open Inference Protocol v2 under /v2)")
+        for url in stack.gateway_urls:
+            _out(f"gateway:  {url}  (Open Inference Protocol v2 under /v2)")
         _out(f"fleet:    {stack.gateway_url}/v1/edges")
         _out(f"nats:     {stack.nats_url}")
         if stack.tls is not None:
