@@ -49,6 +49,8 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
 def _default(info: FieldInfo) -> str:
     if info.is_required():
         return "required"
+    if info.default_factory is not None:
+        return "computed"  # e.g. <hostname>-<pid>: the description says how
     value: Any = info.get_default(call_default_factory=True)
     return "unset" if value is None else f"`{value}`"
 

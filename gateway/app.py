@@ -151,7 +151,9 @@ def create_app(
     """Build the gateway. ``fleet`` and ``bus=False`` let tests inject the fleet directly."""
     state = build_state(settings, fleet)
     relay = feedback.FeedbackRelay()
-    controller = RolloutController(state)
+    controller = RolloutController(
+        state, instance=settings.instance_id, lease_ttl_s=settings.rollout_lease_ttl_s
+    )
     reader = history.HistoryReader()
     feed = FleetFeed(state.fleet, state.metrics)
 

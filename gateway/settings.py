@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from fedcore.settings import NatsReplicas, ServiceSettings
+
+
+def default_instance_id() -> str:
+    """``<hostname>-<pid>`` in the characters a KV key allows."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:48] or "gateway"
+    return f"{name}-{os.getpid()}"
 
 
 class GatewaySettings(ServiceSettings):
@@ -37,6 +46,18 @@ class GatewaySettings(ServiceSettings):
         default=2.0, gt=0, description="a key may burst this many seconds' worth of requests"
     )
     heartbeat_ttl_s: float = Field(default=3.5, gt=0, description="edge expires after this silence")
+    instance_id: str = Field(
+        default_factory=default_instance_id,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="this replica's name among several gateways (rollout lease, gate counts); "
+        "default <hostname>-<pid>",
+    )
+    rollout_lease_ttl_s: float = Field(
+        default=3.0,
+        gt=0,
+        description="a rollout-controller lease not renewed this long is taken over by another "
+        "replica",
+    )
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="413 above this")
     upstream_timeout_s: float = Field(
         default=30.0, gt=0, description="longest wait for an edge's answer to one request"
