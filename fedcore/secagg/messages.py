@@ -8,7 +8,8 @@ it must authenticate which edge sent what, as the sealed update envelope does):
    the edge's enrolled Ed25519 key); ``S -> E`` :class:`AdvertBundle` (the neighbours').
 3. ``E -> S`` :class:`ShareBundle` (Shamir shares, AES-GCM-encrypted to each neighbour);
    ``S -> E`` :class:`ShareDelivery` (the shares addressed to that edge).
-4. ``E -> S`` :class:`MaskedInput` (quantised update plus masks, modulo 2**32).
+4. ``E -> S`` :class:`MaskedInput` (quantised update plus masks, modulo 2**32, and the
+   neighbours whose shares failed to open).
 5. ``S -> E`` :class:`SurvivorList`; ``E -> S`` :class:`SurvivorSignature`.
 6. ``S -> E`` :class:`UnmaskRequest`; ``E -> S`` :class:`UnmaskResponse`.
 """
@@ -195,22 +196,30 @@ ShareDelivery = ShareBundle
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """An edge's quantised update plus its masks, little-endian uint32."""
+    """An edge's quantised update plus its masks, little-endian uint32.
+
+    ``excluded``: the neighbours whose shares this edge could not open or check (sorted);
+    it holds no share of theirs and did not mask with them, and the server treats them as
+    dropped (their own masked inputs are left out of the sum).
+    """
 
     KIND: ClassVar[int] = 5
     round_id: str
     edge: str
     values: bytes
+    excluded: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
         w = Writer().header(self.KIND).text(self.round_id).text(self.edge).blob(self.values)
-        return w.finish()
+        return w.texts(self.excluded).finish()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MaskedInput:
         r = Reader(data, "MaskedInput").header(cls.KIND)
-        msg = cls(r.text(), r.text(), r.blob())
+        msg = cls(r.text(), r.text(), r.blob(), r.texts())
         r.end()
+        if list(msg.excluded) != sorted(set(msg.excluded)):
+            raise SecAggError("malformed", "MaskedInput: excluded must be sorted and unique")
         return msg
 
 
