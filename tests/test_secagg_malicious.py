@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from fedcore.errors import SecAggError
 from fedcore.secagg import (
@@ -57,7 +58,7 @@ def flip(item: Any) -> Any:
     )
 
 
-def released_mean(result: Any) -> np.ndarray:
+def released_mean(result: Any) -> NDArray[np.float64]:
     return np.asarray(result.mean())
 
 
