@@ -65,7 +65,7 @@ def released_mean(result: Any) -> NDArray[np.float64]:
 # -- 1. bad encrypted shares: the sender is excluded, the round goes on --------------------
 
 
-@pytest.mark.parametrize("victims", [1, 5])
+@pytest.mark.parametrize("victims", [1, 3, 4, 5])
 def test_a_share_that_does_not_open_excludes_its_sender(six: Cohort, victims: int) -> None:
     culprit = six.names[0]  # its masked input arrives first, before anyone names it
     spoiled = set(six.names[-victims:])
@@ -90,6 +90,26 @@ def test_a_share_that_does_not_open_excludes_its_sender(six: Cohort, victims: in
         assert sim.masked[e].excluded == (culprit,)
     for e in set(honest) - spoiled:
         assert sim.masked[e].excluded == ()
+
+
+def test_with_few_good_shares_every_survivor_that_masked_with_it_must_answer(
+    six: Cohort,
+) -> None:
+    """The culprit spoils 3 of its 5 shares: its key cannot be rebuilt from 2, so the
+    two survivors that masked with it reveal those masks' keys; one of them silent at
+    unmasking leaves a mask nobody can remove, and the round fails naming the culprit."""
+    culprit, spoiled = six.names[0], set(six.names[3:])
+
+    def bad_shares(step: str, msg: Any) -> Any:
+        if step == "shares" and msg.edge == culprit:
+            items = tuple(flip(s) if s.recipient in spoiled else s for s in msg.shares)
+            return ShareBundle(msg.round_id, msg.edge, items)
+        return msg
+
+    drop = Dropouts(unmask=[six.names[1]])
+    with pytest.raises(SecAggError) as exc:
+        run_round(six, CONFIG, 4, drop, tamper=bad_shares, updates=updates(six, culprit))
+    assert (exc.value.reason, exc.value.edge) == ("below-threshold", culprit)
 
 
 def test_a_share_spoiled_by_the_trainer_excludes_its_sender_too(six: Cohort) -> None:

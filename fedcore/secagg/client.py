@@ -309,11 +309,14 @@ class SecAggClient:
             )
 
     def unmask(self, req: UnmaskRequest) -> UnmaskResponse:
-        """Reveal, per peer, either its self-mask share or its mask-key share, never both."""
+        """Reveal, per peer, either its self-mask share or its mask-key share, never both;
+        with a mask-key share (the peer dropped), also the key of this edge's pairwise
+        mask with that peer, which the server could derive from the peer's key anyway."""
         rnd = self._expect(ClientPhase.SIGNED, req.round_id, req.recipient)
         self.phase = ClientPhase.FAILED
         self._check_request(rnd, req)
         seeds = tuple(PeerShare(p, self._held[p][0]) for p in req.self_mask_peers)
         keys = tuple(PeerShare(p, self._held[p][1]) for p in req.mask_key_peers)
+        pairs = tuple(PeerShare(p, self._pairs[p]) for p in req.mask_key_peers)
         self.phase = ClientPhase.DONE
-        return UnmaskResponse(rnd.setup.round_id, self.edge, seeds, keys)
+        return UnmaskResponse(rnd.setup.round_id, self.edge, seeds, keys, pairs)

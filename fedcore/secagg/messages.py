@@ -314,17 +314,21 @@ class PeerShare:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """The shares an edge reveals: self-mask seed shares and mask-key shares."""
+    """The shares an edge reveals: self-mask seed shares and mask-key shares, and, for each
+    peer whose mask-key share it reveals (a dropped neighbour), the key of the pairwise
+    mask it added with that peer (``pair_keys``, 32 bytes each): the server's fallback
+    when too few right shares of that peer's key come back."""
 
     KIND: ClassVar[int] = 9
     round_id: str
     edge: str
     self_mask_shares: tuple[PeerShare, ...]
     mask_key_shares: tuple[PeerShare, ...]
+    pair_keys: tuple[PeerShare, ...] = ()
 
     def to_bytes(self) -> bytes:
         w = Writer().header(self.KIND).text(self.round_id).text(self.edge)
-        for group in (self.self_mask_shares, self.mask_key_shares):
+        for group in (self.self_mask_shares, self.mask_key_shares, self.pair_keys):
             w.count(len(group))
             for s in group:
                 w.text(s.peer).blob(s.value)
@@ -334,6 +338,6 @@ class UnmaskResponse:
     def from_bytes(cls, data: bytes) -> UnmaskResponse:
         r = Reader(data, "UnmaskResponse").header(cls.KIND)
         round_id, edge = r.text(), r.text()
-        groups = [tuple(PeerShare(r.text(), r.blob()) for _ in range(r.count())) for _ in range(2)]
+        groups = [tuple(PeerShare(r.text(), r.blob()) for _ in range(r.count())) for _ in range(3)]
         r.end()
-        return cls(round_id, edge, groups[0], groups[1])
+        return cls(round_id, edge, groups[0], groups[1], groups[2])

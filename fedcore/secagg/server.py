@@ -109,6 +109,7 @@ class SecAggServer:
         self._seed_shares: dict[str, list[shamir.Share]] = {}
         self._key_shares: dict[str, list[shamir.Share]] = {}
         self._answered: set[str] = set()
+        self._pair_keys: dict[tuple[str, str], bytes] = {}  # (survivor, dropped) -> key
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -263,6 +264,8 @@ class SecAggServer:
         survivors = set(self._survivors)
         dropped = set(self._dropped_keys())
         for u in sorted(survivors | dropped):
+            if u in dropped and all(v in self._signatures for v in self._masked_by(u)):
+                continue  # each survivor that masked with it can reveal that mask's key
             self._reconstructable(u, [c for c in self._signatures if self.masked_with(c, u)])
         self.phase = ServerPhase.UNMASK
         for c in self._signatures:
@@ -276,6 +279,10 @@ class SecAggServer:
                 tuple(v for v in near if v in dropped and self.masked_with(c, v)),
             )
         return dict(self._requests)
+
+    def _masked_by(self, dropped: str) -> list[str]:
+        """The survivors whose masked inputs hold a pairwise mask with ``dropped``."""
+        return [u for u in self._survivors if self.masked_with(u, dropped)]
 
     def _dropped_keys(self) -> list[str]:
         """The edges that shared but are not survivors and with which a survivor masked:
@@ -302,8 +309,11 @@ class SecAggServer:
         req = self._requests[msg.edge]
         seeds = tuple(s.peer for s in msg.self_mask_shares)
         keys = tuple(s.peer for s in msg.mask_key_shares)
-        if seeds != req.self_mask_peers or keys != req.mask_key_peers:
+        pairs = tuple(s.peer for s in msg.pair_keys)
+        if seeds != req.self_mask_peers or keys != req.mask_key_peers or pairs != keys:
             raise SecAggError("malformed", "response does not match the request", msg.edge)
+        if any(len(s.value) != 32 for s in msg.pair_keys):
+            raise SecAggError("malformed", "a pairwise mask key is 32 bytes", msg.edge)
         x = self._x[msg.edge]
         parsed = [
             (self._seed_shares, s.peer, shamir.share_from_bytes(x, s.value))
@@ -314,6 +324,8 @@ class SecAggServer:
         ]
         for store, peer, share in parsed:
             store.setdefault(peer, []).append(share)
+        for pair in msg.pair_keys:
+            self._pair_keys[msg.edge, pair.peer] = pair.value
         self._answered.add(msg.edge)
 
     def _recover(self, kind: str, edge: str, check: Callable[[bytes], bool]) -> bytes:
@@ -342,6 +354,24 @@ class SecAggServer:
         raw = self._recover("mask key", edge, lambda k: agreement.public_matches(k, public))
         return x25519.X25519PrivateKey.from_private_bytes(raw)
 
+    def _pair_masks(self, dropped: str) -> dict[str, bytes]:
+        """The keys of the pairwise masks between ``dropped`` and the survivors that added
+        one: derived from its reconstructed mask key, or, when too few right shares of that
+        came back (a culprit that gave most neighbours bad shares), as revealed by each of
+        those survivors itself."""
+        holders = self._masked_by(dropped)
+        try:
+            private = self._mask_key(dropped)
+        except SecAggError:
+            revealed = {u: self._pair_keys.get((u, dropped)) for u in holders}
+            if any(key is None for key in revealed.values()):
+                raise
+            return {u: key for u, key in revealed.items() if key is not None}
+        return {
+            u: agreement.pair_mask_key(private, self._adverts[u].mask_pk, self._digest, dropped, u)
+            for u in holders
+        }
+
     def finish(self) -> AggregateResult:
         """Remove every mask and return the survivors' sum; ``below-threshold`` or
         ``reconstruction-mismatch`` if unable, ``out-of-range`` if the sum is one that
@@ -353,13 +383,8 @@ class SecAggServer:
             key = agreement.self_mask_key(self._seed(u), self._digest, u)
             add_mask(total, key, -1, scratch)
         for v in self._dropped_keys():
-            private = self._mask_key(v)
-            for u in self._survivors:
-                if self.masked_with(u, v):
-                    pair = agreement.pair_mask_key(
-                        private, self._adverts[u].mask_pk, self._digest, v, u
-                    )
-                    add_mask(total, pair, -1 if u < v else 1, scratch)
+            for u, pair in self._pair_masks(v).items():
+                add_mask(total, pair, -1 if u < v else 1, scratch)
         self.phase = ServerPhase.DONE
         n = len(self._survivors)
         float_sum = dequantize_sum(total, n, self.params)
