@@ -199,6 +199,8 @@ def test_recover_skips_wrong_shares_by_hand() -> None:
     assert recover(good, 2, check) == (secret, ())
     assert recover([Share(1, 11), *good[1:]], 2, check) == (secret, (1,))
     assert recover([Share(1, 11), *good[1:3], Share(4, 1)], 2, check) == (secret, (1, 4))
+    # a wrong share after the first t that give the secret is never used, nor looked for
+    assert recover([*good[:3], Share(4, 1)], 2, check) == (secret, ())
     with pytest.raises(SecAggError, match="reconstruction-mismatch"):
         recover([Share(1, 11), Share(2, 14), *good[2:3]], 2, check)
 

@@ -92,6 +92,7 @@ class SecAggServer:
         self._digest = self.setup.digest()
         self._enrolled = dict(enrolled)
         self.graph = build_graph(people, seed, self.params.neighbours)
+        self._near = {e: frozenset(near) for e, near in self.graph.items()}
         self._x = {e: i + 1 for i, e in enumerate(people)}
         self._names = {i: e for e, i in self._x.items()}
         self.phase = ServerPhase.ADVERTISE
@@ -100,6 +101,7 @@ class SecAggServer:
         self._sum = np.zeros(dim, dtype="<u4")
         self._masked: set[str] = set()
         self._pending: dict[str, NDArray[np.uint32]] = {}  # not yet known to be honest
+        self._unheard: dict[str, set[str]] = {}  # pending edge -> sharers yet to send
         self._excluded: dict[str, frozenset[str]] = {}  # edge -> senders it excluded
         self.culprits: dict[str, str] = {}
         self._survivors: tuple[str, ...] = ()
@@ -204,30 +206,36 @@ class SecAggServer:
                 f"{len(msg.values)} bytes, expected {4 * self.setup.dim}",
                 msg.edge,
             )
-        if not set(msg.excluded) <= set(self.graph[msg.edge]) & set(self._bundles):
+        if not all(v in self._near[msg.edge] and v in self._bundles for v in msg.excluded):
             raise SecAggError("malformed", "excludes an edge that shared nothing", msg.edge)
         self._masked.add(msg.edge)
         self._excluded[msg.edge] = frozenset(msg.excluded)
         for v in msg.excluded:
             self.culprits.setdefault(v, f"its share to {msg.edge} did not open")
         self._pending[msg.edge] = np.frombuffer(msg.values, dtype="<u4")
-        self._fold_pending(lambda u: all(w in self._masked for w in self._sharers(u)))
+        self._unheard[msg.edge] = {
+            w for w in self.graph[msg.edge] if w in self._bundles and w not in self._masked
+        }
+        for u in [msg.edge, *self.graph[msg.edge]]:
+            waiting = self._unheard.get(u)
+            if waiting is not None:
+                waiting.discard(msg.edge)
+                if not waiting:
+                    self._fold(u)
 
-    def _sharers(self, edge: str) -> list[str]:
-        return [w for w in self.graph[edge] if w in self._bundles]
-
-    def _fold_pending(self, settled: Callable[[str], bool]) -> None:
-        for u in [u for u in self._pending if settled(u)]:
-            values = self._pending.pop(u)
-            if u not in self.culprits:
-                np.add(self._sum, values, out=self._sum)
+    def _fold(self, edge: str) -> None:
+        """Add ``edge``'s held masked input to the sum, unless it is a culprit."""
+        values = self._pending.pop(edge)
+        del self._unheard[edge]
+        if edge not in self.culprits:
+            np.add(self._sum, values, out=self._sum)
 
     def masked_with(self, edge: str, peer: str) -> bool:
         """Whether ``edge``'s masked input holds its pairwise mask with ``peer``: ``peer``
         shared with it and it did not exclude ``peer``."""
         return (
             peer in self._bundles
-            and peer in self.graph[edge]
+            and peer in self._near[edge]
             and (peer not in self._excluded.get(edge, frozenset()))
         )
 
@@ -235,7 +243,8 @@ class SecAggServer:
         """The survivor list every survivor is asked to sign: the edges that sent masked
         inputs, less the culprits."""
         self._in_phase(ServerPhase.MASKED_INPUT)
-        self._fold_pending(lambda u: True)
+        for u in list(self._pending):
+            self._fold(u)
         survivors = self._masked - set(self.culprits)
         self._need(len(survivors), "sent masked inputs")
         if not is_connected(survivors, self.graph):
