@@ -177,7 +177,7 @@ def test_colluders_arriving_first_do_not_set_the_medians(strategy: str) -> None:
     honest one: the step was 0.98 theirs. The medians now also count the previous
     round's claims and norms, so colluders first in a round weigh at most twice a
     typical edge of the round before."""
-    common, attack, honest = honest_and_hostile()
+    _, attack, honest = honest_and_hostile()
     book = RoundBook(
         "digits",
         RoundPolicy(min_updates=10, step_backoff=1.0),
