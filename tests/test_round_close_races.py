@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedcore.models import get_spec
+from fedcore.transport import TRAINER_CONSUMER, UPDATES_STREAM
 from fedgate.keys_cmd import init_keys
 from tests.conftest import NatsServer
 from tests.trainer_process import (
@@ -106,6 +107,48 @@ async def test_an_update_sent_while_the_trainer_was_down_is_counted_after_the_de
         assert record.outcome == "released", record.reason
         assert sorted(c.edge_id for c in record.contributors) == ["edge-1", "edge-2"]
     finally:
+        await nc.close()
+        if trainer.poll() is None:
+            assert stop_trainer(trainer) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_an_update_the_killed_trainer_had_fetched_is_counted_after_the_deadline(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The chaos run's third way: the trainer fetched edge-2's update and died before acking
+    it; JetStream redelivers it only after the ack wait, and the restarted trainer closed
+    the round at its deadline before that. Here the test holds the message unacked (as the
+    killed trainer did), and the round must wait for its redelivery."""
+    keys = init_keys(tmp_path / "keys", ["edge-1", "edge-2"])
+    settings = {"MIN_UPDATES": "2", "ROUND_DEADLINE_S": "15", "UPDATES_ACK_WAIT_S": "20"}
+    trainer = start_trainer(tmp_path, keys, nats_server, **settings)
+    nc = await nats.connect(nats_server.url, user="edge-1", password=nats_server.users["edge-1"])
+    thief = await nats.connect(
+        nats_server.url, user="trainer", password=nats_server.users["trainer"]
+    )
+    js = nc.jetstream()
+    rng = np.random.default_rng(2)
+    try:
+        a1 = await wait_open(js, 1, trainer)
+        await send(nc, keys, "edge-1", a1, rng.normal(0, 1e-3, DIM).astype(np.float32), 10)
+        await asyncio.sleep(1.5)  # accepted and checkpointed
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(timeout=10)
+        await send(nc, keys, "edge-2", a1, rng.normal(0, 1e-3, DIM).astype(np.float32), 10)
+        held = await thief.jetstream().pull_subscribe_bind(
+            durable=TRAINER_CONSUMER, stream=UPDATES_STREAM
+        )
+        (fetched,) = await held.fetch(1, timeout=10)  # delivered, never acked
+        assert fetched.subject.endswith(".edge-2")
+        await asyncio.sleep(max(0.0, a1.deadline_ts - time.time()) + 0.5)
+        trainer = start_trainer(tmp_path, keys, nats_server, **settings)
+        record = await wait_record(js, 1, trainer)
+        assert record.outcome == "released", record.reason
+        assert sorted(c.edge_id for c in record.contributors) == ["edge-1", "edge-2"]
+    finally:
+        await thief.close()
         await nc.close()
         if trainer.poll() is None:
             assert stop_trainer(trainer) == 0, (tmp_path / "trainer.log").read_text()[-3000:]

@@ -248,6 +248,12 @@ class UpdateIngestor:
             handled += len(outcomes)
         return handled
 
+    async def backlog(self) -> int:
+        """Messages of the consumer not settled yet: undelivered, or delivered and not acked
+        (a killed trainer's stay so until the ack wait redelivers them)."""
+        info = await self._js.consumer_info(self.options.stream, self.options.durable)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
     async def handle(self, msg: Msg) -> Outcome:
         """Process one message and settle it: ack, term or nak."""
         outcome = await self.process(msg)

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -221,6 +222,24 @@ def round_verdict(book: RoundBook, secure: SecureCoordinator | None) -> tuple[bo
     return verdict != "wait", "deadline passed without quorum" if verdict == "fail" else None
 
 
+async def stream_behind(
+    book: RoundBook, backlog: Callable[[], Awaitable[int]] | None, grace_s: float
+) -> bool:
+    """True while ``book``'s sync round, past its deadline by less than ``grace_s``, should
+    wait for updates the stream still holds: sent in time, not handled yet (after a
+    restart, those the killed trainer had fetched come back only after the ack wait)."""
+    rnd = book.current
+    if backlog is None or rnd is None or rnd.announcement.secure or rnd.closing_ts:
+        return False
+    a, now = rnd.announcement, time.time()
+    if a.mode != "sync" or not a.deadline_ts <= now < a.deadline_ts + grace_s:
+        return False
+    try:
+        return await backlog() > 0
+    except (TimeoutError, nats.errors.Error):
+        return False
+
+
 async def run_rounds(
     settings: TrainerSettings,
     driver: RoundDriver,
@@ -231,10 +250,12 @@ async def run_rounds(
     rollouts: RolloutRequester | None = None,
     secure: SecureCoordinator | None = None,
     outcomes: RoundOutcomes | None = None,
+    backlog: Callable[[], Awaitable[int]] | None = None,
 ) -> None:
     """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``);
     each released version is handed to ``rollouts`` (the gateway rolls it out); secure
-    rounds run through ``secure``; ``outcomes`` counts how rounds ended."""
+    rounds run through ``secure``; ``outcomes`` counts how rounds ended; ``backlog``
+    (the ingestor's) holds a round past its deadline while updates wait in the stream."""
     closed = 0
     exhausted: set[str] = set()
     while not stop.is_set():
@@ -257,7 +278,7 @@ async def run_rounds(
                     secure.begin(book)
                 continue
             ready, failed = round_verdict(book, secure)
-            if not ready:
+            if not ready or await stream_behind(book, backlog, settings.updates_ack_wait_s + 5):
                 continue
             record = await close_round(contexts[model], book, js, failed=failed)
             if outcomes is not None:
@@ -376,7 +397,16 @@ async def _run(
             ingestor.run(stop),
             keep_mirrored(js, registry, stop, replicas=settings.nats_replicas),
             run_rounds(
-                settings, driver, contexts, js, fleet, stop, rollouts, secure, telemetry.outcomes
+                settings,
+                driver,
+                contexts,
+                js,
+                fleet,
+                stop,
+                rollouts,
+                secure,
+                telemetry.outcomes,
+                ingestor.backlog,
             ),
             *([rollouts.run(stop)] if rollouts is not None else []),
         )
