@@ -1,8 +1,8 @@
 """Chaos: SIGKILL each kind of process of a running stack under load, and measure.
 
-One run starts the local stack exactly as ``fedgate up`` runs it (``fedgate.launcher.Stack``:
-nats-server, trainer, ``--edges`` edge runtimes each with its tritonserver, the gateway;
-supervised, so an exited service is restarted) with short rounds: edges take labels from
+One run starts ``fedgate up`` (nats-server, trainer, ``--edges`` edge runtimes each with
+its tritonserver, the gateway; it restarts a service that exits) with ``--set`` settings
+for short rounds (:func:`chaos_sets`): edges take labels from
 the load's feedback, fine-tune at once (the idle thresholds are lifted so that training
 runs under load) and send updates; a round closes when every invited edge sent one or at
 a 30 s deadline. A bounded async load (``--clients`` clients, loopback, each request with
@@ -60,10 +60,10 @@ from benchmarks.chaos_load import (
     http_json,
     ledger_records,
 )
+from benchmarks.chaos_stack import UpStack
 from fedcore.keys import read_secret
 from fedcore.models import get_spec
 from fedcore.process import free_port
-from fedgate.launcher import Stack, StackConfig, supervised
 
 FAULTS = ("tritonserver", "edge runtime", "trainer", "nats-server", "gateway")
 FAIL_TARGET = 0.01
@@ -93,6 +93,16 @@ def chaos_overrides(round_deadline_s: float = 30.0) -> dict[str, dict[str, str]]
             "EXIT_TIMEOUT_S": "3",
         },
     }
+
+
+def chaos_sets(round_deadline_s: float = 30.0) -> list[str]:
+    """:func:`chaos_overrides` as ``fedgate up --set service.key=value`` options."""
+    services = {"FEDGATE_TRAINER_": "trainer", "FEDGATE_EDGE_": "edge"}
+    return [
+        f"{services[prefix]}.{key.lower()}={value}"
+        for prefix, values in chaos_overrides(round_deadline_s).items()
+        for key, value in values.items()
+    ]
 
 
 @dataclass
@@ -137,7 +147,7 @@ def triton_pids(data_dir: Path, edge_id: str) -> list[int]:
 class Chaos:
     """A running stack, its load, and the faults."""
 
-    def __init__(self, stack: Stack, load: Load, recover_s: float) -> None:
+    def __init__(self, stack: UpStack, load: Load, recover_s: float) -> None:
         self.stack = stack
         self.load = load
         self.recover_s = recover_s
@@ -215,21 +225,20 @@ class Chaos:
 
     # -- the kills ----------------------------------------------------------------------
     async def kill_triton(self, edge_id: str = "edge-1") -> str:
-        pids = triton_pids(self.stack.config.data_dir, edge_id)
+        pids = triton_pids(self.stack.data_dir, edge_id)
         for pid in pids:
             os.killpg(pid, signal.SIGKILL)  # Triton and its stub share its group
         return f"{edge_id} tritonserver {pids}"
 
     async def kill_process(self, name: str) -> str:
-        proc = next(p for p in self.stack.processes if p.name == name)
-        assert proc.pid is not None
-        os.kill(proc.pid, signal.SIGKILL)
-        return f"{name} pid {proc.pid}"
+        pid = self.stack.pid(name)
+        os.kill(pid, signal.SIGKILL)
+        return f"{name} pid {pid}"
 
     async def kill_trainer_mid_round(self) -> str:
         """SIGKILL the trainer while the open round holds an accepted update (or after a
         round's worth of waiting, while a round is open)."""
-        password = read_secret(self.stack.config.data_dir / "secrets" / "nats-trainer.pass")
+        password = read_secret(self.stack.data_dir / "secrets" / "nats-trainer.pass")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             open_round = self.rounds().get("open")
@@ -243,8 +252,8 @@ class Chaos:
 
     async def accounting(self, wait_s: float = 60.0) -> Ledger:
         """After the load: wait for the open rounds to close, then account."""
-        logs = self.stack.config.data_dir / "logs"
-        password = read_secret(self.stack.config.data_dir / "secrets" / "nats-trainer.pass")
+        logs = self.stack.data_dir / "logs"
+        password = read_secret(self.stack.data_dir / "secrets" / "nats-trainer.pass")
         deadline = time.monotonic() + wait_s
         while True:
             acked = acked_updates(logs)
@@ -269,7 +278,7 @@ def plan(chaos: Chaos, faults: list[str]) -> list[tuple[str, Callable[[], Awaita
 
 
 async def run_faults(
-    stack: Stack, faults: list[str], clients: int, recover_s: float
+    stack: UpStack, faults: list[str], clients: int, recover_s: float
 ) -> tuple[list[Row], Ledger, Load]:
     """The load through every fault in turn, then the accounting."""
     _, _, x, y = get_spec(MODEL).dataset()
@@ -278,9 +287,9 @@ async def run_faults(
         chaos = Chaos(stack, load, recover_s)
         rows = []
         for name, kill in plan(chaos, faults):
-            rows.append(await supervised(stack, chaos.fault(name, kill)))
+            rows.append(await chaos.fault(name, kill))
             print(table(rows[-1:], None), file=sys.stderr, flush=True)
-    ledger = await supervised(stack, chaos.accounting())
+    ledger = await chaos.accounting()
     return rows, ledger, load
 
 
@@ -318,19 +327,16 @@ def main() -> int:
         ap.error(f"--edges >= 2; --faults among {', '.join(FAULTS)}")
     with tempfile.TemporaryDirectory(prefix="fedgate-chaos-") as tmp:
         data_dir = args.data_dir or Path(tmp)
-        config = StackConfig(
-            data_dir=data_dir, edges=args.edges, port=free_port(), overrides=chaos_overrides()
-        )
-        stack = Stack(config)
+        stack = UpStack.start(data_dir, args.edges, free_port(), chaos_sets())
         try:
-            stack.start()
             rows, ledger, load = asyncio.run(
                 run_faults(stack, faults, args.clients, args.recover_s)
             )
+            restarts = stack.restarts()
         finally:
-            stack.stop()
+            status = stack.stop()
     print(table(rows, ledger))
-    print(f"requests in all: {len(load.shots)}; restarts: {stack.restarts()}")
+    print(f"requests in all: {len(load.shots)}; restarts: {restarts}; fedgate up exit {status}")
     missed = [m for r in rows for m in r.missed(args.recover_s)]
     missed += ["an acknowledged update was lost or counted twice"] if not ledger.ok else []
     for m in missed:
