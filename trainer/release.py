@@ -39,6 +39,7 @@ from fedcore.wire import (
 )
 from trainer.bootstrap import write_version
 from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_accuracy
+from trainer.retry import retry_transient
 from trainer.rounds import RoundBook
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,10 @@ async def close_round(
         book.abandon()
     else:
         result = await _release_or_hold(ctx, book, js, contributors, a.round, record)
-    await _put(js, ROUND_LOG_BUCKET, round_key(book.model, a.round), result.encode(), ctx.replicas)
+    key = round_key(book.model, a.round)
+    await retry_transient(
+        lambda: _put(js, ROUND_LOG_BUCKET, key, result.encode(), ctx.replicas), "round record"
+    )
     log.info(
         "round closed",
         extra={
@@ -203,7 +207,10 @@ async def _release_or_hold(
         shutil.rmtree(ctx.artifacts_dir / book.model / str(version), ignore_errors=True)
         return hold(f"export failed: {exc}")
     digest = await asyncio.to_thread(version_digest, directory)
-    await upload_version(js, book.model, version, directory, replicas=ctx.replicas)
+    await retry_transient(
+        lambda: upload_version(js, book.model, version, directory, replicas=ctx.replicas),
+        "version upload",
+    )
     lineage = Lineage(
         model=book.model,
         version=version,
@@ -218,7 +225,10 @@ async def _release_or_hold(
         epsilon=epsilon_spent(book),
         created_ts=time.time(),
     )
-    await _put(js, LINEAGE_BUCKET, version_key(book.model, version), lineage.encode(), ctx.replicas)
+    key = version_key(book.model, version)
+    await retry_transient(
+        lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
+    )
     book.advance(version, digest, candidate)
     book.after_release()
     released: RoundRecord = record("released", reason, released_version=version, **metrics)

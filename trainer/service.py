@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import nats
@@ -50,6 +51,7 @@ from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.registry import RegistryFile, keep_mirrored, mirror_registry
 from trainer.release import ReleaseContext, close_round, version_digest
+from trainer.retry import retry_transient
 from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.secure_metrics import SecureMetrics
@@ -273,7 +275,9 @@ async def run_rounds(
                     exhausted.add(model)
                     continue
                 driver.save(model)
-                await announce(js, book, settings.nats_replicas)
+                await retry_transient(
+                    partial(announce, js, book, settings.nats_replicas), "round announcement"
+                )
                 if secure is not None and book.current and book.current.announcement.secure:
                     secure.begin(book)
                 continue
