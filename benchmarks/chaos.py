@@ -18,8 +18,8 @@ turn, one SIGKILL each:
 Per fault: the requests from the kill until everything was back (in flight at the kill
 included), how many failed (5xx, 4xx or no answer); "serving back": every edge ready in
 the gateway's fleet and serving again (a 200 from it, sent after the kill); "all back":
-that and a round closed (released or held) after the kill with an update of every edge
-in it, so every edge learns again and rounds progress (a round takes a rollout's staging
+that and a round opened after the kill closed (released or held) with an update of every
+edge in it, so every edge learns again and rounds progress (a round takes a rollout's staging
 plus training, about 25 s here). At the end, every update the
 edges' logs say JetStream acknowledged is looked up in the trainer's ledger and rounds:
 counted once, or late (acknowledged after its round had stopped taking updates, or
@@ -178,24 +178,26 @@ class Chaos:
         done = [
             r
             for r in self.rounds().get("rounds", [])  # type: ignore[attr-defined]
-            if r["closed_ts"] > kill_wall
+            if r["opened_ts"] > kill_wall
             and r["outcome"] in ("released", "held")
             and everyone <= {c["edge_id"] for c in r["contributors"]}
         ]
-        return "" if done else "rounds: none closed since the kill with every edge in it"
+        return "" if done else "rounds: none opened since the kill closed with every edge"
 
     async def fault(self, name: str, kill: Callable[[], Awaitable[str]]) -> Row:
         """Wait until everything is up, kill, wait until everything is back."""
         unsettled = await self._settle()
+        killed, detail = await kill(), ""  # the trainer's kill waits for a round's update
         kill_wall, kill_mono = time.time(), time.monotonic()
-        killed, detail = await kill(), ""
         killed += f" (before the kill: {unsettled})" if unsettled else ""
         deadline = kill_mono + self.recover_s
         recovery: float | None = None
         serving: float | None = None
         while time.monotonic() < deadline:
             missing = await asyncio.to_thread(self._missing, kill_wall, kill_mono)
-            if serving is None and (not missing or missing.startswith("rounds")):
+            if missing and not missing.startswith("rounds"):
+                serving = None  # (again) not serving: an old heartbeat had looked fine
+            elif serving is None:
                 serving = time.monotonic() - kill_mono
             if not missing:
                 recovery = time.monotonic() - kill_mono

@@ -5,8 +5,8 @@ its open round holds an accepted update, and nats-server.
 
 Targets, as the benchmark's: at most 1% of requests fail during each fault (the gateway
 routes around a dead edge; inference needs neither the trainer nor NATS), everything is
-back (every edge ready and serving, a round with every edge in it closed after the
-kill) within 120 s, and
+back (every edge ready and serving, a round opened after the kill closed with every
+edge in it) within 120 s, and
 every update the edges' logs say JetStream acknowledged is counted once in its round or
 came after its round had closed: none lost, none counted twice.
 """
