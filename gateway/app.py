@@ -165,6 +165,7 @@ def create_app(
                 password=settings.nats_password(),
                 name="gateway",
                 max_reconnect_attempts=-1,
+                inbox_prefix=settings.nats_inbox_prefix(),
                 tls=settings.nats_tls_context(),
             )
             await feed.start(nc)

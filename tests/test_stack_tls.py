@@ -28,6 +28,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from fedcore.process import free_port
+from fedcore.subjects import inbox_prefix
+from fedgate.nats_accounts import certificate_user
 from fedgate.stack_tls import StackTls, ensure_stack_tls, tls_problems
 from fedgate.tls_cmd import TlsPlan, create_tls
 from tests.conftest import processes_mentioning
@@ -174,10 +176,11 @@ def test_every_service_presents_its_own_certificate(tls_stack: TlsStack) -> None
             c["authorized_user"]: (c.get("tls_version"), c["tls_peer_certs"][0]["subject"])
             for c in _connections(tls_stack)
         }
-        if set(seen) >= set(CLIENTS) or time.monotonic() > deadline:
+        if set(seen) >= {certificate_user(u) for u in CLIENTS} or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert seen == {u: ("1.3", f"CN={u},O=fedgate") for u in CLIENTS}
+    # users are mapped from the certificates (verify_and_map): named by their subject
+    assert seen == {certificate_user(u): ("1.3", f"CN={u},O=fedgate") for u in CLIENTS}
 
 
 def test_inference_through_the_gateway(tls_stack: TlsStack) -> None:
@@ -219,6 +222,7 @@ async def _connect(stack: TlsStack, user: str, tls: ssl.SSLContext) -> NATS:
         user=user,
         password=stack.password(user),
         tls=tls,
+        inbox_prefix=inbox_prefix(user),
         connect_timeout=3,
         allow_reconnect=False,
         max_reconnect_attempts=0,
