@@ -318,15 +318,18 @@ def test_the_port_check_catches_mistakes() -> None:
 def test_every_nats_user_has_a_password_and_a_service() -> None:
     doc = compose()
     accounts = (COMPOSE_DIR / "nats" / "accounts.conf").read_text()
-    users = re.findall(r"^\s*user: ([\w-]+)\s*$", accounts, re.M)
+    # users are named by their client certificate (verify_and_map): CN=<user>,O=fedgate
+    users = re.findall(r'^\s*user: "CN=([\w-]+),O=fedgate"\s*$', accounts, re.M)
+    assert len(users) == accounts.count("user:") == 4
     passwords = re.findall(r"password: \$(\w+)", accounts)
     assert set(passwords) == set(doc["services"]["nats"]["environment"])
-    service_users = {
-        env_of(s)[k]
-        for s in fedgate_services(doc).values()
-        for k in env_of(s)
-        if k.endswith("_NATS_USER")
-    }
+    service_users = set()
+    for name, svc in fedgate_services(doc).items():
+        user = next(v for k, v in env_of(svc).items() if k.endswith("_NATS_USER"))
+        service_users.add(user)
+        # the certificate it presents names that user
+        cert = [s["source"] for s in svc["secrets"] if s.get("target") == "nats-client.crt"]
+        assert cert == [f"tls-{user}-cert"], name
     assert service_users == set(users)
     for user in users:
         var = "NATS_PASSWORD_" + user.upper().replace("-", "_")

@@ -7,7 +7,10 @@ each service connects as its own user and tries what its role must not do:
 - an edge cannot publish as another edge (heartbeat, leave, update);
 - an edge cannot read other edges' updates (subscription, consumer, direct get);
 - an edge cannot write model artifacts, round announcements or desired versions;
-- the gateway and the trainer cannot speak for edges; the trainer cannot read labels.
+- the gateway and the trainer cannot speak for edges; the trainer cannot read labels;
+- an edge cannot read another user's inbox (the trainer's pull deliveries), every client
+  connect uses its own inbox prefix;
+- only the trainer deletes consumers; the edges' watches and downloads clean up.
 
 ``tests/test_deploy_nats.py`` runs the compose variant (same rules, :mod:`fedgate.nats_accounts`).
 """
