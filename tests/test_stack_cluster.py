@@ -29,6 +29,7 @@ from fedcore.keys import load_ed25519
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.process import free_port
+from fedcore.subjects import inbox_prefix
 from fedcore.wire import ROLLOUTS_BUCKET
 from fedgate.launcher import Stack, StackConfig
 from gateway.rollout_lease import lease_holder
@@ -111,7 +112,12 @@ async def publish_v2(stack: Stack) -> None:
     key = load_ed25519(root / "keys" / "trainer-signing.key")
     write_version(get_spec(MODEL), v2, directory, key, version=2, parent_version=1)
     password = (root / "secrets" / "nats-trainer.pass").read_text().strip()
-    nc = await nats.connect(stack.nats_url.split(","), user="trainer", password=password)
+    nc = await nats.connect(
+        stack.nats_url.split(","),
+        user="trainer",
+        password=password,
+        inbox_prefix=inbox_prefix("trainer"),
+    )
     try:
         await upload_version(nc.jetstream(), MODEL, 2, directory, replicas=3)
     finally:
@@ -120,7 +126,12 @@ async def publish_v2(stack: Stack) -> None:
 
 async def acting_gateway(stack: Stack) -> str:
     password = (stack.config.data_dir / "secrets" / "nats-gateway.pass").read_text().strip()
-    nc = await nats.connect(stack.nats_url.split(","), user="gateway", password=password)
+    nc = await nats.connect(
+        stack.nats_url.split(","),
+        user="gateway",
+        password=password,
+        inbox_prefix=inbox_prefix("gateway"),
+    )
     try:
         kv = await kv_bucket(nc.jetstream(), ROLLOUTS_BUCKET, 3)
         deadline = time.monotonic() + 20
