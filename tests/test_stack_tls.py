@@ -107,6 +107,21 @@ def test_leaves_of_another_ca_or_a_broken_ca_start_over(tmp_path: Path) -> None:
     assert tls_problems(d, CLIENTS, ["127.0.0.1"]) == []
 
 
+def test_a_client_certificate_naming_another_user_is_reissued(tmp_path: Path) -> None:
+    """nats-server maps the user from the certificate's subject (verify_and_map): a client
+    certificate of the CA whose subject is not ``CN=<user>,O=fedgate`` cannot log in."""
+    d = tmp_path / "tls"
+    ensure_stack_tls(d, CLIENTS, ["127.0.0.1"])
+    for suffix in ("crt", "key"):  # a valid pair of the CA, but the gateway's
+        (d / f"edge-1.{suffix}").write_bytes((d / f"gateway.{suffix}").read_bytes())
+    (d / "edge-1.key").chmod(0o600)
+    assert tls_problems(d, CLIENTS, ["127.0.0.1"]) == [
+        "edge-1.crt names 'CN=gateway,O=fedgate', not 'CN=edge-1,O=fedgate'"
+    ]
+    ensure_stack_tls(d, CLIENTS, ["127.0.0.1"])
+    assert tls_problems(d, CLIENTS, ["127.0.0.1"]) == []
+
+
 def test_certificates_near_their_end_are_reissued(tmp_path: Path) -> None:
     d = tmp_path / "tls"
     ensure_stack_tls(d, CLIENTS, ["127.0.0.1"])
