@@ -114,7 +114,9 @@ def run(
         for e, idx in enumerate(parts):
             attacker = attack.label != "none" and e < ATTACKERS
 
-            def train(poison: bool, e: int = e, idx: npt.NDArray[Any] = idx) -> npt.NDArray[Any]:
+            def train(
+                poison: bool, e: int = e, idx: npt.NDArray[Any] = idx, rnd: int = rnd
+            ) -> npt.NDArray[Any]:
                 x, y = x_tr[idx], y_tr[idx]
                 if poison:
                     x = torch.cat([x, triggered(x)])
