@@ -137,6 +137,16 @@ def _error_handlers(app: FastAPI) -> None:
     async def on_gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers())
 
+    @app.exception_handler(NatsError)
+    async def on_bus_error(_: Request, exc: NatsError) -> JSONResponse:
+        # a NATS node failing over times requests out: the caller may retry, not a fault here
+        log.warning("NATS request failed: %r", exc)
+        return JSONResponse(
+            {"error": f"the NATS bus did not answer ({type(exc).__name__}); try again"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}

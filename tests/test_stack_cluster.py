@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -94,11 +95,19 @@ def test_every_stream_and_bucket_has_three_replicas(stack: Stack) -> None:
 
 
 def call(url: str, key: str, method: str, path: str, body: Any = None) -> Any:
+    """One JSON request; a 503 (the bus failing over) is retried for up to 20 s."""
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
+    deadline = time.monotonic() + 20
+    while True:
+        req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 async def publish_v2(stack: Stack) -> None:
