@@ -174,12 +174,16 @@ class EdgeSettings(ServiceSettings):
         if not edge_id and data.get("node_name"):
             edge_id = edge_id_from_node_name(str(data["node_name"]))
         if not edge_id:
-            raise ValueError("no edge id: set edge_id, edge_id_file (a file) or node_name")
+            return data  # the edge_id field's validator names what to set
         return {**data, "edge_id": edge_id, "nats_user": data.get("nats_user") or edge_id}
 
     @field_validator("edge_id")
     @classmethod
     def _edge_id(cls, v: str) -> str:
+        if not v:
+            raise ValueError(
+                "no edge id: set edge_id, edge_id_file (an existing file) or node_name"
+            )
         return check_edge_id(v)
 
     @model_validator(mode="after")

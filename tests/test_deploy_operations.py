@@ -356,3 +356,18 @@ def test_enrolment_is_a_rolling_restart_that_brings_the_new_password() -> None:
     assert "kubectl -n fedgate rollout restart statefulset/nats" in guide
     assert "kubectl -n fedgate rollout restart statefulset/trainer" in guide
     assert "--signal reload" not in guide
+
+
+def test_every_setting_the_guide_names_exists() -> None:
+    """docs/deploy.md names settings by their environment variables: each is a field of
+    its service's settings class (docs/settings.md is generated from the same classes)."""
+    from tests.deploy_support import SERVICES
+
+    fields = {name for service in SERVICES.values() for name in service.fields()}
+    guide = GUIDE.read_text()
+    named = set(re.findall(r"\bFEDGATE_(?:GATEWAY|TRAINER|EDGE)_[A-Z0-9_]*[A-Z0-9]\b", guide))
+    compose_variables = {n for n in named if re.fullmatch(r"FEDGATE_EDGE_\d+_GPU", n)}
+    assert len(named) > 10
+    assert named - compose_variables - fields == set()
+    settings_doc = (ROOT / "docs" / "settings.md").read_text()
+    assert all(f"`{n}`" in settings_doc for n in named - compose_variables)
