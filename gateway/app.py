@@ -37,6 +37,7 @@ from gateway.routes import (
     dashboard,
     feedback,
     fleet_api,
+    health,
     history,
     metrics_api,
     oip,
@@ -207,9 +208,11 @@ def create_app(
             reader.bind(nc)
         prober = asyncio.create_task(_probe_loop(state))
         log.info("gateway listening", extra={"host": settings.host, "port": settings.port})
+        api.state.serving = True
         try:
             yield
         finally:
+            api.state.serving = False
             await controller.close()
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -225,7 +228,7 @@ def create_app(
     api.state.feedback = relay
     api.state.rollouts = controller
     api.state.history = reader
-    for module in (oip, fleet_api, routing_api, metrics_api, feedback, history, dashboard):
+    for module in (oip, health, fleet_api, routing_api, metrics_api, feedback, history, dashboard):
         api.include_router(module.router)
     api.include_router(rollouts_api.router)
     _error_handlers(api)

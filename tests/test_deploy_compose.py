@@ -276,12 +276,12 @@ def check_ports(doc: dict[str, Any]) -> list[str]:
                 problems.append(f"{name}: Prometheus does not scrape Triton at {metrics}")
         if svc["image"].startswith("fedgate-gateway"):
             port = env["FEDGATE_GATEWAY_PORT"]
-            if f"http://127.0.0.1:{port}/v2/health/ready" not in health:
+            if f"http://127.0.0.1:{port}/v1/health/ready" not in health:
                 problems.append(f"gateway: healthcheck does not probe port {port}")
             if targets["gateway"] != [f"{name}:{port}"]:
                 problems.append(f"gateway: Prometheus scrapes {targets['gateway']}")
             haproxy = (COMPOSE_DIR / "haproxy" / "haproxy.cfg").read_text()
-            if f"server gateway {name}:{port} " not in haproxy:
+            if not re.search(rf"^\s+server-template gateway \d+-\d+ {name}:{port} ", haproxy, re.M):
                 problems.append(f"ingress: HAProxy does not forward to {name}:{port}")
     nats_health = " ".join(services["nats"]["healthcheck"]["test"])
     if f"127.0.0.1:{monitor}/healthz" not in nats_health:
