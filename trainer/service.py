@@ -388,18 +388,7 @@ async def _run(
         ),
     )
     await ingestor.bind()
-    for m, book in books.items():
-        target = driver.target(m)
-        if target is not None and book.current is not None:
-            refolded = await ingestor.refold(target, set(book.current.folded))
-            if refolded:
-                driver.save(m)
-                log.info("refolded after restart", extra={"model": m, "updates": len(refolded)})
-            await announce(js, book, settings.nats_replicas)
-    # updates sent while the trainer was down count before a passed deadline closes a round
-    caught_up = await ingestor.catch_up()
-    if caught_up:
-        log.info("caught up with the updates stream", extra={"messages": caught_up})
+    await recover(settings, driver, ingestor, js)
     fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
     secure = await start_secure(settings, nc, registry, sizes, fleet.alive, telemetry.registry)
@@ -426,6 +415,25 @@ async def _run(
     finally:
         if secure is not None:
             await secure.stop()
+
+
+async def recover(
+    settings: TrainerSettings, driver: RoundDriver, ingestor: UpdateIngestor, js: JetStreamContext
+) -> None:
+    """After a restart: fold again what the ledger accepted into the open rounds, announce
+    them, then handle the stream's backlog (updates sent while the trainer was down count
+    before a deadline that passed meanwhile closes their round)."""
+    for m, book in driver.books.items():
+        target = driver.target(m)
+        if target is not None and book.current is not None:
+            refolded = await ingestor.refold(target, set(book.current.folded))
+            if refolded:
+                driver.save(m)
+                log.info("refolded after restart", extra={"model": m, "updates": len(refolded)})
+            await announce(js, book, settings.nats_replicas)
+    caught_up = await ingestor.catch_up()
+    if caught_up:
+        log.info("caught up with the updates stream", extra={"messages": caught_up})
 
 
 async def start_secure(
