@@ -20,6 +20,7 @@ import aiohttp
 import nats
 import numpy as np
 
+from fedcore.subjects import inbox_prefix
 from fedcore.transport import LEDGER_BUCKET
 
 MODEL = "digits"
@@ -176,7 +177,13 @@ def acked_updates(logs_dir: Path) -> list[Acked]:
 
 async def ledger_records(nats_url: str, password: str) -> dict[tuple[int, str], str]:
     """The trainer's ledger: (round, edge) -> update id, read with the trainer's user."""
-    nc = await nats.connect(nats_url, user="trainer", password=password, max_reconnect_attempts=2)
+    nc = await nats.connect(
+        nats_url,
+        user="trainer",
+        password=password,
+        inbox_prefix=inbox_prefix("trainer"),  # the only inbox the trainer's user may read
+        max_reconnect_attempts=2,
+    )
     try:
         kv = await nc.jetstream().key_value(LEDGER_BUCKET)
         try:
