@@ -176,7 +176,9 @@ class Fleet:
         return False
 
     def _eject(self, edge: Edge) -> None:
-        backoff = self.eject_base_s * (2**edge.ejections_in_a_row)
+        # The exponent is capped (2**64 times any base is past any maximum): 2**1024 is
+        # beyond a float, and an edge can fail its probe that many times in a row.
+        backoff = self.eject_base_s * float(2 ** min(edge.ejections_in_a_row, 64))
         edge.ejected_until = self.clock() + min(backoff, self.eject_max_s)
         edge.ejections_in_a_row += 1
         if self.on_eject is not None:

@@ -1,0 +1,137 @@
+"""Unit tests of the gateway's pre-forward check (gateway/guard.py), its header integers,
+and the ejection backoff (issue #16 findings 4 and 5)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fedcore.wire import Heartbeat, ModelState
+from gateway.fleet import Fleet
+from gateway.guard import check_request, repeated_header
+from gateway.schemas import ModelSchema, TensorSchema
+from gateway.validate import check_framing, parse_count
+
+SCHEMA = ModelSchema(
+    "digits",
+    1,
+    (TensorSchema("pixels", "FP32", (-1, 64)), TensorSchema("mask", "INT8", (-1, 2))),
+    (TensorSchema("logits", "FP32", (-1, 10)),),
+    max_batch_size=8,
+)
+
+
+def tensors(pixels: dict[str, object] | None = None, **doc: object) -> bytes:
+    item: dict[str, object] = {"name": "pixels", "shape": [1, 64], "datatype": "FP32"}
+    item.update({"data": [0.5] * 64} if pixels is None or "parameters" not in pixels else {})
+    item.update(pixels or {})
+    mask = {"name": "mask", "shape": [1, 2], "datatype": "INT8", "data": [0, 1]}
+    return json.dumps({"inputs": [item, mask], **doc}).encode()
+
+
+GOOD = tensors()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (GOOD, None),
+        (tensors({"shape": [2, 64], "data": [[0.5] * 64] * 2}), None),  # nested data
+        (tensors(outputs=[{"name": "logits", "parameters": {"binary_data": True}}]), None),
+        (tensors({"shape": [2147483648, 64], "data": [0.5]}), "dimension 0 is larger"),
+        (tensors({"shape": [2**62] * 2}), "dimension 0 is larger"),
+        (tensors({"shape": [1, 2**62]}), "does not match the model's [-1, 64] (-1: any) at 1"),
+        (tensors({"shape": [9, 64], "data": [0.5] * 576}), "max_batch_size 8"),
+        (tensors({"shape": [64]}), "has 1 dimensions"),
+        (tensors({"shape": [1, 64], "data": [0.5] * 63}), "'data' has 63 elements"),
+        (tensors({"shape": [1, True]}), "non-negative integers"),
+        (tensors({"shape": [-1, 64]}), "non-negative integers"),
+        (tensors({"datatype": "FP64"}), "datatype 'FP64' does not match the model's FP32"),
+        (tensors({"data": {"a": 1}}), "'data' must be a list"),
+        (tensors({"name": "other"}), "unknown input 'other'"),
+        (tensors({"parameters": {"shared_memory_region": "r"}}), "shared memory"),
+        (
+            tensors(outputs=[{"name": "logits", "parameters": {"shared_memory_region": "r"}}]),
+            "output 'logits': shared memory",
+        ),
+        (tensors(outputs=[{"name": "probs"}]), "unknown output 'probs'"),
+        (tensors(id=5), "request 'id' must be a string"),
+        (b'{"inputs": [], "inputs": []}', "repeats the key 'inputs'"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"\xff", "malformed request JSON"),
+        (json.dumps({"inputs": [{"name": "mask"}]}).encode(), "datatype None"),
+    ],
+)
+def test_check_request_names_what_is_wrong(body: bytes, message: str | None) -> None:
+    found = check_request(body, None, SCHEMA)
+    if message is None:
+        assert found is None
+    else:
+        assert found is not None and message in found, found
+
+
+def test_binary_sizes_must_match_the_shape_and_add_up() -> None:
+    def binary(size: object, payload: int) -> str | None:
+        header = tensors({"parameters": {"binary_data_size": size}})
+        return check_request(header + b"\0" * payload, len(header), SCHEMA)
+
+    assert binary(256, 256) is None
+    assert "needs 256" in (binary(8, 8) or "")
+    assert "within the body" in (binary(2**70, 256) or "")
+    assert "within the body" in (binary(-1, 256) or "")
+    assert "add up to 256" in (binary(256, 300) or "")
+    header = tensors({"parameters": {"binary_data_size": 256}, "data": [0.5] * 64})
+    assert "not both" in (check_request(header + b"\0" * 256, len(header), SCHEMA) or "")
+
+
+def test_bytes_tensors_need_four_bytes_an_element() -> None:
+    schema = ModelSchema("t", 1, (TensorSchema("s", "BYTES", (-1,)),), (), max_batch_size=0)
+    item = {"name": "s", "shape": [3], "datatype": "BYTES"}
+    header = json.dumps({"inputs": [{**item, "parameters": {"binary_data_size": 11}}]})
+    assert "needs 12" in (check_request(header.encode() + b"\0" * 11, len(header), schema) or "")
+    body = json.dumps({"inputs": [{**item, "data": ["a", "b", "c"]}]}).encode()
+    assert check_request(body, None, schema) is None
+
+
+def test_repeated_framing_headers() -> None:
+    once = [(b"content-length", b"3"), (b"content-encoding", b"gzip"), (b"x-other", b"1")]
+    assert repeated_header([*once, (b"x-other", b"2")]) is None
+    assert repeated_header([*once, (b"content-encoding", b"identity")]) == "Content-Encoding"
+    twice = [(b"inference-header-content-length", b"1")] * 2
+    assert repeated_header(twice) == "Inference-Header-Content-Length"
+    assert repeated_header([(b"transfer-encoding", b"chunked")] * 2) == "Transfer-Encoding"
+
+
+def test_header_integers_are_parsed_with_a_length_bound() -> None:
+    assert parse_count(b"123") == 123
+    assert parse_count(b"9" * 18) == 10**18 - 1
+    for bad in (b"9" * 19, b"9" * 5000, b"-1", b"1e3", b"", b" 1", "\u0661".encode()):
+        assert parse_count(bad) is None, bad
+    started = time.perf_counter()
+    problem = check_framing(b"9" * 5000, 100, False)
+    assert problem is not None and "at most 18 digits" in problem and len(problem) < 200
+    assert time.perf_counter() - started < 0.05
+
+
+def test_the_ejection_backoff_never_overflows() -> None:
+    """Before: ``eject_base_s * 2**n`` overflowed a float after ~1,000 failed probes and
+    every later failure was an OverflowError (a 500). The time out stays at the maximum."""
+    now = [0.0]
+    fleet = Fleet(ttl=1e12, clock=lambda: now[0], eject_base_s=5.0, eject_max_s=60.0)
+    fleet.observe(
+        Heartbeat(edge_id="e", url="http://e", seq=1, ts=0.0, models={"d": ModelState(ready=[1])})
+    )
+    edge = fleet.edges["e"]
+    for _ in range(3):
+        fleet.record_failure(edge)
+    for _ in range(5000):
+        assert edge.ejected_until is not None
+        assert edge.ejected_until - now[0] <= 60.0
+        now[0] = edge.ejected_until
+        fleet.probed(edge, healthy=False)
+    assert edge.ejected_until == now[0] + 60.0
+    fleet.probed(edge, healthy=True)
+    fleet.record_success(edge)
+    assert not edge.ejected and edge.ejections_in_a_row == 0
