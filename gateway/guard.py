@@ -88,14 +88,17 @@ def check_request(body: bytes, header_length: int | None, schema: ModelSchema) -
     extension's ``Inference-Header-Content-Length``, already checked against the body.
     """
     header = body if header_length is None else body[:header_length]
+    where = ""
+    if header_length is not None:
+        where = f" in the first {header_length} bytes (Inference-Header-Content-Length)"
     try:
         doc = json.loads(header, object_pairs_hook=_unique)
     except _RepeatedKey as exc:
         return f"request JSON repeats the key {exc.key!r} in one object"
     except RecursionError:
-        return "malformed request JSON: nested too deeply"
+        return f"malformed request JSON{where}: nested too deeply"
     except (ValueError, UnicodeDecodeError) as exc:
-        return f"malformed request JSON: {exc}"
+        return f"malformed request JSON{where}: {exc}"
     if not isinstance(doc, dict):
         return "the request must be a JSON object with an 'inputs' list"
     problem = next(request_problems(doc), None)
@@ -144,8 +147,10 @@ def _tensor_problems(
     item: dict[str, Any], spec: TensorSchema, max_batch: int, limit: int
 ) -> Iterator[str]:
     datatype = item.get("datatype")
+    if not isinstance(datatype, str) or datatype not in DTYPE_SIZES:
+        yield f"unknown datatype {datatype!r}"
     if datatype != spec.datatype:
-        yield f"datatype {datatype!r} does not match the model's {spec.datatype}"
+        yield f"datatype {datatype} does not match the model's {spec.datatype}"
     shape: Any = item.get("shape")
     yield from _shape_problems(shape, spec, max_batch, limit)
     count = 1
@@ -168,8 +173,8 @@ def _tensor_problems(
         return
     if "data" in item:
         yield "give either 'data' or parameters.binary_data_size, not both"
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= limit:
-        yield f"binary_data_size must be a byte count within the body, got {size!r}"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        yield f"binary_data_size must be a non-negative integer, got {size!r}"
     element = DTYPE_SIZES.get(spec.datatype)
     need = count * (element or 4)  # a BYTES element is at least its 4-byte length
     if (element is not None and size != need) or size < need:
@@ -184,14 +189,14 @@ def _shape_problems(shape: Any, spec: TensorSchema, max_batch: int, limit: int) 
         yield f"'shape' must be a list of non-negative integers, got {shape!r}"
     model = list(spec.shape)
     if len(shape) != len(model):
-        yield f"shape {shape} has {len(shape)} dimensions, the model's {model} has {len(model)}"
+        yield f"shape {shape} does not match the model's {model} (-1: any): rank {len(shape)}"
     for position, (want, got) in enumerate(zip(model, shape, strict=True)):
         if want not in (-1, got):
             yield f"shape {shape} does not match the model's {model} (-1: any) at {position}"
         if got > limit:
             yield f"shape {shape}: dimension {position} is larger than the {limit}-byte body"
     if max_batch > 0 and shape[0] > max_batch:
-        yield f"shape {shape}: batch of {shape[0]} is over the model's max_batch_size {max_batch}"
+        yield f"shape {shape}: batch-size must be <= {max_batch} (the model's max_batch_size)"
 
 
 def _outputs_problem(outputs: Any, schema: ModelSchema) -> str | None:

@@ -74,12 +74,14 @@ def check_framing(header_length: bytes | None, body_length: int, encoded: bool) 
     if header_length is None:
         return None
     length = parse_count(header_length)
-    if length is None:
-        shown = header_length[:40].decode("latin-1") + ("..." if len(header_length) > 40 else "")
+    if length is None and header_length.isdigit():
         return (
-            f"Inference-Header-Content-Length must be a byte count of at most {MAX_DIGITS} "
-            f"digits, got {shown!r}"
+            f"Inference-Header-Content-Length has {len(header_length)} digits: "
+            f"a byte count has at most {MAX_DIGITS} digits"
         )
+    if length is None:
+        shown = header_length[:40].decode("latin-1")
+        return f"Inference-Header-Content-Length must be a byte count, got {shown!r}"
     if not encoded and not 0 < length <= body_length:
         return (
             f"Inference-Header-Content-Length {length} is outside the body of {body_length} bytes"
