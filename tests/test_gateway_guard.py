@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import SignedArtifacts, processes_mentioning
 from tests.gateway_harness import GatewayStack, start_stack
+from tests.raw_http import raw_request
 
 pytestmark = pytest.mark.slow
 
@@ -63,25 +64,9 @@ def still_serving(stack: GatewayStack, pids: dict[str, int | None]) -> None:
 
 
 def raw(
-    stack: GatewayStack,
-    headers: list[tuple[str, str]],
-    body: bytes,
-    *,
-    path: str = INFER,
-    timeout: float = 30.0,
+    stack: GatewayStack, headers: list[tuple[str, str]], body: bytes, chunked: bool = False
 ) -> tuple[int, bytes]:
-    """One request written by hand (repeated headers allowed); (status, response body)."""
-    host, port = stack.url.removeprefix("http://").split(":")
-    lines = [f"POST {path} HTTP/1.1", "Host: gw", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in headers]
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    answer = b""
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.sendall(head + body)
-        while chunk := sock.recv(65536):
-            answer += chunk
-    status = int(answer.split(b" ", 2)[1])
-    return status, answer.partition(b"\r\n\r\n")[2]
+    return raw_request(stack.url, INFER, headers, body, chunked=chunked)
 
 
 def keyed(stack: GatewayStack, *extra: tuple[str, str]) -> list[tuple[str, str]]:
@@ -174,13 +159,8 @@ def test_repeated_framing_headers_are_refused(stack: GatewayStack) -> None:
         ([("Content-Type", "application/json")] * 2, good, "Content-Type"),
     ]
     for fast in (True, False):
-        for headers, content, named in cases:
-            framing = [("Content-Length", str(len(content)))]
-            body = content
-            if not fast:  # chunked: the ASGI entrance
-                framing = [("Transfer-Encoding", "chunked")]
-                body = f"{len(content):x}\r\n".encode() + content + b"\r\n0\r\n\r\n"
-            status, answer = raw(stack, keyed(stack, *headers, *framing), body)
+        for headers, body, named in cases:  # chunked: the ASGI entrance
+            status, answer = raw(stack, keyed(stack, *headers), body, chunked=not fast)
             assert status == 400, (fast, named, answer[:300])
             assert named in json.loads(answer)["error"], answer
     still_serving(stack, pids)
