@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.validate import DTYPE_SIZES
@@ -56,6 +56,9 @@ VALUES = st.one_of(
     st.integers(-(2**70), 2**70),
     st.sampled_from([True, None, "x", [], {}]),
 )
+CRASH = json.dumps(
+    {"inputs": [{"name": "pixels", "shape": [2147483648, 64], "datatype": "FP32", "data": [1]}]}
+).encode()
 SIZES = st.one_of(st.integers(-5, 600), st.sampled_from([*HUGE, 1.5, "256", None]))
 
 
@@ -198,6 +201,8 @@ def test_fuzzed_requests_get_no_5xx_and_leave_the_edges_running(stack: GatewaySt
     failures: list[str] = []
 
     @given(request=requests())
+    @example(request=(PATHS[0], [], CRASH, False))  # issue #16: killed the edge's Triton
+    @example(request=(PATHS[0], [], CRASH, True))
     @settings(
         max_examples=EXAMPLES,
         deadline=None,
