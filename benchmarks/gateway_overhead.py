@@ -151,14 +151,25 @@ def start_nats(bench: Bench) -> tuple[str, dict[str, Path]]:
 
 
 def heartbeat(bench: Bench, nats_url: str, password: str, edge_url: str) -> None:
-    """Publish edge-1's heartbeat every second from a thread, as its edge runtime would."""
+    """Publish edge-1's heartbeat every second from a thread, as its edge runtime would.
+
+    edge-1 is enrolled first (the registry mirrored into KV, as the trainer does): the
+    gateway accepts heartbeats only from active enrolled edges.
+    """
     import nats
+    from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from fedcore import subjects
+    from fedcore.enrollment import EdgeRegistry
     from fedcore.wire import Heartbeat, ModelState
+    from trainer.registry import mirror_registry
+
+    public = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+    registry = EdgeRegistry().enroll("edge-1", public)
 
     async def beat() -> None:
         nc = await nats.connect(nats_url, user="bench", password=password)
+        await mirror_registry(nc.jetstream(), registry)
         seq = 0
         while not bench._beats.is_set():
             seq += 1

@@ -70,6 +70,9 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return doc
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
+
+
 def repeated_header(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The first of :data:`SINGLE_HEADERS` that ``headers`` carries twice, or None."""
     seen: set[bytes] = set()
@@ -92,7 +95,7 @@ def check_request(body: bytes, header_length: int | None, schema: ModelSchema) -
     if header_length is not None:
         where = f" in the first {header_length} bytes (Inference-Header-Content-Length)"
     try:
-        doc = json.loads(header, object_pairs_hook=_unique)
+        doc = _DECODER.decode(header.decode())  # UTF-8 only, as Triton reads it
     except _RepeatedKey as exc:
         return f"request JSON repeats the key {exc.key!r} in one object"
     except RecursionError:

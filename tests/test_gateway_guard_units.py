@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from fedcore.wire import Heartbeat, ModelState
+from gateway.app import build_state, create_app, retire_series
+from gateway.auth import generate_key, key_line
 from gateway.fleet import Fleet
 from gateway.guard import check_request, repeated_header
+from gateway.metrics import DEPARTED
+from gateway.routing import TrafficSplit
 from gateway.schemas import ModelSchema, TensorSchema
+from gateway.settings import GatewaySettings
 from gateway.validate import check_framing, parse_count
 
 SCHEMA = ModelSchema(
@@ -140,3 +147,85 @@ def test_the_ejection_backoff_never_overflows() -> None:
     fleet.probed(edge, healthy=True)
     fleet.record_success(edge)
     assert not edge.ejected and edge.ejections_in_a_row == 0
+
+
+async def test_no_page_loads_scripts_from_another_origin(tmp_path: Path) -> None:
+    """Before: ``/docs`` and ``/redoc`` loaded Swagger UI and ReDoc from a CDN on the
+    dashboard's origin. They are off; ``/openapi.json`` stays."""
+    settings = GatewaySettings.model_validate(
+        {
+            "nats_user": "gateway",
+            "nats_password_file": tmp_path / "nats.pass",
+            "log_json": False,
+            "api_keys": key_line("infer", "viewer", generate_key()),
+        }
+    )
+    app = create_app(settings, bus=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            page = await client.get(path)
+            assert page.status_code == 404, path
+            assert "cdn" not in page.text and "https://" not in page.text
+        document = await client.get("/openapi.json")
+        assert document.status_code == 200 and "/v2/models/{model}/infer" in document.text
+
+
+def beat(edge_id: str, url: str, versions: list[int]) -> Heartbeat:
+    return Heartbeat(
+        edge_id=edge_id, url=url, seq=1, ts=0.0, models={"digits": ModelState(ready=versions)}
+    )
+
+
+def test_pools_and_series_of_departed_edges_and_retired_versions_are_dropped(
+    tmp_path: Path,
+) -> None:
+    """Before: an upstream pool per edge URL and every (model, version, edge) series stayed
+    for the life of the process, whatever left the fleet."""
+    settings = GatewaySettings.model_validate(
+        {
+            "nats_user": "gateway",
+            "nats_password_file": tmp_path / "nats.pass",
+            "log_json": False,
+            "api_keys": key_line("infer", "app", generate_key()),
+        }
+    )
+    now = [0.0]
+    state = build_state(settings, Fleet(ttl=5.0, clock=lambda: now[0]))
+    fleet, stats = state.fleet, state.metrics.stats
+    for edge_id, port, versions in (
+        ("edge-1", 9001, [1]),
+        ("edge-2", 9002, [2]),
+        ("edge-3", 9003, [2]),
+    ):
+        fleet.observe(beat(edge_id, f"http://127.0.0.1:{port}", versions))
+        state.upstream._pool(f"http://127.0.0.1:{port}")  # as a request would
+        state.metrics.ejections.labels(edge_id).inc()
+    for edge_id, version in (("edge-1", "1"), ("edge-2", "2"), ("edge-3", "2")):
+        state.metrics.observe("digits", version, edge_id, 200, 0.01)
+    state.metrics.observe("digits", "", "", 400, 0.001)  # refused before routing
+    assert state.upstream.pools == 3
+
+    fleet.leave("edge-1")  # leaves: its pool goes, its counts fold under <departed>
+    fleet.observe(beat("edge-2", "http://127.0.0.1:9012", [2]))  # moved: old pool goes
+    assert state.upstream.pools == 1
+    assert ("digits", "1", DEPARTED, 200) in stats.requests
+    assert all(k[2] != "edge-1" for k in stats.requests)
+    assert ("digits", "2", "edge-2", 200) in stats.requests  # still in the fleet
+    assert b'edge="edge-1"' not in state.metrics.render(fleet)
+
+    now[0] = 6.0  # edge-3 falls silent and expires; edge-2 keeps beating
+    fleet.observe(beat("edge-2", "http://127.0.0.1:9012", [2]))
+    assert [e.edge_id for e in fleet.fresh()] == ["edge-2"]
+    assert state.upstream.pools == 0 and all(k[2] != "edge-3" for k in stats.requests)
+
+    retire_series(state, now[0], grace_s=60.0)  # version 1: no edge serves it any more
+    assert ("digits", "1") in stats.latency  # within the grace period
+    state.router.set_split("digits", TrafficSplit(stable=1))
+    retire_series(state, now[0] + 61, grace_s=60.0)  # still in a split: kept
+    assert ("digits", "1") in stats.latency
+    state.router.set_split("digits", None)
+    retire_series(state, now[0] + 62, grace_s=60.0)
+    retire_series(state, now[0] + 123, grace_s=60.0)
+    assert set(stats.latency) == {("digits", "2"), ("digits", "")}
+    assert {k[:2] for k in stats.requests} == {("digits", "2"), ("digits", "")}
