@@ -102,14 +102,89 @@ def check_request(body: bytes, header_length: int | None, schema: ModelSchema) -
         return f"malformed request JSON{where}: nested too deeply"
     except (ValueError, UnicodeDecodeError) as exc:
         return f"malformed request JSON{where}: {exc}"
+    if _fits(doc, schema, len(body), len(body) - len(header)):
+        return None  # the usual case, checked in one straight pass
+    return problem_of(doc, schema, len(body), len(body) - len(header))
+
+
+def problem_of(doc: Any, schema: ModelSchema, limit: int, payload: int) -> str | None:
+    """The first problem of a parsed request (``limit``: the body's size, ``payload``: the
+    bytes after its JSON header), in order; None if there is none."""
     if not isinstance(doc, dict):
         return "the request must be a JSON object with an 'inputs' list"
     problem = next(request_problems(doc), None)
     if problem is None:
-        problem = _inputs_problem(doc.get("inputs"), schema, len(body), len(body) - len(header))
+        problem = _inputs_problem(doc.get("inputs"), schema, limit, payload)
     if problem is None:
         problem = _outputs_problem(doc.get("outputs"), schema)
     return problem
+
+
+def _fits(doc: Any, schema: ModelSchema, limit: int, payload: int) -> bool:
+    """True only for a request that every check below would pass (inputs in the model's
+    order, outputs plain): the hot path. Anything else goes to the checks that say what
+    is wrong (which may still find nothing)."""
+    if type(doc) is not dict or type(doc.get("id", "")) is not str:
+        return False
+    params = doc.get("parameters", {})
+    if type(params) is not dict or type(params.get("binary_data_output", False)) is not bool:
+        return False
+    inputs = doc.get("inputs")
+    if type(inputs) is not list or len(inputs) != len(schema.inputs):
+        return False
+    binary = 0
+    for item, spec in zip(inputs, schema.inputs, strict=True):
+        size = _fitting_tensor(item, spec, schema.max_batch_size, limit)
+        if size is None:
+            return False
+        binary += size
+    return binary == payload and _fitting_outputs(doc.get("outputs", []), schema)
+
+
+def _fitting_tensor(item: Any, spec: TensorSchema, max_batch: int, limit: int) -> int | None:
+    """The tensor's binary size (0 for JSON data) if it fits ``spec``, else None."""
+    if type(item) is not dict or item.get("name") != spec.name:
+        return None
+    count = _fitting_count(item.get("shape"), spec, max_batch, limit)
+    if count is None or item.get("datatype") != spec.datatype:
+        return None
+    if "parameters" not in item:
+        data = item.get("data")
+        elements = flatten(data) if type(data) is list else None
+        return 0 if elements is not None and len(elements) == count else None
+    params = item["parameters"]
+    element = DTYPE_SIZES.get(spec.datatype)
+    if type(params) is not dict or "data" in item or "shared_memory_region" in params:
+        return None
+    size = params.get("binary_data_size")
+    return size if type(size) is int and element and size == count * element else None
+
+
+def _fitting_count(shape: Any, spec: TensorSchema, max_batch: int, limit: int) -> int | None:
+    """The element count of ``shape`` if it fits ``spec`` (no dim beyond ``limit``)."""
+    if type(shape) is not list or len(shape) != len(spec.shape):
+        return None
+    count = 1
+    for want, got in zip(spec.shape, shape, strict=True):
+        if type(got) is not int or not 0 <= got <= limit or want not in (-1, got):
+            return None
+        count *= got
+    return None if max_batch and shape and shape[0] > max_batch else count
+
+
+def _fitting_outputs(outputs: Any, schema: ModelSchema) -> bool:
+    if type(outputs) is not list:
+        return False
+    for item in outputs:
+        name = item.get("name") if type(item) is dict else None
+        if type(name) is not str or name not in schema.output_names:
+            return False
+        params = item.get("parameters", {})
+        if type(params) is not dict or "shared_memory_region" in params:
+            return False
+        if type(params.get("binary_data", False)) is not bool:
+            return False
+    return True
 
 
 def _inputs_problem(inputs: Any, schema: ModelSchema, limit: int, payload: int) -> str | None:

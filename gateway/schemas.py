@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -36,6 +36,10 @@ class ModelSchema:
     inputs: tuple[TensorSchema, ...]
     outputs: tuple[TensorSchema, ...]
     max_batch_size: int = 0  # 0: no batch dimension (or not known)
+    output_names: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_names", frozenset(t.name for t in self.outputs))
 
     @classmethod
     def from_metadata(

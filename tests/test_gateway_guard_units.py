@@ -9,8 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedcore.wire import Heartbeat, ModelState
+from gateway import guard
 from gateway.app import build_state, create_app, retire_series
 from gateway.auth import generate_key, key_line
 from gateway.fleet import Fleet
@@ -229,3 +232,66 @@ def test_pools_and_series_of_departed_edges_and_retired_versions_are_dropped(
     retire_series(state, now[0] + 123, grace_s=60.0)
     assert set(stats.latency) == {("digits", "2"), ("digits", "")}
     assert {k[:2] for k in stats.requests} == {("digits", "2"), ("digits", "")}
+
+
+JUNK = st.sampled_from([None, True, -1, 2**63, 1.5, "x", [], {}, [1, 64], "FP32", "pixels"])
+
+
+@st.composite
+def near_valid(draw: st.DrawFn) -> tuple[dict[str, object], int]:
+    """A parsed request for SCHEMA with a few fields replaced by junk, and its payload."""
+    doc = json.loads(tensors(outputs=[{"name": "logits", "parameters": {"binary_data": True}}]))
+    payload = 0
+    if draw(st.booleans()):
+        doc["inputs"][0].pop("data")
+        doc["inputs"][0]["parameters"] = {"binary_data_size": 256}
+        payload = 256
+    targets = {
+        "request": doc,
+        "pixels": doc["inputs"][0],
+        "mask": doc["inputs"][1],
+        "params": doc["inputs"][0].setdefault("parameters", {}),
+        "output": doc["outputs"][0],
+    }
+    if not targets["params"]:
+        doc["inputs"][0].pop("parameters")
+    for _ in range(draw(st.integers(0, 3))):
+        target = targets[draw(st.sampled_from(sorted(targets)))]
+        key = draw(
+            st.sampled_from(
+                [
+                    "name",
+                    "shape",
+                    "datatype",
+                    "data",
+                    "parameters",
+                    "id",
+                    "inputs",
+                    "outputs",
+                    "binary_data_size",
+                    "binary_data",
+                    "binary_data_output",
+                    "shared_memory_region",
+                ]
+            )
+        )
+        if draw(st.booleans()):
+            target.pop(key, None)
+        else:
+            target[key] = draw(JUNK)
+    return doc, draw(st.one_of(st.just(payload), st.integers(0, 300)))
+
+
+@given(case=near_valid())
+@settings(max_examples=1500, deadline=None, derandomize=True, database=None)
+def test_the_fast_path_accepts_only_what_the_full_checks_accept(
+    case: tuple[dict[str, object], int],
+) -> None:
+    doc, payload = case
+    if guard._fits(doc, SCHEMA, 4096, payload):
+        assert guard.problem_of(doc, SCHEMA, 4096, payload) is None, doc
+
+
+def test_the_fast_path_takes_the_usual_requests() -> None:
+    for body in (GOOD, tensors({"shape": [2, 64], "data": [[0.5] * 64] * 2})):
+        assert guard._fits(json.loads(body), SCHEMA, len(body), 0)
