@@ -70,7 +70,9 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
+# Element values are never looked at, only counted: a float becomes its length (a small
+# cached int, no float object made).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique, parse_float=len)
 
 
 def repeated_header(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -89,7 +91,26 @@ def check_request(body: bytes, header_length: int | None, schema: ModelSchema) -
 
     ``body`` is decoded (no ``Content-Encoding``); ``header_length`` is its binary
     extension's ``Inference-Header-Content-Length``, already checked against the body.
+    A binary request's verdict depends only on its JSON header, the payload's length and
+    the schema, and clients repeat the same header: small headers' verdicts are kept.
     """
+    if header_length is None or header_length > _CACHED_HEADER:
+        return _check(body, header_length, schema)
+    key = (schema.name, schema.version, body[:header_length], len(body) - header_length)
+    if key in _VERDICTS:
+        return _VERDICTS[key]
+    if len(_VERDICTS) >= _CACHED_VERDICTS:
+        _VERDICTS.clear()
+    verdict = _VERDICTS[key] = _check(body, header_length, schema)
+    return verdict
+
+
+_CACHED_HEADER = 2048
+_CACHED_VERDICTS = 1024
+_VERDICTS: dict[tuple[str, int, bytes, int], str | None] = {}
+
+
+def _check(body: bytes, header_length: int | None, schema: ModelSchema) -> str | None:
     header = body if header_length is None else body[:header_length]
     where = ""
     if header_length is not None:
