@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fedcore.errors import ModelSpecError
 from fedcore.models.digits import DIGITS
+from fedcore.models.wide import WIDE
 from fedcore.spec import ModelSpec
 
-REGISTRY: dict[str, ModelSpec] = {DIGITS.name: DIGITS}
+REGISTRY: dict[str, ModelSpec] = {DIGITS.name: DIGITS, WIDE.name: WIDE}
 
 
 def get_spec(name: str) -> ModelSpec:
