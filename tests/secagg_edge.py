@@ -33,7 +33,7 @@ from fedcore.secagg.frame import Frame
 from fedcore.secagg.options import SecAggOptions
 from fedcore.wire import Heartbeat
 
-MODEL = "digits"
+MODEL = os.environ.get("SECAGG_EDGE_MODEL", "digits")
 
 
 def harness_delta(edge: str, round_no: int, dim: int) -> NDArray[np.float32]:
@@ -74,6 +74,7 @@ async def main() -> None:
         {MODEL: options.config()},
         view,
         send,
+        max_message=nc.max_payload,
     )
 
     async def on_message(msg: Msg) -> None:
