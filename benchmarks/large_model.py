@@ -104,15 +104,16 @@ async def edge_role(a: argparse.Namespace) -> dict[str, float]:
     publisher = UpdatePublisher.for_connection(nc, ack_timeout_s=30.0)
     out = {"train": t1 - t0, "seal": 0.0, "put": 0.0}
     for copy in range(a.copies):
+        edge_id = a.edge if copy == 0 else f"{a.edge}-c{copy}"
         t1 = time.perf_counter()
         payload = encode_update(delta, sizes, CompressionSettings(mode="none")).data
         _, envelope = seal_update(
             payload,
             recipient=keys["hpke"].public_key(),
-            signer=keys["edges"][a.edge],
+            signer=keys["edges"][edge_id],
             model="wide",
-            round=1 + copy,
-            edge_id=a.edge,
+            round=1,
+            edge_id=edge_id,
             base_version=1,
             base_digest="0" * 64,
             num_samples=256,
@@ -128,75 +129,108 @@ async def edge_role(a: argparse.Namespace) -> dict[str, float]:
     return out | {"rss": peak_rss_mb()}
 
 
-async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
-    import nats
-    from nats.js.api import ConsumerConfig
+class Registry:
+    """The enrolled edges (the trainer's ``EdgeDirectory``)."""
 
+    def __init__(self, publics: dict[str, Any]) -> None:
+        from fedcore.enrollment import EdgeRegistry
+
+        registry = EdgeRegistry()
+        for edge, key in publics.items():
+            registry = registry.enroll(edge, key.public_bytes_raw().hex())
+        self.registry = registry
+
+    def current(self) -> Any:
+        return self.registry
+
+
+async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
+    """The trainer's own ingest path (``UpdateIngestor`` into ``RoundDriver``: verify,
+    decrypt, decode, bounds, fold, checkpoint) and its release steps."""
+    import nats
+    from prometheus_client import CollectorRegistry
+
+    from fedcore.artifact import verify_version_dir
     from fedcore.artifact_store import upload_version
-    from fedcore.compression import decode_update, sizes_from_layout
-    from fedcore.envelope import open_update
+    from fedcore.compression import sizes_from_layout
     from fedcore.models.wide import wide_spec
     from fedcore.params import flatten, layout
-    from fedcore.transport import UPDATES_STREAM, UpdatePointer, is_pointer
-    from trainer.aggregate import WeightedSum
+    from fedcore.transport import UpdatePointer, is_pointer
     from trainer.bootstrap import write_version
+    from trainer.driver import RoundDriver
+    from trainer.ingest import IngestOptions, UpdateIngestor, Verdict
+    from trainer.ingest_metrics import IngestMetrics
+    from trainer.ledger import UpdateLedger
+    from trainer.rounds import RoundBook, RoundPolicy
+    from trainer.strategies import get_strategy
 
     keys = load_keys(Path(a.keys))
-    publics = {e: k.public_key() for e, k in keys["edges"].items()}
     module = base_module(a.hidden)
-    sizes = sizes_from_layout(layout(module))
-    base = flatten(module)
+    sizes = tuple(sizes_from_layout(layout(module)))
+    book = RoundBook(
+        "wide",
+        RoundPolicy(min_updates=a.updates),
+        get_strategy("fedavg"),
+        version=1,
+        digest="0" * 64,
+        params=flatten(module),
+    )
     del module
+    book.open(sorted(keys["edges"]))
+    state = Path(a.workdir) / f"trainer-{os.getpid()}"
+    driver = RoundDriver({"wide": book}, state, {"wide": sizes})
     nc = await nats.connect(a.url, user="bench", password=a.password)
     js = nc.jetstream()
-    sub = await js.pull_subscribe(
-        "fedgate.updates.>",
-        f"bench-{os.getpid()}",
-        stream=UPDATES_STREAM,
-        config=ConsumerConfig(ack_wait=120),
+    ingestor = UpdateIngestor(
+        js,
+        recipient=keys["hpke"],
+        edges=Registry({e: k.public_key() for e, k in keys["edges"].items()}),
+        rounds=driver,
+        aggregator=driver,
+        ledger=await UpdateLedger.open(js),
+        metrics=IngestMetrics(CollectorRegistry()),
+        options=IngestOptions(
+            max_update_bytes=1 << 31, ack_wait_s=300.0, durable=f"bench-{os.getpid()}"
+        ),
     )
-    total = WeightedSum(len(base))
-    get = agg = 0.0
+    await ingestor.bind()
+    get = handle = 0.0
     for _ in range(a.updates):
-        t0 = time.perf_counter()
-        (msg,) = await sub.fetch(1, timeout=120)
-        sink = io.BytesIO()
-        if is_pointer(msg.data):
+        (msg,) = await ingestor.fetch(1, 120.0)
+        if is_pointer(msg.data):  # the transfer alone, timed apart from the pipeline
             pointer = UpdatePointer.decode(msg.data)
+            t0 = time.perf_counter()
             store = await js.object_store(pointer.bucket)
-            await store.get(pointer.name, writeinto=sink)
-        else:
-            sink.write(msg.data)
-        envelope = sink.getbuffer()
-        t1 = time.perf_counter()
-        header, payload = open_update(
-            envelope, recipient=keys["hpke"], edge_keys=publics.get, max_payload=1 << 31
-        )
-        del envelope, sink
-        vector = decode_update(payload, header.compression, sizes)
-        del payload
-        total.fold(vector, float(header.num_samples))
-        del vector
-        await msg.ack()
-        t2 = time.perf_counter()
-        get, agg = get + t1 - t0, agg + t2 - t1
-    params = (base + total.mean()).astype(np.float32)
-    del total, base
+            await store.get(pointer.name, writeinto=io.BytesIO())
+            get += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outcome = await ingestor.handle(msg)
+        handle += time.perf_counter() - t0
+        assert outcome.verdict is Verdict.ACCEPTED, outcome
     t3 = time.perf_counter()
-    directory = Path(a.workdir) / f"release-{os.getpid()}"
+    candidate = book.finalize()
+    directory = state / "artifacts" / "2"
     spec = wide_spec(a.hidden)
-    await asyncio.to_thread(write_version, spec, params, directory, keys["trainer"], version=2)
+    await asyncio.to_thread(write_version, spec, candidate, directory, keys["trainer"], version=2)
+    verify_version_dir(directory, keys["trainer"].public_key(), model="wide", version=2)
     await upload_version(js, "wide", 2, directory)
     t4 = time.perf_counter()
     await nc.close()
-    shutil.rmtree(directory)
-    return {"get": get, "aggregate": agg, "release": t4 - t3, "rss": peak_rss_mb()}
+    shutil.rmtree(state)
+    return {"get": get, "aggregate": handle - get, "release": t4 - t3, "rss": peak_rss_mb()}
 
 
 def floor_role(a: argparse.Namespace) -> dict[str, float]:
-    from fedcore.params import flatten
+    """What a process holds before any model: the imports of the trainer's path."""
+    import nats  # noqa: F401
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import torch  # noqa: F401
 
-    flatten(base_module(a.hidden))
+    import trainer.ingest  # noqa: F401
+    from fedcore.models.wide import wide_spec
+
+    wide_spec(1).build_module()
     return {"rss": peak_rss_mb()}
 
 
@@ -256,6 +290,17 @@ async def fresh_transport(url: str, password: str) -> None:
     await nc.close()
 
 
+async def fresh_ledger(url: str, password: str) -> None:
+    import nats
+
+    from fedcore.transport import LEDGER_BUCKET
+
+    nc = await nats.connect(url, user="bench", password=password)
+    with contextlib.suppress(Exception):  # not there yet
+        await nc.jetstream().delete_key_value(LEDGER_BUCKET)
+    await nc.close()
+
+
 def write_keys(path: Path, edges: list[str]) -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
@@ -289,7 +334,9 @@ def one_size(millions: float, n_edges: int, root: Path, url: str, password: str)
     floor = child("floor", **common)["rss"]
     asyncio.run(fresh_transport(url, password))
     runs = [child("edge", edge=e, copies=2, **common) for e in edges]
+    asyncio.run(fresh_ledger(url, password))
     trainer = child("trainer", updates=n_edges, **common)
+    asyncio.run(fresh_ledger(url, password))
     trainer2 = child("trainer", updates=2 * n_edges, **common)  # the second copies too
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("train", "seal", "put")}
     edge_rss = max(r["rss"] for r in runs)
@@ -331,7 +378,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="fedgate-large-") as tmp:
         root = Path(tmp)
-        write_keys(root / "keys.json", [f"edge-{i + 1}" for i in range(a.edges)])
+        edges = [f"edge-{i + 1}" for i in range(a.edges)]
+        write_keys(root / "keys.json", [*edges, *(f"{e}-c1" for e in edges)])
         proc, url, password = start_nats(root)
         try:
             for millions in a.params:
