@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import numpy as np
@@ -45,7 +46,7 @@ HIDDEN = 800
 DIM = parameter_count(HIDDEN)
 SIZES = [int(np.prod(shape)) for _, shape in layout(wide_spec(HIDDEN).build_module())]
 MAX_PAYLOAD = 256 * 1024
-OPTIONS = {"clip_norm": 1.0, "stochastic_rounding": False}
+OPTIONS: dict[str, Any] = {"clip_norm": 1.0, "stochastic_rounding": False}
 
 
 @pytest.fixture
