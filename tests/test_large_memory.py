@@ -125,7 +125,6 @@ async def test_trainer_peak_memory_does_not_grow_with_the_number_of_updates(
     finally:
         await nc.close()
     two, eight = peaks
-    print(f"traced peak: {two / MODEL_BYTES:.1f}x (2 updates), {eight / MODEL_BYTES:.1f}x (8) the model")
     detail = f"peak {two / 1e6:.0f} MB for 2 updates, {eight / 1e6:.0f} MB for 8"
     assert eight < two + MODEL_BYTES, detail
     assert eight < 12 * MODEL_BYTES  # the trainer's whole ingest path, bounds and checkpoint

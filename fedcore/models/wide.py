@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_HIDDEN = 5000
+HIDDEN_VAR = "FEDGATE_WIDE_HIDDEN"
 
 
 class WideSettings(BaseSettings):
