@@ -8,18 +8,25 @@ and the trainer are separate processes (this script with ``--role``): each peak 
 - edge: load the base model, fine-tune one epoch on 256 digits samples (``train``), seal
   the FP32 delta (HPKE + Ed25519, ``seal``), publish it (object store + pointer,
   ``put``); edges run one after the other;
-- trainer: fetch each pointer and its object (``get``), open (verify, decrypt), decode
-  and fold it into the streaming weighted sum (``aggregate``), then release: export ONNX,
-  check it against torch, sign, upload the version to the object store (``release``).
+- trainer: the trainer's own ``UpdateIngestor`` and ``RoundDriver`` (FedAvg, the default
+  per-update bounds with their warm-up of 3 held updates, a checkpoint per fold): the
+  object store get of each update is timed apart (``get``), the rest of handling it
+  (verify, decrypt, decode, bound, fold, checkpoint: ``aggregate``); then the release
+  (finalize, export ONNX, check it against torch with ONNX Runtime, sign, verify,
+  upload to the object store: ``release``);
+- rollout: a fresh edge process downloads the released version from the object store
+  and verifies it (``rollout``; Triton's load is not included).
 
-Printed: seconds per step (edge steps: mean over edges; ``transfer`` = put + get), the
-trainer's peak RSS for this round and for a round with twice the updates (the same edges
-publishing again under new ids: memory must not grow with the number of updates), one
-edge's peak RSS, each also as a multiple of the model's FP32 size, and the RSS of a bare
-process that imported torch and built the model (the floor under both).
+Printed: seconds per step (edge steps: mean over edges; ``transfer`` = put + get per
+update); the trainer's peak RSS after ingesting and after releasing, and after releasing
+a round of twice the updates (the same edges publishing again under other ids: memory
+must not grow with the number of updates); the peak RSS of the edge that trained, sealed
+and published, and of the one that rolled the version out. Each RSS also as (RSS - floor)
+over the model's FP32 size, the floor being a process that imported torch, onnx,
+onnxruntime, nats and the trainer's ingest (no model).
 
 Run: ``.venv/bin/python benchmarks/large_model.py`` (sizes 1, 8, 25 M parameters; about
-5 minutes on 2 cores); ``--params 25`` for the 25M model alone.
+10 minutes on 2 cores); ``--params 25`` for the 25M model alone.
 """
 
 from __future__ import annotations
@@ -207,6 +214,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
         outcome = await ingestor.handle(msg)
         handle += time.perf_counter() - t0
         assert outcome.verdict is Verdict.ACCEPTED, outcome
+    ingest_rss = peak_rss_mb()
     t3 = time.perf_counter()
     candidate = book.finalize()
     directory = state / "artifacts" / "2"
@@ -217,7 +225,33 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     t4 = time.perf_counter()
     await nc.close()
     shutil.rmtree(state)
-    return {"get": get, "aggregate": handle - get, "release": t4 - t3, "rss": peak_rss_mb()}
+    return {
+        "get": get,
+        "aggregate": handle - get,
+        "release": t4 - t3,
+        "ingest_rss": ingest_rss,
+        "rss": peak_rss_mb(),
+    }
+
+
+async def rollout_role(a: argparse.Namespace) -> dict[str, float]:
+    """An edge takes the released version: download it from the object store, verify its
+    signature and digests (what ``edge_runtime.rollout`` does before staging it)."""
+    import nats
+
+    from fedcore.artifact import verify_version_dir
+    from fedcore.artifact_store import download_version
+
+    keys = load_keys(Path(a.keys))
+    nc = await nats.connect(a.url, user="bench", password=a.password)
+    dest = Path(a.workdir) / f"rollout-{os.getpid()}"
+    t0 = time.perf_counter()
+    await download_version(nc.jetstream(), "wide", 2, dest, max_bytes=1 << 31)
+    verify_version_dir(dest, keys["trainer"].public_key(), model="wide", version=2)
+    took = time.perf_counter() - t0
+    await nc.close()
+    shutil.rmtree(dest)
+    return {"rollout": took, "rss": peak_rss_mb()}
 
 
 def floor_role(a: argparse.Namespace) -> dict[str, float]:
@@ -338,15 +372,19 @@ def one_size(millions: float, n_edges: int, root: Path, url: str, password: str)
     trainer = child("trainer", updates=n_edges, **common)
     asyncio.run(fresh_ledger(url, password))
     trainer2 = child("trainer", updates=2 * n_edges, **common)  # the second copies too
+    rollout = child("rollout", **common)
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("train", "seal", "put")}
     edge_rss = max(r["rss"] for r in runs)
+
+    def rss(mb: float) -> str:
+        return f"{mb:5.0f} ({(mb - floor) / model_mb:4.1f}x)"
+
     print(
-        f"{parameter_count(hidden) / 1e6:6.1f} {model_mb:7.0f} | {mean['train']:6.1f} "
+        f"{parameter_count(hidden) / 1e6:9.1f} {model_mb:8.0f} | {mean['train']:5.1f} "
         f"{mean['seal']:5.2f} {mean['put'] + trainer['get'] / n_edges:8.2f} "
-        f"{trainer['aggregate'] / n_edges:9.2f} {trainer['release']:7.1f} | "
-        f"{trainer['rss']:5.0f} ({(trainer['rss'] - floor) / model_mb:3.1f}x) "
-        f"{trainer2['rss']:5.0f} ({(trainer2['rss'] - floor) / model_mb:3.1f}x) "
-        f"{edge_rss:5.0f} ({(edge_rss - floor) / model_mb:3.1f}x) {floor:5.0f}",
+        f"{trainer['aggregate'] / n_edges:9.2f} {trainer['release']:7.1f} "
+        f"{rollout['rollout']:7.1f} | {rss(trainer['ingest_rss'])}  {rss(trainer['rss'])}  "
+        f"{rss(trainer2['rss'])} | {rss(edge_rss)}    {rss(rollout['rss'])} | {floor:5.0f}",
         flush=True,
     )
 
@@ -355,7 +393,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", type=float, nargs="+", default=[1.0, 8.0, 25.0])
     p.add_argument("--edges", type=int, default=3)
-    p.add_argument("--role", choices=["edge", "trainer", "floor"])
+    p.add_argument("--role", choices=["edge", "trainer", "rollout", "floor"])
     for name in ("hidden", "copies", "updates"):
         p.add_argument(f"--{name}", type=int, default=1)
     for name in ("keys", "url", "password", "workdir", "edge"):
@@ -365,7 +403,7 @@ def main() -> None:
         print(json.dumps(floor_role(a)))
         return
     if a.role is not None:
-        role = edge_role if a.role == "edge" else trainer_role
+        role = {"edge": edge_role, "trainer": trainer_role, "rollout": rollout_role}[a.role]
         print(json.dumps(asyncio.run(role(a))))
         return
     print(
@@ -373,8 +411,14 @@ def main() -> None:
         f"(RSS - floor) as a multiple of the FP32 model size; load {os.getloadavg()[0]:.1f}"
     )
     print(
-        "params(M) MB(FP32) | train  seal transfer aggregate release | trainer RSS "
-        f"({a.edges} upd) ({2 * a.edges} upd)   edge RSS    floor"
+        "                   |             seconds per update     round  edge    |"
+        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  |"
+        " edge peak RSS, MB                 |"
+    )
+    print(
+        "params(M) MB(FP32) | train  seal transfer aggregate release rollout |"
+        "  after ingest   after release   after release |"
+        "  train+seal+put   rollout         | floor"
     )
     with tempfile.TemporaryDirectory(prefix="fedgate-large-") as tmp:
         root = Path(tmp)
