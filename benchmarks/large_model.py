@@ -21,9 +21,9 @@ Printed: seconds per step (edge steps: mean over edges; ``transfer`` = put + get
 update); the trainer's peak RSS after ingesting and after releasing, and after releasing
 a round of twice the updates (the same edges publishing again under other ids: memory
 must not grow with the number of updates); the peak RSS of the edge that trained, sealed
-and published, and of the one that rolled the version out. Each RSS also as (RSS - floor)
-over the model's FP32 size, the floor being a process that imported torch, onnx,
-onnxruntime, nats and the trainer's ingest (no model).
+and published, and of the one that rolled the version out (no torch there: plain MB).
+Each other RSS also as (RSS - floor) over the model's FP32 size, the floor being a process
+that imported torch, onnx, onnxruntime, nats and the trainer's ingest (no model).
 
 Run: ``.venv/bin/python benchmarks/large_model.py`` (sizes 1, 8, 25 M parameters; about
 10 minutes on 2 cores); ``--params 25`` for the 25M model alone.
@@ -384,7 +384,7 @@ def one_size(millions: float, n_edges: int, root: Path, url: str, password: str)
         f"{mean['seal']:5.2f} {mean['put'] + trainer['get'] / n_edges:8.2f} "
         f"{trainer['aggregate'] / n_edges:9.2f} {trainer['release']:7.1f} "
         f"{rollout['rollout']:7.1f} | {rss(trainer['ingest_rss'])}  {rss(trainer['rss'])}  "
-        f"{rss(trainer2['rss'])} | {rss(edge_rss)}    {rss(rollout['rss'])} | {floor:5.0f}",
+        f"{rss(trainer2['rss'])} | {rss(edge_rss)}    {rollout['rss']:5.0f} | {floor:5.0f}",
         flush=True,
     )
 
