@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
@@ -48,7 +49,7 @@ from fedcore.secagg import (
     UnmaskRequest,
 )
 from fedcore.secagg.frame import ANSWERS, Frame, Phase, secure_round_id
-from fedcore.secagg.parts import PartSender
+from fedcore.secagg.parts import PartSender, Request
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,14 @@ class SecureParticipant:
         events: EventLog | None = None,
         on_answer: OnAnswer | None = None,
         max_message: int = 1 << 62,
+        request: Request | None = None,
     ) -> None:
         self.edge_id = edge_id
         self._identity = identity
         self._enrolled = enrolled
         self.configs = dict(configs)
         self.rounds = rounds
-        self._out = PartSender(send, max_message)
+        self._out = PartSender(send, max_message, request=request)
         self.events = events or EventLog()
         self._on_answer = on_answer
         self._state: dict[str, _EdgeRound] = {}
@@ -109,6 +111,8 @@ class SecureParticipant:
         """Listen to the trainer; answers larger than the server's ``max_payload`` (a
         masked input of a large model) go out in parts (:mod:`fedcore.secagg.parts`)."""
         self._out.max_message = nc.max_payload
+        if self._out.request is None:
+            self._out.request = nats_request(nc)
         for model in self.configs:
             await nc.subscribe(subjects.secagg_to_edge(model, self.edge_id), cb=self.on_message)
 
@@ -245,3 +249,17 @@ class SecureParticipant:
             if body is not None:
                 state.answers[Phase.DELIVERY] = body
                 await self._reply(model, state, Phase.DELIVERY, body)
+
+
+def nats_request(nc: NATS) -> Request:
+    """``nc.request`` as :class:`fedcore.secagg.parts.PartSender` wants it: the answer's
+    body, NATS failures as ``TimeoutError``."""
+
+    async def request(subject: str, data: bytes, timeout_s: float) -> bytes:
+        try:
+            msg = await nc.request(subject, data, timeout=timeout_s)
+        except nats.errors.Error as exc:
+            raise TimeoutError(f"no answer on {subject}: {exc!r}") from None
+        return bytes(msg.data)
+
+    return request

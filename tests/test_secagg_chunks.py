@@ -97,3 +97,36 @@ async def test_a_sender_does_not_repeat_a_parted_frame_right_away() -> None:
     r = Reassembler()
     rebuilt = [r.offer("e", d, max_total=LIMIT, now=0.0) for _, d in sent[:4]]
     assert bytes(rebuilt[-1] or b"") == frame
+
+
+async def test_a_paced_sender_waits_for_the_receiver_every_window_and_stops_when_busy() -> None:
+    sent: list[tuple[str, bytes, bool]] = []
+    answers = [b"ok", b"ok"]
+
+    async def send(subject: str, data: bytes) -> None:
+        sent.append((subject, data, False))
+
+    async def request(subject: str, data: bytes, timeout_s: float) -> bytes:
+        sent.append((subject, data, True))
+        return answers.pop(0) if answers else b"busy"
+
+    out = PartSender(send, MAX, request=request, window=4)
+    frame = os.urandom(9 * part_size_for(MAX) + 5)  # ten parts
+    await out.send("s", frame)
+    assert [paced for _, _, paced in sent] == [False, False, False, True] * 2 + [False, True]
+    assert out.stopped == 1 and out.last_stop == "busy"  # the last part found it busy
+    sent.clear()
+    answers[:] = [b"ok", b"ok", b"ok"]
+    await out.send("s", frame)  # stopped, so not "sent whole just before": sent again
+    assert len(sent) == 10 and out.skipped == 0
+    r = Reassembler()
+    rebuilt = [r.offer("e", d, max_total=LIMIT, now=0.0) for _, d, _ in sent]
+    assert bytes(rebuilt[-1] or b"") == frame
+
+    async def silent(subject: str, data: bytes, timeout_s: float) -> bytes:
+        raise TimeoutError("no answer")
+
+    quiet = PartSender(send, MAX, request=silent, window=2)
+    sent.clear()
+    await quiet.send("s", frame)
+    assert len(sent) == 1 and quiet.stopped == 1  # one part, then no answer to the second

@@ -55,7 +55,7 @@ from fedcore.secagg.frame import (
     masked_frame_bytes,
     secure_round_id,
 )
-from fedcore.secagg.parts import Reassembler
+from fedcore.secagg.parts import ACK, BUSY, Reassembler
 from fedcore.secagg.quantize import edge_bound
 from trainer.rounds import RoundBook, SecureOutcome
 from trainer.secure_metrics import SecureMetrics
@@ -372,6 +372,7 @@ class SecureCoordinator:
         running = self._running.get(model)
         if direction != "from" or running is None:
             return
+        dropped = self._parts.dropped
         try:
             whole = self._parts.offer(
                 f"{model}/{edge}",
@@ -379,11 +380,15 @@ class SecureCoordinator:
                 max_total=masked_frame_bytes(self.dims[model]),
                 now=time.monotonic(),
             )
+            if msg.reply:  # a paced part: the edge waits for this before sending more
+                await msg.respond(BUSY if self._parts.dropped > dropped else ACK)
             if whole is None:  # more parts to come
                 return
             frame = Frame.decode(bytes(whole))
         except SecAggError as exc:
             log.warning("secure round: bad frame: %s", exc, extra={"model": model, "edge": edge})
+            if msg.reply:
+                await msg.respond(exc.reason.encode())
             return
         if frame.phase in FROM_EDGE:
             running.round.offer(edge, frame)

@@ -16,6 +16,14 @@ the edge send the very same frame again (same digest: the parts already here cou
 A sender (:class:`PartSender`) does not send a parted frame again while it is still
 sending it or within ``repeat_after_s`` after it sent it whole: the trainer repeats its
 request every second or so, and a repeat of 100 MB each time would only add traffic.
+Flow control: core NATS pushes messages at a subscriber as fast as publishers send them,
+and a server disconnects a subscriber that falls behind by its ``max_pending`` (64 MiB):
+three edges sending a 100 MB masked input each at once did that to the trainer. So a
+sender with ``request`` sends every ``window``-th part (and the last) as a request and
+waits for the receiver's answer before going on: the receiver answers once it has taken
+that part (and so every part before it), ``ok`` or ``busy`` (the part was dropped, see
+below: the sender stops and sends the frame again when asked again). At most ``window``
+parts per sender are in flight.
 At most ``max_open`` frames are in progress at once, so a receiver's memory does not
 grow with the number of senders; a part of another sender is dropped meanwhile (the
 trainer's next repeat brings it back) unless the oldest frame in progress is stale.
@@ -40,6 +48,11 @@ MESSAGE_ROOM = 1024
 
 Bytes = bytes | bytearray | memoryview
 Send = Callable[[str, bytes], Awaitable[None]]
+Request = Callable[[str, bytes, float], Awaitable[bytes]]
+"""Publish with a reply subject and wait for the answer's body (``nc.request``); a failure
+is a ``TimeoutError`` or an ``OSError``."""
+ACK = b"ok"
+BUSY = b"busy"
 
 
 def part_size_for(max_message: int) -> int:
@@ -184,8 +197,16 @@ class PartSender:
         *,
         repeat_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        request: Request | None = None,
+        window: int = 8,
+        ack_timeout_s: float = 10.0,
     ) -> None:
+        if window < 1 or ack_timeout_s <= 0:
+            raise ValueError("need window >= 1 and ack_timeout_s > 0")
         self._send = send
+        self.request = request
+        self.window = window
+        self.ack_timeout_s = ack_timeout_s
         self.max_message = max_message
         self.repeat_after_s = repeat_after_s
         self._clock = clock
@@ -193,6 +214,9 @@ class PartSender:
         self._sent: dict[str, tuple[bytes, float]] = {}  # subject -> (digest, when done)
         self.skipped = 0
         """Repeats of a parted frame not sent (in flight, or sent whole just before)."""
+        self.stopped = 0
+        """Parted frames stopped midway (the receiver was busy or did not answer)."""
+        self.last_stop = ""
 
     async def send(self, subject: str, frame: bytes) -> None:
         """Send ``frame`` on ``subject`` whole, or in parts."""
@@ -208,8 +232,29 @@ class PartSender:
             return
         self._sending.add(key)
         try:
-            for part in parts:
-                await self._send(subject, bytes(part))
+            whole = await self._send_parts(subject, parts)
         finally:
             self._sending.discard(key)
-        self._sent[subject] = (key[1], self._clock())
+        if whole:
+            self._sent[subject] = (key[1], self._clock())
+
+    async def _send_parts(self, subject: str, parts: list[Bytes]) -> bool:
+        """Send every part, waiting for an answer every ``window`` parts when there is
+        ``request``; False when the receiver is busy or silent (the frame stops there)."""
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            paced = self.request is not None and (i % self.window == self.window - 1 or i == last)
+            if not paced or self.request is None:
+                await self._send(subject, bytes(part))
+                continue
+            try:
+                answer = await self.request(subject, bytes(part), self.ack_timeout_s)
+            except (TimeoutError, OSError) as exc:  # the request wrapper maps NATS errors
+                self.stopped += 1
+                self.last_stop = repr(exc)
+                return False
+            if answer != ACK:
+                self.stopped += 1
+                self.last_stop = answer.decode(errors="replace")
+                return False
+        return True
