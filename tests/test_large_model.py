@@ -22,6 +22,7 @@ from typing import Any
 import nats
 import numpy as np
 import pytest
+from nats.aio.client import Client as NATS
 
 from edge_runtime.publisher import UpdatePublisher
 from fedcore.artifact import verify_version_dir
@@ -33,6 +34,7 @@ from fedcore.models.wide import parameter_count, wide_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.secagg import SecAggConfig, round_params
 from fedcore.secagg.quantize import dequantize_sum, quantize
+from fedcore.subjects import inbox_prefix
 from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, RoundRecord, round_key
 from fedgate.keys_cmd import KeyLayout, init_keys
 from tests.conftest import NatsServer, processes_mentioning, start_nats
@@ -47,6 +49,13 @@ DIM = parameter_count(HIDDEN)
 SIZES = [int(np.prod(shape)) for _, shape in layout(wide_spec(HIDDEN).build_module())]
 MAX_PAYLOAD = 256 * 1024
 OPTIONS: dict[str, Any] = {"clip_norm": 1.0, "stochastic_rounding": False}
+
+
+async def connect(server: NatsServer, user: str) -> NATS:
+    """A connection as ``user`` with its own inbox prefix (the only one it may read)."""
+    return await nats.connect(
+        server.url, user=user, password=server.users[user], inbox_prefix=inbox_prefix(user)
+    )
 
 
 @pytest.fixture
@@ -99,7 +108,7 @@ async def released_and_downloaded(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Versions 1 and 2 as the trainer wrote them, after checking that an edge downloads
     version 2 from the object store intact and signed."""
-    nc = await nats.connect(server.url, user="edge-1", password=server.users["edge-1"])
+    nc = await connect(server, "edge-1")
     try:
         dest = await download_version(nc.jetstream(), "wide", 2, root / "download")
     finally:
@@ -119,14 +128,14 @@ async def test_a_round_of_a_model_over_max_payload_goes_through_the_object_store
 ) -> None:
     keys = init_keys(tmp_path / "keys", EDGES)
     trainer = start_trainer(tmp_path, keys, small_nats)
-    nc = await nats.connect(small_nats.url, user="trainer", password=small_nats.users["trainer"])
+    nc = await connect(small_nats, "trainer")
     js = nc.jetstream()
     rng = np.random.default_rng(0)
     deltas = [rng.normal(0, 1e-3, DIM).astype(np.float32) for _ in EDGES]
     try:
         a1 = await wait_kv(js, ROUNDS_BUCKET, "wide", open_round(1), 180, trainer)
         for edge, delta in zip(EDGES, deltas, strict=True):
-            edge_nc = await nats.connect(small_nats.url, user=edge, password=small_nats.users[edge])
+            edge_nc = await connect(small_nats, edge)
             payload = encode_update(delta, SIZES, CompressionSettings(mode="none")).data
             _, envelope = seal_update(
                 payload,
@@ -168,7 +177,7 @@ async def test_a_secure_round_of_a_model_over_max_payload_sends_masked_inputs_in
 ) -> None:
     keys = init_keys(tmp_path / "keys", EDGES)
     edges = [start_edge(tmp_path, keys, small_nats, e) for e in EDGES]
-    nc = await nats.connect(small_nats.url, user="trainer", password=small_nats.users["trainer"])
+    nc = await connect(small_nats, "trainer")
     js = nc.jetstream()
     await heartbeats_from(nc, EDGES)
     trainer = start_trainer(
