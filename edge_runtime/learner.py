@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 ReadLoad = Callable[[], Awaitable[TritonLoad]]
 ReadServed = Callable[[], Awaitable[Mapping[int, ServedVersion]]]
-Publish = Callable[[bytes], Awaitable[Any]]
+Publish = Callable[[bytes | bytearray], Awaitable[Any]]
 
 
 class SecureSink(Protocol):

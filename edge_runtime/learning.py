@@ -174,8 +174,7 @@ class EdgeLearning:
             send,
             events=self.events,
         )
-        dims = {m: sum(learner_config(s, m).sizes) for m in s.secagg}
-        await participant.start(nc, dims)
+        await participant.start(nc)
         return participant
 
     async def stop(self, timeout_s: float = 10.0) -> None:

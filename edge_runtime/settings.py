@@ -76,6 +76,12 @@ class EdgeSettings(ServiceSettings):
     heartbeat_interval_s: float = Field(
         default=1.0, gt=0, description="how often the edge tells the fleet it is alive"
     )
+    max_artifact_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        gt=0,
+        description="largest model version (all its files) the edge downloads; a version "
+        "of a model of N parameters takes about 8 * N bytes (ONNX and weights.npy)",
+    )
     # -- supervision of tritonserver (README "Operations")
     triton_probe_interval_s: float = Field(
         default=1.0, gt=0, description="seconds between liveness probes of tritonserver"

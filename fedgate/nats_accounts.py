@@ -16,7 +16,8 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
   (rollout records, and the desired versions that edges read).
 - The trainer manages JetStream and its buckets; it can neither speak for an edge (nor
   answer a secure-aggregation step in an edge's name) nor read the feedback labels (raw
-  labels stay with the edges).
+  labels stay with the edges). It may answer requests it receives (``allow_responses``):
+  the edges' paced masked-input parts wait for its acknowledgement.
 
 Every user subscribes only to its own inbox prefix ``_INBOX_<user>.>`` (services connect
 with ``inbox_prefix``): replies and JetStream deliveries to the trainer are not readable by
@@ -187,7 +188,10 @@ def role_permissions(user: str) -> Permissions:
     """
     if user == "trainer":
         t_pub, t_pub_deny, t_sub, t_sub_deny = trainer_permissions()
-        return Permissions(tuple(t_pub), tuple(t_sub), tuple(t_pub_deny), tuple(t_sub_deny))
+        # responses: it acknowledges an edge's paced masked-input parts (fedcore.secagg.parts)
+        return Permissions(
+            tuple(t_pub), tuple(t_sub), tuple(t_pub_deny), tuple(t_sub_deny), responses=True
+        )
     if user == "gateway":
         g_pub, g_sub = gateway_permissions()
         return Permissions(tuple(g_pub), tuple(g_sub))

@@ -31,7 +31,6 @@ from nats.aio.client import Client as NATS
 
 from fedcore import subjects
 from fedcore.errors import ConfigError
-from fedcore.models import get_spec
 from fedcore.params import load_weights_file
 from fedcore.secagg import SecAggConfig, round_params
 from fedcore.secagg.quantize import dequantize_sum, quantize
@@ -326,12 +325,3 @@ def test_the_service_exits_with_the_reason(tmp_path: Path, nats_server: NatsServ
     err = done.stderr.decode()
     assert "secure aggregation cannot be combined with strategy 'median'" in err
     assert not (tmp_path / "trainer" / "artifacts").exists()  # refused before bootstrap
-
-
-def test_a_model_too_large_for_one_message_is_refused() -> None:
-    from trainer.secure_setup import check_payload
-
-    dim = sum(p.numel() for p in get_spec("digits").build_module().parameters())
-    check_payload("digits", dim, 1024 * 1024)
-    with pytest.raises(ConfigError, match="max_payload"):
-        check_payload("digits", dim, 4 * dim)

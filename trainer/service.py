@@ -56,7 +56,7 @@ from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
-from trainer.secure_setup import check_payload, secure_configs
+from trainer.secure_setup import secure_configs
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 from trainer.strategies.accountant import PrivacyLedger
@@ -451,8 +451,6 @@ async def start_secure(
     if not configs:
         return None
     dims = {m: sum(sizes[m]) for m in configs}
-    for model, dim in dims.items():
-        check_payload(model, dim, nc.max_payload)
 
     async def send(subject: str, data: bytes) -> None:
         await nc.publish(subject, data)
