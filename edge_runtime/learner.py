@@ -427,7 +427,11 @@ def clip_delta(delta: NDArray[Any], clip_norm: float | None) -> tuple[NDArray[An
 def local_metrics(result: Mapping[str, Any], delta_norm: float) -> dict[str, float]:
     """The aggregate figures that travel (signed) with an update: no sample leaves."""
     metrics = {"delta_norm": delta_norm, "holdout": float(result.get("holdout", 0))}
-    for name in ("loss", "accuracy", "base_loss", "base_accuracy"):
+    metric = result.get("metric")
+    names = ["loss", "base_loss"]
+    if isinstance(metric, str) and metric.isidentifier():
+        names += [metric, f"base_{metric}"]  # the model's own metric, by its name
+    for name in names:
         value = _opt_float(result.get(name))
         if value is not None:
             metrics[name] = value

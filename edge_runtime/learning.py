@@ -14,6 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
@@ -40,6 +41,7 @@ from fedcore.compression import CompressionSettings, sizes_from_layout
 from fedcore.enrollment import load_registry
 from fedcore.models import get_spec
 from fedcore.params import layout
+from fedcore.spec import ModelSpec
 from fedcore.triton_config import CaptureParams
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,24 @@ def capture_params(settings: EdgeSettings, model: str) -> CaptureParams:
         rate=settings.capture_rate,
         capacity=settings.spool_capacity,
         tombstones=settings.spool_tombstones,
+    )
+
+
+def recipe_for(s: EdgeSettings, spec: ModelSpec) -> Recipe:
+    """The spec's training recipe with every ``TRAIN_*`` setting the deployment set."""
+    r = spec.recipe
+
+    def pick(mine: Any, default: Any) -> Any:
+        return default if mine is None else mine
+
+    return Recipe(
+        optimizer=pick(s.train_optimizer, r.optimizer),
+        epochs=pick(s.train_epochs, r.epochs),
+        batch_size=pick(s.train_batch_size, r.batch_size),
+        lr=pick(s.train_lr, r.lr),
+        momentum=pick(s.train_momentum, r.momentum),
+        weight_decay=pick(s.train_weight_decay, r.weight_decay),
+        proximal_mu=s.proximal_mu,
     )
 
 
@@ -75,14 +95,7 @@ def learner_config(settings: EdgeSettings, model: str) -> LearnerConfig:
             window_s=s.idle_window_s,
         ),
         min_new_labels=s.min_new_labels,
-        recipe=Recipe(
-            epochs=s.train_epochs,
-            batch_size=s.train_batch_size,
-            lr=s.train_lr,
-            momentum=s.train_momentum,
-            weight_decay=s.train_weight_decay,
-            proximal_mu=s.proximal_mu,
-        ),
+        recipe=recipe_for(s, spec),
         holdout_fraction=s.holdout_fraction,
         device=s.train_device,
         threads=s.train_threads,

@@ -95,11 +95,13 @@ class EdgeSettings(ServiceSettings):
     # -- local fine-tuning
     learning_enabled: bool = Field(default=True, description="fine-tune in idle windows")
     min_new_labels: int = Field(default=32, ge=1, description="new labels before training")
-    train_epochs: int = Field(default=1, ge=1)
-    train_batch_size: int = Field(default=32, ge=1)
-    train_lr: float = Field(default=0.05, gt=0)
-    train_momentum: float = Field(default=0.9, ge=0, lt=1)
-    train_weight_decay: float = Field(default=0.0, ge=0)
+    # the local training recipe: each unset (None) field is the model spec's own
+    train_optimizer: Literal["sgd", "adam"] | None = Field(default=None, description="sgd/adam")
+    train_epochs: int | None = Field(default=None, ge=1)
+    train_batch_size: int | None = Field(default=None, ge=1)
+    train_lr: float | None = Field(default=None, gt=0)
+    train_momentum: float | None = Field(default=None, ge=0, lt=1)
+    train_weight_decay: float | None = Field(default=None, ge=0)
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx term; 0 turns it off")
     clip_norm: float | None = Field(
         default=None, gt=0, description="clip the update's L2 norm to this (None: no clipping)"

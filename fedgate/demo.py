@@ -24,6 +24,7 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
+from fedcore.errors import ModelSpecError
 from fedcore.models import get_spec
 from fedgate.launcher import Stack, StackConfig, supervised
 
@@ -331,6 +332,8 @@ def table(rows: list[RoundRow]) -> list[str]:
 
 async def drive(stack: Stack, plan: DemoPlan, out: Out) -> int:
     spec = get_spec(MODEL)
+    if spec.dataset is None:
+        raise ModelSpecError(f"the demo replays a built-in's data set; {MODEL} has none")
     x_train, y_train, x_test, y_test = spec.dataset()
     sites = split_sites(y_train, stack.edge_ids, plan.alpha, plan.seed)
     for s in sites:

@@ -36,7 +36,7 @@ from fedcore.wire import (
     version_key,
 )
 from trainer.bootstrap import write_version
-from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_accuracy
+from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_metric
 from trainer.rounds import RoundBook
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class ReleaseContext:
     artifacts_dir: Path
     state_dir: Path
     margin: float
-    eval_x: NDArray[Any]
+    eval_x: Any
+    """the evaluation inputs: an array (one-input models) or arrays by input name"""
     eval_y: NDArray[Any]
     replicas: int = 1
     """of the buckets a release writes (``nats_replicas``), should one be missing"""
@@ -92,13 +93,28 @@ def _gate(
     cand = evaluate(ctx.spec, candidate, ctx.eval_x, ctx.eval_y)
     serving = evaluate(ctx.spec, book.params, ctx.eval_x, ctx.eval_y)
     folded = book.current.folded.values() if book.current else []
+    name = ctx.spec.task.metric
     reports = {  # weighted as folded: a claimed sample count is capped (trainer.bounds)
-        c.edge_id: (c.metrics["accuracy"], round(c.weight))
-        for c in folded
-        if "accuracy" in c.metrics
+        c.edge_id: (c.metrics[name], round(c.weight)) for c in folded if name in c.metrics
     }
-    decision = gate(cand, serving, margin=ctx.margin, edge_accuracy=weighted_edge_accuracy(reports))
+    decision = gate(cand, serving, margin=ctx.margin, edge_value=weighted_edge_metric(reports))
     return cand, serving, decision.release, decision.reason
+
+
+def record_metrics(cand: Metrics, serving: Metrics) -> dict[str, Any]:
+    """A round record's metric fields (``accuracy`` too when the metric is accuracy)."""
+    out: dict[str, Any] = {
+        "metric": cand.metric,
+        "higher_is_better": cand.spec.higher_is_better,
+        "value": cand.value,
+        "serving_value": serving.value,
+        "loss": cand.loss,
+        "evaluation": "central",
+        "eval_samples": cand.samples,
+    }
+    if cand.metric == "accuracy":
+        out.update(accuracy=cand.value, serving_accuracy=serving.value)
+    return out
 
 
 def _write(
@@ -180,7 +196,7 @@ async def _release_or_hold(
     before = {k: v.copy() for k, v in book.strategy.server_state().items()}
     candidate = await asyncio.to_thread(book.finalize)
     cand, serving, release, reason = await asyncio.to_thread(_gate, ctx, book, candidate)
-    metrics = {"accuracy": cand.accuracy, "loss": cand.loss, "serving_accuracy": serving.accuracy}
+    metrics = record_metrics(cand, serving)
     metrics["step_scale"] = book.step_scale
     if not release:
         book.strategy.load_server_state(before)
@@ -201,7 +217,9 @@ async def _release_or_hold(
         strategy=book.strategy.name,
         contributors=contributors,
         samples=sum(c.samples for c in contributors),
-        accuracy=cand.accuracy,
+        metric=cand.metric,
+        value=cand.value,
+        accuracy=cand.value if cand.metric == "accuracy" else None,
         loss=cand.loss,
         epsilon=epsilon_spent(book),
         created_ts=time.time(),

@@ -24,13 +24,14 @@ from fedcore import subjects
 from fedcore.artifact_store import models_bucket, upload_version
 from fedcore.compression import sizes_from_layout
 from fedcore.envelope import RecipientPrivateKey
-from fedcore.errors import ConfigError
+from fedcore.errors import ConfigError, ModelSpecError
 from fedcore.keys import load_ed25519, load_hpke_key
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.transport import StreamSpec
+from fedcore.weights import evaluation_data
 from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
@@ -322,7 +323,12 @@ async def _run(
     contexts: dict[str, ReleaseContext] = {}
     for m in settings.models:
         spec = get_spec(m)
-        _, _, x_test, y_test = spec.dataset()
+        data = evaluation_data(spec)
+        if data is None:
+            raise ModelSpecError(
+                f"model {m!r}: the trainer has no evaluation set (set evaluation_set)"
+            )
+        x_test, y_test = data
         contexts[m] = ReleaseContext(
             spec,
             signing,
