@@ -37,10 +37,10 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.spool import LabelledSet, Spool
-from fedcore.modelrun import target_output, to_tensors
-from fedcore.models import get_spec
+from fedcore.modelrun import make_optimizer, target_output, to_tensors
+from fedcore.models import get_spec, use_models
 from fedcore.params import flatten, load_flat, load_weights_file
-from fedcore.spec import Feeds, ModelSpec
+from fedcore.spec import Feeds, ModelSpec, TrainingRecipe
 from fedcore.task import metric_value, torch_loss
 
 if TYPE_CHECKING:
@@ -76,6 +76,8 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
+    model_ref: str | None = None
+    """the reference the edge resolved ``model`` from (a user's spec), resolved here too"""
     spool: Path
     base_weights: Path
     output: Path
@@ -184,17 +186,6 @@ def evaluate(
 Emit = Callable[[dict[str, Any]], None]
 
 
-def make_optimizer(r: Recipe, module: torch.nn.Module) -> torch.optim.Optimizer:
-    """The recipe's optimiser over ``module``'s parameters (fresh state each round)."""
-    import torch
-
-    if r.optimizer == "adam":
-        return torch.optim.Adam(module.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    return torch.optim.SGD(
-        module.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
-    )
-
-
 @dataclass
 class Trainer:
     """The mini-batch loop with its pause points."""
@@ -234,7 +225,12 @@ class Trainer:
         y = torch.from_numpy(data.y_train).to(device)
         w = torch.from_numpy(data.w_train).to(device)
         anchor = [p.detach().clone() for p in module.parameters()]
-        opt = make_optimizer(r, module)
+        opt = make_optimizer(
+            TrainingRecipe(
+                optimizer=r.optimizer, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
+            ),
+            module,
+        )
         opt.zero_grad()
         generator = torch.Generator().manual_seed(self.job.seed)
         done = 0
@@ -265,6 +261,8 @@ def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
     torch.manual_seed(job.seed)
     torch.set_num_threads(job.threads)
     device = select_device(job.device)
+    if job.model_ref is not None and job.model_ref != job.model:
+        use_models([job.model_ref], deep=False)
     spec = get_spec(job.model)
     spool = Spool(job.spool)
     try:

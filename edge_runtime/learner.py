@@ -43,6 +43,7 @@ from edge_runtime.spool import Spool
 from edge_runtime.worker import FinetuneWorker
 from fedcore.compression import CompressionSettings
 from fedcore.errors import FedgateError
+from fedcore.models import ref_of
 from fedcore.params import load_weights_file
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ class Learner:
         base = load_weights_file(base_file, expected=sum(c.sizes))
         spec = JobSpec(
             model=c.model,
+            model_ref=ref_of(c.model),
             spool=self.spool.path,
             base_weights=base_file,
             output=job_dir / "local.npy",

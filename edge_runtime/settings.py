@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from fedcore.compression import Mode
+from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
 from fedcore.settings import ServiceSettings
 from fedcore.wire import check_edge_id
@@ -21,7 +22,11 @@ class EdgeSettings(ServiceSettings):
 
     edge_id: str = Field(description="this edge's id (lowercase letters, digits, dashes)")
     data_dir: Path = Field(description="working directory: model repository, logs, spool")
-    models: list[str] = Field(default=["digits"], description="models this edge serves")
+    models: list[str] = Field(
+        default=["digits"],
+        description="models to serve: built-in names, entry points of group fedgate.models, "
+        "or package.module:SPEC",
+    )
     seed_artifacts_dir: Path = Field(
         description="signed version directories to install at start (<dir>/<model>/<version>/)"
     )
@@ -134,6 +139,12 @@ class EdgeSettings(ServiceSettings):
     )
     update_compression: Mode = Field(default="none", description="none, fp16, int8 or topk")
     update_topk_fraction: float = Field(default=0.01, gt=0, le=1)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        """References resolved, checked (module on a dummy batch, weights) and named."""
+        return models_setting(v, deep=True)
 
     @field_validator("edge_id")
     @classmethod

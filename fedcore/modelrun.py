@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.errors import ModelSpecError
-from fedcore.spec import Feeds, ModelSpec
+from fedcore.spec import Feeds, ModelSpec, TrainingRecipe
 
 if TYPE_CHECKING:
     import torch
@@ -70,3 +70,17 @@ def predict(spec: ModelSpec, module: torch.nn.Module, feeds: Feeds) -> dict[str,
     with torch.no_grad():
         outs = forward(spec, module, to_tensors(spec, feeds))
     return {n: v.detach().cpu().numpy() for n, v in outs.items()}
+
+
+def make_optimizer(
+    recipe: TrainingRecipe, module: torch.nn.Module, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """The recipe's optimiser over ``module``'s parameters (``lr`` overrides the recipe's)."""
+    import torch
+
+    rate = recipe.lr if lr is None else lr
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(module.parameters(), lr=rate, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(
+        module.parameters(), lr=rate, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )

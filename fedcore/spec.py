@@ -135,7 +135,7 @@ class ModelSpec:
     input_convention: str = ""
     builtin: bool = False
     bootstrap_lr: float = 0.1
-    """learning rate of a built-in's version-1 bootstrap (SGD, momentum 0.9)"""
+    """learning rate of a built-in's version-1 bootstrap (with the recipe's optimiser)"""
     max_batch_size: int = 64
     preferred_batch_sizes: tuple[int, ...] = (8, 32)
     max_queue_delay_us: int = 200

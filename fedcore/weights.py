@@ -28,15 +28,21 @@ EVAL_LABELS = "y"
 
 
 def refuse_pickle(path: Path, what: str) -> None:
-    """Raise if ``path`` starts like a pickle or a torch.save zip (read: 4 bytes only)."""
+    """Raise unless ``path`` starts like safetensors (an 8-byte little-endian header length,
+    then the JSON header's ``{``); a pickle or torch.save zip is named as such. Reads 9
+    bytes, never unpickles."""
     with path.open("rb") as f:
-        head = f.read(4)
-    if (head[:1] and head[0] == _PICKLE_PROTOCOL) or head[:1] in (b"(", b"]", b"}"):
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return
+    if head[:1] == bytes([_PICKLE_PROTOCOL]) and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise ModelSpecError(f"{what}: {path} is a pickle file; refused (use safetensors)")
-    if head == _ZIP and path.suffix != ".npz":
+    if head[:4] == _ZIP:
         raise ModelSpecError(
             f"{what}: {path} is a zip (torch.save) file; refused (use safetensors)"
         )
+    raise ModelSpecError(f"{what}: {path} is not a safetensors file; refused")
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, NDArray[Any]]:

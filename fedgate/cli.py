@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from fedcore.errors import ConfigError, FedgateError
+from fedcore.errors import ConfigError, FedgateError, ModelSpecError
 from fedcore.logs import configure_logging
+from fedcore.models import use_models
 from fedcore.secagg import SecAggConfig
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedgate.keys_cmd import add_keys_commands
@@ -20,7 +21,6 @@ from fedgate.launcher import Stack, StackConfig
 from fedgate.restarts import STATUS_FILE, CrashLoop
 from fedgate.rollout_cmd import add_rollout_parser
 from fedgate.tls_cmd import add_tls_parser
-from trainer.settings import TrainerSettings
 
 log = logging.getLogger("fedgate")
 
@@ -35,6 +35,15 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
 
 def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
     p.add_argument("--edges", type=int, default=2, help="number of edge runtimes (default 2)")
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="REF",
+        default=None,
+        help="a model to serve, repeatable: a built-in (digits, diabetes, digits_conv), an "
+        "entry point of group fedgate.models, or package.module:SPEC (default: digits)",
+    )
     p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (default 8080)")
     p.add_argument(
         "--data-dir",
@@ -66,7 +75,13 @@ def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
 def _stack_config(args: argparse.Namespace) -> StackConfig:
     if args.edges < 1:
         raise FedgateError("--edges must be at least 1")
+    refs: list[str] = args.models or ["digits"]
+    names = use_models(refs, deep=False)  # a bad reference stops here (exit 2)
     overrides: dict[str, dict[str, str]] = {}
+    if args.models:
+        listed = json.dumps(refs)
+        for prefix in ("FEDGATE_TRAINER_", "FEDGATE_EDGE_", "FEDGATE_GATEWAY_"):
+            overrides[prefix] = {"MODELS": listed}
     if args.secagg:
         if args.edges < MIN_PARTICIPANTS:
             raise FedgateError(
@@ -77,12 +92,9 @@ def _stack_config(args: argparse.Namespace) -> StackConfig:
             options = SecAggConfig(clip_norm=args.secagg_clip_norm)
         except ConfigError as exc:
             raise FedgateError(f"--secagg-clip-norm: {exc}") from None
-        models = TrainerSettings.model_fields["models"].default  # what the stack's trainer runs
-        per_model = json.dumps({m: {"clip_norm": options.clip_norm} for m in models})
-        overrides = {
-            "FEDGATE_TRAINER_": {"SECAGG": per_model},
-            "FEDGATE_EDGE_": {"SECAGG": per_model},
-        }
+        per_model = json.dumps({m: {"clip_norm": options.clip_norm} for m in names})
+        for prefix in ("FEDGATE_TRAINER_", "FEDGATE_EDGE_"):
+            overrides.setdefault(prefix, {})["SECAGG"] = per_model
     return StackConfig(
         data_dir=args.data_dir.resolve(),
         edges=args.edges,
@@ -90,6 +102,7 @@ def _stack_config(args: argparse.Namespace) -> StackConfig:
         log_level=args.log_level,
         tls=args.tls,
         overrides=overrides,
+        models=tuple(names),
     )
 
 
@@ -207,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         code: int = args.func(args)
+    except ModelSpecError as exc:  # a bad --model: bad usage
+        log.error("%s", exc)
+        return 2
     except FedgateError as exc:
         log.error("%s", exc)
         return 1

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from fedcore.models import models_setting
 from fedcore.settings import NatsReplicas, ServiceSettings
 
 
@@ -16,6 +17,17 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FEDGATE_GATEWAY_", extra="forbid", frozen=True)
 
     host: str = "127.0.0.1"
+    models: list[str] = Field(
+        default=["digits"],
+        description="models whose feedback labels this gateway checks: built-in names, entry "
+        "points of group fedgate.models, or package.module:SPEC (resolved without torch checks)",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        return models_setting(v, deep=False)
+
     port: int = 8080
     api_keys_file: Path | None = Field(
         default=None,

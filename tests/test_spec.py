@@ -109,5 +109,8 @@ def test_tensor_spec_validation(
 
 
 def test_unknown_model_names_the_known_ones() -> None:
-    with pytest.raises(ModelSpecError, match=r"unknown model 'cats'; known: \['digits'\]"):
+    with pytest.raises(
+        ModelSpecError,
+        match=r"unknown model 'cats'; known: \['diabetes', 'digits', 'digits_conv'\]",
+    ):
         get_spec("cats")

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from fedcore.artifact import MANIFEST, sign_version_dir
 from fedcore.errors import ModelSpecError
-from fedcore.modelrun import target_output, to_tensors
+from fedcore.modelrun import make_optimizer, target_output, to_tensors
 from fedcore.onnx_export import check_onnx_matches_torch, export_onnx
 from fedcore.params import flatten
 from fedcore.spec import ModelSpec
@@ -46,7 +46,7 @@ def train_seed_model(spec: ModelSpec, fraction: float, epochs: int, seed: int) -
     inputs = to_tensors(spec, feeds)
     y = torch.from_numpy(y_train[take])
     module = spec.build_module()
-    opt = torch.optim.SGD(module.parameters(), lr=spec.bootstrap_lr, momentum=0.9)
+    opt = make_optimizer(spec.recipe, module, lr=spec.bootstrap_lr)
     for _ in range(epochs):
         perm = torch.randperm(len(y))
         for start in range(0, len(y), 32):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
 from fedcore.settings import NatsReplicas, ServiceSettings
 
@@ -18,7 +19,18 @@ class TrainerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FEDGATE_TRAINER_", extra="forbid", frozen=True)
 
     data_dir: Path = Field(description="artifacts/<model>/<version>/ and state/ live here")
-    models: list[str] = Field(default=["digits"])
+    models: list[str] = Field(
+        default=["digits"],
+        description="models to serve: built-in names, entry points of group fedgate.models, "
+        "or package.module:SPEC",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        """References resolved, checked (module on a dummy batch, weights) and named."""
+        return models_setting(v, deep=True)
+
     signing_key_file: Path = Field(description="Ed25519 private key (0600) that signs versions")
     bootstrap_seed_fraction: float = Field(
         default=0.1, gt=0, le=1, description="share of the public train split used for version 1"
