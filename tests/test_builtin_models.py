@@ -39,7 +39,7 @@ def test_diabetes_is_a_regression_gated_on_mae() -> None:
     assert (spec.inputs[0].datatype, spec.inputs[0].shape) == ("FP32", (10,))
     assert (spec.outputs[0].datatype, spec.outputs[0].shape) == ("FP32", (1,))
     assert spec.task.loss.value == "mse" and spec.task.metric == "mae"
-    x_train, y_train, x_test, y_test = spec.dataset()  # type: ignore[misc]
+    _, y_train, x_test, y_test = spec.dataset()  # type: ignore[misc]
     assert len(y_train) + len(y_test) == 442
     seed = evaluate(spec, train_seed_model(spec, 0.1, 8, 0), x_test, y_test)
     full = evaluate(spec, train_seed_model(spec, 1.0, 60, 0), x_test, y_test)
