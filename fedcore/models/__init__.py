@@ -94,10 +94,15 @@ def use_models(refs: Sequence[str], *, deep: bool = True) -> list[str]:
                 check_spec(spec)
             except ModelSpecError as exc:
                 raise ModelSpecError(f"model spec {ref!r}: {exc}") from None
-        REGISTRY[spec.name] = spec
-        _REFS[spec.name] = ref
+        register(spec, ref)
         names.append(spec.name)
     return names
+
+
+def register(spec: ModelSpec, ref: str) -> None:
+    """Make ``spec`` known by name in this process (``ref``: where it came from)."""
+    REGISTRY[spec.name] = spec
+    _REFS[spec.name] = ref
 
 
 def models_setting(refs: list[str], *, deep: bool) -> list[str]:
