@@ -231,15 +231,15 @@ async def run_rounds(
     secure: SecureCoordinator | None = None,
     outcomes: RoundOutcomes | None = None,
 ) -> None:
-    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``);
-    each released version is handed to ``rollouts`` (the gateway rolls it out); secure
-    rounds run through ``secure``; ``outcomes`` counts how rounds ended."""
-    closed = 0
+    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds`` of
+    each model); each released version is handed to ``rollouts`` (the gateway rolls it
+    out); secure rounds run through ``secure``; ``outcomes`` counts how rounds ended."""
+    closed = dict.fromkeys(driver.books, 0)  # per model: one model's rounds are its own
     exhausted: set[str] = set()
     while not stop.is_set():
         for model, book in driver.books.items():
             if book.current is None:
-                if settings.max_rounds is not None and closed >= settings.max_rounds:
+                if settings.max_rounds is not None and closed[model] >= settings.max_rounds:
                     continue
                 if model in exhausted:
                     continue
@@ -265,7 +265,7 @@ async def run_rounds(
                 rollouts.request(model, record.released_version)
             driver.digests[model][book.version] = book.digest
             driver.save(model)
-            closed += 1
+            closed[model] += 1
             await asyncio.sleep(settings.round_interval_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)

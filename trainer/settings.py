@@ -123,7 +123,9 @@ class TrainerSettings(ServiceSettings):
         default=0.01, ge=0, description="hold back a candidate this much less accurate"
     )
     round_interval_s: float = Field(default=0.5, ge=0, description="pause between rounds")
-    max_rounds: int | None = Field(default=None, ge=1, description="stop opening rounds after N")
+    max_rounds: int | None = Field(
+        default=None, ge=1, description="stop opening rounds of a model after N of its rounds"
+    )
     gateway_url: str | None = Field(
         default=None, description="gateway asked to roll out each released version (None: not)"
     )
