@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
 
 from edge_runtime.events import EventLog
+from edge_runtime.fed_eval import EvalResponder
 from edge_runtime.feedback import FeedbackResponder
 from edge_runtime.finetune import Recipe
 from edge_runtime.idle import IdleThresholds
@@ -135,6 +136,9 @@ class EdgeLearning:
         self.poller = MetricsPoller(metrics_url)
         self.spools = {m: Spool(spool_path(settings.data_dir, m)) for m in settings.models}
         self.feedback = FeedbackResponder(settings.edge_id, self.spools)
+        self.evaluation = EvalResponder(
+            settings.edge_id, self.spools, keys.signer, trusted, settings.holdout_fraction
+        )
         self.learners: dict[str, Learner] = {}
         self.secure: SecureParticipant | None = None
         self._stop = asyncio.Event()
@@ -143,8 +147,10 @@ class EdgeLearning:
 
     async def start(self, nc: NATS, publish: Publish) -> None:
         """Answer feedback, follow rounds and (if enabled) run the learners, taking part
-        in secure rounds of the models that have secure aggregation on."""
+        in secure rounds of the models that have secure aggregation on; score the trainer's
+        candidates on the local held-out split (federated evaluation)."""
         await self.feedback.start(nc)
+        await self.evaluation.start(nc)
         if not self.settings.learning_enabled:
             return
         self.secure = await self._start_secure(nc)
@@ -204,6 +210,8 @@ class EdgeLearning:
                 await learner.close()
         with contextlib.suppress(Exception):
             await self.feedback.stop()
+        with contextlib.suppress(Exception):
+            await self.evaluation.stop()
 
     def close(self) -> None:
         for spool in self.spools.values():

@@ -7,9 +7,10 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
 - An edge publishes only its own heartbeat, leave and update subjects, may store large
   updates in the updates object store, reads the round announcements, the signed model
   versions and the desired versions (rollouts), receives the feedback of its models and
-  answers it (``allow_responses``). In secure rounds it reads only
-  ``fedgate.secagg.<model>.to.<itself>`` and writes only ``...from.<itself>``: that is how
-  the trainer knows which edge sent a secure-aggregation message.
+  the trainer's federated-evaluation requests and answers them (``allow_responses``). In
+  secure rounds it reads only ``fedgate.secagg.<model>.to.<itself>`` and writes only
+  ``...from.<itself>``: that is how the trainer knows which edge sent a secure-aggregation
+  message.
 - The gateway reads heartbeats, sends feedback requests and reads the rounds, round log,
   lineage and enrolled-edges buckets and the model versions' manifests; it owns the rollout buckets
   (rollout records, and the desired versions that edges read).
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
+from fedcore.fed_eval import EVAL_PREFIX
 from fedcore.subjects import FEEDBACK_PREFIX
 from fedcore.transport import EDGES_BUCKET
 from fedcore.wire import (
@@ -92,7 +94,8 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
         *_read_stream(f"KV_{DESIRED_BUCKET}"),
         subjects.secagg_from_edge("*", edge_id),
     ]
-    return publish, [INBOX, f"{FEEDBACK_PREFIX}.*", subjects.secagg_to_edge("*", edge_id)]
+    subscribe = [INBOX, f"{FEEDBACK_PREFIX}.*", f"{EVAL_PREFIX}.*"]
+    return publish, [*subscribe, subjects.secagg_to_edge("*", edge_id)]
 
 
 def gateway_permissions() -> tuple[list[str], list[str]]:

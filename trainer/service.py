@@ -19,12 +19,14 @@ import nats
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from numpy.typing import NDArray
 
 from fedcore import subjects
 from fedcore.artifact_store import models_bucket, upload_version
 from fedcore.compression import sizes_from_layout
 from fedcore.envelope import RecipientPrivateKey
-from fedcore.errors import ConfigError, ModelSpecError
+from fedcore.errors import ConfigError
+from fedcore.fed_eval import FedEvalPolicy, FedEvalResult
 from fedcore.keys import load_ed25519, load_hpke_key
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
@@ -43,12 +45,13 @@ from trainer.bounds import UpdateBounds
 from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
 from trainer.errors import PrivacyBudgetExceeded
+from trainer.fed_eval import federated_evaluate
 from trainer.fleet import Fleet
 from trainer.ingest import IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.registry import RegistryFile, keep_mirrored, mirror_registry
-from trainer.release import ReleaseContext, close_round, version_digest
+from trainer.release import FederatedEval, ReleaseContext, close_round, version_digest
 from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
@@ -323,12 +326,7 @@ async def _run(
     contexts: dict[str, ReleaseContext] = {}
     for m in settings.models:
         spec = get_spec(m)
-        data = evaluation_data(spec)
-        if data is None:
-            raise ModelSpecError(
-                f"model {m!r}: the trainer has no evaluation set (set evaluation_set)"
-            )
-        x_test, y_test = data
+        x_test, y_test = evaluation_data(spec) or (None, None)  # None: the edges evaluate
         contexts[m] = ReleaseContext(
             spec,
             signing,
@@ -338,6 +336,7 @@ async def _run(
             x_test,
             y_test,
             replicas=settings.nats_replicas,
+            federated=federated_runner(settings, nc, signing, registry),
         )
         for v in released_versions(settings, m):
             driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))
@@ -383,6 +382,31 @@ async def _run(
     finally:
         if secure is not None:
             await secure.stop()
+
+
+def federated_runner(
+    settings: TrainerSettings,
+    nc: NATS,
+    signing: ed25519.Ed25519PrivateKey,
+    registry: RegistryFile,
+) -> FederatedEval:
+    """Federated evaluation as the settings bound it, signed with the version-signing key
+    and counting reports from enrolled edges only."""
+    policy = FedEvalPolicy(
+        min_edges=settings.fed_eval_min_edges,
+        min_samples=settings.fed_eval_min_samples,
+        max_samples_per_edge=settings.fed_eval_max_samples_per_edge,
+        timeout_s=settings.fed_eval_timeout_s,
+    )
+
+    async def run(
+        model: str, round_id: int, candidate: NDArray[Any], serving: NDArray[Any]
+    ) -> FedEvalResult:
+        return await federated_evaluate(
+            nc, signing, registry.active_keys, model, round_id, candidate, serving, policy
+        )
+
+    return run
 
 
 async def start_secure(

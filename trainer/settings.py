@@ -123,6 +123,19 @@ class TrainerSettings(ServiceSettings):
         default=0.01, ge=0, description="hold back a candidate this much less accurate"
     )
     round_interval_s: float = Field(default=0.5, ge=0, description="pause between rounds")
+    # federated evaluation: the gate of a model the trainer holds no evaluation set for
+    fed_eval_min_edges: int = Field(
+        default=2, ge=1, description="edges that must report before federated evaluation decides"
+    )
+    fed_eval_min_samples: int = Field(
+        default=20, ge=1, description="held-out samples the reporting edges must hold in all"
+    )
+    fed_eval_max_samples_per_edge: int = Field(
+        default=5000, ge=1, description="one edge's reported held-out count weighs at most this"
+    )
+    fed_eval_timeout_s: float = Field(
+        default=10.0, gt=0, description="how long the trainer gathers the edges' reports"
+    )
     max_rounds: int | None = Field(
         default=None, ge=1, description="stop opening rounds of a model after N of its rounds"
     )
