@@ -21,7 +21,19 @@ Rounds run through the trainer's ``RoundBook`` with its default per-update bound
 (``trainer.bounds``: weights capped at twice the round's median sample count, norms
 clipped at twice its median norm); the last row is the default without them.
 
-Run: ``.venv/bin/python benchmarks/fl_quality.py`` (about a minute on 2 cores).
+Two more sections (``--sections``, default all):
+
+- ``compression``: the default recipe with each update encoded as an edge sends it
+  (``fedcore.compression``: fp16, int8 and top-k with the error-feedback residual kept per
+  edge across rounds) and decoded as the trainer does: mean bytes per round and final
+  accuracy against FP32. Goal: at least 4x fewer bytes for at most 0.5 points lost.
+- ``hard``: harder settings, each against centralised: Dirichlet(0.1) label skew; 20 edges
+  of which 25% (5, a seeded random cohort) take part in each round; central DP
+  (``dp_fedavg``) at epsilon 8 (delta 1e-5) over the 20 rounds, 20 edges all taking part,
+  the noise multiplier from the trainer's own RDP accountant.
+
+Run: ``.venv/bin/python benchmarks/fl_quality.py`` (a few minutes on 2 cores);
+``--sections base`` for the first table alone (about a minute).
 """
 
 from __future__ import annotations
@@ -37,11 +49,19 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from fedcore.compression import (
+    CompressionSettings,
+    ErrorFeedback,
+    decode_update,
+    encode_update,
+    sizes_from_layout,
+)
 from fedcore.models.digits import DIGITS, train_test_split_digits
-from fedcore.params import flatten, load_flat
+from fedcore.params import flatten, layout, load_flat
 from trainer.bounds import UpdateBounds
 from trainer.rounds import Contribution, RoundBook, RoundPolicy
 from trainer.strategies import get_strategy, proximal_term
+from trainer.strategies.accountant import gaussian_epsilon
 from trainer.strategies.defaults import (
     DEFAULT_LOCAL,
     DEFAULT_STRATEGY,
@@ -152,54 +172,96 @@ def centralised(data: Data, seed: int, epochs: int = ROUNDS) -> float:
     return accuracy(module, x_te, y_te)
 
 
-def federated(data: Data, parts: list[npt.NDArray[Any]], recipe: Recipe, seed: int) -> list[float]:
-    """Test accuracy after each round."""
+@dataclass(frozen=True)
+class Setting:
+    """How the federation runs: edges taking part per round, and how updates travel."""
+
+    participation: float = 1.0
+    compression: CompressionSettings | None = None
+
+
+@dataclass
+class Run:
+    history: list[float]  # test accuracy after each round
+    bytes_per_round: float  # mean over rounds of the payload bytes the edges sent
+
+
+def federated(
+    data: Data,
+    parts: list[npt.NDArray[Any]],
+    recipe: Recipe,
+    seed: int,
+    setting: Setting = Setting(),
+) -> Run:
+    """Test accuracy after each round, and the bytes sent."""
     x_tr, y_tr, x_te, y_te = data
     module = DIGITS.build_module()
+    cohort = max(1, round(setting.participation * len(parts)))
     book = RoundBook(
         "digits",
-        RoundPolicy(min_updates=len(parts), step_backoff=1.0, bounds=recipe.bounds),
+        RoundPolicy(min_updates=cohort, step_backoff=1.0, bounds=recipe.bounds),
         get_strategy(recipe.strategy, **recipe.options),
         version=1,
         digest="0" * 64,
         params=initial_params(seed),
     )
     edges = [f"edge-{e}" for e in range(len(parts))]
-    history = []
+    sizes = sizes_from_layout(layout(module))
+    feedback = [ErrorFeedback(sum(sizes)) for _ in parts]
+    rng = np.random.default_rng(seed + 7)
+    history, sent = [], 0
     for rnd in range(ROUNDS):
-        book.open(edges, now=float(rnd))
-        for e, idx in enumerate(parts):
+        chosen = sorted(rng.choice(len(parts), size=cohort, replace=False).tolist())
+        book.open([edges[e] for e in chosen], now=float(rnd))
+        for e in chosen:
+            idx = parts[e]
             load_flat(module, book.params)
             train_local(module, x_tr[idx], y_tr[idx], recipe.local, seed * 10_000 + rnd * 10 + e)
             delta = (flatten(module) - book.params).astype(np.float32)
+            if setting.compression is not None:
+                encoded = encode_update(delta, sizes, setting.compression, feedback[e])
+                sent += len(encoded.data)
+                delta = decode_update(encoded.data, encoded.mode, sizes)
+            else:
+                sent += delta.nbytes
             book.fold(
                 Contribution(f"{rnd:016x}{e:016x}", edges[e], len(idx), book.version, 0.0), delta
             )
         book.advance(book.version + 1, "0" * 64, book.finalize())
         load_flat(module, book.params)
         history.append(accuracy(module, x_te, y_te))
-    return history
+    return Run(history, sent / ROUNDS)
 
 
 def first_round(history: list[float], target: float) -> int | None:
     return next((i + 1 for i, acc in enumerate(history) if acc >= target), None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    began = time.perf_counter()
-    x_tr, y_tr, x_te, y_te = train_test_split_digits()
-    data = (
-        torch.from_numpy(x_tr),
-        torch.from_numpy(y_tr),
-        torch.from_numpy(x_te),
-        torch.from_numpy(y_te),
-    )
-    print(f"digits: {len(y_tr)} train / {len(y_te)} test, {EDGES} edges, Dirichlet({ALPHA})")
-    print(f"default recipe: {DEFAULT_STRATEGY} {DEFAULT_STRATEGY_OPTIONS} local {DEFAULT_LOCAL}")
+COMPRESSION = (
+    ("fp32", None),
+    ("fp16", CompressionSettings(mode="fp16")),
+    ("int8 + EF", CompressionSettings(mode="int8")),
+    ("top-k 10% + EF", CompressionSettings(mode="topk", topk_fraction=0.1)),
+    ("top-k 1% + EF", CompressionSettings(mode="topk", topk_fraction=0.01)),
+)
+DP_EPSILON, DP_DELTA, DP_CLIP = 8.0, 1e-5, 1.0
+HARD_EDGES = 20
+
+
+def dp_noise_multiplier(epsilon: float, rounds: int, delta: float) -> float:
+    """The smallest noise multiplier whose ``rounds`` full-participation releases cost at
+    most ``epsilon`` under the trainer's RDP accountant (bisection)."""
+    low, high = 0.3, 50.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if gaussian_epsilon(mid, 1.0, rounds, delta) > epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def section_base(data: Data, y_tr: npt.NDArray[Any]) -> None:
     results: dict[str, list[tuple[float, float, int | None]]] = {r.label: [] for r in RECIPES}
     for seed in SEEDS:
         parts = dirichlet_split(y_tr, EDGES, ALPHA, seed)
@@ -211,7 +273,7 @@ def main() -> None:
             f" ({3 * ROUNDS} epochs, context only: {longer:.4f})"
         )
         for recipe in RECIPES:
-            hist = federated(data, parts, recipe, seed)
+            hist = federated(data, parts, recipe, seed).history
             r95 = first_round(hist, 0.95 * central)
             results[recipe.label].append((hist[-1], hist[-1] / central, r95))
             print(
@@ -227,6 +289,87 @@ def main() -> None:
             f"  ratio {statistics.mean(ratios):.3f}  95% at rounds {[r[2] for r in rows]}"
             f" (mean {statistics.mean(rounds):.1f})"
         )
+
+
+def section_compression(data: Data, y_tr: npt.NDArray[Any]) -> None:
+    default = RECIPES[3]
+    print(f"\ncompression ({default.label}, {EDGES} edges, Dirichlet({ALPHA}), mean of seeds):")
+    print(f"  {'mode':<16} {'bytes/round':>12} {'vs fp32':>8} {'final':>7} {'points':>7}")
+    base: tuple[float, float] | None = None
+    for label, settings in COMPRESSION:
+        runs = [
+            federated(
+                data,
+                dirichlet_split(y_tr, EDGES, ALPHA, seed),
+                default,
+                seed,
+                Setting(1.0, settings),
+            )
+            for seed in SEEDS
+        ]
+        sent = statistics.mean(r.bytes_per_round for r in runs)
+        final = statistics.mean(r.history[-1] for r in runs)
+        base = base or (sent, final)
+        print(
+            f"  {label:<16} {sent:>12,.0f} {base[0] / sent:>7.1f}x {final:>7.4f}"
+            f" {100 * (final - base[1]):>+7.2f}"
+        )
+
+
+def section_hard(data: Data, y_tr: npt.NDArray[Any]) -> None:
+    default = RECIPES[3]
+    z = dp_noise_multiplier(DP_EPSILON, ROUNDS, DP_DELTA)
+    dp = Recipe(
+        f"dp_fedavg eps={DP_EPSILON:g}",
+        "dp_fedavg",
+        {"clip_norm": DP_CLIP, "noise_multiplier": z, "expected_updates": HARD_EDGES},
+        DEFAULT_LOCAL,
+        NO_BOUNDS,
+    )
+    cases = (
+        (f"Dirichlet(0.1), {EDGES} edges", default, EDGES, 0.1, 1.0),
+        (f"{HARD_EDGES} edges, 25% per round", default, HARD_EDGES, ALPHA, 0.25),
+        (f"DP eps {DP_EPSILON:g} (z={z:.2f}), {HARD_EDGES} edges", dp, HARD_EDGES, ALPHA, 1.0),
+    )
+    print(f"\nharder settings (mean of seeds {list(SEEDS)}, {ROUNDS} rounds, vs centralised):")
+    centrals = {seed: centralised(data, seed) for seed in SEEDS}
+    for label, recipe, edges, alpha, share in cases:
+        finals = [
+            federated(
+                data, dirichlet_split(y_tr, edges, alpha, seed), recipe, seed, Setting(share)
+            ).history[-1]
+            for seed in SEEDS
+        ]
+        ratios = [f / centrals[seed] for f, seed in zip(finals, SEEDS, strict=True)]
+        print(
+            f"  {label:<36} final {statistics.mean(finals):.4f}"
+            f"  ratio {statistics.mean(ratios):.3f}  ({recipe.label})"
+        )
+
+
+SECTIONS = {"base": section_base, "compression": section_compression, "hard": section_hard}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    x_tr, y_tr, x_te, y_te = train_test_split_digits()
+    data = (
+        torch.from_numpy(x_tr),
+        torch.from_numpy(y_tr),
+        torch.from_numpy(x_te),
+        torch.from_numpy(y_te),
+    )
+    print(f"digits: {len(y_tr)} train / {len(y_te)} test, {EDGES} edges, Dirichlet({ALPHA})")
+    print(f"default recipe: {DEFAULT_STRATEGY} {DEFAULT_STRATEGY_OPTIONS} local {DEFAULT_LOCAL}")
+    for name in args.sections.split(","):
+        SECTIONS[name.strip()](data, y_tr)
     print(f"\nwall time {time.perf_counter() - began:.1f} s")
 
 

@@ -28,6 +28,7 @@ KINDS = frozenset(
         "update-published",
         "update-masked",  # the update went into a secure round, masked (no envelope)
         "secure-refused",  # the edge refused a secure-aggregation step (reason says why)
+        "secure-excluded",  # a neighbour's share did not open: it is left out of the round
     }
 )
 

@@ -9,7 +9,8 @@ give it those two subjects and no other edge's). A round goes:
   (peers' keys come from the edge registry file, not from the trainer);
 - ``advert bundle`` -> shares; ``delivery`` -> kept until the learner hands over its
   update (:meth:`SecureParticipant.submit`), then the masked input goes out; an edge that
-  never trains in time is a dropout;
+  never trains in time is a dropout; a neighbour whose share does not open is excluded
+  (named in the masked input, logged, event ``secure-excluded``), not a reason to stop;
 - ``survivors`` -> signature; ``unmask request`` -> the shares it asks for; ``end``: forget.
 
 Core NATS is at most once: the trainer repeats a request until it is answered, and the
@@ -66,6 +67,7 @@ class _EdgeRound:
     round_no: int
     client: SecAggClient
     setup: bytes = b""  # the setup this state answers (a trainer restart sends another)
+    model: str = ""
     answers: dict[Phase, bytes] = field(default_factory=dict)
     delivery: ShareBundle | None = None
     delta: NDArray[np.float32] | None = None
@@ -151,7 +153,7 @@ class SecureParticipant:
 
     def _new_round(self, model: str, round_no: int, setup: bytes) -> _EdgeRound:
         client = SecAggClient(self.edge_id, self._identity, self._enrolled(), self.configs[model])
-        state = _EdgeRound(round_no, client, setup)
+        state = _EdgeRound(round_no, client, setup, model=model)
         self._state[model] = state
         return state
 
@@ -192,6 +194,16 @@ class SecureParticipant:
         if state.delivery is None or state.delta is None:
             return None
         masked = await asyncio.to_thread(state.client.masked_input, state.delivery, state.delta)
+        for peer in masked.excluded:
+            why = state.client.excluded[peer]
+            log.warning(
+                "secure round: neighbour excluded, its share did not open (%s)",
+                why,
+                extra={"round": state.round_no, "edge": peer, "reason": why},
+            )
+            self.events.emit(
+                "secure-excluded", state.model, round=state.round_no, reason=f"{peer}: {why}"
+            )
         return masked.to_bytes()
 
     async def _reply(self, model: str, state: _EdgeRound, asked: Phase, body: bytes) -> None:

@@ -52,14 +52,20 @@ class EdgeSettings(ServiceSettings):
         description="a Triton installation to run (<home>/bin/tritonserver, <home>/backends), "
         "e.g. /opt/tritonserver in the official image; unset: the tritonserver of nvidia-pytriton",
     )
-    triton_host: str = "127.0.0.1"
-    triton_http_port: int = 8000
-    triton_grpc_port: int = 8001
-    triton_metrics_port: int = 8002
-    instance_kind: Literal["auto", "KIND_CPU", "KIND_GPU"] = "auto"
-    ready_timeout_s: float = Field(default=120.0, gt=0)
+    triton_host: str = Field(default="127.0.0.1", description="address Triton binds")
+    triton_http_port: int = Field(default=8000, description="Triton's HTTP port")
+    triton_grpc_port: int = Field(default=8001, description="Triton's gRPC port")
+    triton_metrics_port: int = Field(default=8002, description="Triton's Prometheus port")
+    instance_kind: Literal["auto", "KIND_CPU", "KIND_GPU"] = Field(
+        default="auto", description="where Triton runs the model; auto: KIND_GPU when a GPU is seen"
+    )
+    ready_timeout_s: float = Field(
+        default=120.0, gt=0, description="longest wait for Triton to be ready at (re)start"
+    )
     exit_timeout_s: int = Field(default=10, ge=1, description="Triton's own drain deadline")
-    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_interval_s: float = Field(
+        default=1.0, gt=0, description="how often the edge tells the fleet it is alive"
+    )
     # -- supervision of tritonserver (README "Operations")
     triton_probe_interval_s: float = Field(
         default=1.0, gt=0, description="seconds between liveness probes of tritonserver"
@@ -89,7 +95,9 @@ class EdgeSettings(ServiceSettings):
         default=7 * 24 * 3600.0, gt=0, description="samples older than this are evicted"
     )
     # -- idle windows, from Triton's metrics
-    idle_poll_interval_s: float = Field(default=0.25, gt=0, le=5.0)
+    idle_poll_interval_s: float = Field(
+        default=0.25, gt=0, le=5.0, description="how often Triton's metrics are read for idleness"
+    )
     idle_max_pending: int = Field(default=0, ge=0, description="pending requests still idle")
     idle_max_request_rate: float = Field(
         default=2.0, ge=0, description="requests/s (over idle_window_s) still idle"
@@ -101,12 +109,24 @@ class EdgeSettings(ServiceSettings):
     learning_enabled: bool = Field(default=True, description="fine-tune in idle windows")
     min_new_labels: int = Field(default=32, ge=1, description="new labels before training")
     # the local training recipe: each unset (None) field is the model spec's own
-    train_optimizer: Literal["sgd", "adam"] | None = Field(default=None, description="sgd/adam")
-    train_epochs: int | None = Field(default=None, ge=1)
-    train_batch_size: int | None = Field(default=None, ge=1)
-    train_lr: float | None = Field(default=None, gt=0)
-    train_momentum: float | None = Field(default=None, ge=0, lt=1)
-    train_weight_decay: float | None = Field(default=None, ge=0)
+    train_optimizer: Literal["sgd", "adam"] | None = Field(
+        default=None, description="local optimiser, sgd or adam (unset: the model spec's)"
+    )
+    train_epochs: int | None = Field(
+        default=None, ge=1, description="local epochs per training window (unset: the spec's)"
+    )
+    train_batch_size: int | None = Field(
+        default=None, ge=1, description="local mini-batch size (unset: the spec's)"
+    )
+    train_lr: float | None = Field(
+        default=None, gt=0, description="local learning rate (unset: the spec's)"
+    )
+    train_momentum: float | None = Field(
+        default=None, ge=0, lt=1, description="local SGD momentum (unset: the spec's)"
+    )
+    train_weight_decay: float | None = Field(
+        default=None, ge=0, description="local L2 weight decay (unset: the spec's)"
+    )
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx term; 0 turns it off")
     clip_norm: float | None = Field(
         default=None, gt=0, description="clip the update's L2 norm to this (None: no clipping)"
@@ -114,7 +134,9 @@ class EdgeSettings(ServiceSettings):
     holdout_fraction: float = Field(
         default=0.2, ge=0, lt=1, description="labelled share kept for local evaluation"
     )
-    train_device: Literal["auto", "cpu", "cuda"] = "auto"
+    train_device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where the worker trains; auto: cuda when available"
+    )
     train_threads: int = Field(default=1, ge=1, description="torch threads of the worker")
     train_nice: int = Field(default=19, ge=0, le=19, description="CPU niceness of the worker")
     train_sched_idle: bool = Field(
@@ -138,7 +160,9 @@ class EdgeSettings(ServiceSettings):
         "their key adverts in secure rounds; needed when secagg is set",
     )
     update_compression: Mode = Field(default="none", description="none, fp16, int8 or topk")
-    update_topk_fraction: float = Field(default=0.01, gt=0, le=1)
+    update_topk_fraction: float = Field(
+        default=0.01, gt=0, le=1, description="topk compression: share of coordinates sent"
+    )
 
     @field_validator("models")
     @classmethod

@@ -15,6 +15,11 @@ class ConfigError(FedgateError):
     """A setting is missing, malformed or inconsistent."""
 
 
+class UnreachableError(FedgateError):
+    """A server could not be reached (connection refused, timeout, TLS failure): the CLI's
+    exit code 3, apart from a refusal by a server that answered (1)."""
+
+
 class ProcessError(FedgateError):
     """A supervised process could not start, become ready or stop.
 

@@ -7,13 +7,16 @@ values with defaults: they are read from files named by settings (``*_file``).
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 import ssl
 import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Self, TypeVar
+from typing import Annotated, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedcore.errors import ConfigError, KeyFileError
@@ -30,6 +33,13 @@ NatsReplicas = Annotated[
     ),
 ]
 """The ``nats_replicas`` setting of the services that create JetStream assets."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+]
+"""A logging level name, any case (``info`` is ``INFO``)."""
 
 
 class ServiceSettings(BaseSettings):
@@ -51,7 +61,9 @@ class ServiceSettings(BaseSettings):
     nats_tls_key_file: Path | None = Field(
         default=None, description="private key of the client certificate (mode 0600)"
     )
-    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_level: LogLevel = Field(
+        default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)"
+    )
     log_json: bool = Field(default=True, description="structured JSON log lines on stderr")
     metrics_port: int | None = Field(
         default=None,
@@ -92,19 +104,69 @@ class ServiceSettings(BaseSettings):
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 
+def env_prefix(cls: type[BaseSettings]) -> str:
+    """The environment prefix of a settings class, e.g. ``FEDGATE_TRAINER_``."""
+    return str(cls.model_config.get("env_prefix", ""))
+
+
+def closest_setting(name: str, known: Iterable[str]) -> str | None:
+    """The known setting most like ``name`` (a typo's likely meaning), if any is close."""
+    matches = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_setting_message(where: str, name: str, known: Iterable[str]) -> str:
+    """``<where>: unknown setting NAME`` with the closest real one, for every such error."""
+    guess = closest_setting(name, known)
+    hint = f"; did you mean {guess}?" if guess else ""
+    return f"{where}: unknown setting {name!r}{hint}"
+
+
+def unknown_env_settings(
+    cls: type[BaseSettings], environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """One message per variable that carries ``cls``'s prefix but names no setting of it.
+
+    pydantic-settings ignores such variables, so a typo (``FEDGATE_TRAINER_MIN_UPDATE``)
+    would silently leave the default in force; services refuse to start instead.
+    """
+    prefix = env_prefix(cls)
+    env = os.environ if environ is None else environ
+    known = [name.upper() for name in cls.model_fields]
+    problems = []
+    for var in sorted(env):
+        if not prefix or not var.startswith(prefix):
+            continue
+        name = var[len(prefix) :]
+        if name in known:
+            continue
+        guess = closest_setting(name, known)
+        hint = f"; did you mean {prefix}{guess.upper()}?" if guess else ""
+        problems.append(f"{var}: not a setting of this service{hint}")
+    return problems
+
+
 def settings_from_env(cls: type[SettingsT]) -> SettingsT:
-    """``cls`` built from the environment; a missing or invalid setting raises
+    """``cls`` built from the environment; a missing, invalid or unknown setting raises
     ``ConfigError`` naming each variable and what is wrong (never the value given)."""
+    problems = unknown_env_settings(cls)
     try:
-        return cls()
+        settings = cls()
     except ValidationError as exc:
-        prefix = str(cls.model_config.get("env_prefix", ""))
-        problems = []
-        for error in exc.errors():
-            field, *path = [str(part) for part in error["loc"]] or ["settings"]
-            where = f"{prefix}{field.upper()}" + (f" ({'.'.join(path)})" if path else "")
-            problems.append(f"{where}: {error['msg']}")
-        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+        problems += validation_problems(exc, env_prefix(cls))
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
+    return settings
+
+
+def validation_problems(exc: ValidationError, prefix: str) -> list[str]:
+    """``<PREFIX><FIELD> (nested.path): what is wrong`` per error, never the value given."""
+    problems = []
+    for error in exc.errors():
+        field, *path = [str(part) for part in error["loc"]] or ["settings"]
+        where = f"{prefix}{field.upper()}" + (f" ({'.'.join(path)})" if path else "")
+        problems.append(f"{where}: {error['msg']}")
+    return problems
 
 
 def load_settings(cls: type[SettingsT], service: str) -> SettingsT | None:

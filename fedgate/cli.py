@@ -1,4 +1,7 @@
-"""The ``fedgate`` command: ``up``, ``demo``, ``status`` (more subcommands join as they land)."""
+"""fedgate: an inference gateway whose edges learn from their own traffic.
+
+Exit codes: 0 ok; 1 a refused or failed operation; 2 bad usage or settings; 3 a server
+could not be reached."""
 
 from __future__ import annotations
 
@@ -10,16 +13,22 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from fedcore.errors import ConfigError, FedgateError, ModelSpecError
+from fedcore.errors import ConfigError, FedgateError, ModelSpecError, UnreachableError
 from fedcore.logs import configure_logging
 from fedcore.models import use_models
 from fedcore.secagg import SecAggConfig
 from fedcore.secagg.config import MIN_PARTICIPANTS
+from fedcore.settings import LOG_LEVELS
+from fedcore.version import package_version
+from fedgate.config_cmd import add_config_parser
 from fedgate.keys_cmd import add_keys_commands
 from fedgate.launcher import Stack, StackConfig
 from fedgate.restarts import STATUS_FILE, CrashLoop
 from fedgate.rollout_cmd import add_rollout_parser
+from fedgate.stack_settings import StackSettings, collect
+from fedgate.status import client_options
 from fedgate.tls_cmd import add_tls_parser
 
 log = logging.getLogger("fedgate")
@@ -51,7 +60,31 @@ def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
         default=Path(data_dir),
         help=f"state directory (default {data_dir})",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="log level of every service and of this command (default INFO)",
+    )
+    _add_settings_args(p)
+    p.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=1,
+        choices=(1, 3, 5),
+        metavar="N",
+        help="nats-server processes: 1 (default), or a JetStream cluster of 3 or 5 with "
+        "routes, every stream and bucket at 3 replicas",
+    )
+    p.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gateway replicas on --port, --port + 1, ... (default 1); they share splits, "
+        "gate counts and one acting rollout controller through NATS",
+    )
     p.add_argument(
         "--tls",
         action="store_true",
@@ -72,36 +105,88 @@ def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
     )
 
 
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="settings file (fedgate.toml): one table per service, [gateway], [trainer], "
+        "[edge], keys as in docs/settings.md",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="SERVICE.KEY=VALUE",
+        help="one setting, e.g. --set trainer.min_updates=3 (repeatable; wins over the file "
+        "and over FEDGATE_* variables)",
+    )
+
+
+def _refs(args: argparse.Namespace) -> list[str]:
+    """The --model references, each resolved (without torch checks) or refused (exit 2)."""
+    refs: list[str] = getattr(args, "models", None) or []
+    try:
+        use_models(refs, deep=False)
+    except ModelSpecError as exc:
+        raise ConfigError(f"--model: {exc}") from None
+    return refs
+
+
+def _model_names(settings: StackSettings) -> list[str]:
+    """The names of the models the stack's trainer runs (its MODELS, else the default)."""
+    given = settings.values["trainer"].get("models")
+    refs: Any = given[0] if given else ["digits"]
+    if isinstance(refs, str):
+        try:
+            refs = json.loads(refs)
+        except ValueError:
+            refs = [refs]
+    return use_models([str(r) for r in refs] or ["digits"], deep=False)
+
+
+def _flag_settings(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """Settings that the command's own flags imply (--model, --secagg), by service."""
+    out: dict[str, dict[str, str]] = {}
+    refs = _refs(args)
+    if refs:  # every service resolves the same references
+        out = {s: {"models": json.dumps(refs)} for s in ("trainer", "edge", "gateway")}
+    if not getattr(args, "secagg", False):
+        return out
+    if args.edges < MIN_PARTICIPANTS:
+        raise FedgateError(
+            f"--secagg needs at least {MIN_PARTICIPANTS} edges (got --edges {args.edges}): "
+            "with fewer, the sum would reveal a single edge's update to the other"
+        )
+    try:
+        options = SecAggConfig(clip_norm=args.secagg_clip_norm)
+    except ConfigError as exc:
+        raise FedgateError(f"--secagg-clip-norm: {exc}") from None
+    models = use_models(refs or ["digits"], deep=False)  # what the stack's trainer runs
+    per_model = json.dumps({m: {"clip_norm": options.clip_norm} for m in models})
+    for service in ("trainer", "edge"):
+        out.setdefault(service, {})["secagg"] = per_model
+    return out
+
+
 def _stack_config(args: argparse.Namespace) -> StackConfig:
     if args.edges < 1:
         raise FedgateError("--edges must be at least 1")
-    refs: list[str] = args.models or ["digits"]
-    names = use_models(refs, deep=False)  # a bad reference stops here (exit 2)
-    overrides: dict[str, dict[str, str]] = {}
-    if args.models:
-        listed = json.dumps(refs)
-        for prefix in ("FEDGATE_TRAINER_", "FEDGATE_EDGE_", "FEDGATE_GATEWAY_"):
-            overrides[prefix] = {"MODELS": listed}
-    if args.secagg:
-        if args.edges < MIN_PARTICIPANTS:
-            raise FedgateError(
-                f"--secagg needs at least {MIN_PARTICIPANTS} edges (got --edges {args.edges}): "
-                "with fewer, the sum would reveal a single edge's update to the other"
-            )
-        try:
-            options = SecAggConfig(clip_norm=args.secagg_clip_norm)
-        except ConfigError as exc:
-            raise FedgateError(f"--secagg-clip-norm: {exc}") from None
-        per_model = json.dumps({m: {"clip_norm": options.clip_norm} for m in names})
-        for prefix in ("FEDGATE_TRAINER_", "FEDGATE_EDGE_"):
-            overrides.setdefault(prefix, {})["SECAGG"] = per_model
+    if not 1 <= args.gateways <= 8:
+        raise ConfigError("--gateways must be from 1 to 8")
+    settings = collect(args.config, args.sets, _flag_settings(args))
+    names = _model_names(settings)
     return StackConfig(
         data_dir=args.data_dir.resolve(),
         edges=args.edges,
         port=args.port,
         log_level=args.log_level,
         tls=args.tls,
-        overrides=overrides,
+        nats_cluster=args.nats_cluster,
+        gateways=args.gateways,
+        overrides=settings.env_overrides(),
         models=tuple(names),
     )
 
@@ -116,7 +201,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         _out(f"starting {args.edges} edge(s); logs under {stack.config.data_dir / 'logs'}")
         stack.start()
-        _out(f"gateway:  {stack.gateway_url}  (Open Inference Protocol v2 under /v2)")
+        for url in stack.gateway_urls:
+            _out(f"gateway:  {url}  (Open Inference Protocol v2 under /v2)")
         _out(f"fleet:    {stack.gateway_url}/v1/edges")
         _out(f"nats:     {stack.nats_url}")
         if stack.tls is not None:
@@ -168,11 +254,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         model=args.model,
         rounds=args.rounds,
         data_dir=args.data_dir,
+        cacert=args.cacert,
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedgate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"fedgate {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the whole stack locally until Ctrl-C")
     _add_stack_args(up, ".fedgate")
@@ -187,14 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status", help="print fleet, versions, rounds and rollouts of a running gateway"
     )
-    status.add_argument("--url", default="http://127.0.0.1:8080", help="gateway URL")
-    status.add_argument(
-        "--key-file",
-        type=Path,
-        default=None,
-        help="file with a gateway API key (default: $FEDGATE_API_KEY, else the local "
-        "stack's .fedgate/secrets/gateway-admin.key, else gateway-infer.key)",
-    )
+    client_options(status, "admin or infer")
     status.add_argument("--model", default=None, help="only this model (default: all served)")
     status.add_argument(
         "--data-dir",
@@ -206,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--rounds", type=int, default=10, help="closed rounds to list")
     status.set_defaults(func=cmd_status)
     add_rollout_parser(sub, _out)
+    add_config_parser(sub, _out)
     keys = sub.add_parser("keys", help="create keys and certificates")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     add_tls_parser(keys_sub, _out)
@@ -220,14 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         code: int = args.func(args)
-    except ModelSpecError as exc:  # a bad --model: bad usage
+    except (ConfigError, ModelSpecError) as exc:  # bad settings or --model: bad usage
         log.error("%s", exc)
         return 2
+    except UnreachableError as exc:
+        log.error("%s", exc)
+        return 3
     except FedgateError as exc:
         log.error("%s", exc)
         return 1
     except Interrupted:
         return 130
+    except BrokenPipeError:  # `fedgate config show | head`
+        sys.stderr.close()
+        return 0
     return code
 
 

@@ -14,6 +14,7 @@ mutual TLS with its own client certificate (:mod:`fedgate.stack_tls`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from fedcore.keys import read_secret, write_secret
 from fedcore.process import ManagedProcess, free_port
 from fedgate.keys_cmd import KeyLayout, hpke_kem, init_keys
 from fedgate.nats_accounts import role_permissions
-from fedgate.natsconf import render_nats_config, write_nats_config
+from fedgate.natsconf import clustered, render_nats_config, write_nats_config
 from fedgate.restarts import STATUS_FILE, ProcessSupervisor, RestartPolicy
 from fedgate.stack_tls import StackTls, ensure_stack_tls
 from gateway.auth import generate_key, key_line
@@ -51,6 +52,10 @@ class StackConfig:
     port: int = 8080
     host: str = "127.0.0.1"
     nats_port: int = 0  # 0: pick a free port
+    nats_cluster: int = 1
+    """nats-server processes: 1, or a JetStream cluster of 3 or 5 with routes (replicas 3)."""
+    gateways: int = 1
+    """Gateway replicas, on ``port``, ``port + 1``, ...; one of them moves rollouts on."""
     log_level: str = "INFO"
     ready_timeout_s: float = 180.0
     tls: bool = False
@@ -98,11 +103,19 @@ class Stack:
     def gateway_url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
 
+    @property
+    def gateway_urls(self) -> list[str]:
+        """Every gateway replica's URL (the first is :attr:`gateway_url`)."""
+        host, port = self.config.host, self.config.port
+        return [f"http://{host}:{port + i}" for i in range(self.config.gateways)]
+
     def metrics_urls(self) -> dict[str, str]:
         """Prometheus endpoints: the gateway's (needs an API key), the trainer's, each edge
         runtime's and each edge's Triton."""
         host = self.config.host
         urls = {"gateway": f"{self.gateway_url}/metrics"}
+        for i, url in enumerate(self.gateway_urls[1:], start=2):
+            urls[f"gateway-{i}"] = f"{url}/metrics"
         urls["trainer"] = f"http://{host}:{self.trainer_metrics_port}/metrics"
         for edge_id, ports in self.edge_ports.items():
             urls[edge_id] = f"http://{host}:{ports.runtime_metrics}/metrics"
@@ -184,35 +197,45 @@ class Stack:
 
     def _start_nats(self) -> None:
         cfg = self.config
-        port = cfg.nats_port or free_port()
-        monitor = free_port()
+        n = cfg.nats_cluster
+        ports = [cfg.nats_port or free_port(), *(free_port() for _ in range(n - 1))]
+        monitors = [free_port() for _ in range(n)]
+        routes = [free_port() for _ in range(n)] if n > 1 else []
         users = {
             u: _read(self._secret(f"nats-{u}.pass")) for u in ["trainer", "gateway", *self.edge_ids]
         }
-        conf = cfg.data_dir / "nats" / "nats.conf"
-        write_nats_config(
-            conf,
-            render_nats_config(
+        binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
+        started = []
+        for i in range(n):
+            home = cfg.data_dir / "nats" / (f"n{i + 1}" if i else "")
+            text = render_nats_config(
                 host=cfg.host,
-                port=port,
-                monitor_port=monitor,
-                store_dir=cfg.data_dir / "nats" / "jetstream",
+                port=ports[i],
+                monitor_port=monitors[i],
+                store_dir=home / "jetstream",
                 users=users,
                 permissions={u: role_permissions(u) for u in users},  # least privilege
                 tls=self.tls.nats_server() if self.tls is not None else None,
-            ),
-        )
-        binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
-        proc = self._spawn(
-            "nats-server",
-            [binary, "-c", str(conf)],
-            dict(os.environ),
-            {"client": port, "monitor": monitor},
-        )
-        proc.wait_ready(
-            lambda: _http_ok(f"http://{cfg.host}:{monitor}/healthz?js-enabled-only=true"), 30
-        )
-        self.nats_url = f"{'tls' if self.tls is not None else 'nats'}://{cfg.host}:{port}"
+            )
+            if n > 1:
+                peers = [r for r in routes if r != routes[i]]
+                text = clustered(text, f"fedgate_n{i + 1}", cfg.host, routes[i], peers)
+            write_nats_config(home / "nats.conf", text)
+            name = f"nats-server-{i + 1}" if i else "nats-server"
+            argv = [binary, "-c", str(home / "nats.conf")]
+            ports_of = {"client": ports[i], "monitor": monitors[i]}
+            started.append(self._spawn(name, argv, dict(os.environ), ports_of))
+        # a cluster serves JetStream once it has a meta leader: full health, not js-enabled
+        health = "/healthz" if n > 1 else "/healthz?js-enabled-only=true"
+        for proc, monitor in zip(started, monitors, strict=True):
+            proc.wait_ready(functools.partial(_http_ok, f"http://{cfg.host}:{monitor}{health}"), 60)
+        scheme = "tls" if self.tls is not None else "nats"
+        self.nats_url = ",".join(f"{scheme}://{cfg.host}:{p}" for p in ports)
+
+    @property
+    def nats_replicas(self) -> int:
+        """Replicas of every stream, bucket and object store: 3 on a cluster, else 1."""
+        return 3 if self.config.nats_cluster >= 3 else 1
 
     def _bootstrap_trainer(self, env: dict[str, str]) -> None:
         log.info("preparing version 1 of the models (first start trains briefly)")
@@ -251,6 +274,7 @@ class Stack:
                 # each released version is rolled out through the gateway (admin key)
                 "GATEWAY_URL": self.gateway_url,
                 "ADMIN_KEY_FILE": str(self.admin_key_file),
+                "NATS_REPLICAS": str(self.nats_replicas),
             },
         )
         self._gateway_keys()  # the admin key exists before the trainer may need it
@@ -288,15 +312,18 @@ class Stack:
         )
         return self._spawn(edge_id, [sys.executable, "-m", "edge_runtime"], env, {})
 
-    def _start_gateway(self) -> ManagedProcess:
+    def _start_gateway(self, index: int = 0) -> ManagedProcess:
+        name = f"gateway-{index + 1}" if index else "gateway"
         extra = {
             "HOST": self.config.host,
-            "PORT": str(self.config.port),
+            "PORT": str(self.config.port + index),
             "API_KEYS_FILE": str(self._gateway_keys()),
+            "NATS_REPLICAS": str(self.nats_replicas),
+            "INSTANCE_ID": f"gateway-{index + 1}",
         }
         env = self._service_env("FEDGATE_GATEWAY_", "gateway", extra)
         return self._spawn(
-            "gateway", [sys.executable, "-m", "gateway"], env, {"http": self.config.port}
+            name, [sys.executable, "-m", "gateway"], env, {"http": self.config.port + index}
         )
 
     def start(self) -> None:
@@ -312,19 +339,21 @@ class Stack:
         self._start_nats()
         self._start_trainer()
         edges = [self._start_edge(e) for e in self.edge_ids]
-        gateway = self._start_gateway()
+        gateways = [self._start_gateway(i) for i in range(self.config.gateways)]
         deadline = time.monotonic() + self.config.ready_timeout_s
         for proc in edges:
             proc.wait_ready(self._edge_probe(proc.name), max(1.0, deadline - time.monotonic()))
-        gateway.wait_ready(self._gateway_sees_all, max(1.0, deadline - time.monotonic()))
+        for url, proc in zip(self.gateway_urls, gateways, strict=True):
+            sees_all = functools.partial(self._gateway_sees_all, url)
+            proc.wait_ready(sees_all, max(1.0, deadline - time.monotonic()))
 
     def _edge_probe(self, edge_id: str) -> Callable[[], bool]:
         url = f"http://{self.config.host}:{self.edge_ports[edge_id].http}/v2/health/ready"
         return lambda: _http_ok(url)
 
-    def _gateway_sees_all(self) -> bool:
+    def _gateway_sees_all(self, url: str) -> bool:
         auth = {"Authorization": f"Bearer {self.api_key()}"}
-        req = urllib.request.Request(self.gateway_url + "/v1/edges", headers=auth)  # noqa: S310
+        req = urllib.request.Request(url + "/v1/edges", headers=auth)  # noqa: S310
         with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310
             edges = json.loads(resp.read())["edges"]
         return len(edges) == self.config.edges and all(

@@ -91,3 +91,19 @@ def write_nats_config(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+def clustered(
+    text: str, server_name: str, host: str, route_port: int, peer_ports: list[int]
+) -> str:
+    """A node of a local JetStream cluster: ``text`` (:func:`render_nats_config`) renamed
+    ``server_name``, listening for routes on ``route_port`` and routed to its peers'."""
+    head, sep, rest = text.partition("\n")
+    if not head.startswith("server_name: ") or not sep:
+        raise ValueError("not a config from render_nats_config")
+    routes = ",\n".join(f'    "nats://{host}:{p}"' for p in peer_ports)
+    return (
+        f"server_name: {server_name}\n{rest}"
+        f"cluster {{\n  name: fedgate_local\n  listen: {host}:{route_port}\n"
+        f"  routes: [\n{routes}\n  ]\n}}\n"
+    )

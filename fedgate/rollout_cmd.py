@@ -9,43 +9,35 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fedcore.errors import FedgateError
-from fedgate.status import ApiError, api_key, render_table, rollout_rows
+from fedgate.status import Gateway, api_key, client_options, render_table, rollout_rows
 
 Out = Callable[[str], None]
 ACTIVE = frozenset({"pending", "staging", "canary"})
 
 
-def call(url: str, key_file: Path | None, method: str, path: str, body: Any = None) -> Any:
-    """One JSON request to the gateway; :class:`ApiError` with its message on an error."""
-    key = api_key(key_file)
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode() if body is not None else None
-    base = url.rstrip("/")
-    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)  # noqa: S310
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """One JSON request to the gateway named by the options; :class:`ApiError` with its
+    message on an error status, ``UnreachableError`` when it cannot be reached."""
+    gateway = Gateway(args.url, api_key(args.key_file), timeout_s=30, cacert=args.cacert)
+    return gateway.request(method, path, body)
+
+
+def stages(text: str) -> list[float]:
+    """``--stages 10,50``: percents of traffic, each in (0, 100]."""
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - user-given gateway
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        text = exc.read().decode(errors="replace")
-        try:
-            detail = str(json.loads(text).get("error", text))
-        except (ValueError, AttributeError):
-            detail = text
-        raise ApiError(base, exc.code, detail) from None
-    except OSError as exc:
-        raise FedgateError(f"cannot reach the gateway at {base}: {exc}") from None
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated percents of traffic, e.g. 10,50"
+        ) from None
+    if not values or any(not 0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each stage must be in (0, 100]")
+    return values
 
 
 def _path(model: str, rollout_id: str | None = None, action: str | None = None) -> str:
@@ -62,7 +54,7 @@ def spec_of(args: argparse.Namespace) -> dict[str, Any]:
     fill the rest)."""
     spec: dict[str, Any] = {"version": args.version}
     if args.stages:
-        spec["stages"] = [float(p) for p in args.stages.split(",")]
+        spec["stages"] = args.stages
     elif args.canary is not None:
         spec["canary"] = args.canary
     for name in ("window_s", "min_requests"):
@@ -95,14 +87,14 @@ def describe(r: dict[str, Any], out: Out) -> None:
 
 
 def cmd_start(args: argparse.Namespace, out: Out) -> int:
-    r = call(args.url, args.key_file, "POST", _path(args.model), spec_of(args))
+    r = call(args, "POST", _path(args.model), spec_of(args))
     versions = f"version {r['version']} over {r['stable']}"
     out(f"rollout {r['id']} of {r['model']}: {versions} ({r['state']})")
     if not args.wait:
         return 0
     seen = 0
     while True:
-        r = call(args.url, args.key_file, "GET", _path(args.model, r["id"]))
+        r = call(args, "GET", _path(args.model, r["id"]))
         for e in r["events"][seen:]:
             out(f"  {e['kind']}: {e['message']}")
         seen = len(r["events"])
@@ -113,9 +105,9 @@ def cmd_start(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Out) -> int:
     if args.id is not None:
-        describe(call(args.url, args.key_file, "GET", _path(args.model, args.id)), out)
+        describe(call(args, "GET", _path(args.model, args.id)), out)
         return 0
-    rollouts = call(args.url, args.key_file, "GET", _path(args.model))["rollouts"]
+    rollouts = call(args, "GET", _path(args.model))["rollouts"]
     headers = ("rollout", "version", "stable", "state", "canary", "started", "reason")
     for line in render_table(headers, rollout_rows(rollouts)) if rollouts else ["(no rollout)"]:
         out(line)
@@ -123,19 +115,12 @@ def cmd_status(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_command(args: argparse.Namespace, out: Out, action: str) -> int:
-    describe(call(args.url, args.key_file, "POST", _path(args.model, args.id, action)), out)
+    describe(call(args, "POST", _path(args.model, args.id, action)), out)
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="gateway URL")
-    p.add_argument(
-        "--key-file",
-        type=Path,
-        default=None,
-        help="file with a gateway API key of role admin (default: $FEDGATE_API_KEY, else "
-        ".fedgate/secrets/gateway-admin.key)",
-    )
+    client_options(p, "admin")
 
 
 def _start_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], out: Out) -> None:
@@ -143,7 +128,7 @@ def _start_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], out:
     p.add_argument("model")
     p.add_argument("version", type=int)
     p.add_argument("--canary", type=float, default=None, help="percent of traffic (default 10)")
-    p.add_argument("--stages", default=None, help="percents per stage, e.g. 10,50")
+    p.add_argument("--stages", type=stages, default=None, help="percents per stage, e.g. 10,50")
     p.add_argument("--window", dest="window_s", type=float, default=None, help="s per stage")
     p.add_argument("--min-requests", type=int, default=None, help="candidate requests per stage")
     p.add_argument("--max-error-rate", type=float, default=None)

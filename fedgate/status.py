@@ -14,8 +14,10 @@ gateway or a refused key fail the command.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fedcore.errors import FedgateError
+from fedcore.errors import FedgateError, UnreachableError
 from fedcore.keys import read_secret
 from fedgate.restarts import read_status, status_rows
 
@@ -58,27 +60,65 @@ def api_key(key_file: Path | None) -> str | None:
 
 
 class Gateway:
-    """GETs JSON from the gateway with the key."""
+    """JSON requests to the gateway with the key (and a CA file for an HTTPS gateway)."""
 
-    def __init__(self, url: str, key: str | None, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, key: str | None, timeout_s: float = 5.0, cacert: Path | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.timeout_s = timeout_s
+        self.context = ssl.create_default_context(cafile=str(cacert)) if cacert else None
 
     def get(self, path: str) -> Any:
-        req = urllib.request.Request(self.url + path, headers=self.headers)  # noqa: S310
+        return self.request("GET", path)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; :class:`ApiError` when the gateway answers an error status,
+        :class:`UnreachableError` when it cannot be reached."""
+        headers = dict(self.headers)
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=self.timeout_s, context=self.context) as resp:  # noqa: S310
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            body = exc.read().decode(errors="replace")
+            text = exc.read().decode(errors="replace")
             try:
-                detail = str(json.loads(body).get("error", body))
+                detail = str(json.loads(text).get("error", text))
             except (ValueError, AttributeError):
-                detail = body
+                detail = text
             raise ApiError(self.url, exc.code, detail) from None
         except OSError as exc:
-            raise FedgateError(f"cannot reach the gateway at {self.url}: {exc}") from None
+            raise UnreachableError(f"cannot reach the gateway at {self.url}: {exc}") from None
+
+
+def client_options(p: argparse.ArgumentParser, role: str) -> None:
+    """``--url``, ``--key-file`` and ``--cacert`` of the commands that call the gateway."""
+    p.add_argument(
+        "--url",
+        default=os.environ.get("FEDGATE_URL", "http://127.0.0.1:8080"),
+        help="gateway URL (default $FEDGATE_URL, else the local stack's http://127.0.0.1:8080; "
+        "compose publishes https://<host>:8443)",
+    )
+    local = "gateway-admin.key" if role == "admin" else "gateway-admin.key, else gateway-infer.key"
+    p.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help=f"file with a gateway API key of role {role} (default: $FEDGATE_API_KEY, else the "
+        f"local stack's .fedgate/secrets/{local})",
+    )
+    p.add_argument(
+        "--cacert",
+        type=Path,
+        default=Path(os.environ["FEDGATE_CACERT"]) if os.environ.get("FEDGATE_CACERT") else None,
+        help="CA file that signs an HTTPS gateway's certificate (default $FEDGATE_CACERT, else "
+        "the system's)",
+    )
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
@@ -283,12 +323,13 @@ def print_status(
     model: str | None = None,
     rounds: int = 10,
     data_dir: Path | None = None,
+    cacert: Path | None = None,
 ) -> int:
     """Print the local stack's processes (when one runs on ``data_dir``), the fleet, then
     versions, rounds and rollouts of each model. Exit code."""
     if data_dir is not None:
         print_processes(data_dir, out)
-    gw = Gateway(url, api_key(key_file))
+    gw = Gateway(url, api_key(key_file), cacert=cacert)
     edges: list[dict[str, Any]] = gw.get("/v1/edges")["edges"]
     headers = ("edge", "device", "health", "models (ready versions)", "outstanding", "served")
     out("Fleet")

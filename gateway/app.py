@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,8 +19,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from starlette.exceptions import HTTPException
 
+from fedcore.loops import Backoff
+from fedcore.version import package_version
 from gateway.auth import KeyRing, RateLimiter
 from gateway.dataplane import InferPlane, Receive, Scope, Send, split_infer_path
 from gateway.errors import GatewayError
@@ -144,13 +148,31 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
 
+async def _bind_rollouts(controller: RolloutController, nc: NATS, replicas: int) -> None:
+    """Bind the rollout controller before serving, retrying JetStream for up to a minute
+    (a cluster still electing leaders times requests out); then the error stops start-up."""
+    backoff = Backoff(0.5, 5.0)
+    deadline = time.monotonic() + 60.0
+    while True:
+        try:
+            await controller.bind(nc.jetstream(timeout=10.0), replicas)
+            return
+        except (NatsError, TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("rollout buckets not reachable yet (%r); retrying", exc)
+            await asyncio.sleep(backoff.next())
+
+
 def create_app(
     settings: GatewaySettings, *, fleet: Fleet | None = None, bus: bool = True
 ) -> GatewayApp:
     """Build the gateway. ``fleet`` and ``bus=False`` let tests inject the fleet directly."""
     state = build_state(settings, fleet)
     relay = feedback.FeedbackRelay()
-    controller = RolloutController(state)
+    controller = RolloutController(
+        state, instance=settings.instance_id, lease_ttl_s=settings.rollout_lease_ttl_s
+    )
     reader = history.HistoryReader()
     feed = FleetFeed(state.fleet, state.metrics)
 
@@ -169,8 +191,8 @@ def create_app(
             )
             await feed.start(nc)
             relay.bind(nc)
-            # applies recorded splits first
-            await controller.bind(nc.jetstream(), settings.nats_replicas)
+            # applies recorded splits first (retried: a young cluster answers slowly)
+            await _bind_rollouts(controller, nc, settings.nats_replicas)
             reader.bind(nc)
         prober = asyncio.create_task(_probe_loop(state))
         log.info("gateway listening", extra={"host": settings.host, "port": settings.port})
@@ -187,7 +209,7 @@ def create_app(
                     await asyncio.wait_for(nc.drain(), 5)
             await state.upstream.close()
 
-    api = FastAPI(title="fedgate gateway", version="0.1.0", lifespan=lifespan)
+    api = FastAPI(title="fedgate gateway", version=package_version(), lifespan=lifespan)
     api.state.gateway = state
     api.state.feedback = relay
     api.state.rollouts = controller

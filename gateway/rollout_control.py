@@ -11,8 +11,10 @@ recorded split, so a restarted gateway resumes where the record says.
 
 The gates read the per-version request counts and latency histogram the data plane keeps
 for its metrics (:class:`gateway.metrics.RequestStats`): nothing is added to the request
-path. Counts are taken as differences from a baseline taken when the stage began (or when
-this gateway process first saw the stage, after a restart).
+path. With several gateway replicas, each publishes its counts and only the holder of the
+lease (:mod:`gateway.rollout_lease`) decides, from the sum over replicas
+(:mod:`gateway.gate_counts`). Counts are taken as differences from the stage's baseline,
+recorded in KV when the stage began, so a replica that takes over mid-stage goes on from it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from prometheus_client import Counter, Gauge
 
 from fedcore.wire import ModelState
 from gateway.errors import GatewayError, NotFound, Unavailable
-from gateway.metrics import LATENCY_BUCKETS, RequestStats
+from gateway.gate_counts import Baseline, Pair, SharedCounts, version_counts
+from gateway.metrics import LATENCY_BUCKETS
+from gateway.rollout_lease import Lease
 from gateway.rollout_store import Conflict, RolloutStore
 from gateway.rollouts import (
     Observation,
@@ -55,36 +59,6 @@ log = logging.getLogger(__name__)
 
 STATES: tuple[State, ...] = ("pending", "staging", "canary", "promoted", "rolled_back", "failed")
 ATTEMPTS = 4
-
-
-@dataclass(frozen=True)
-class Counts:
-    """Cumulative counts of one version on this gateway."""
-
-    requests: int = 0
-    errors: int = 0
-    latency: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS) + 1)
-
-    def since(self, base: Counts) -> Counts:
-        return Counts(
-            self.requests - base.requests,
-            self.errors - base.errors,
-            tuple(a - b for a, b in zip(self.latency, base.latency, strict=True)),
-        )
-
-
-def version_counts(stats: RequestStats, model: str, version: int) -> Counts:
-    """Requests (client disconnects aside), 5xx answers and latency of ``model`` ``version``."""
-    label = str(version)
-    requests = errors = 0
-    for (m, v, _edge, status), n in list(stats.requests.items()):
-        if m == model and v == label and status != 499:
-            requests += n
-            if status >= 500:
-                errors += n
-    series = stats.latency.get((model, label))
-    latency = tuple(series.counts) if series is not None else Counts().latency
-    return Counts(requests, errors, latency)
 
 
 def quantile(counts: Sequence[int], q: float) -> float | None:
@@ -149,24 +123,27 @@ class RolloutMetrics:
 
 
 @dataclass
-class _Baseline:
-    started: float
-    candidate: Counts
-    stable: Counts
-
-
-@dataclass
 class RolloutController:
-    """One per gateway; unbound (no NATS) it refuses commands with 503."""
+    """One per gateway; unbound (no NATS) it refuses commands with 503.
+
+    Every replica applies the recorded splits and publishes its counts; only the one holding
+    the lease (:mod:`gateway.rollout_lease`) moves rollouts on, from the counts of every
+    replica added up (:mod:`gateway.gate_counts`)."""
 
     state: GatewayState
     clock: Callable[[], float] = time.time
     tick_s: float = 0.2
     drain_s: float = 1.0
+    instance: str = "gateway"
+    lease_ttl_s: float = 3.0
     store: RolloutStore | None = None
+    lease: Lease | None = None
+    shared: SharedCounts | None = None
     metrics: RolloutMetrics = field(init=False)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    _baselines: dict[tuple[str, int], _Baseline] = field(default_factory=dict)
+    _baselines: dict[tuple[str, int], Baseline] = field(default_factory=dict)
+    _totals: dict[str, Pair] = field(default_factory=dict)  # rollout id -> fleet-wide counts
+    _forgotten: set[str] = field(default_factory=set)
     _written: dict[str, tuple[int, int | None, str]] = field(default_factory=dict)
     _models: set[str] = field(default_factory=set)
     _shown: dict[str, tuple[str, str, int]] = field(default_factory=dict)
@@ -181,6 +158,8 @@ class RolloutController:
         """Open the buckets (created or scaled up to ``replicas``) and apply every recorded
         split (call before serving)."""
         self.store = await RolloutStore.open(js, replicas)
+        self.lease = Lease(self.store.kv, self.instance, self.lease_ttl_s)
+        self.shared = SharedCounts(js, self.store.kv, self.instance)
         for model in await self.store.models():
             found = await self.store.current(model)
             if found is not None:
@@ -204,6 +183,8 @@ class RolloutController:
         if task is not None and not task.cancelled():
             with contextlib.suppress(Exception):
                 task.result()
+        if self.lease is not None:
+            await self.lease.release()
 
     def _store(self) -> RolloutStore:
         if self.store is None:
@@ -220,8 +201,9 @@ class RolloutController:
                 if time.monotonic() - listed > 2.0:  # rollouts other gateways started
                     self._models.update(await self._store().models())
                     listed = time.monotonic()
+                leading = self.lease is None or await self.lease.hold()
                 for model in sorted(self._models):
-                    await self.tick(model)
+                    await self.tick(model, decide=leading)
             except (NatsError, TimeoutError, GatewayError) as exc:
                 log.warning("rollout tick failed: %r", exc)
             except Exception:
@@ -229,8 +211,10 @@ class RolloutController:
             await asyncio.sleep(self.tick_s)
 
     # -- the tick --------------------------------------------------------------------------
-    async def tick(self, model: str) -> Rollout | None:
-        """Move ``model``'s rollout on by at most one step; returns the record as it stands."""
+    async def tick(self, model: str, decide: bool = True) -> Rollout | None:
+        """Apply ``model``'s recorded split and publish this replica's counts; when
+        ``decide`` (the lease holder), move the rollout on by at most one step. Returns the
+        record as it stands."""
         store = self._store()
         async with self._lock(model):
             found = await store.current(model)
@@ -238,6 +222,9 @@ class RolloutController:
                 return None
             r, revision = found
             self._apply(r)
+            await self._share(r, decide)
+            if not decide:
+                return r
             now = self.clock()
             nxt = self._decide(r, now)
             if nxt is not None:
@@ -261,6 +248,28 @@ class RolloutController:
         if r.decided_ts is not None and now >= r.decided_ts + self.drain_s:
             return settle(r, self.edges(r.model), now)
         return None
+
+    async def _share(self, r: Rollout, decide: bool) -> None:
+        """Publish this replica's counts of an active rollout; the holder also reads every
+        replica's (and the stage's baseline) for the gates, and clears a finished one's."""
+        if self.shared is None:
+            return
+        if not r.active:
+            if decide and r.id not in self._forgotten:
+                await self.shared.forget(r.model, r.id)
+                self._forgotten.add(r.id)
+                self._totals.pop(r.id, None)
+            return
+        stats = self.state.metrics.stats
+        mine = (version_counts(stats, r.model, r.version), version_counts(stats, r.model, r.stable))
+        await self.shared.publish(r.model, r.id, mine)
+        if decide and r.state == "canary":
+            self._totals[r.id] = await self.shared.total(r.model, r.id)
+            key = (r.id, r.stage)
+            if key not in self._baselines:
+                self._baselines[key] = await self.shared.baseline(
+                    r.model, r.id, r.stage, self.clock()
+                )
 
     def _apply(self, r: Rollout) -> None:
         """Set the split ``r`` calls for, if ``r`` has moved since this gateway last did."""
@@ -299,14 +308,13 @@ class RolloutController:
         }
 
     def observe(self, r: Rollout) -> Observation:
-        """The current stage's traffic per version (and the candidate's label tallies)."""
-        stats = self.state.metrics.stats
-        cand = version_counts(stats, r.model, r.version)
-        stable = version_counts(stats, r.model, r.stable)
+        """The current stage's traffic per version (and the candidate's label tallies): every
+        replica's, as last read by :meth:`tick`, or this replica's alone (no NATS yet)."""
+        cand, stable = self._totals.get(r.id) or self._local(r)
         key = (r.id, r.stage)
         base = self._baselines.get(key)
         if base is None:
-            base = self._baselines[key] = _Baseline(self.clock(), cand, stable)
+            base = self._baselines[key] = Baseline(self.clock(), cand, stable)
         labelled = correct = 0
         for edge_state in self.edges(r.model).values():
             tally = edge_state.labels.get(r.version)
@@ -320,6 +328,10 @@ class RolloutController:
             stable=VersionStats(s.requests, s.errors, quantile(s.latency, 0.99)),
             elapsed_s=self.clock() - base.started,
         )
+
+    def _local(self, r: Rollout) -> Pair:
+        stats = self.state.metrics.stats
+        return version_counts(stats, r.model, r.version), version_counts(stats, r.model, r.stable)
 
     # -- commands --------------------------------------------------------------------------
     def serving_version(self, model: str) -> int | None:

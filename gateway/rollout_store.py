@@ -54,6 +54,11 @@ class RolloutStore:
         desired = await kv_bucket(js, DESIRED_BUCKET, replicas)
         return cls(js, rollouts, desired)
 
+    @property
+    def kv(self) -> KeyValue:
+        """The rollouts bucket (also home of the controller lease and the gate counts)."""
+        return self._rollouts
+
     async def models(self) -> list[str]:
         """Models that have (had) a rollout."""
         return [k for k in await kv_keys(self.js, ROLLOUTS_BUCKET, "*") if "." not in k]

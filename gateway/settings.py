@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -11,12 +14,21 @@ from fedcore.models import models_setting
 from fedcore.settings import NatsReplicas, ServiceSettings
 
 
+def default_instance_id() -> str:
+    """``<hostname>-<pid>`` in the characters a KV key allows."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:48] or "gateway"
+    return f"{name}-{os.getpid()}"
+
+
 class GatewaySettings(ServiceSettings):
     """The HTTP endpoint, its keys and limits, and how it tracks and routes to the fleet."""
 
     model_config = SettingsConfigDict(env_prefix="FEDGATE_GATEWAY_", extra="forbid", frozen=True)
 
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="address the HTTP server binds")
+    port: int = Field(
+        default=8080, ge=0, le=65535, description="HTTP port (OIP v2, APIs, dashboard)"
+    )
     models: list[str] = Field(
         default=["digits"],
         description="models whose feedback labels this gateway checks: built-in names, entry "
@@ -28,7 +40,6 @@ class GatewaySettings(ServiceSettings):
     def _models(cls, v: list[str]) -> list[str]:
         return models_setting(v, deep=False)
 
-    port: int = 8080
     api_keys_file: Path | None = Field(
         default=None,
         description="file of API keys, one '<role>:<name>:<sha256-hex>[:<rate>]' per line",
@@ -47,12 +58,28 @@ class GatewaySettings(ServiceSettings):
         default=2.0, gt=0, description="a key may burst this many seconds' worth of requests"
     )
     heartbeat_ttl_s: float = Field(default=3.5, gt=0, description="edge expires after this silence")
+    instance_id: str = Field(
+        default_factory=default_instance_id,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="this replica's name among several gateways (rollout lease, gate counts); "
+        "default <hostname>-<pid>",
+    )
+    rollout_lease_ttl_s: float = Field(
+        default=3.0,
+        gt=0,
+        description="a rollout-controller lease not renewed this long is taken over by another "
+        "replica",
+    )
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="413 above this")
-    upstream_timeout_s: float = Field(default=30.0, gt=0)
-    upstream_connect_timeout_s: float = Field(default=2.0, gt=0)
+    upstream_timeout_s: float = Field(
+        default=30.0, gt=0, description="longest wait for an edge's answer to one request"
+    )
+    upstream_connect_timeout_s: float = Field(
+        default=2.0, gt=0, description="longest wait for a connection to an edge's Triton"
+    )
     eject_after_failures: int = Field(
         default=3, ge=1, description="consecutive failures (connection error, 503) to eject"
     )
     eject_base_s: float = Field(default=5.0, gt=0, description="first ejection time, then x2")
-    eject_max_s: float = Field(default=60.0, gt=0)
+    eject_max_s: float = Field(default=60.0, gt=0, description="longest ejection time")
     probe_interval_s: float = Field(default=0.5, gt=0, description="how often ejections are due")

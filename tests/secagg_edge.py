@@ -5,14 +5,18 @@ a heartbeat, without Triton or fine-tuning (their part is a deterministic update
 ``python -m tests.secagg_edge`` with ``SECAGG_EDGE_*`` variables. In every securely
 aggregated round that invites it, the edge hands over :func:`harness_delta` (unless
 ``SECAGG_EDGE_HOLD`` is set: it then takes part in the protocol but never trains, as an
-edge that is about to die). Each request it receives is appended to ``SECAGG_EDGE_LOG``
-as a JSON line ``{"round", "phase"}`` so a test can tell how far it got.
+edge that is about to die). With ``SECAGG_EDGE_SPOIL_SHARE_TO=<edge>`` it misbehaves: the
+encrypted share it sends that edge is spoiled on its way out (one ciphertext byte
+flipped), everything else it does by the protocol. Each request it receives is appended
+to ``SECAGG_EDGE_LOG`` as a JSON line ``{"round", "phase"}`` so a test can tell how far
+it got.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -29,7 +33,8 @@ from edge_runtime.secure_round import SecureParticipant, SecureRoundError
 from fedcore import subjects
 from fedcore.enrollment import load_registry
 from fedcore.keys import load_ed25519, read_secret
-from fedcore.secagg.frame import Frame
+from fedcore.secagg import ShareBundle
+from fedcore.secagg.frame import Frame, Phase
 from fedcore.secagg.options import SecAggOptions
 from fedcore.wire import Heartbeat
 
@@ -40,6 +45,22 @@ def harness_delta(edge: str, round_no: int, dim: int) -> NDArray[np.float32]:
     """The update ``edge`` sends in round ``round_no`` (norm about 1.4: it gets clipped)."""
     rng = np.random.default_rng([round_no, int(edge.rsplit("-", 1)[1])])
     return rng.normal(0.0, 0.02, dim).astype(np.float32)
+
+
+def spoil_share(data: bytes, recipient: str) -> bytes:
+    """``data`` with the share for ``recipient`` spoiled, if it is a frame of shares."""
+    frame = Frame.decode(data)
+    if frame.phase is not Phase.SHARES:
+        return data
+    bundle = ShareBundle.from_bytes(frame.body)
+    items = tuple(
+        dataclasses.replace(s, ciphertext=bytes([s.ciphertext[0] ^ 1]) + s.ciphertext[1:])
+        if s.recipient == recipient
+        else s
+        for s in bundle.shares
+    )
+    body = ShareBundle(bundle.round_id, bundle.edge, items).to_bytes()
+    return Frame(frame.phase, frame.round, body).encode()
 
 
 def record_step(path: Path, data: bytes) -> None:
@@ -64,8 +85,10 @@ async def main() -> None:
     options = SecAggOptions.model_validate_json(env["SECAGG_EDGE_OPTIONS"])
     view, stop = RoundsView(), asyncio.Event()
 
+    spoil_to = env.get("SECAGG_EDGE_SPOIL_SHARE_TO")
+
     async def send(subject: str, data: bytes) -> None:
-        await nc.publish(subject, data)
+        await nc.publish(subject, data if spoil_to is None else spoil_share(data, spoil_to))
 
     participant = SecureParticipant(
         edge,

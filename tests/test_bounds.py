@@ -167,3 +167,37 @@ def test_dp_keeps_only_the_absolute_bounds(tmp_path: Path) -> None:
         )
     )
     assert dp.bounds == UpdateBounds(max_samples=500, sample_ratio=None, norm_ratio=None)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_colluders_arriving_first_do_not_set_the_medians(strategy: str) -> None:
+    """Found by benchmarks/poisoning.py: two of ten edges claiming 1e12 samples and coming
+    first filled two of the three warm-up places, so the medians the held updates were
+    folded with were theirs (20000, the absolute cap) and their weight was 200 times an
+    honest one: the step was 0.98 theirs. The medians now also count the previous
+    round's claims and norms, so colluders first in a round weigh at most twice a
+    typical edge of the round before."""
+    _, attack, honest = honest_and_hostile()
+    book = RoundBook(
+        "digits",
+        RoundPolicy(min_updates=10, step_backoff=1.0),
+        get_strategy(strategy, **STRATEGIES[strategy]),
+        version=1,
+        digest=DIGEST,
+        params=np.zeros(DIM, np.float32),
+    )
+    edges = [f"edge-{i}" for i in range(10)]
+    book.open(edges, now=0.0)  # round 1: everyone honest
+    for i, edge in enumerate(edges):
+        book.fold(Contribution(f"{i:032x}", edge, 300, 1, 0.0), honest[i])
+    book.advance(2, DIGEST, book.finalize())
+    before = book.params.copy()
+    book.open(edges, now=1.0)  # round 2: edge-0 and edge-1 collude and come first
+    hostile = (0.5 * attack).astype(np.float32)
+    for i, edge in enumerate(edges):
+        delta, claim = (hostile, 10**12) if i < 2 else (honest[10 + i], 300)
+        book.fold(Contribution(f"{100 + i:032x}", edge, claim, 2, 0.0), delta)
+    step = book.finalize() - before
+    assert cosine(step, attack) < 0.5, cosine(step, attack)
+    weights = {c.edge_id: c.weight for c in book.current.folded.values()}  # type: ignore[union-attr]
+    assert weights["edge-0"] <= 2 * 300 and weights["edge-1"] <= 2 * 300, weights

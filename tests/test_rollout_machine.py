@@ -6,8 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from fedcore.wire import DesiredVersions, LabelTally, ModelState
+from gateway.gate_counts import Counts, version_counts
 from gateway.metrics import LATENCY_BUCKETS, RequestStats
-from gateway.rollout_control import Counts, _commanded, quantile, version_counts
+from gateway.rollout_control import _commanded, quantile
 from gateway.rollout_store import Conflict
 from gateway.rollouts import (
     Gates,

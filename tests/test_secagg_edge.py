@@ -4,6 +4,7 @@ hands a secure round's update to the participant instead of publishing an envelo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -178,6 +179,35 @@ async def test_participants_run_a_round_and_repeat_their_answers(tmp_path: Path)
     await edges[early].handle("digits", Frame(Phase.END, 3, b""))
     with pytest.raises(SecureRoundError, match="not in progress"):
         await edges[early].submit("digits", 3, deltas[early])
+
+
+async def test_a_participant_excludes_a_neighbour_whose_share_does_not_open() -> None:
+    """Failed before: the participant refused the round (``secure-refused``, bad-share)."""
+    cohort = Cohort.make(4)
+    view, wire = RoundsView(), Wire()
+    view.put(announcement(sampled=cohort.names))
+    edges = participants(cohort, view, wire)
+    server = SecAggServer(CONFIG, secure_round_id("digits", 3), cohort.enrolled, DIM)
+    setup = server.setup.to_bytes()
+    for body in (await ask(edges, wire, Phase.SETUP, dict.fromkeys(cohort.names, setup))).values():
+        server.receive_advert(KeyAdvert.from_bytes(body))
+    bundles = {e: b.to_bytes() for e, b in server.close_adverts().items()}
+    for body in (await ask(edges, wire, Phase.ADVERT_BUNDLE, bundles)).values():
+        server.receive_shares(ShareBundle.from_bytes(body))
+    victim = cohort.names[0]
+    delivery = server.close_shares()[victim]
+    first = delivery.shares[0]
+    spoiled = ShareBundle(
+        delivery.round_id,
+        victim,
+        (dataclasses.replace(first, ciphertext=bytes(len(first.ciphertext))), *delivery.shares[1:]),
+    )
+    await edges[victim].submit("digits", 3, np.zeros(DIM, np.float32))
+    masked = await ask(edges, wire, Phase.DELIVERY, {victim: spoiled.to_bytes()})
+    assert MaskedInput.from_bytes(masked[victim]).excluded == (first.sender,)
+    kinds = [(e.kind, e.reason) for e in edges[victim].events.events()]
+    assert ("secure-excluded", f"{first.sender}: bad-share") in kinds
+    assert "secure-refused" not in [k for k, _ in kinds]
 
 
 async def test_a_participant_ignores_rounds_not_announced_as_secure_for_it() -> None:

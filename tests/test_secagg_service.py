@@ -66,7 +66,7 @@ def trainer_env(root: Path, keys: KeyLayout, server: NatsServer, **extra: str) -
 
 
 def start_edge(
-    root: Path, keys: KeyLayout, server: NatsServer, edge: str
+    root: Path, keys: KeyLayout, server: NatsServer, edge: str, **extra: str
 ) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
     env.update(
@@ -79,7 +79,7 @@ def start_edge(
             "SECAGG_EDGE_REGISTRY": str(keys.registry),
             "SECAGG_EDGE_OPTIONS": json.dumps(OPTIONS),
             "SECAGG_EDGE_LOG": str(root / f"{edge}.steps"),
-            **({"SECAGG_EDGE_HOLD": "1"} if edge == VICTIM else {}),
+            **extra,
         }
     )
     log = (root / f"{edge}.log").open("ab")
@@ -160,7 +160,8 @@ async def test_a_secure_round_survives_a_killed_edge(
     tmp_path: Path, secure_nats: NatsServer
 ) -> None:
     keys = init_keys(tmp_path / "keys", EDGES)
-    edges = {e: start_edge(tmp_path, keys, secure_nats, e) for e in EDGES}
+    hold = {VICTIM: {"SECAGG_EDGE_HOLD": "1"}}
+    edges = {e: start_edge(tmp_path, keys, secure_nats, e, **hold.get(e, {})) for e in EDGES}
     nc = await nats.connect(secure_nats.url, user="trainer", password=secure_nats.users["trainer"])
     await heartbeats_from(nc, EDGES)  # every edge is up before the trainer samples them
     trainer = start_trainer(tmp_path, trainer_env(tmp_path, keys, secure_nats))
@@ -209,6 +210,47 @@ async def test_a_secure_round_survives_a_killed_edge(
         await nc.close()
         stop_all([trainer, *edges.values()])
     assert trainer.returncode == 0
+    assert processes_mentioning("tests.secagg_edge") == []
+
+
+@pytest.mark.timeout(180)
+async def test_a_secure_round_survives_an_edge_that_spoils_a_share(
+    tmp_path: Path, secure_nats: NatsServer
+) -> None:
+    """Issue #16 finding 8: edge-4 sends edge-1 a share that does not open, and its own
+    masked input as usual. Failed before: edge-1 refused the round (bad-share) and became
+    the dropout, so the trainer released the mean of edge-2, edge-3 and the culprit. Now
+    edge-1 excludes edge-4, the trainer drops it and releases the mean of the honest
+    three (recomputed here from their deterministic deltas)."""
+    keys = init_keys(tmp_path / "keys", EDGES)
+    culprit = {VICTIM: {"SECAGG_EDGE_SPOIL_SHARE_TO": "edge-1"}}
+    edges = {e: start_edge(tmp_path, keys, secure_nats, e, **culprit.get(e, {})) for e in EDGES}
+    nc = await nats.connect(secure_nats.url, user="trainer", password=secure_nats.users["trainer"])
+    trainer: subprocess.Popen[bytes] | None = None
+    try:
+        await heartbeats_from(nc, EDGES)
+        trainer = start_trainer(tmp_path, trainer_env(tmp_path, keys, secure_nats))
+        record: RoundRecord = await wait_kv(
+            nc.jetstream(),
+            ROUND_LOG_BUCKET,
+            round_key("digits", 1),
+            RoundRecord.decode,
+            within_s=150,
+        )
+        assert record.outcome == "released", record
+        assert record.secure and (record.survivors, record.dropped) == (3, 1)
+        survivors = sorted(c.edge_id for c in record.contributors)
+        assert survivors == ["edge-1", "edge-2", "edge-3"]
+        artifacts = tmp_path / "trainer" / "artifacts" / "digits"
+        v1 = load_weights_file(artifacts / "1" / "weights.npy")
+        v2 = load_weights_file(artifacts / "2" / "weights.npy")
+        np.testing.assert_allclose(v2, expected_v2(v1, survivors, len(EDGES)), rtol=0, atol=1e-6)
+        log = (tmp_path / "trainer.log").read_text()
+        assert "edge caught misbehaving" in log and "its share to edge-1 did not open" in log
+        assert "neighbour excluded" in (tmp_path / "edge-1.log").read_text()
+    finally:
+        await nc.close()
+        stop_all([*([trainer] if trainer is not None else []), *edges.values()])
     assert processes_mentioning("tests.secagg_edge") == []
 
 

@@ -6,20 +6,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from prometheus_client import CollectorRegistry
 
 from fedcore.enrollment import EdgeRegistry
 from fedcore.errors import EnvelopeError
-from fedcore.secagg import SecAggConfig, round_params
+from fedcore.secagg import MaskedInput, SecAggConfig, round_params
 from fedcore.secagg.frame import Frame, Phase, masked_frame_bytes
 from trainer.driver import RoundDriver, SecureTarget
 from trainer.errors import TrainerError
 from trainer.fleet import Fleet
 from trainer.rounds import RoundBook, RoundPolicy, SecureOutcome
+from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureRound, SecureTiming, sensitivity
 from trainer.service import open_round, round_verdict
 from trainer.settings import TrainerSettings
@@ -155,11 +159,21 @@ class Msg:
         self.subject, self.data = subject, data
 
 
+Tamper = Callable[[str, bytes], bytes]
+
+
 async def run_in_process(
-    min_updates: int, silent: str | None, *, deadline_s: float = 1.0, heartbeats: bool = False
+    min_updates: int,
+    silent: str | None,
+    *,
+    deadline_s: float = 1.0,
+    heartbeats: bool = False,
+    tamper: Tamper | None = None,
+    metrics: SecureMetrics | None = None,
 ) -> tuple[RoundBook, str | None]:
     """A coordinator and four edge participants wired to each other in process; the
-    ``silent`` edge never trains (and, with ``heartbeats``, is not heard from either)."""
+    ``silent`` edge never trains (and, with ``heartbeats``, is not heard from either);
+    ``tamper(subject, data)`` may change what an edge sends to the trainer."""
     from edge_runtime.rounds_watch import RoundsView
     from edge_runtime.secure_round import SecureParticipant
     from tests.secagg_harness import Cohort
@@ -175,6 +189,8 @@ async def run_in_process(
         await edges[edge].on_message(Msg(subject, data))  # type: ignore[arg-type]
 
     async def to_trainer(subject: str, data: bytes) -> None:
+        if tamper is not None:
+            data = tamper(subject, data)
         await secure.on_message(Msg(subject, data))  # type: ignore[arg-type]
 
     def alive() -> list[str]:
@@ -187,6 +203,7 @@ async def run_in_process(
         {"digits": DIM},
         SecureTiming(2.0, 0.05),
         alive if heartbeats else None,
+        metrics,
     )
     for e in cohort.names:
         edges[e] = SecureParticipant(
@@ -285,3 +302,40 @@ def test_silence_from_everyone_is_the_trainer_cut_off_not_dropouts() -> None:
     alive = set(sorted(edges)[:3])
     secure._give_up_silent(pending, alive)
     assert pending == alive
+
+
+def wrap_masked_input(edge: str) -> Tamper:
+    """``edge`` masks ``q + 2**31`` instead of its quantised ``q`` (every coordinate)."""
+
+    def tamper(subject: str, data: bytes) -> bytes:
+        frame = Frame.decode(data)
+        if not subject.endswith(f".from.{edge}") or frame.phase is not Phase.MASKED_INPUT:
+            return data
+        msg = MaskedInput.from_bytes(frame.body)
+        values = np.frombuffer(msg.values, "<u4").copy()
+        values += np.uint32(2**31)
+        body = MaskedInput(msg.round_id, msg.edge, values.tobytes(), msg.excluded).to_bytes()
+        return Frame(frame.phase, frame.round, body).encode()
+
+    return tamper
+
+
+async def test_a_wrapped_masked_input_is_refused_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """30-bit values (n = 4): 2**31 is 4 clip norms per coordinate, wrapping the sum to
+    -3.6 per coordinate, L2 norm 10.2 where 4 edges clipped to 1 reach at most 4.
+    Before, the trainer released that (mean -0.9 per coordinate, honest 0.1)."""
+    registry = CollectorRegistry()
+    metrics = SecureMetrics(registry, ["digits"])
+    with caplog.at_level(logging.WARNING, logger="trainer.secure_round"):
+        b, failed = await run_in_process(
+            min_updates=3, silent=None, tamper=wrap_masked_input("edge-001"), metrics=metrics
+        )
+    assert failed is not None and "out-of-range" in failed
+    assert b.current is not None and b.current.secure is None  # nothing folded
+    assert "L2 norm 10.18" in caplog.text and "out-of-range" in caplog.text
+    labels = {"model": "digits", "reason": "out-of-range"}
+    assert registry.get_sample_value("fedgate_trainer_secagg_failed_total", labels) == 1
+    labels["reason"] = "below-threshold"
+    assert registry.get_sample_value("fedgate_trainer_secagg_failed_total", labels) == 0

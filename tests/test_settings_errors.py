@@ -49,3 +49,36 @@ def test_nested_errors_name_the_variable_and_the_path(monkeypatch: pytest.Monkey
     message = str(info.value)
     assert "FEDGATE_TRAINER_SECAGG (digits.clip_norm)" in message
     assert "secret-ish" not in message  # values are never echoed
+
+
+def test_an_unknown_variable_is_refused_with_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pydantic-settings ignores unknown prefixed variables: a typo silently kept the default."""
+    for k in [k for k in os.environ if k.startswith("FEDGATE_TRAINER_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("FEDGATE_TRAINER_MIN_UPDATE", "3")
+    with pytest.raises(ConfigError) as info:
+        settings_from_env(TrainerSettings)
+    message = str(info.value)
+    assert (
+        "FEDGATE_TRAINER_MIN_UPDATE: not a setting of this service; "
+        "did you mean FEDGATE_TRAINER_MIN_UPDATES?" in message
+    )
+    assert "FEDGATE_TRAINER_NATS_USER: Field required" in message  # reported together
+
+
+def test_a_bad_log_level_is_a_setting_error_and_any_case_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LOG_LEVEL=verbose crashed the service with a traceback from logging."""
+    for k in [k for k in os.environ if k.startswith("FEDGATE_TRAINER_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("FEDGATE_TRAINER_LOG_LEVEL", "verbose")
+    with pytest.raises(ConfigError) as info:
+        settings_from_env(TrainerSettings)
+    assert "FEDGATE_TRAINER_LOG_LEVEL: Input should be 'DEBUG', 'INFO'" in str(info.value)
+    monkeypatch.setenv("FEDGATE_TRAINER_LOG_LEVEL", "debug")
+    with pytest.raises(ConfigError) as info:
+        settings_from_env(TrainerSettings)  # still missing required ones, but not the level
+    assert "LOG_LEVEL" not in str(info.value)

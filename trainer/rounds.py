@@ -156,6 +156,9 @@ class RoundBook:
         self.next_round = next_round
         self.step_scale = 1.0
         self.current: OpenRound | None = None
+        self.reference: list[Contribution] = []
+        """The last closed round's contributions: their claims and norms join every median
+        of the next round, so updates that come first cannot set the medians alone."""
         self._rng = random.Random(seed)  # noqa: S311 - client sampling, not a secret
 
     def open(
@@ -235,7 +238,7 @@ class RoundBook:
         """Fold the updates held back, with the bounds of every update the round has
         (when the warm-up is complete, or the round closes with fewer)."""
         rnd = self._require_open()
-        everyone = rnd.contributions()
+        everyone = [*self.reference, *rnd.contributions()]
         held, rnd.held = list(rnd.held.values()), {}
         for arrived, update in held:
             self._fold_bounded(rnd, arrived, update, everyone)
@@ -248,8 +251,10 @@ class RoundBook:
         everyone: list[Contribution] | None = None,
     ) -> Contribution:
         """Fold ``arrived`` with its weight and norm bounded by the round's medians over
-        ``everyone`` (default: the folded updates and this one)."""
-        among = everyone if everyone is not None else [*rnd.folded.values(), arrived]
+        ``everyone`` (default: the last round's, the folded updates and this one)."""
+        among = (
+            everyone if everyone is not None else [*self.reference, *rnd.folded.values(), arrived]
+        )
         b = self.policy.bounds
         weight = staleness_weight(
             round(b.weight(arrived.samples, [c.samples for c in among])),
@@ -320,10 +325,15 @@ class RoundBook:
     def advance(self, version: int, digest: str, params: NDArray[Any]) -> None:
         """The candidate was released as ``version``: it is the new base."""
         self.version, self.digest, self.params = version, digest, params
-        self.current = None
+        self._close()
 
     def abandon(self) -> None:
         """Close the open round without a new version."""
+        self._close()
+
+    def _close(self) -> None:
+        if self.current is not None and self.current.folded:
+            self.reference = list(self.current.folded.values())
         self.current = None
 
     def _require_open(self) -> OpenRound:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -49,7 +48,9 @@ from fedcore.secagg import (
 )
 from fedcore.secagg.config import MIN_PARTICIPANTS, RoundParams
 from fedcore.secagg.frame import ANSWERS, FROM_EDGE, Frame, Phase, secure_round_id
+from fedcore.secagg.quantize import edge_bound
 from trainer.rounds import RoundBook, SecureOutcome
+from trainer.secure_metrics import SecureMetrics
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,13 @@ class SecureResult:
     aggregate: AggregateResult | None
     failure: str | None
     sensitivity: float = 0.0
+    reason: str | None = None  # the protocol's reason for a failure (``out-of-range``, ...)
 
 
 def sensitivity(params: RoundParams, dim: int) -> float:
     """L2 bound on one edge's part of the dequantised sum: its clip plus the rounding
     error, below one quantisation step per coordinate (``step * sqrt(dim)``)."""
-    step = 2.0 * params.clip_norm / (params.levels - 1)
-    return params.clip_norm + step * math.sqrt(dim)
+    return edge_bound(params, dim)
 
 
 def _accept(cls: type[M], receive: Callable[[M], None]) -> Accept:
@@ -153,6 +154,7 @@ class SecureRound:
     async def run(self) -> SecureResult:
         """Run the protocol; a failure is returned, never raised."""
         params: RoundParams | None = None
+        server: SecAggServer | None = None
         try:
             server = SecAggServer(
                 self.config,
@@ -166,8 +168,11 @@ class SecureRound:
             log.warning(
                 "secure round failed: %s", exc, extra={"model": self.model, "round": self.round_no}
             )
-            return SecureResult(None, f"secure aggregation failed: {exc}")
+            reason = exc.reason if isinstance(exc, SecAggError) else "config"
+            return SecureResult(None, f"secure aggregation failed: {exc}", reason=reason)
         finally:
+            if server is not None:
+                self._name_culprits(server.culprits)
             await self._broadcast(Phase.END, b"", self.enrolled)
         return SecureResult(aggregate, None, sensitivity(params, self.dim))
 
@@ -219,6 +224,14 @@ class SecureRound:
         result = await asyncio.to_thread(server.finish)
         self._progress("unmasked", len(result.survivors), dropped=len(result.dropped))
         return result
+
+    def _name_culprits(self, culprits: Mapping[str, str]) -> None:
+        for edge, why in sorted(culprits.items()):
+            log.warning(
+                "secure round: edge caught misbehaving: %s",
+                why,
+                extra={"model": self.model, "round": self.round_no, "edge": edge},
+            )
 
     def _progress(self, what: str, edges: int, **extra: Any) -> None:
         log.info(
@@ -318,9 +331,11 @@ class SecureCoordinator:
         dims: Mapping[str, int],
         timing: SecureTiming,
         alive: Alive | None = None,
+        metrics: SecureMetrics | None = None,
     ) -> None:
         self._send = send
         self._alive = alive
+        self._metrics = metrics
         self._registry = registry
         self.configs = dict(configs)
         self.dims = dict(dims)
@@ -390,8 +405,13 @@ class SecureCoordinator:
         error = running.task.exception()
         if error is not None:
             log.error("secure round crashed", exc_info=error, extra={"model": model})
-            return SecureResult(None, f"secure aggregation failed: {error!r}")
-        return running.task.result()
+            result = SecureResult(None, f"secure aggregation failed: {error!r}", reason="crash")
+        else:
+            result = running.task.result()
+        if self._metrics is not None:
+            culprits = 0 if result.aggregate is None else len(result.aggregate.culprits)
+            self._metrics.observe(model, result.reason, culprits)
+        return result
 
     async def stop(self) -> None:
         """Cancel running rounds (shutdown)."""

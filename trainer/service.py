@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry
 
 from fedcore import subjects
 from fedcore.artifact_store import models_bucket, upload_version
@@ -54,6 +55,7 @@ from trainer.registry import RegistryFile, keep_mirrored, mirror_registry
 from trainer.release import FederatedEval, ReleaseContext, close_round, version_digest
 from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
+from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
 from trainer.secure_setup import check_payload, secure_configs
 from trainer.settings import TrainerSettings
@@ -367,7 +369,7 @@ async def _run(
             await announce(js, book, settings.nats_replicas)
     fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
-    secure = await start_secure(settings, nc, registry, sizes, fleet.alive)
+    secure = await start_secure(settings, nc, registry, sizes, fleet.alive, telemetry.registry)
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
     rollouts = rollout_requester(settings)
     try:
@@ -415,9 +417,11 @@ async def start_secure(
     registry: RegistryFile,
     sizes: dict[str, tuple[int, ...]],
     alive: Callable[[], list[str]] | None = None,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> SecureCoordinator | None:
     """The secure-round coordinator, listening to the edges (None: secure aggregation off);
-    ``alive`` lists the edges heard from lately (a silent edge is a dropout)."""
+    ``alive`` lists the edges heard from lately (a silent edge is a dropout); its failures
+    and culprits are counted in ``metrics_registry``."""
     configs = secure_configs(settings)
     if not configs:
         return None
@@ -429,7 +433,8 @@ async def start_secure(
         await nc.publish(subject, data)
 
     timing = SecureTiming(settings.secagg_phase_timeout_s, settings.secagg_resend_s)
-    secure = SecureCoordinator(send, registry, configs, dims, timing, alive)
+    metrics = None if metrics_registry is None else SecureMetrics(metrics_registry, configs)
+    secure = SecureCoordinator(send, registry, configs, dims, timing, alive, metrics)
     await nc.subscribe(subjects.SECAGG_FROM_ALL, cb=secure.on_message)
     log.info("secure aggregation on", extra={"models": ",".join(sorted(configs))})
     return secure

@@ -21,8 +21,8 @@ class TrainerSettings(ServiceSettings):
     data_dir: Path = Field(description="artifacts/<model>/<version>/ and state/ live here")
     models: list[str] = Field(
         default=["digits"],
-        description="models to serve: built-in names, entry points of group fedgate.models, "
-        "or package.module:SPEC",
+        description="models the trainer runs rounds for: built-in names, entry points of "
+        "group fedgate.models, or package.module:SPEC",
     )
 
     @field_validator("models")
@@ -35,8 +35,10 @@ class TrainerSettings(ServiceSettings):
     bootstrap_seed_fraction: float = Field(
         default=0.1, gt=0, le=1, description="share of the public train split used for version 1"
     )
-    bootstrap_epochs: int = Field(default=8, ge=1)
-    seed: int = 0
+    bootstrap_epochs: int = Field(
+        default=8, ge=1, description="epochs of the short training that makes version 1"
+    )
+    seed: int = Field(default=0, description="seed of version 1 and of every random choice")
     hpke_private_key_file: Path = Field(
         description="HPKE private key (0600) edges seal their updates to, of HPKE_KEM"
     )
@@ -72,13 +74,19 @@ class TrainerSettings(ServiceSettings):
     dp_delta: float = Field(
         default=1e-5, gt=0, lt=1, description="dp_fedavg: the delta of (eps, delta)-DP"
     )
-    round_mode: Literal["sync", "async"] = "sync"
+    round_mode: Literal["sync", "async"] = Field(
+        default="sync",
+        description="sync: a round closes at quorum or deadline; async: a buffer of updates "
+        "closes when full, stale updates weighted down",
+    )
     min_updates: int = Field(default=1, ge=1, description="sync: updates needed to close")
     round_deadline_s: float = Field(default=60.0, gt=0, description="sync: round deadline")
     sample_fraction: float = Field(default=1.0, gt=0, le=1, description="sync: edges invited")
     buffer_size: int = Field(default=3, ge=1, description="async: updates per aggregation")
     max_staleness: int = Field(default=2, ge=0, description="async: oldest base accepted")
-    staleness_exponent: float = Field(default=0.5, ge=0)
+    staleness_exponent: float = Field(
+        default=0.5, ge=0, description="async: an update s rounds stale weighs (1 + s)^-exponent"
+    )
     step_backoff: float = Field(
         default=0.5,
         gt=0,

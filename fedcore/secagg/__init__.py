@@ -15,7 +15,7 @@ Every refusal is a :class:`fedcore.errors.SecAggError` whose ``reason`` is one o
 ``unknown-participant``, ``config-mismatch``, ``bad-signature``, ``bad-key``,
 ``bad-share``, ``below-threshold``, ``shape-mismatch``, ``non-finite``,
 ``inconsistent-survivors``, ``inconsistent-request``, ``disconnected-survivors``,
-``both-shares-requested``, ``reconstruction-mismatch``. Settings problems
+``both-shares-requested``, ``reconstruction-mismatch``, ``out-of-range``. Settings problems
 (:class:`SecAggConfig`, :func:`check_compatible`) raise :class:`fedcore.errors.ConfigError`.
 """
 

@@ -9,6 +9,8 @@ unmask request the edge answers nothing more this round. What an edge refuses:
 - a neighbour's key advertisement not signed by that neighbour's enrolled key, or bound
   to another round (``bad-signature``);
 - fewer neighbours than the Shamir threshold at any step (``below-threshold``);
+- a neighbour's share that does not decrypt or check: not a refusal of the round, but
+  that *sender* is excluded (named in the masked input; the server drops it);
 - a survivor list without itself, below the minimum, or whose graph is disconnected;
 - an unmask request that asks for both shares of one peer (``both-shares-requested``),
   that disagrees with the survivor list it signed, that lacks its neighbours' signatures
@@ -93,6 +95,8 @@ class SecAggClient:
         self._keys = agreement.RoundKeys()
         self._peers: dict[str, KeyAdvert] = {}
         self._held: dict[str, tuple[bytes, bytes]] = {}
+        self._pairs: dict[str, bytes] = {}
+        self.excluded: dict[str, str] = {}  # neighbour -> why its share was not usable
         self._signed: tuple[str, ...] = ()
         self._signed_payload = b""
         self.quantized: NDArray[np.uint32] | None = None
@@ -177,9 +181,9 @@ class SecAggClient:
         return ShareBundle(rnd.setup.round_id, self.edge, tuple(out))
 
     def _open_share(self, rnd: _Round, item: EncryptedShare) -> None:
+        """Decrypt and check one neighbour's share; ``bad-share``/``bad-key``/``malformed``
+        when its sender sent something this edge cannot use."""
         sender = item.sender
-        if sender not in self._peers or sender in self._held or item.recipient != self.edge:
-            raise SecAggError("malformed", "share from a non-neighbour, or twice", sender)
         plain = agreement.decrypt_share(
             self._keys.cipher,
             self._peers[sender].cipher_pk,
@@ -197,14 +201,31 @@ class SecAggClient:
             raise SecAggError("bad-share", f"share names {names}", sender)
         shamir.share_from_bytes(rnd.x[self.edge], seed_y)
         shamir.share_from_bytes(rnd.x[self.edge], key_y)
+        pair = agreement.pair_mask_key(
+            self._keys.masking, self._peers[sender].mask_pk, rnd.digest, self.edge, sender
+        )
         self._held[sender] = (seed_y, key_y)
+        self._pairs[sender] = pair
+
+    def _open_shares(self, rnd: _Round, delivery: ShareBundle) -> None:
+        """Keep every neighbour's share that opens; a sender whose share does not decrypt,
+        parse or name the right pair, or whose advertised mask key is unusable, is excluded:
+        no share of it is kept, no mask with it is added, and the masked input names it."""
+        for item in delivery.shares:
+            sender = item.sender
+            known = sender in self._held or sender in self.excluded
+            if sender not in self._peers or known or item.recipient != self.edge:
+                raise SecAggError("malformed", "share from a non-neighbour, or twice", sender)
+            try:
+                self._open_share(rnd, item)
+            except SecAggError as exc:
+                self.excluded[sender] = exc.reason
 
     def masked_input(self, delivery: ShareBundle, update: FloatArray) -> MaskedInput:
         """Store the neighbours' shares; send the clipped, quantised, masked update."""
         rnd = self._expect(ClientPhase.SHARED, delivery.round_id, delivery.edge)
         self.phase = ClientPhase.FAILED
-        for item in delivery.shares:
-            self._open_share(rnd, item)
+        self._open_shares(rnd, delivery)
         if len(self._held) < rnd.threshold:
             raise SecAggError(
                 "below-threshold", f"{len(self._held)} neighbours shared, {rnd.threshold} needed"
@@ -222,12 +243,10 @@ class SecAggClient:
             masked, agreement.self_mask_key(self._keys.seed, rnd.digest, self.edge), 1, scratch
         )
         for v in sorted(self._held):
-            key = agreement.pair_mask_key(
-                self._keys.masking, self._peers[v].mask_pk, rnd.digest, self.edge, v
-            )
-            add_mask(masked, key, 1 if self.edge < v else -1, scratch)
+            add_mask(masked, self._pairs[v], 1 if self.edge < v else -1, scratch)
         self.phase = ClientPhase.MASKED
-        return MaskedInput(rnd.setup.round_id, self.edge, masked.tobytes())
+        excluded = tuple(sorted(self.excluded))
+        return MaskedInput(rnd.setup.round_id, self.edge, masked.tobytes(), excluded)
 
     def _check_survivors(self, rnd: _Round, survivors: tuple[str, ...]) -> None:
         if list(survivors) != sorted(set(survivors)) or self.edge not in survivors:
@@ -290,11 +309,14 @@ class SecAggClient:
             )
 
     def unmask(self, req: UnmaskRequest) -> UnmaskResponse:
-        """Reveal, per peer, either its self-mask share or its mask-key share, never both."""
+        """Reveal, per peer, either its self-mask share or its mask-key share, never both;
+        with a mask-key share (the peer dropped), also the key of this edge's pairwise
+        mask with that peer, which the server could derive from the peer's key anyway."""
         rnd = self._expect(ClientPhase.SIGNED, req.round_id, req.recipient)
         self.phase = ClientPhase.FAILED
         self._check_request(rnd, req)
         seeds = tuple(PeerShare(p, self._held[p][0]) for p in req.self_mask_peers)
         keys = tuple(PeerShare(p, self._held[p][1]) for p in req.mask_key_peers)
+        pairs = tuple(PeerShare(p, self._pairs[p]) for p in req.mask_key_peers)
         self.phase = ClientPhase.DONE
-        return UnmaskResponse(rnd.setup.round_id, self.edge, seeds, keys)
+        return UnmaskResponse(rnd.setup.round_id, self.edge, seeds, keys, pairs)

@@ -8,7 +8,8 @@ it must authenticate which edge sent what, as the sealed update envelope does):
    the edge's enrolled Ed25519 key); ``S -> E`` :class:`AdvertBundle` (the neighbours').
 3. ``E -> S`` :class:`ShareBundle` (Shamir shares, AES-GCM-encrypted to each neighbour);
    ``S -> E`` :class:`ShareDelivery` (the shares addressed to that edge).
-4. ``E -> S`` :class:`MaskedInput` (quantised update plus masks, modulo 2**32).
+4. ``E -> S`` :class:`MaskedInput` (quantised update plus masks, modulo 2**32, and the
+   neighbours whose shares failed to open).
 5. ``S -> E`` :class:`SurvivorList`; ``E -> S`` :class:`SurvivorSignature`.
 6. ``S -> E`` :class:`UnmaskRequest`; ``E -> S`` :class:`UnmaskResponse`.
 """
@@ -195,22 +196,30 @@ ShareDelivery = ShareBundle
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """An edge's quantised update plus its masks, little-endian uint32."""
+    """An edge's quantised update plus its masks, little-endian uint32.
+
+    ``excluded``: the neighbours whose shares this edge could not open or check (sorted);
+    it holds no share of theirs and did not mask with them, and the server treats them as
+    dropped (their own masked inputs are left out of the sum).
+    """
 
     KIND: ClassVar[int] = 5
     round_id: str
     edge: str
     values: bytes
+    excluded: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
         w = Writer().header(self.KIND).text(self.round_id).text(self.edge).blob(self.values)
-        return w.finish()
+        return w.texts(self.excluded).finish()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MaskedInput:
         r = Reader(data, "MaskedInput").header(cls.KIND)
-        msg = cls(r.text(), r.text(), r.blob())
+        msg = cls(r.text(), r.text(), r.blob(), r.texts())
         r.end()
+        if list(msg.excluded) != sorted(set(msg.excluded)):
+            raise SecAggError("malformed", "MaskedInput: excluded must be sorted and unique")
         return msg
 
 
@@ -305,17 +314,21 @@ class PeerShare:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """The shares an edge reveals: self-mask seed shares and mask-key shares."""
+    """The shares an edge reveals: self-mask seed shares and mask-key shares, and, for each
+    peer whose mask-key share it reveals (a dropped neighbour), the key of the pairwise
+    mask it added with that peer (``pair_keys``, 32 bytes each): the server's fallback
+    when too few right shares of that peer's key come back."""
 
     KIND: ClassVar[int] = 9
     round_id: str
     edge: str
     self_mask_shares: tuple[PeerShare, ...]
     mask_key_shares: tuple[PeerShare, ...]
+    pair_keys: tuple[PeerShare, ...] = ()
 
     def to_bytes(self) -> bytes:
         w = Writer().header(self.KIND).text(self.round_id).text(self.edge)
-        for group in (self.self_mask_shares, self.mask_key_shares):
+        for group in (self.self_mask_shares, self.mask_key_shares, self.pair_keys):
             w.count(len(group))
             for s in group:
                 w.text(s.peer).blob(s.value)
@@ -325,6 +338,6 @@ class UnmaskResponse:
     def from_bytes(cls, data: bytes) -> UnmaskResponse:
         r = Reader(data, "UnmaskResponse").header(cls.KIND)
         round_id, edge = r.text(), r.text()
-        groups = [tuple(PeerShare(r.text(), r.blob()) for _ in range(r.count())) for _ in range(2)]
+        groups = [tuple(PeerShare(r.text(), r.blob()) for _ in range(r.count())) for _ in range(3)]
         r.end()
-        return cls(round_id, edge, groups[0], groups[1])
+        return cls(round_id, edge, groups[0], groups[1], groups[2])

@@ -10,6 +10,7 @@ AES-CTR stream under a fresh random key, never numpy's RNG.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -32,6 +33,17 @@ def clip_l2(update: FloatArray, bound: float) -> NDArray[np.float64]:
     if norm > bound:
         x = x * (bound / norm)
     return x
+
+
+def step(params: RoundParams) -> float:
+    """One quantisation step, in update units: ``2 * clip_norm / (2**bits - 1)``."""
+    return 2.0 * params.clip_norm / (params.levels - 1)
+
+
+def edge_bound(params: RoundParams, dim: int) -> float:
+    """L2 bound on one edge's dequantised update: its clip plus the rounding error, below
+    one step per coordinate (``step * sqrt(dim)``)."""
+    return params.clip_norm + step(params) * math.sqrt(dim)
 
 
 def _scale(params: RoundParams) -> float:
@@ -60,3 +72,29 @@ def dequantize_sum(
 ) -> NDArray[np.float64]:
     """The float sum of ``count`` updates whose quantised values sum to ``total``."""
     return total.astype(np.float64) / _scale(params) - count * params.clip_norm
+
+
+def check_aggregate(
+    total: NDArray[np.uint32], float_sum: NDArray[np.float64], count: int, params: RoundParams
+) -> None:
+    """Refuse (``out-of-range``) an unmasked sum that ``count`` edges following the protocol
+    could not have produced: a coordinate above ``count * (2**bits - 1)`` (a masked input
+    outside ``[0, 2**bits)``, wrapped modulo 2**32), or an L2 norm above ``count`` times
+    :func:`edge_bound`. What one edge can still do is shift the sum within these bounds."""
+    top = count * (params.levels - 1)
+    over = np.flatnonzero(total > top)
+    if over.size:
+        i = int(over[0])
+        raise SecAggError(
+            "out-of-range",
+            f"{over.size} coordinates of the unmasked sum exceed {top}, the most {count} "
+            f"edges' {params.quant_bits}-bit values can reach (coordinate {i}: {int(total[i])})",
+        )
+    norm = float(np.linalg.norm(float_sum))
+    limit = count * edge_bound(params, total.size) * (1 + 1e-9)
+    if not norm <= limit:
+        raise SecAggError(
+            "out-of-range",
+            f"the unmasked sum has L2 norm {norm:.6g}, above {limit:.6g}, the most {count} "
+            f"edges clipped to {params.clip_norm:g} can reach",
+        )

@@ -10,8 +10,9 @@ This is field arithmetic, not a cipher: shares travel encrypted (AES-GCM) to the
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from fedcore.errors import SecAggError
@@ -19,6 +20,8 @@ from fedcore.errors import SecAggError
 PRIME = (1 << 521) - 1
 SHARE_BYTES = 66
 SECRET_BYTES = 32
+MAX_SUBSETS = 20_000
+"""The most share subsets :func:`recover` interpolates before it gives up."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,8 @@ def evaluate(coefficients: Sequence[int], x: int, prime: int = PRIME) -> int:
     return acc
 
 
-def lagrange_at_zero(points: Sequence[Share], prime: int = PRIME) -> int:
-    """Interpolate the polynomial through ``points`` and evaluate it at 0, mod ``prime``."""
+def lagrange_at(points: Sequence[Share], x: int, prime: int = PRIME) -> int:
+    """Interpolate the polynomial through ``points`` and evaluate it at ``x``, mod ``prime``."""
     xs = [p.x for p in points]
     if len(set(xs)) != len(xs):
         raise SecAggError("malformed", f"duplicate share x-coordinates {sorted(xs)}")
@@ -51,10 +54,15 @@ def lagrange_at_zero(points: Sequence[Share], prime: int = PRIME) -> int:
         num, den = 1, 1
         for j, pj in enumerate(points):
             if i != j:
-                num = num * pj.x % prime
-                den = den * (pj.x - pi.x) % prime
+                num = num * (x - pj.x) % prime
+                den = den * (pi.x - pj.x) % prime
         total = (total + pi.y * num * pow(den, -1, prime)) % prime
     return total
+
+
+def lagrange_at_zero(points: Sequence[Share], prime: int = PRIME) -> int:
+    """Interpolate the polynomial through ``points`` and evaluate it at 0, mod ``prime``."""
+    return lagrange_at(points, 0, prime)
 
 
 def split(secret: bytes, xs: Sequence[int], threshold: int) -> list[Share]:
@@ -94,3 +102,54 @@ def share_from_bytes(x: int, y: bytes) -> Share:
     if value >= PRIME:
         raise SecAggError("malformed", "share value outside the field")
     return Share(x, value)
+
+
+def _candidates(count: int, threshold: int) -> Iterator[tuple[int, ...]]:
+    """Index sets of ``threshold`` shares out of ``count``, fewest suspects first: leaving
+    out ``e`` shares among the first ``threshold + e`` (every honest subset is reached once
+    ``e`` is the number of bad shares)."""
+    seen: set[tuple[int, ...]] = set()
+    for e in range(count - threshold + 1):
+        head = range(threshold + e)
+        for out in itertools.combinations(head, e):
+            picked = tuple(i for i in head if i not in out)
+            if picked not in seen:
+                seen.add(picked)
+                yield picked
+
+
+def recover(
+    shares: Sequence[Share], threshold: int, check: Callable[[bytes], bool]
+) -> tuple[bytes, tuple[int, ...]]:
+    """The 32-byte secret that ``check`` accepts (its commitment), from ``threshold``
+    consistent shares among ``shares``, and the x-coordinates of the shares that do not lie
+    on its polynomial (wrong shares: their holders lied or were lied to). When the first
+    ``threshold`` shares already give the secret, the others are not examined (a wrong
+    share nobody used is not looked for).
+
+    Tries subsets with the fewest left-out shares first, so one wrong share costs at most
+    ``threshold + 1`` interpolations. ``below-threshold`` with fewer than ``threshold``
+    shares; ``reconstruction-mismatch`` when no subset (of the first :data:`MAX_SUBSETS`)
+    gives a secret ``check`` accepts: fewer than ``threshold`` shares are right.
+    """
+    if len(shares) < threshold:
+        raise SecAggError(
+            "below-threshold", f"{len(shares)} shares, {threshold} needed to reconstruct"
+        )
+    for tried, picked in enumerate(_candidates(len(shares), threshold)):
+        if tried >= MAX_SUBSETS:
+            break
+        points = [shares[i] for i in picked]
+        value = lagrange_at_zero(points)
+        if value >= 1 << (8 * SECRET_BYTES):
+            continue
+        secret = value.to_bytes(SECRET_BYTES, "big")
+        if check(secret):
+            if tried == 0:  # the usual case: nothing to look for (and O(m t^2) saved)
+                return secret, ()
+            wrong = tuple(s.x for s in shares if lagrange_at(points, s.x) != s.y)
+            return secret, wrong
+    raise SecAggError(
+        "reconstruction-mismatch",
+        f"no {threshold} of the {len(shares)} shares give the committed secret",
+    )

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Response
 
+from fedcore.version import package_version
 from gateway.errors import GatewayError, Unavailable
 from gateway.fleet import Edge
 from gateway.routing import parse_version
@@ -20,7 +21,7 @@ from gateway.upstream import UpstreamError, UpstreamResponse
 router = APIRouter(tags=["inference"])
 
 SERVER_NAME = "fedgate"
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = package_version()
 EXTENSIONS = ["binary_tensor_data"]
 
 
