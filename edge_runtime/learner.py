@@ -306,6 +306,7 @@ class Learner:
                 round=job.plan.round,
                 loss=_opt_float(report.get("loss")),
                 accuracy=_opt_float(report.get("accuracy")),
+                **_metric(report, report),
             )
         elif kind in ("stopped", "failed") or (kind == "exited" and job.result is None):
             return str(report.get("reason") or f"worker {kind}")
@@ -402,6 +403,7 @@ class Learner:
             num_samples=int(result.get("samples", 0)),
             loss=metrics.get("loss"),
             accuracy=metrics.get("accuracy"),
+            **_metric(result, metrics),
         )
 
     def sent_rounds(self) -> set[int]:
@@ -438,6 +440,14 @@ def local_metrics(result: Mapping[str, Any], delta_norm: float) -> dict[str, flo
         if value is not None:
             metrics[name] = value
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _metric(result: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The event fields of the model's own metric: its name (from the worker) and value."""
+    name = result.get("metric")
+    if not isinstance(name, str):
+        return {}
+    return {"metric": name, "value": _opt_float(values.get(name))}
 
 
 def _opt_float(value: object) -> float | None:
