@@ -31,6 +31,7 @@ from fedcore.envelope import BytesLike, RecipientPublicKey, read_header_unverifi
 from fedcore.errors import TransportError
 from fedcore.keys import load_ed25519, read_hpke_public
 from fedcore.transport import (
+    INLINE_MAX_BYTES,
     MSG_ID_HEADER,
     UPDATES_OBJECT_BUCKET,
     UPDATES_STREAM,
@@ -109,10 +110,11 @@ class UpdatePublisher:
     def for_connection(
         cls, nc: NATS, *, ack_timeout_s: float = 5.0, attempts: int = 4, backoff_s: float = 0.5
     ) -> UpdatePublisher:
-        """A publisher on ``nc``, sized by the ``max_payload`` its server announced."""
+        """A publisher on ``nc``: inline up to the updates stream's message limit (the
+        server's ``max_payload``, at most :data:`INLINE_MAX_BYTES`)."""
         return cls(
             nc.jetstream(),
-            max_payload=nc.max_payload,
+            max_payload=min(nc.max_payload, INLINE_MAX_BYTES),
             ack_timeout_s=ack_timeout_s,
             attempts=attempts,
             backoff_s=backoff_s,

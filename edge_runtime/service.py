@@ -174,6 +174,7 @@ class EdgeRuntime:
             password=s.nats_password(),
             name=f"edge:{s.edge_id}",
             max_reconnect_attempts=-1,
+            inbox_prefix=s.nats_inbox_prefix(),
             tls=s.nats_tls_context(),
         )
         self.publisher = UpdatePublisher.for_connection(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -12,7 +12,7 @@ from fedcore.compression import Mode
 from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
 from fedcore.settings import ServiceSettings
-from fedcore.wire import check_edge_id
+from fedcore.wire import check_edge_id, edge_id_from_node_name
 
 
 class EdgeSettings(ServiceSettings):
@@ -20,7 +20,22 @@ class EdgeSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDGATE_EDGE_", extra="forbid", frozen=True)
 
-    edge_id: str = Field(description="this edge's id (lowercase letters, digits, dashes)")
+    edge_id: str = Field(
+        default="",
+        description="this edge's id (lowercase letters, digits, dashes); unset: read from "
+        "edge_id_file if that file exists, else derived from node_name",
+    )
+    edge_id_file: Path | None = Field(
+        default=None,
+        description="file holding this edge's id, used when edge_id is unset and the file "
+        "exists (Kubernetes: a per-node override in the node's credentials directory)",
+    )
+    node_name: str | None = Field(
+        default=None,
+        description="the machine's name (Kubernetes: spec.nodeName); with no edge_id, the id "
+        "is derived from it: lowercase, other characters '-' (a.b.internal: a-b-internal)",
+    )
+    nats_user: str = Field(default="", description="NATS user name of this edge; unset: edge_id")
     data_dir: Path = Field(description="working directory: model repository, logs, spool")
     models: list[str] = Field(
         default=["digits"],
@@ -170,9 +185,30 @@ class EdgeSettings(ServiceSettings):
         """References resolved, checked (module on a dummy batch, weights) and named."""
         return models_setting(v, deep=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_edge_id(cls, data: Any) -> Any:
+        """edge_id, else the contents of edge_id_file (if it exists), else from node_name;
+        the NATS user defaults to the edge id."""
+        if not isinstance(data, dict):
+            return data
+        edge_id = str(data.get("edge_id") or "").strip()
+        id_file = data.get("edge_id_file")
+        if not edge_id and id_file and Path(id_file).is_file():
+            edge_id = Path(id_file).read_text().strip()
+        if not edge_id and data.get("node_name"):
+            edge_id = edge_id_from_node_name(str(data["node_name"]))
+        if not edge_id:
+            return data  # the edge_id field's validator names what to set
+        return {**data, "edge_id": edge_id, "nats_user": data.get("nats_user") or edge_id}
+
     @field_validator("edge_id")
     @classmethod
     def _edge_id(cls, v: str) -> str:
+        if not v:
+            raise ValueError(
+                "no edge id: set edge_id, edge_id_file (an existing file) or node_name"
+            )
         return check_edge_id(v)
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from fedcore.errors import ConfigError, KeyFileError
 from fedcore.keys import read_secret
 from fedcore.logs import configure_logging
 from fedcore.replicas import check_replicas
+from fedcore.subjects import inbox_prefix
 
 NatsReplicas = Annotated[
     int,
@@ -83,6 +84,11 @@ class ServiceSettings(BaseSettings):
     def nats_password(self) -> str:
         """The NATS password, read from its file at call time."""
         return read_secret(self.nats_password_file)
+
+    def nats_inbox_prefix(self) -> str:
+        """The ``inbox_prefix=`` argument of ``nats.connect``: ``_INBOX_<nats_user>``, the
+        only inbox prefix the deployment lets this user subscribe to."""
+        return inbox_prefix(self.nats_user)
 
     def nats_tls_context(self) -> ssl.SSLContext | None:
         """The ``tls=`` argument of ``nats.connect``: None unless a NATS TLS file is set.

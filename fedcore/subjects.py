@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fedcore.errors import ConfigError
+
 HEARTBEAT_PREFIX = "fedgate.fleet.heartbeat"
 LEAVE_PREFIX = "fedgate.fleet.leave"
 
@@ -50,3 +52,21 @@ def parse_secagg_subject(subject: str) -> tuple[str, str, str] | None:
     if len(parts) != 5 or ".".join(parts[:2]) != SECAGG_PREFIX or parts[3] not in ("to", "from"):
         return None
     return parts[2], parts[3], parts[4]
+
+
+INBOX_PREFIX = "_INBOX_"
+"""Each NATS user's replies and JetStream deliveries go to ``_INBOX_<user>.>``: its own
+prefix, which the deployment's permissions let only that user subscribe to (the shared
+``_INBOX.>`` let an edge read the trainer's pull deliveries)."""
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix of NATS user ``user`` (``nats.connect(inbox_prefix=...)``)."""
+    if not user or any(c in user for c in ".*> \t\r\n"):
+        raise ConfigError(f"NATS user {user!r} cannot name an inbox subject token")
+    return f"{INBOX_PREFIX}{user}"
+
+
+def inbox_all(user: str) -> str:
+    """Every subject of ``user``'s inboxes: what it (and only it) may subscribe to."""
+    return f"{inbox_prefix(user)}.>"

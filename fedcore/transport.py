@@ -34,6 +34,11 @@ TRAINER_CONSUMER = "trainer-updates"
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 HEADER_ROOM = 4096
+INLINE_MAX_BYTES = 256 * 1024
+"""Largest message (envelope and headers) on the updates stream: the stream's
+``max_msg_size`` and the edges' inline limit (larger envelopes go through the object
+store), so one edge's subject holds at most ``max_msgs_per_subject`` times this."""
+GIB = 1024**3
 """Bytes of a message's ``max_payload`` kept for NATS headers (``Nats-Msg-Id`` etc.)."""
 
 POINTER_MAGIC = b"FGUP"
@@ -177,6 +182,12 @@ class StreamSpec:
     sequence until its round is finalised, so a restarted trainer can fold it again
     (see ``trainer.ledger``). ``max_msg_size`` is the server's ``max_payload`` unless
     given (``-1``: the server's limit).
+
+    Limits, so that one edge cannot fill JetStream for everyone: the stream holds at most
+    ``max_bytes``, one subject (one model of one edge) at most ``max_msgs_per_subject``
+    messages, and both refuse new messages when full (discard new, per subject too):
+    nobody's acknowledged update is dropped to make room. The object bucket holds at most
+    ``object_max_bytes``.
     """
 
     name: str = UPDATES_STREAM
@@ -186,10 +197,15 @@ class StreamSpec:
     max_msg_size: int = -1
     replicas: int = 1
     object_bucket: str = UPDATES_OBJECT_BUCKET
+    max_bytes: int = 8 * GIB
+    max_msgs_per_subject: int = 10_000
+    object_max_bytes: int = 8 * GIB
 
     def __post_init__(self) -> None:
         if self.duplicate_window_s <= 0 or self.max_age_s < self.duplicate_window_s:
             raise ValueError("need 0 < duplicate_window_s <= max_age_s")
+        if min(self.max_bytes, self.max_msgs_per_subject, self.object_max_bytes) <= 0:
+            raise ValueError("max_bytes, max_msgs_per_subject and object_max_bytes must be > 0")
         if self.replicas not in (1, 3, 5):
             raise ValueError(f"replicas {self.replicas} is not 1, 3 or 5")
 

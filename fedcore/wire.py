@@ -6,6 +6,7 @@ Messages are compact JSON validated strictly on decode; a malformed message rais
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Self
@@ -31,6 +32,24 @@ def check_edge_id(value: str) -> str:
     if not EDGE_ID.match(value):
         raise ValueError(f"edge id {value!r} must match {EDGE_ID.pattern}")
     return value
+
+
+def edge_id_from_node_name(name: str) -> str:
+    """A valid edge id derived from a machine's name (Kubernetes: the node name).
+
+    Lowercase; every run of characters other than letters and digits becomes one ``-``;
+    no ``-`` at either end: ``ip-10-0-1-2.ec2.internal`` is ``ip-10-0-1-2-ec2-internal``.
+    A result over 63 characters keeps its first 54 and ends in ``-`` and 8 hex digits of
+    the name's SHA-256, so two long names stay two ids. The same name always gives the same
+    id: compute it to enrol the machine (its NATS user and certificate are the id).
+    """
+    base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not base:
+        raise ValueError(f"node name {name!r} has no letter or digit to make an edge id of")
+    if len(base) > 63:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        base = base[:54].rstrip("-") + "-" + digest
+    return check_edge_id(base)
 
 
 class _Message(BaseModel):

@@ -4,7 +4,8 @@
 Kubernetes NATS cluster include. Every user gets an allow list (anything not listed is
 refused); subjects, streams and buckets come from :mod:`fedcore` so they are spelled once.
 
-- An edge publishes only its own heartbeat, leave and update subjects, may store large
+- An edge publishes only its own heartbeat, leave and update subjects (updates: one
+  subject per known model, so the stream's per-subject limit bounds its share), may store large
   updates in the updates object store, reads the round announcements, the signed model
   versions and the desired versions (rollouts), receives the feedback of its models and
   the trainer's federated-evaluation requests and answers them (``allow_responses``). In
@@ -18,7 +19,14 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
   answer a secure-aggregation step in an edge's name) nor read the feedback labels (raw
   labels stay with the edges).
 
-Passwords are ``$NATS_PASSWORD_<USER>`` references resolved from the server's environment.
+Every user subscribes only to its own inbox prefix ``_INBOX_<user>.>`` (services connect
+with ``inbox_prefix``): replies and JetStream deliveries to the trainer are not readable by
+an edge. Nobody but the trainer may delete a consumer: the watches and downloads of edges
+and the gateway create ephemeral consumers that the server removes once unused (KV watches
+set an inactive threshold).
+
+Passwords are ``$NATS_PASSWORD_<USER>`` references resolved from the server's environment;
+users are named by their client certificate's subject (:func:`certificate_user`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
 from fedcore.fed_eval import EVAL_PREFIX
+from fedcore.models import REGISTRY as MODELS
 from fedcore.subjects import FEEDBACK_PREFIX
 from fedcore.transport import EDGES_BUCKET
 from fedcore.wire import (
@@ -39,11 +48,23 @@ from fedcore.wire import (
     ROUNDS_BUCKET,
     check_edge_id,
 )
+from fedgate.tls_cmd import ORG
 
 ACCOUNT = "FEDGATE"
-INBOX = "_INBOX.>"
 STREAM_NAMES = "$JS.API.STREAM.NAMES"
 """nats.py looks a stream up by subject before a watch or an object download (names only)."""
+
+
+CERT_ORG = ORG
+"""The organisation of the client certificates ``fedgate keys tls`` issues."""
+
+
+def certificate_user(user: str) -> str:
+    """The NATS user name of ``user`` where users are mapped from client certificates
+    (``verify_and_map``): the certificate's subject as nats-server spells it. The server
+    picks the user from the certificate and then checks that user's password, so one
+    client's certificate with another's password is refused."""
+    return f"CN={user},O={CERT_ORG}"
 
 
 def password_var(user: str) -> str:
@@ -62,7 +83,6 @@ def _read_stream(stream: str) -> list[str]:
         f"{api}.CONSUMER.CREATE.{stream}",
         f"{api}.CONSUMER.CREATE.{stream}.>",
         f"{api}.CONSUMER.INFO.{stream}.>",
-        f"{api}.CONSUMER.DELETE.{stream}.>",
         f"$JS.FC.{stream}.>",
     ]
 
@@ -86,7 +106,7 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
     publish = [
         subjects.heartbeat(edge_id),
         subjects.leave(edge_id),
-        f"{transport.UPDATES_PREFIX}.*.{edge_id}",
+        *(transport.update_subject(model, edge_id) for model in sorted(MODELS)),
         *_updates_object_put(),
         STREAM_NAMES,
         *_read_stream(f"KV_{ROUNDS_BUCKET}"),
@@ -94,7 +114,8 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
         *_read_stream(f"KV_{DESIRED_BUCKET}"),
         subjects.secagg_from_edge("*", edge_id),
     ]
-    subscribe = [INBOX, f"{FEEDBACK_PREFIX}.*", f"{EVAL_PREFIX}.*"]
+    own = subjects.inbox_all(edge_id)
+    subscribe = [own, f"{FEEDBACK_PREFIX}.*", f"{EVAL_PREFIX}.*"]
     return publish, [*subscribe, subjects.secagg_to_edge("*", edge_id)]
 
 
@@ -111,14 +132,14 @@ def gateway_permissions() -> tuple[list[str], list[str]]:
             *_read_stream(f"KV_{bucket}"),
             f"$KV.{bucket}.>",
         ]
-    return publish, [INBOX, subjects.HEARTBEAT_ALL, subjects.LEAVE_ALL]
+    return publish, [subjects.inbox_all("gateway"), subjects.HEARTBEAT_ALL, subjects.LEAVE_ALL]
 
 
 def trainer_permissions() -> tuple[list[str], list[str], list[str], list[str]]:
     """(publish allow, publish deny, subscribe allow, subscribe deny) of the trainer."""
     buckets = ["$KV.>", "$O.>"]  # the trainer owns every bucket
     publish = ["$JS.API.>", f"$JS.ACK.{transport.UPDATES_STREAM}.>", "$JS.FC.>", *buckets]
-    publish += ["fedgate.>", INBOX]
+    publish += ["fedgate.>"]
     speaks_for_edges = [
         f"{subjects.HEARTBEAT_PREFIX}.>",
         f"{subjects.LEAVE_PREFIX}.>",
@@ -126,7 +147,7 @@ def trainer_permissions() -> tuple[list[str], list[str], list[str], list[str]]:
         f"{FEEDBACK_PREFIX}.>",
         subjects.secagg_from_edge("*", "*"),
     ]
-    subscribe = [INBOX, "fedgate.>", *buckets]
+    subscribe = [subjects.inbox_all("trainer"), "fedgate.>", *buckets]
     return publish, speaks_for_edges, subscribe, [f"{FEEDBACK_PREFIX}.>"]
 
 
@@ -185,7 +206,7 @@ def _list(items: Sequence[str], indent: str) -> str:
 def _user(name: str, permissions: Permissions) -> str:
     return (
         "      {\n"
-        f"        user: {name}\n"
+        f'        user: "{certificate_user(name)}"\n'
         f"        password: ${password_var(name)}\n"
         f"{permissions.render(' ' * 8)}"
         "      }\n"
@@ -196,7 +217,10 @@ HEADER = """\
 # Generated by fedgate.nats_accounts.render_accounts: the FEDGATE account, one user per
 # service and per edge, each limited to the subjects its role needs (allow lists: anything
 # not listed is refused). Included by compose/nats/nats.conf and, as the same text, by the
-# Kubernetes NATS cluster (deploy/k8s/nats.yaml). Passwords come from the environment.
+# Kubernetes NATS cluster (deploy/k8s/nats.yaml). Users are named by the subject of their
+# client certificate (tls verify_and_map): the certificate picks the user, then that user's
+# password is checked. Each user reads only its own inbox prefix (_INBOX_<user>).
+# Passwords come from the environment.
 # To add an edge, render again with its id and reload the servers (docs/deploy.md).
 """
 

@@ -9,27 +9,40 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedgate.nats_accounts import Permissions
+from fedgate.nats_accounts import Permissions, certificate_user
 
 
 @dataclass(frozen=True)
 class NatsTls:
     """Server TLS for client connections. ``verify``: clients must present a certificate
-    signed by ``ca_file`` (mutual TLS); a client without one is refused at the handshake."""
+    signed by ``ca_file`` (mutual TLS); a client without one is refused at the handshake.
+    ``map_users`` (with ``verify``): the certificate names the NATS user
+    (``verify_and_map``; users are then named :func:`certificate_user`), so a client's
+    certificate logs in as that client only, whatever user and password it sends."""
 
     cert_file: Path
     key_file: Path
     ca_file: Path
     verify: bool = True
     timeout_s: float = 2.0
+    map_users: bool = True
+
+    @property
+    def maps_users(self) -> bool:
+        return self.verify and self.map_users
 
     def render(self) -> str:
+        verify = (
+            "  verify_and_map: true\n"
+            if self.maps_users
+            else f"  verify: {'true' if self.verify else 'false'}\n"
+        )
         return (
             "tls {\n"
             f'  cert_file: "{self.cert_file}"\n'
             f'  key_file: "{self.key_file}"\n'
             f'  ca_file: "{self.ca_file}"\n'
-            f"  verify: {'true' if self.verify else 'false'}\n"
+            f"{verify}"
             f"  timeout: {self.timeout_s}\n"
             "}\n"
         )
@@ -49,14 +62,17 @@ def render_nats_config(
     """nats-server config text. ``users`` maps user name to password; ``permissions``
     limits the users it names (a user without an entry may publish and subscribe to
     anything: tests and benchmarks); ``tls`` turns on TLS (mutual by default) for client
-    connections; the monitoring port stays plain HTTP.
+    connections, and with ``tls.map_users`` each user is the one its client certificate
+    names (its password still checked); the monitoring port stays plain HTTP.
 
     ``sync_interval: always`` fsyncs every write before acknowledging it: acknowledged
     updates survive a power loss (see REFERENCE.md on JetStream durability).
     """
     limits = permissions or {}
+    mapped = tls is not None and tls.maps_users
     user_lines = ",\n".join(
-        _user(name, password, limits.get(name)) for name, password in users.items()
+        _user(certificate_user(name) if mapped else name, password, limits.get(name))
+        for name, password in users.items()
     )
     return (
         "server_name: fedgate_local\n"

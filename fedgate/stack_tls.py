@@ -4,7 +4,8 @@ The certificates come from :func:`fedgate.tls_cmd.create_tls` (a development CA,
 nats-server certificate, one client certificate per service). They are reused on later
 starts while they are still valid for this stack: every file present, each certificate
 signed by the CA, matching its private key, inside its validity period with a day to
-spare, private keys mode 0600, and the nats-server certificate naming the stack's host.
+spare, private keys mode 0600, the nats-server certificate naming the stack's host, and
+each client certificate's subject naming its NATS user (the server maps users from it).
 Otherwise the leaves are issued again (and the CA too when it is the problem).
 """
 
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 
+from fedgate.nats_accounts import certificate_user
 from fedgate.natsconf import NatsTls
 from fedgate.tls_cmd import TlsPlan, create_tls
 
@@ -53,12 +55,14 @@ class StackTls:
         return self.directory / f"{name}.key"
 
     def nats_server(self) -> NatsTls:
-        """The nats-server's ``tls`` block: mutual TLS, clients need a certificate of the CA."""
+        """The nats-server's ``tls`` block: mutual TLS, clients need a certificate of the CA,
+        and the certificate's subject names the NATS user (``verify_and_map``)."""
         return NatsTls(
             cert_file=self.cert_file(SERVER),
             key_file=self.key_file(SERVER),
             ca_file=self.ca_file,
             verify=True,
+            map_users=True,
         )
 
     def client_settings(self, name: str) -> dict[str, str]:
@@ -114,6 +118,10 @@ def tls_problems(
         problems += _pair_problems(directory, name, ca, at)
     if not problems:
         problems += _missing_hosts(directory / f"{SERVER}.crt", hosts)
+    for name in clients if not problems else []:
+        subject = _load_cert(directory / f"{name}.crt").subject.rfc4514_string()
+        if subject != certificate_user(name):  # nats-server maps the user from it
+            problems.append(f"{name}.crt names {subject!r}, not {certificate_user(name)!r}")
     return problems
 
 

@@ -10,6 +10,9 @@ trainer.crt/.key, gateway.crt/.key  NATS client certificates (mTLS)
 <edge>.crt, <edge>.key              one NATS client certificate per edge
 ```
 
+Client certificates have the subject ``CN=<name>,O=fedgate`` and no SAN: nats-server maps
+the NATS user from that subject (``verify_and_map``, see
+:func:`fedgate.nats_accounts.certificate_user`).
 Private keys are written with mode 0600. Keys are ECDSA P-256, signatures SHA-256. The
 server certificates carry SANs for the compose service names, the Kubernetes service and
 pod names in ``--namespace``, loopback, and every ``--hosts`` entry. This is a development

@@ -37,6 +37,7 @@ from gateway.routes import (
     dashboard,
     feedback,
     fleet_api,
+    health,
     history,
     metrics_api,
     oip,
@@ -137,6 +138,16 @@ def _error_handlers(app: FastAPI) -> None:
     async def on_gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers())
 
+    @app.exception_handler(NatsError)
+    async def on_bus_error(_: Request, exc: NatsError) -> JSONResponse:
+        # a NATS node failing over times requests out: the caller may retry, not a fault here
+        log.warning("NATS request failed: %r", exc)
+        return JSONResponse(
+            {"error": f"the NATS bus did not answer ({type(exc).__name__}); try again"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
@@ -187,6 +198,7 @@ def create_app(
                 password=settings.nats_password(),
                 name="gateway",
                 max_reconnect_attempts=-1,
+                inbox_prefix=settings.nats_inbox_prefix(),
                 tls=settings.nats_tls_context(),
             )
             await feed.start(nc)
@@ -196,9 +208,11 @@ def create_app(
             reader.bind(nc)
         prober = asyncio.create_task(_probe_loop(state))
         log.info("gateway listening", extra={"host": settings.host, "port": settings.port})
+        api.state.serving = True
         try:
             yield
         finally:
+            api.state.serving = False
             await controller.close()
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -214,7 +228,7 @@ def create_app(
     api.state.feedback = relay
     api.state.rollouts = controller
     api.state.history = reader
-    for module in (oip, fleet_api, routing_api, metrics_api, feedback, history, dashboard):
+    for module in (oip, health, fleet_api, routing_api, metrics_api, feedback, history, dashboard):
         api.include_router(module.router)
     api.include_router(rollouts_api.router)
     _error_handlers(api)

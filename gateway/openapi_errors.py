@@ -36,7 +36,11 @@ _MEANING = {
 }
 TEXT = {"/metrics": "text/plain"}
 """Routes whose 200 is not JSON (Prometheus' text exposition format)."""
-NO_CONTENT = {"/v2/health/live": ("200",), "/v2/health/ready": ("200", "400")}
+NO_CONTENT = {
+    "/v2/health/live": ("200",),
+    "/v2/health/ready": ("200", "400"),
+    "/v1/health/ready": ("200", "503"),
+}
 """Health answers are status codes with empty bodies (the Open Inference Protocol's)."""
 
 

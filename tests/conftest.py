@@ -117,6 +117,7 @@ def enroll_edges(server: NatsServer, edge_ids: list[str], user: str) -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from fedcore.enrollment import EdgeRegistry
+    from fedcore.subjects import inbox_prefix
     from trainer.registry import mirror_registry
 
     registry = EdgeRegistry()
@@ -125,7 +126,9 @@ def enroll_edges(server: NatsServer, edge_ids: list[str], user: str) -> None:
         registry = registry.enroll(edge_id, key)
 
     async def mirror() -> None:
-        nc = await nats.connect(server.url, user=user, password=server.users[user])
+        nc = await nats.connect(
+            server.url, user=user, password=server.users[user], inbox_prefix=inbox_prefix(user)
+        )
         try:
             await mirror_registry(nc.jetstream(), registry)
         finally:

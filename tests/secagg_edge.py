@@ -36,6 +36,7 @@ from fedcore.keys import load_ed25519, read_secret
 from fedcore.secagg import ShareBundle
 from fedcore.secagg.frame import Frame, Phase
 from fedcore.secagg.options import SecAggOptions
+from fedcore.subjects import inbox_prefix
 from fedcore.wire import Heartbeat
 
 MODEL = "digits"
@@ -80,6 +81,7 @@ async def main() -> None:
         env["SECAGG_EDGE_NATS_URL"],
         user=edge,
         password=read_secret(Path(env["SECAGG_EDGE_PASSWORD_FILE"])),
+        inbox_prefix=inbox_prefix(edge),
     )
     registry = Path(env["SECAGG_EDGE_REGISTRY"])
     options = SecAggOptions.model_validate_json(env["SECAGG_EDGE_OPTIONS"])

@@ -26,6 +26,7 @@ import pytest
 
 from fedcore.kv import kv_bucket
 from fedcore.process import free_port
+from fedcore.subjects import inbox_prefix
 from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
@@ -115,7 +116,9 @@ def history(model: str, edges: list[str]) -> tuple[list[RoundRecord], list[Linea
 async def seed_history(stack: Stack, model: str = "digits") -> None:
     """Write the history into the trainer's buckets, as the trainer (its NATS user)."""
     password = (stack.config.data_dir / "secrets" / "nats-trainer.pass").read_text().strip()
-    nc = await nats.connect(stack.nats_url, user="trainer", password=password)
+    nc = await nats.connect(
+        stack.nats_url, user="trainer", password=password, inbox_prefix=inbox_prefix("trainer")
+    )
     try:
         js = nc.jetstream()
         records, lineage = history(model, stack.edge_ids)

@@ -276,12 +276,12 @@ def check_ports(doc: dict[str, Any]) -> list[str]:
                 problems.append(f"{name}: Prometheus does not scrape Triton at {metrics}")
         if svc["image"].startswith("fedgate-gateway"):
             port = env["FEDGATE_GATEWAY_PORT"]
-            if f"http://127.0.0.1:{port}/v2/health/ready" not in health:
+            if f"http://127.0.0.1:{port}/v1/health/ready" not in health:
                 problems.append(f"gateway: healthcheck does not probe port {port}")
             if targets["gateway"] != [f"{name}:{port}"]:
                 problems.append(f"gateway: Prometheus scrapes {targets['gateway']}")
             haproxy = (COMPOSE_DIR / "haproxy" / "haproxy.cfg").read_text()
-            if f"server gateway {name}:{port} " not in haproxy:
+            if not re.search(rf"^\s+server-template gateway \d+-\d+ {name}:{port} ", haproxy, re.M):
                 problems.append(f"ingress: HAProxy does not forward to {name}:{port}")
     nats_health = " ".join(services["nats"]["healthcheck"]["test"])
     if f"127.0.0.1:{monitor}/healthz" not in nats_health:
@@ -318,15 +318,18 @@ def test_the_port_check_catches_mistakes() -> None:
 def test_every_nats_user_has_a_password_and_a_service() -> None:
     doc = compose()
     accounts = (COMPOSE_DIR / "nats" / "accounts.conf").read_text()
-    users = re.findall(r"^\s*user: ([\w-]+)\s*$", accounts, re.M)
+    # users are named by their client certificate (verify_and_map): CN=<user>,O=fedgate
+    users = re.findall(r'^\s*user: "CN=([\w-]+),O=fedgate"\s*$', accounts, re.M)
+    assert len(users) == accounts.count("user:") == 4
     passwords = re.findall(r"password: \$(\w+)", accounts)
     assert set(passwords) == set(doc["services"]["nats"]["environment"])
-    service_users = {
-        env_of(s)[k]
-        for s in fedgate_services(doc).values()
-        for k in env_of(s)
-        if k.endswith("_NATS_USER")
-    }
+    service_users = set()
+    for name, svc in fedgate_services(doc).items():
+        user = next(v for k, v in env_of(svc).items() if k.endswith("_NATS_USER"))
+        service_users.add(user)
+        # the certificate it presents names that user
+        cert = [s["source"] for s in svc["secrets"] if s.get("target") == "nats-client.crt"]
+        assert cert == [f"tls-{user}-cert"], name
     assert service_users == set(users)
     for user in users:
         var = "NATS_PASSWORD_" + user.upper().replace("-", "_")

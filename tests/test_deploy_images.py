@@ -73,7 +73,7 @@ def test_command_and_settings_exist(name: str) -> None:
 
 def test_health_checks_probe_the_real_endpoints() -> None:
     gateway = " ".join(dockerfile("gateway").exec_form("HEALTHCHECK"))
-    assert "/v2/health/ready" in gateway and "FEDGATE_GATEWAY_PORT" in gateway
+    assert "/v1/health/ready" in gateway and "FEDGATE_GATEWAY_PORT" in gateway
     edge = " ".join(dockerfile("edge").exec_form("HEALTHCHECK"))
     assert "/v2/health/ready" in edge
     assert "FEDGATE_EDGE_TRITON_HOST" in edge and "FEDGATE_EDGE_TRITON_HTTP_PORT" in edge

@@ -232,7 +232,7 @@ def test_probes_use_the_real_health_endpoints() -> None:
     assert gw is not None and edge is not None
     gc, ec = gw["containers"][0], edge["containers"][0]
     genv, eenv = container_env(docs, gc), container_env(docs, ec)
-    assert gc["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert gc["readinessProbe"]["httpGet"]["path"] == "/v1/health/ready"  # not the edges
     assert gc["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert port_number(gc, gc["readinessProbe"]["httpGet"]["port"]) == int(
         genv["FEDGATE_GATEWAY_PORT"]
@@ -246,6 +246,7 @@ def test_probes_use_the_real_health_endpoints() -> None:
         "triton-http": int(eenv["FEDGATE_EDGE_TRITON_HTTP_PORT"]),
         "triton-grpc": int(eenv["FEDGATE_EDGE_TRITON_GRPC_PORT"]),
         "triton-metrics": int(eenv["FEDGATE_EDGE_TRITON_METRICS_PORT"]),
+        "edge-metrics": int(eenv["FEDGATE_EDGE_METRICS_PORT"]),
     }
     nats = pod_spec(by_kind(docs, "StatefulSet", "nats"))
     assert nats is not None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -186,3 +188,79 @@ def test_prometheus_and_grafana_are_wired() -> None:
     uid = datasource["datasources"][0]["uid"]
     dashboard = json.loads(DASHBOARD.read_text())
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {uid}
+
+
+# -- alert rules and units (issue #17, finding 3) ----------------------------------------
+PROMETHEUS_DIR = COMPOSE_DIR / "prometheus"
+PROMTOOL = Path(sys.executable).parent / "promtool"
+
+
+def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(PROMTOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_alert_rules_pass_promtool_and_their_tests() -> None:
+    check = promtool("check", "rules", "alerts.yml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    tested = promtool("test", "rules", "alerts.test.yml")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    rules = load_yaml(PROMETHEUS_DIR / "alerts.yml")["groups"][0]["rules"]
+    tests = load_yaml(PROMETHEUS_DIR / "alerts.test.yml")["tests"]
+    fired = {t["alertname"] for case in tests for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == {r["alert"] for r in rules}, "every alert has a test in which it fires"
+    known = gateway_metrics() | service_metrics() | TRITON | NATS_EXPORTER | {"up"}
+    assert {m for r in rules for m in metric_names(r["expr"])} - known == set()
+
+
+def test_a_broken_rule_test_fails_promtool(tmp_path: Path) -> None:
+    (tmp_path / "alerts.yml").write_text((PROMETHEUS_DIR / "alerts.yml").read_text())
+    text = (PROMETHEUS_DIR / "alerts.test.yml").read_text()
+    (tmp_path / "alerts.test.yml").write_text(text.replace("model: digits}", "model: other}", 1))
+    assert promtool("test", "rules", "alerts.test.yml", cwd=tmp_path).returncode != 0
+
+
+def test_the_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    compose = load_yaml(COMPOSE_DIR / "compose.yaml")
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+    config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
+    key = tmp_path / "key"
+    key.write_text("k")
+    config["scrape_configs"][0]["authorization"]["credentials_file"] = str(key)
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))
+    out = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+PER_SECOND = {"ops", "reqps", "rps", "wps", "Bps", "bps"}
+
+
+def unit_problems(dashboard: dict[str, Any]) -> list[str]:
+    """Per-second units only on rates; shares and accuracies as percentages."""
+    problems = []
+    for panel in dashboard["panels"]:
+        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        exprs = [t["expr"] for t in panel.get("targets", [])]
+        if unit in PER_SECOND and not all(re.search(r"\b(i?rate)\(", e) for e in exprs):
+            problems.append(f"{panel['title']}: {unit} on a query that is not a rate")
+        if any(re.search(r"accuracy\b", e) for e in exprs) and unit != "percentunit":
+            problems.append(f"{panel['title']}: accuracy shown as {unit}")
+    return problems
+
+
+def test_panel_units_fit_their_queries() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert unit_problems(dashboard) == []
+    for panel in dashboard["panels"]:
+        if "epsilon" in panel["title"]:
+            assert panel["fieldConfig"]["defaults"]["unit"] == "none"
+        if "rounds closed" in panel["title"]:
+            assert panel["fieldConfig"]["defaults"]["unit"] == "short"
+    for panel in dashboard["panels"]:
+        if "accuracy" in panel["title"]:
+            panel["fieldConfig"]["defaults"]["unit"] = "ops"
+    assert len(unit_problems(dashboard)) == 4  # each panel: not a rate, not a percentage

@@ -82,6 +82,7 @@ class ComposeNats:
             user=user,
             password=self.passwords[user],
             tls=self.context(user),
+            inbox_prefix=subjects.inbox_prefix(user),
             connect_timeout=3,
             allow_reconnect=False,
             error_cb=on_error,
@@ -356,3 +357,37 @@ async def test_feedback_reaches_edges_and_not_the_trainer(
     await clients["gateway"].publish(update_subject("digits", "edge-1"), b"forged")
     await compose_nats.violation(clients["edge-1"], "edge-1", 'publish to "fedgate.feedback.digits')
     await compose_nats.violation(clients["gateway"], "gateway", 'publish to "fedgate.updates')
+
+
+async def test_a_client_certificate_logs_in_only_as_its_own_user(
+    compose_nats: ComposeNats, clients: dict[str, NATS]
+) -> None:
+    """``verify_and_map`` (#16 finding 11): the certificate names the user, whose password
+    is then checked. On the old config edge-1's certificate with the trainer's password
+    logged in as the trainer."""
+    stolen = ssl.create_default_context(cafile=str(compose_nats.tls_dir / "ca.crt"))
+    stolen.load_cert_chain(compose_nats.tls_dir / "edge-1.crt", compose_nats.tls_dir / "edge-1.key")
+    with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+        nc = await nats.connect(
+            servers=[compose_nats.url],
+            user="trainer",
+            password=compose_nats.passwords["trainer"],
+            tls=stolen,
+            inbox_prefix=subjects.inbox_prefix("trainer"),
+            connect_timeout=3,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+        )
+        await nc.close()
+    # with its own certificate and password, edge-1 is edge-1: no trainer rights
+    await clients["edge-1"].subscribe("fedgate.>")
+    await compose_nats.violation(clients["edge-1"], "edge-1", 'subscription to "fedgate.>')
+
+
+async def test_an_edge_cannot_subscribe_to_another_users_inbox(
+    compose_nats: ComposeNats, clients: dict[str, NATS]
+) -> None:
+    for inbox in ("_INBOX.>", subjects.inbox_all("trainer"), subjects.inbox_all("edge-2")):
+        await clients["edge-1"].subscribe(inbox)
+        await compose_nats.violation(clients["edge-1"], "edge-1", f'subscription to "{inbox}"')
+    assert clients["edge-1"].new_inbox().startswith(subjects.inbox_prefix("edge-1") + ".")

@@ -44,6 +44,7 @@ from fedcore.keys import load_ed25519, x25519_public_from_hex
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.process import ManagedProcess
+from fedcore.subjects import inbox_prefix
 from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, RoundRecord, round_key
 from fedgate.keys_cmd import KeyLayout, init_keys
 from fedgate.launcher import Stack, StackConfig
@@ -112,6 +113,7 @@ async def connect(stack: Stack, user: str) -> NATS:
         stack.nats_url.split(","),
         user=user,
         password=password(stack, user),
+        inbox_prefix=inbox_prefix(user),
         name=user,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.2,

@@ -42,6 +42,7 @@ from fedcore.artifact_store import upload_version
 from fedcore.keys import load_ed25519
 from fedcore.models import get_spec
 from fedcore.process import free_port
+from fedcore.subjects import inbox_prefix
 from fedgate.launcher import Stack, StackConfig
 from fedgate.status import triton_restarts
 from tests.conftest import processes_mentioning
@@ -225,7 +226,9 @@ def sign_version(stack: Stack, root: Path, version: int, params: np.ndarray) -> 
 
 async def upload(stack: Stack, directory: Path, version: int) -> None:
     password = (stack.config.data_dir / "secrets" / "nats-trainer.pass").read_text().strip()
-    nc = await nats.connect(stack.nats_url, user="trainer", password=password)
+    nc = await nats.connect(
+        stack.nats_url, user="trainer", password=password, inbox_prefix=inbox_prefix("trainer")
+    )
     try:
         await upload_version(nc.jetstream(), MODEL, version, directory)
     finally:

@@ -17,6 +17,7 @@ from edge_runtime.spool import Spool, spool_path
 from fedcore import fed_eval
 from fedcore.models import get_spec
 from fedcore.params import flatten
+from fedcore.subjects import inbox_prefix
 from tests.conftest import NatsServer, start_nats
 from tests.test_edge_spool import capture_module
 from trainer.bootstrap import train_seed_model
@@ -33,6 +34,13 @@ def server(tmp_path: Path) -> Any:
     s = start_nats(tmp_path / "nats", ["trainer", *EDGES, "edge-3"], roles=True)
     yield s
     s.process.stop()
+
+
+async def connect(server: NatsServer, user: str) -> Any:
+    """A connection as the deployment's services make it (their own inbox prefix)."""
+    return await nats.connect(
+        server.url, user=user, password=server.users[user], inbox_prefix=inbox_prefix(user)
+    )
 
 
 def fill_spool(root: Path, rows: range, model: str = MODEL) -> Spool:
@@ -66,14 +74,14 @@ async def test_edges_score_a_candidate_and_only_aggregates_travel(
     conns, responders = [], []
     try:
         for e in EDGES:
-            nc = await nats.connect(server.url, user=e, password=server.users[e])
+            nc = await connect(server, e)
             conns.append(nc)
             responder = EvalResponder(
                 e, {MODEL: spools[e]}, edge_keys[e], trainer_key.public_key(), HOLDOUT
             )
             await responder.start(nc)
             responders.append(responder)
-        tnc = await nats.connect(server.url, user="trainer", password=server.users["trainer"])
+        tnc = await connect(server, "trainer")
         conns.append(tnc)
         public = {e: k.public_key() for e, k in edge_keys.items()}
         policy = fed_eval.FedEvalPolicy(min_edges=2, min_samples=10, timeout_s=15)
@@ -223,14 +231,14 @@ async def test_a_round_is_gated_by_the_edges_when_the_trainer_holds_no_data(
     conns, responders = [], []
     try:
         for e in EDGES:
-            nc = await nats.connect(server.url, user=e, password=server.users[e])
+            nc = await connect(server, e)
             conns.append(nc)
             r = EvalResponder(
                 e, {"diab_fed": spools[e]}, edge_keys[e], trainer_key.public_key(), HOLDOUT
             )
             await r.start(nc)
             responders.append(r)
-        tnc = await nats.connect(server.url, user="trainer", password=server.users["trainer"])
+        tnc = await connect(server, "trainer")
         conns.append(tnc)
         runner = federated_runner(settings, tnc, trainer_key, Registry())  # type: ignore[arg-type]
         ctx = ReleaseContext(

@@ -163,9 +163,12 @@ async def test_acting_replica_dies_mid_canary_and_another_finishes(
         return str((await other.call("GET", f"{url}/{r['id']}")).json()["state"])
 
     await until(lambda: _is(state, "canary"), "canary")
-    for api in (a, b):  # every replica routes the recorded split
-        split = api.app.state.router.splits[MODEL]
-        assert (split.candidate, split.candidate_weight) == (2, 0.5)
+
+    async def both_split() -> bool:  # every replica routes the recorded split (next tick)
+        splits = [api.app.state.router.splits.get(MODEL) for api in (a, b)]
+        return all(s is not None and (s.candidate, s.candidate_weight) == (2, 0.5) for s in splits)
+
+    await until(both_split, "the split applied by both replicas")
     serve(acting, 2, 12)
     serve(other, 2, 12)  # 24 in all: below min_requests=30 on the sum
     await asyncio.sleep(1.0)

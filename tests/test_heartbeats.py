@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from fedcore import subjects
 from fedcore.enrollment import EdgeRegistry, load_registry
 from fedcore.heartbeats import HeartbeatRefused, accept_heartbeat, subject_edge
+from fedcore.subjects import inbox_prefix
 from fedcore.wire import Heartbeat, ModelState
 from fedgate.keys_cmd import KeyLayout, init_keys, revoke_edge
 from fedgate.launcher import Stack, StackConfig
@@ -102,7 +103,11 @@ class Deployment:
 
     async def connect(self, user: str) -> NATS:
         return await nats.connect(
-            self.stack.nats_url, user=user, password=self.password(user), connect_timeout=3
+            self.stack.nats_url,
+            user=user,
+            password=self.password(user),
+            connect_timeout=3,
+            inbox_prefix=inbox_prefix(user),
         )
 
 

@@ -20,6 +20,7 @@ from fedcore.artifact_store import MODELS_BUCKET
 from fedcore.enrollment import EdgeRegistry, save_registry
 from fedcore.kv import kv_bucket
 from fedcore.replicas import ReplicasError
+from fedcore.subjects import inbox_prefix
 from fedcore.transport import EDGES_BUCKET, LEDGER_BUCKET, UPDATES_OBJECT_BUCKET, UPDATES_STREAM
 from fedcore.wire import (
     DESIRED_BUCKET,
@@ -62,7 +63,11 @@ async def conns(cluster: NatsCluster) -> AsyncIterator[dict[str, NATS]]:
     out = {}
     for i, user in enumerate(["admin", "trainer", "gateway"]):
         out[user] = await nats.connect(
-            servers=[cluster.urls[i]], user=user, password=cluster.users[user], connect_timeout=5
+            servers=[cluster.urls[i]],
+            user=user,
+            password=cluster.users[user],
+            connect_timeout=5,
+            inbox_prefix=inbox_prefix(user),
         )
     try:
         yield out

@@ -23,7 +23,7 @@ from fedcore.process import ManagedProcess
 from tests.conftest import NatsServer, processes_mentioning, start_nats
 from tests.gateway_harness import _live, _write_keys, start_gateway
 
-PUBLIC = {"GET /v2/health/live", "GET /v2/health/ready"}
+PUBLIC = {"GET /v2/health/live", "GET /v2/health/ready", "GET /v1/health/ready"}
 ADMIN = {
     "PUT /v1/models/{model}/routing",
     "DELETE /v1/models/{model}/routing",

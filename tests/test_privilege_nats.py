@@ -7,13 +7,17 @@ each service connects as its own user and tries what its role must not do:
 - an edge cannot publish as another edge (heartbeat, leave, update);
 - an edge cannot read other edges' updates (subscription, consumer, direct get);
 - an edge cannot write model artifacts, round announcements or desired versions;
-- the gateway and the trainer cannot speak for edges; the trainer cannot read labels.
+- the gateway and the trainer cannot speak for edges; the trainer cannot read labels;
+- an edge cannot read another user's inbox (the trainer's pull deliveries), every client
+  connect uses its own inbox prefix;
+- only the trainer deletes consumers; the edges' watches and downloads clean up.
 
 ``tests/test_deploy_nats.py`` runs the compose variant (same rules, :mod:`fedgate.nats_accounts`).
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import json
@@ -21,6 +25,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats
 import numpy as np
@@ -71,6 +76,7 @@ class LocalNats:
             servers=[self.stack.nats_url],
             user=user,
             password=self.password(user),
+            inbox_prefix=subjects.inbox_prefix(user),
             connect_timeout=3,
             allow_reconnect=False,
             error_cb=on_error,
@@ -380,3 +386,114 @@ async def test_secure_aggregation_subjects_are_per_edge(
     )
     with pytest.raises(nats.errors.TimeoutError):  # none of the forgeries arrived
         await answers.next_msg(timeout=0.3)
+
+
+async def test_an_edge_cannot_read_the_trainers_inbox(
+    local_nats: LocalNats, conns: dict[str, NATS]
+) -> None:
+    """Each user subscribes only to its own inbox prefix (#16 finding 6): on the old
+    permissions every role could subscribe to ``_INBOX.>`` and so read the trainer's pull
+    deliveries, other edges' update headers and chunks."""
+    spy = conns["edge-1"]
+    leaked: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        leaked.append(msg)
+
+    for inbox in ("_INBOX.>", subjects.inbox_all("trainer"), ">"):
+        await spy.subscribe(inbox, cb=keep)
+        await local_nats.violation(spy, "edge-1", f'subscription to "{inbox}"')
+    _, envelope = sealed(local_nats, "edge-2")
+    await (
+        conns["edge-2"]
+        .jetstream()
+        .publish(update_subject("digits", "edge-2"), envelope, stream=UPDATES_STREAM)
+    )
+    trainer_js = conns["trainer"].jetstream()
+    pull = await trainer_js.pull_subscribe(
+        updates_filter(), durable="probe-inbox", stream=UPDATES_STREAM
+    )
+    try:
+        got = await pull.fetch(10, timeout=2)
+        assert any(m.subject == update_subject("digits", "edge-2") for m in got)
+        assert all(m.reply.startswith("$JS.ACK.") for m in got)
+        await asyncio.sleep(0.3)
+        assert leaked == []  # the delivery went to _INBOX_trainer..., unreadable by edge-1
+    finally:
+        await trainer_js.delete_consumer(UPDATES_STREAM, "probe-inbox")
+    # its own inbox works: JetStream requests of edge-1 are answered on _INBOX_edge-1
+    assert spy.new_inbox().startswith("_INBOX_edge-1.")
+    ack = await spy.jetstream(timeout=2).publish(update_subject("digits", "edge-1"), envelope)
+    assert ack.stream == UPDATES_STREAM
+
+
+async def test_only_the_trainer_deletes_consumers_and_watches_clean_up(
+    local_nats: LocalNats, conns: dict[str, NATS]
+) -> None:
+    """Edges and the gateway may not delete consumers (#16 finding 6): on the old
+    permissions edge-1 could delete the gateway's watch of the rounds bucket. Their own
+    watches and downloads still work and leave no consumer behind for long: KV watches set
+    an inactive threshold, and the server removes an unused ephemeral consumer."""
+    trainer_js = conns["trainer"].jetstream()
+    rounds = await trainer_js.create_key_value(bucket=ROUNDS_BUCKET)
+    models = await trainer_js.create_object_store(MODELS_BUCKET)
+    stream = f"KV_{ROUNDS_BUCKET}"
+    try:
+        await rounds.put("digits", b"round 1")
+        await models.put("digits/2/model.onnx", b"m" * 300_000)
+        gateway_kv = await conns["gateway"].jetstream(timeout=2).key_value(ROUNDS_BUCKET)
+        watch = await gateway_kv.watchall()
+        assert (await watch.updates(timeout=2)) is not None
+        names = [c.name for c in await trainer_js.consumers_info(stream)]
+        assert len(names) == 1
+        for user in ("edge-1", "gateway"):
+            weak = conns[user].jetstream(timeout=0.5)
+            with pytest.raises(nats.errors.Error):
+                await weak.delete_consumer(stream, names[0])
+            await local_nats.violation(conns[user], user, f"$JS.API.CONSUMER.DELETE.{stream}")
+        assert [c.name for c in await trainer_js.consumers_info(stream)] == names
+        await rounds.put("digits", b"round 2")
+        entry = await watch.updates(timeout=2)
+        while entry is None:  # the marker that the initial values are all there
+            entry = await watch.updates(timeout=2)
+        assert entry.value == b"round 2"  # the watch still runs
+        await watch.stop()
+
+        local_nats.errors.clear()
+        edge = conns["edge-1"].jetstream(timeout=2)
+        edge_watch = await (await edge.key_value(ROUNDS_BUCKET)).watchall()
+        assert (await edge_watch.updates(timeout=2)) is not None
+        infos = await trainer_js.consumers_info(stream)
+        assert all(0 < (c.config.inactive_threshold or 0) <= 300 for c in infos), infos
+        await edge_watch.stop()
+        store = await edge.object_store(MODELS_BUCKET)
+        assert (await store.get("digits/2/model.onnx")).data == b"m" * 300_000
+        await local_nats.no_violation(conns["edge-1"], "edge-1")
+        deadline = asyncio.get_running_loop().time() + 30
+        while await trainer_js.consumers_info(f"OBJ_{MODELS_BUCKET}"):
+            assert asyncio.get_running_loop().time() < deadline, "download consumer stayed"
+            await asyncio.sleep(0.5)
+    finally:
+        await trainer_js.delete_key_value(ROUNDS_BUCKET)
+        await trainer_js.delete_object_store(MODELS_BUCKET)
+
+
+def test_every_client_connect_uses_its_own_inbox_prefix() -> None:
+    """Every ``nats.connect`` of the services and tools passes ``inbox_prefix``: without
+    it nats.py uses ``_INBOX``, which no role may subscribe to any more."""
+    root = Path(__file__).resolve().parent.parent
+    calls = []
+    for package in ("gateway", "trainer", "edge_runtime", "fedcore", "fedgate"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "connect"
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "nats"
+                ):
+                    keywords = {k.arg for k in node.keywords}
+                    calls.append((f"{path.relative_to(root)}:{node.lineno}", keywords))
+    assert len(calls) >= 3  # gateway, trainer, edge runtime
+    assert [where for where, kw in calls if "inbox_prefix" not in kw] == []

@@ -260,3 +260,21 @@ async def test_close_stops_a_loop_that_swallowed_its_cancellation(api: Api) -> N
     await asyncio.sleep(0.05)
     await asyncio.wait_for(controller.close(), 5)
     assert swallowed >= 1 and controller._task is None
+
+
+async def test_a_bus_that_does_not_answer_is_a_503_not_a_500(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NATS node failing over timed the rollout read out and the API answered 500."""
+    store = api.controller.store
+    assert store is not None
+
+    async def timed_out(*_: Any) -> Any:
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(store, "history", timed_out)
+    monkeypatch.setattr(store, "current", timed_out)
+    resp = await api.call("GET", f"/v1/models/{MODEL}/rollouts")
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["Retry-After"] == "1"
+    assert "NATS bus did not answer" in resp.json()["error"]

@@ -35,6 +35,7 @@ from fedcore.models import get_spec
 from fedcore.params import load_weights_file
 from fedcore.secagg import SecAggConfig, round_params
 from fedcore.secagg.quantize import dequantize_sum, quantize
+from fedcore.subjects import inbox_prefix
 from fedcore.transport import UPDATES_STREAM
 from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, RoundRecord, round_key
 from fedgate.keys_cmd import KeyLayout, init_keys
@@ -162,11 +163,19 @@ async def test_a_secure_round_survives_a_killed_edge(
     keys = init_keys(tmp_path / "keys", EDGES)
     hold = {VICTIM: {"SECAGG_EDGE_HOLD": "1"}}
     edges = {e: start_edge(tmp_path, keys, secure_nats, e, **hold.get(e, {})) for e in EDGES}
-    nc = await nats.connect(secure_nats.url, user="trainer", password=secure_nats.users["trainer"])
+    nc = await nats.connect(
+        secure_nats.url,
+        user="trainer",
+        password=secure_nats.users["trainer"],
+        inbox_prefix=inbox_prefix("trainer"),
+    )
     await heartbeats_from(nc, EDGES)  # every edge is up before the trainer samples them
     trainer = start_trainer(tmp_path, trainer_env(tmp_path, keys, secure_nats))
     edge_nc = await nats.connect(
-        secure_nats.url, user="edge-1", password=secure_nats.users["edge-1"]
+        secure_nats.url,
+        user="edge-1",
+        password=secure_nats.users["edge-1"],
+        inbox_prefix=inbox_prefix("edge-1"),
     )
     js = nc.jetstream()
     try:
@@ -225,7 +234,12 @@ async def test_a_secure_round_survives_an_edge_that_spoils_a_share(
     keys = init_keys(tmp_path / "keys", EDGES)
     culprit = {VICTIM: {"SECAGG_EDGE_SPOIL_SHARE_TO": "edge-1"}}
     edges = {e: start_edge(tmp_path, keys, secure_nats, e, **culprit.get(e, {})) for e in EDGES}
-    nc = await nats.connect(secure_nats.url, user="trainer", password=secure_nats.users["trainer"])
+    nc = await nats.connect(
+        secure_nats.url,
+        user="trainer",
+        password=secure_nats.users["trainer"],
+        inbox_prefix=inbox_prefix("trainer"),
+    )
     trainer: subprocess.Popen[bytes] | None = None
     try:
         await heartbeats_from(nc, EDGES)

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +30,7 @@ from fedcore.keys import load_ed25519
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.process import free_port
+from fedcore.subjects import inbox_prefix
 from fedcore.wire import ROLLOUTS_BUCKET
 from fedgate.launcher import Stack, StackConfig
 from gateway.rollout_lease import lease_holder
@@ -93,11 +95,19 @@ def test_every_stream_and_bucket_has_three_replicas(stack: Stack) -> None:
 
 
 def call(url: str, key: str, method: str, path: str, body: Any = None) -> Any:
+    """One JSON request; a 503 (the bus failing over) is retried for up to 20 s."""
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
+    deadline = time.monotonic() + 20
+    while True:
+        req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 async def publish_v2(stack: Stack) -> None:
@@ -111,7 +121,12 @@ async def publish_v2(stack: Stack) -> None:
     key = load_ed25519(root / "keys" / "trainer-signing.key")
     write_version(get_spec(MODEL), v2, directory, key, version=2, parent_version=1)
     password = (root / "secrets" / "nats-trainer.pass").read_text().strip()
-    nc = await nats.connect(stack.nats_url.split(","), user="trainer", password=password)
+    nc = await nats.connect(
+        stack.nats_url.split(","),
+        user="trainer",
+        password=password,
+        inbox_prefix=inbox_prefix("trainer"),
+    )
     try:
         await upload_version(nc.jetstream(), MODEL, 2, directory, replicas=3)
     finally:
@@ -120,7 +135,12 @@ async def publish_v2(stack: Stack) -> None:
 
 async def acting_gateway(stack: Stack) -> str:
     password = (stack.config.data_dir / "secrets" / "nats-gateway.pass").read_text().strip()
-    nc = await nats.connect(stack.nats_url.split(","), user="gateway", password=password)
+    nc = await nats.connect(
+        stack.nats_url.split(","),
+        user="gateway",
+        password=password,
+        inbox_prefix=inbox_prefix("gateway"),
+    )
     try:
         kv = await kv_bucket(nc.jetstream(), ROLLOUTS_BUCKET, 3)
         deadline = time.monotonic() + 20

@@ -28,6 +28,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from fedcore.process import free_port
+from fedcore.subjects import inbox_prefix
+from fedgate.nats_accounts import certificate_user
 from fedgate.stack_tls import StackTls, ensure_stack_tls, tls_problems
 from fedgate.tls_cmd import TlsPlan, create_tls
 from tests.conftest import processes_mentioning
@@ -105,6 +107,21 @@ def test_leaves_of_another_ca_or_a_broken_ca_start_over(tmp_path: Path) -> None:
     assert tls_problems(d, CLIENTS, ["127.0.0.1"]) == []
 
 
+def test_a_client_certificate_naming_another_user_is_reissued(tmp_path: Path) -> None:
+    """nats-server maps the user from the certificate's subject (verify_and_map): a client
+    certificate of the CA whose subject is not ``CN=<user>,O=fedgate`` cannot log in."""
+    d = tmp_path / "tls"
+    ensure_stack_tls(d, CLIENTS, ["127.0.0.1"])
+    for suffix in ("crt", "key"):  # a valid pair of the CA, but the gateway's
+        (d / f"edge-1.{suffix}").write_bytes((d / f"gateway.{suffix}").read_bytes())
+    (d / "edge-1.key").chmod(0o600)
+    assert tls_problems(d, CLIENTS, ["127.0.0.1"]) == [
+        "edge-1.crt names 'CN=gateway,O=fedgate', not 'CN=edge-1,O=fedgate'"
+    ]
+    ensure_stack_tls(d, CLIENTS, ["127.0.0.1"])
+    assert tls_problems(d, CLIENTS, ["127.0.0.1"]) == []
+
+
 def test_certificates_near_their_end_are_reissued(tmp_path: Path) -> None:
     d = tmp_path / "tls"
     ensure_stack_tls(d, CLIENTS, ["127.0.0.1"])
@@ -174,10 +191,11 @@ def test_every_service_presents_its_own_certificate(tls_stack: TlsStack) -> None
             c["authorized_user"]: (c.get("tls_version"), c["tls_peer_certs"][0]["subject"])
             for c in _connections(tls_stack)
         }
-        if set(seen) >= set(CLIENTS) or time.monotonic() > deadline:
+        if set(seen) >= {certificate_user(u) for u in CLIENTS} or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert seen == {u: ("1.3", f"CN={u},O=fedgate") for u in CLIENTS}
+    # users are mapped from the certificates (verify_and_map): named by their subject
+    assert seen == {certificate_user(u): ("1.3", f"CN={u},O=fedgate") for u in CLIENTS}
 
 
 def test_inference_through_the_gateway(tls_stack: TlsStack) -> None:
@@ -219,6 +237,7 @@ async def _connect(stack: TlsStack, user: str, tls: ssl.SSLContext) -> NATS:
         user=user,
         password=stack.password(user),
         tls=tls,
+        inbox_prefix=inbox_prefix(user),
         connect_timeout=3,
         allow_reconnect=False,
         max_reconnect_attempts=0,

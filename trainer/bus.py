@@ -28,7 +28,9 @@ from fedcore.transport import TRAINER_CONSUMER, StreamSpec, updates_filter
 
 
 def updates_stream_config(spec: StreamSpec) -> StreamConfig:
-    """The stream config for ``spec``: file storage, retention by age, deduplication."""
+    """The stream config for ``spec``: file storage, retention by age, deduplication,
+    bounded in bytes and per subject (one model of one edge), new messages refused when
+    full."""
     return StreamConfig(
         name=spec.name,
         description="fedgate: sealed model updates from edges (Nats-Msg-Id = update id)",
@@ -36,6 +38,9 @@ def updates_stream_config(spec: StreamSpec) -> StreamConfig:
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_bytes=spec.max_bytes,
+        max_msgs_per_subject=spec.max_msgs_per_subject,
         max_age=spec.max_age_s,
         max_msg_size=spec.max_msg_size,
         duplicate_window=spec.duplicate_window_s,
@@ -66,8 +71,9 @@ async def ensure_updates_stream(js: JetStreamContext, spec: StreamSpec) -> None:
 
 
 async def ensure_object_bucket(js: JetStreamContext, spec: StreamSpec) -> ObjectStore:
-    """The object bucket for large updates, created (file storage, same age) if missing,
-    scaled up to the spec's replicas if it has fewer."""
+    """The object bucket for large updates, created (file storage, same age, at most
+    ``object_max_bytes``) if missing, else brought to that size limit and scaled up to the
+    spec's replicas if it has fewer."""
     try:
         store = await js.object_store(spec.object_bucket)
     except BucketNotFoundError:
@@ -76,12 +82,17 @@ async def ensure_object_bucket(js: JetStreamContext, spec: StreamSpec) -> Object
             ttl=spec.max_age_s,
             storage=StorageType.FILE,
             replicas=spec.replicas,
+            max_bytes=spec.object_max_bytes,
         )
         try:
             return await js.create_object_store(spec.object_bucket, config)
         except APIError as exc:
             raise creation_error(f"OBJ_{spec.object_bucket}", spec.replicas, exc) from None
-    await ensure_replicas(js, f"OBJ_{spec.object_bucket}", spec.replicas)
+    stream = f"OBJ_{spec.object_bucket}"
+    info = await js.stream_info(stream)
+    if info.config.max_bytes != spec.object_max_bytes:
+        await js.update_stream(info.config.evolve(max_bytes=spec.object_max_bytes))
+    await ensure_replicas(js, stream, spec.replicas)
     return store
 
 

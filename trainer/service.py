@@ -33,7 +33,7 @@ from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.secagg.config import MIN_PARTICIPANTS
-from fedcore.transport import StreamSpec
+from fedcore.transport import INLINE_MAX_BYTES, StreamSpec
 from fedcore.weights import evaluation_data
 from fedcore.wire import (
     LINEAGE_BUCKET,
@@ -82,19 +82,27 @@ def bootstrap(settings: TrainerSettings) -> None:
         )
 
 
+def updates_spec(settings: TrainerSettings, max_payload: int) -> StreamSpec:
+    """The updates stream and object bucket of ``settings``, with their limits; messages up
+    to what edges send inline (``max_payload``, at most ``INLINE_MAX_BYTES``)."""
+    return StreamSpec(
+        duplicate_window_s=settings.updates_duplicate_window_s,
+        max_age_s=settings.updates_max_age_s,
+        max_msg_size=min(max_payload, INLINE_MAX_BYTES),
+        replicas=settings.nats_replicas,
+        max_bytes=settings.updates_max_bytes,
+        max_msgs_per_subject=settings.updates_max_msgs_per_subject,
+        object_max_bytes=settings.updates_object_max_bytes,
+    )
+
+
 async def prepare_transport(nc: NATS, settings: TrainerSettings, registry: RegistryFile) -> None:
     """Create every stream and bucket the trainer owns, with ``nats_replicas`` (scaling up
     one that has fewer): the updates stream, its object bucket and the ledger, the rounds,
     round log and lineage buckets, the models object store; mirror the edge registry."""
     js = nc.jetstream()
     replicas = settings.nats_replicas
-    spec = StreamSpec(
-        duplicate_window_s=settings.updates_duplicate_window_s,
-        max_age_s=settings.updates_max_age_s,
-        max_msg_size=nc.max_payload,
-        replicas=replicas,
-    )
-    await ensure_transport(js, spec)
+    await ensure_transport(js, updates_spec(settings, nc.max_payload))
     await UpdateLedger.open(js, replicas=replicas)
     await mirror_registry(js, registry.current(), replicas=replicas)
     for bucket in (ROUNDS_BUCKET, ROUND_LOG_BUCKET, LINEAGE_BUCKET):
@@ -294,6 +302,7 @@ async def serve(settings: TrainerSettings) -> None:
         password=settings.nats_password(),
         name="trainer",
         max_reconnect_attempts=-1,
+        inbox_prefix=settings.nats_inbox_prefix(),
         tls=settings.nats_tls_context(),
     )
     try:

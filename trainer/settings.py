@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
 from fedcore.settings import NatsReplicas, ServiceSettings
+from fedcore.transport import StreamSpec
 
 
 class TrainerSettings(ServiceSettings):
@@ -59,6 +60,22 @@ class TrainerSettings(ServiceSettings):
     )
     updates_max_age_s: float = Field(
         default=7 * 24 * 3600.0, gt=0, description="how long the updates stream keeps messages"
+    )
+    updates_max_bytes: int = Field(
+        default=StreamSpec.max_bytes,
+        gt=0,
+        description="bytes the updates stream holds at most; new updates are refused when full",
+    )
+    updates_max_msgs_per_subject: int = Field(
+        default=StreamSpec.max_msgs_per_subject,
+        gt=0,
+        description="updates one edge may have in the stream per model (messages of at most "
+        "256 KiB; larger updates go through the object store); its next ones are refused",
+    )
+    updates_object_max_bytes: int = Field(
+        default=StreamSpec.object_max_bytes,
+        gt=0,
+        description="bytes the object bucket of large updates holds at most",
     )
     updates_ack_wait_s: float = Field(
         default=30.0, gt=0, description="redelivery delay of an unacknowledged update"
