@@ -1,7 +1,8 @@
 """One model's failure stays with that model: an edge serving digits and diabetes whose
 diabetes version Triton cannot load (signed, but its ONNX file is garbage) still serves
-digits, and its heartbeat says diabetes has no ready version, with Triton's reason.
-Real nats-server, edge runtime process and tritonserver."""
+digits, and its heartbeat says diabetes has no ready version, with Triton's reason; after
+tritonserver is killed, the edge restarts it and digits serves again. Real nats-server,
+edge runtime process and tritonserver."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -44,7 +47,8 @@ def seeds_with_a_broken_model(root: Path, signed: SignedArtifacts) -> Path:
     return seed
 
 
-async def heartbeat(url: str, password: str) -> Heartbeat:
+async def heartbeat(url: str, password: str, after: float = 0.0) -> Heartbeat:
+    """The first heartbeat (stamped after ``after``) with digits ready."""
     nc = await nats.connect(
         url, user="gateway", password=password, inbox_prefix=inbox_prefix("gateway")
     )
@@ -58,7 +62,7 @@ async def heartbeat(url: str, password: str) -> Heartbeat:
             except nats.errors.TimeoutError:
                 continue
             beat = Heartbeat.decode(msg.data)
-            if beat.models.get("digits") and beat.models["digits"].ready:
+            if beat.ts > after and beat.models.get("digits") and beat.models["digits"].ready:
                 return beat
         raise TimeoutError("no heartbeat with digits ready")
     finally:
@@ -107,6 +111,14 @@ def test_a_model_that_fails_to_load_leaves_the_other_serving(
             assert resp.status == 200
             assert len(json.loads(resp.read())["outputs"][0]["data"]) == 10
         assert edge.exited() is None  # still running
+
+        # tritonserver dies: the edge restarts it; diabetes failing again must not stop it
+        pid = int((tmp_path / "edge-1" / "triton" / "tritonserver.pid").read_text())
+        killed = time.time()
+        os.kill(pid, signal.SIGKILL)
+        again = asyncio.run(heartbeat(server.url, server.users["gateway"], after=killed + 0.5))
+        assert again.models["digits"].ready == [1] and again.models["diabetes"].ready == []
+        assert int((tmp_path / "edge-1" / "triton" / "tritonserver.pid").read_text()) != pid
     finally:
         edge.stop(timeout=20)
         server.process.stop()
