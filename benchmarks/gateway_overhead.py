@@ -14,6 +14,11 @@ adds. wrk is the load generator (``apt-get install -y wrk`` on Debian); without 
 script says so and exits 2.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--duration 4] [--rounds 5] [--quick]
+
+``--baseline DIR`` also runs the gateway of another source tree (for example
+``git archive <commit> | tar -x -C DIR``) beside this one, against the same Triton, and
+measures it interleaved with the others: the "baseline" columns are its throughput ratio
+to direct Triton and its CPU per request, from the same run.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Bench:
     procs: list[object] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)  # target name -> base URL
     gateway_pid: int = 0
+    pids: dict[str, int] = field(default_factory=dict)  # gateway target -> its pid
     key: str = ""
     _beats: threading.Event = field(default_factory=threading.Event)
     _beater: threading.Thread | None = None
@@ -151,14 +157,25 @@ def start_nats(bench: Bench) -> tuple[str, dict[str, Path]]:
 
 
 def heartbeat(bench: Bench, nats_url: str, password: str, edge_url: str) -> None:
-    """Publish edge-1's heartbeat every second from a thread, as its edge runtime would."""
+    """Publish edge-1's heartbeat every second from a thread, as its edge runtime would.
+
+    edge-1 is enrolled first (the registry mirrored into KV, as the trainer does): the
+    gateway accepts heartbeats only from active enrolled edges.
+    """
     import nats
+    from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from fedcore import subjects
+    from fedcore.enrollment import EdgeRegistry
     from fedcore.wire import Heartbeat, ModelState
+    from trainer.registry import mirror_registry
+
+    public = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+    registry = EdgeRegistry().enroll("edge-1", public)
 
     async def beat() -> None:
         nc = await nats.connect(nats_url, user="bench", password=password)
+        await mirror_registry(nc.jetstream(), registry)
         seq = 0
         while not bench._beats.is_set():
             seq += 1
@@ -180,12 +197,18 @@ def heartbeat(bench: Bench, nats_url: str, password: str, edge_url: str) -> None
     bench._beater.start()
 
 
-def start_gateway(bench: Bench, nats_url: str, files: dict[str, Path]) -> str:
+def start_gateway(
+    bench: Bench,
+    nats_url: str,
+    files: dict[str, Path],
+    name: str = "gateway",
+    tree: Path | None = None,
+) -> str:
     from fedcore.keys import write_secret
     from fedcore.process import ManagedProcess, free_port
     from gateway.auth import generate_key, key_line
 
-    bench.key = generate_key()
+    bench.key = bench.key or generate_key()
     keys_file = bench.root / "secrets" / "api-keys"
     write_secret(keys_file, key_line("infer", "bench", bench.key, rate_per_s=1e9))
     port = free_port()
@@ -199,14 +222,16 @@ def start_gateway(bench: Bench, nats_url: str, files: dict[str, Path]) -> str:
         "LOG_LEVEL": "WARNING",
     }
     env.update({f"FEDGATE_GATEWAY_{k}": v for k, v in settings.items()})
-    argv = [sys.executable, "-m", "gateway"]
-    proc = ManagedProcess("gateway", argv, log_path=bench.root / "gateway.log", env=env)
+    argv = [sys.executable, "-m", "gateway"]  # from ``tree`` when given (cwd comes first)
+    log = bench.root / f"{name}.log"
+    proc = ManagedProcess(name, argv, log_path=log, env=env, cwd=tree)
     proc.start()
     bench.procs.append(proc)
-    bench.gateway_pid = proc.pid or 0
+    bench.pids[name] = proc.pid or 0
+    bench.gateway_pid = bench.pids.get("gateway", 0)
     url = f"http://127.0.0.1:{port}"
     proc.wait_ready(lambda: _routed(url, bench.key), 30)
-    bench.urls["gateway"] = url
+    bench.urls[name] = url
     return url
 
 
@@ -277,7 +302,7 @@ def _cpu_ticks(pid: int) -> int:
 def wrk(bench: Bench, target: str, payload: tuple[Path, str], conc: int, secs: int) -> Run:
     url = bench.urls[target] + "/v2/models/digits/versions/1/infer"
     env = dict(os.environ, FG_BODY=str(payload[0]), FG_HLEN=payload[1])
-    env["FG_KEY"] = bench.key if target == "gateway" else ""
+    env["FG_KEY"] = bench.key if target in bench.pids else ""
     argv = [
         "wrk",
         "-t1",
@@ -287,13 +312,14 @@ def wrk(bench: Bench, target: str, payload: tuple[Path, str], conc: int, secs: i
         "-s",
         str(bench.root / "post.lua"),
     ]
-    ticks = _cpu_ticks(bench.gateway_pid) if target == "gateway" else 0
+    pid = bench.pids.get(target, 0)
+    ticks = _cpu_ticks(pid) if pid else 0
     out = subprocess.run([*argv, url], env=env, capture_output=True, text=True, check=True).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     cpu = None
-    if target == "gateway" and requests:
+    if pid and requests:
         hz = os.sysconf("SC_CLK_TCK")
-        cpu = (_cpu_ticks(bench.gateway_pid) - ticks) / hz / requests * 1e6
+        cpu = (_cpu_ticks(pid) - ticks) / hz / requests * 1e6
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return Run(
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
@@ -342,8 +368,10 @@ def paired(a: list[Run], b: list[Run], attr: str, ratio: bool) -> float:
 def report(runs: dict[Cell, list[Run]], args: argparse.Namespace, targets: list[str]) -> bool:
     """Print the table and the verdict against the targets; True if both are met."""
     haproxy = "haproxy" in targets
+    baseline = "baseline" in targets
     head = f"{'conc':>4} {'body':<6} {'direct rps':>10} {'gateway rps':>11} {'ratio':>6}"
     head += f" {'haproxy':>8}" if haproxy else ""
+    head += f" {'baseline':>8} {'base CPU':>8}" if baseline else ""
     head += f" | {'p50 direct':>10} {'p50 gw':>7} {'added':>6} | {'p99 direct':>10} {'p99 gw':>7}"
     print(head + f" {'added':>6} | {'gw CPU/req':>10}")
     verdict: dict[tuple[int, str], tuple[float, float]] = {}
@@ -358,6 +386,9 @@ def report(runs: dict[Cell, list[Run]], args: argparse.Namespace, targets: list[
             row += f" {ratio:>5.2f}x"
             if haproxy:
                 row += f" {paired(runs[(conc, encoding, 'haproxy')], d, 'rps', True):>7.2f}x"
+            if baseline:
+                b = runs[(conc, encoding, "baseline")]
+                row += f" {paired(b, d, 'rps', True):>7.2f}x {median(b, 'cpu_us'):>5.0f} us"
             row += f" | {median(d, 'p50_ms'):>7.2f} ms {median(g, 'p50_ms'):>7.2f} {added50:>+6.2f}"
             row += f" | {median(d, 'p99_ms'):>7.2f} ms {median(g, 'p99_ms'):>7.2f} {added99:>+6.2f}"
             print(row + f" | {median(g, 'cpu_us'):>7.0f} us")
@@ -393,6 +424,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy reference")
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s")
+    parser.add_argument(
+        "--baseline", type=Path, help="source tree of a gateway to measure beside this one"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration = 1, 3
@@ -417,6 +451,8 @@ def run(bench: Bench, args: argparse.Namespace) -> int:
     nats_url, files = start_nats(bench)
     heartbeat(bench, nats_url, files["bench"].read_text().strip(), triton_url)
     start_gateway(bench, nats_url, files)
+    if args.baseline is not None:
+        start_gateway(bench, nats_url, files, "baseline", args.baseline.resolve())
     if not args.no_haproxy:
         start_haproxy(bench, triton_url)
     version = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)

@@ -88,7 +88,8 @@ async def _probe(state: GatewayState, edge: Edge) -> None:
 
 
 async def _probe_loop(state: GatewayState) -> None:
-    """Probe ejected edges whose time out is over; re-admit the healthy ones."""
+    """Probe ejected edges whose time out is over; re-admit the healthy ones. Also drops
+    the metric series of versions retired for :data:`RETIRED_SERIES_S`."""
     tasks: set[asyncio.Task[None]] = set()
     while True:
         for edge in state.fleet.due_for_probe():
@@ -96,7 +97,27 @@ async def _probe_loop(state: GatewayState) -> None:
             task = asyncio.create_task(_probe(state, edge))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        retire_series(state, time.monotonic())
         await asyncio.sleep(state.settings.probe_interval_s)
+
+
+RETIRED_SERIES_S = 600.0
+"""How long a version is served by no fresh edge and no split before its series go."""
+
+
+def retire_series(state: GatewayState, now: float, grace_s: float = RETIRED_SERIES_S) -> None:
+    live = state.fleet.live_versions()
+    for model, split in state.router.splits.items():
+        live.update((model, str(v)) for v in (split.stable, split.candidate) if v is not None)
+    state.metrics.stats.retire(live, now, grace_s)
+
+
+def _edge_gone(state: GatewayState, edge: Edge) -> None:
+    """An edge left (or moved): drop its upstream pool, and its series once it is gone."""
+    if all(e.url != edge.url for e in state.fleet.edges.values()):
+        state.upstream.forget(edge.url)
+    if edge.edge_id not in state.fleet.edges:
+        state.metrics.forget_edge(edge.edge_id)
 
 
 def build_state(settings: GatewaySettings, fleet: Fleet | None = None) -> GatewayState:
@@ -121,7 +142,7 @@ def build_state(settings: GatewaySettings, fleet: Fleet | None = None) -> Gatewa
 
     fleet.on_eject = on_eject
     upstream = Upstream(settings.upstream_timeout_s, settings.upstream_connect_timeout_s)
-    return GatewayState(
+    state = GatewayState(
         settings=settings,
         fleet=fleet,
         upstream=upstream,
@@ -131,6 +152,8 @@ def build_state(settings: GatewaySettings, fleet: Fleet | None = None) -> Gatewa
         metrics=metrics,
         schemas=SchemaCache(upstream),
     )
+    fleet.on_leave = lambda edge: _edge_gone(state, edge)
+    return state
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -223,7 +246,15 @@ def create_app(
                     await asyncio.wait_for(nc.drain(), 5)
             await state.upstream.close()
 
-    api = FastAPI(title="fedgate gateway", version=package_version(), lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, which
+    # would run a third party's script on the dashboard's origin. /openapi.json stays.
+    api = FastAPI(
+        title="fedgate gateway",
+        version=package_version(),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     api.state.gateway = state
     api.state.feedback = relay
     api.state.rollouts = controller

@@ -1,10 +1,12 @@
 """``POST /v2/models/{model}[/versions/{version}]/infer`` as a raw ASGI callable: the hot path.
 
-Per request: scan the headers once, check the key and its rate, read the body (413 past
-the limit), check the binary framing header, pick version and edge, forward the bytes,
-relay the answer with headers naming edge and version, count it. No tensor is decoded and
-no FastAPI machinery runs. Only when an edge refuses a request does the gateway parse it,
-to answer with a 400 that names the input and what is wrong (:mod:`gateway.validate`).
+Per request: scan the headers once, check the key and its rate and refuse repeated framing
+headers (all before any body is read), read the body (413 past the limit), check the
+binary framing header, pick version and edge, check the request against the model's
+schema (:mod:`gateway.guard`: shapes, counts, sizes, datatypes), forward the bytes, relay
+the answer with headers naming edge and version, count it. No element is decoded and no
+FastAPI machinery runs. When an edge still refuses a request the gateway explains it, with
+a 400 that names the input and what is wrong (:mod:`gateway.validate`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from urllib.parse import quote
 
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, Unavailable
 from gateway.fleet import Edge
+from gateway.guard import check_request, repeated_header
 from gateway.metrics import UNKNOWN
 from gateway.request_ids import generated_id, request_id
 from gateway.routing import parse_version
@@ -31,6 +34,7 @@ from gateway.validate import (
     decode_body,
     explain,
     is_triton_parse_error,
+    parse_count,
 )
 
 log = logging.getLogger(__name__)
@@ -110,8 +114,11 @@ def _scan(headers: list[tuple[bytes, bytes]]) -> _Request:
 
 async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     """The whole request body, or :class:`PayloadTooLarge` as soon as it exceeds ``limit``."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit}")
+    if declared is not None:
+        size = parse_count(declared)
+        if size is None or size > limit:
+            shown = declared[:40].decode("latin-1")
+            raise PayloadTooLarge(f"request body of {shown} bytes exceeds the limit of {limit}")
     message = await receive()
     body: bytes = message.get("body", b"")
     if not message.get("more_body"):
@@ -154,6 +161,15 @@ Responder = Callable[[int, bytes, list[tuple[bytes, bytes]]], Awaitable[None]]
 """Sends status, body and headers (``content-length`` is added by the responder)."""
 
 
+@dataclass(slots=True)
+class _Checked:
+    """A request's body as checked and forwarded (decoded), and its JSON header's length."""
+
+    body: bytes
+    header_length: int | None
+    forward: list[tuple[bytes, bytes]]
+
+
 class InferPlane:
     """The infer route, behind two entrances: ASGI (``__call__``) and :mod:`gateway.fastpath`."""
 
@@ -168,18 +184,34 @@ class InferPlane:
             target, scope["headers"], partial(read_body, receive), partial(respond, send)
         )
 
+    def precheck(self, headers: list[tuple[bytes, bytes]]) -> _Request:
+        """Key, role, rate and repeated framing headers: all that needs no body (4xx)."""
+        req = _scan(headers)
+        self.state.admit(req.authorization, "infer")
+        repeated = repeated_header(headers)
+        if repeated is not None:
+            raise BadRequest(f"the request repeats the {repeated} header: send it once")
+        return req
+
     async def serve(
         self,
         target: tuple[str, str | None],
         headers: list[tuple[bytes, bytes]],
         read: BodyReader,
         reply: Responder,
+        pre: _Request | GatewayError | None = None,
     ) -> None:
-        """Answer one infer request for ``target`` (model, raw version or None)."""
+        """Answer one infer request for ``target`` (model, raw version or None).
+
+        ``pre`` is :meth:`precheck`'s verdict when the caller already had it (the fast path
+        checks before it buffers a body); the request is checked here otherwise.
+        """
         start = perf_counter()
         out = _Outcome()
         try:
-            await self._serve(target, headers, read, reply, out)
+            if isinstance(pre, GatewayError):
+                raise pre
+            await self._serve(target, pre or self.precheck(headers), read, reply, out)
         except GatewayError as exc:
             out.status = exc.status
             extra = [(b"content-type", JSON)]
@@ -205,25 +237,21 @@ class InferPlane:
     async def _serve(
         self,
         target: tuple[str, str | None],
-        headers: list[tuple[bytes, bytes]],
+        req: _Request,
         read: BodyReader,
         reply: Responder,
         out: _Outcome,
     ) -> None:
         state = self.state
         model, raw_version = target
-        req = _scan(headers)
-        state.admit(req.authorization, "infer")
         version = parse_version(raw_version)
         body = await read(req.content_length, state.settings.max_body_bytes)
-        problem = self._early_verdict(req, body)
-        if problem:
-            raise BadRequest(problem)
+        checked = self._early_verdict(req, body)
         inflight = state.metrics.stats.inflight
         try:
-            edge, served, resp = await self._forward(model, version, req, body, out)
+            edge, served, resp = await self._forward(model, version, req, checked, out)
             if resp.status in EXPLAINED_STATUSES:
-                resp = await self._explain(resp, model, served, edge, req, body)
+                resp = await self._explain(resp, model, served, edge, checked)
             out.status = resp.status
             out.started = True
             await reply(
@@ -239,23 +267,36 @@ class InferPlane:
             if out.model:  # counted in flight once routed
                 inflight[model] -= 1
 
-    def _early_verdict(self, req: _Request, body: bytes) -> str | None:
-        """Binary framing and JSON depth, checked before anything reaches an edge."""
+    def _early_verdict(self, req: _Request, body: bytes) -> _Checked:
+        """Binary framing and JSON depth (400 if wrong); an encoded body is decoded here
+        (bounded) and forwarded decoded, so that the edge parses exactly what was checked."""
         problem = check_framing(req.header_length, len(body), req.encoding is not None)
-        if problem:
-            return problem
-        if req.encoding is not None:  # rare: decode (bounded) to look at the JSON
+        forward = req.forward
+        if problem is None and req.encoding is not None:  # rare
             try:
                 body = decode_body(
                     body, req.encoding.decode("latin-1"), self.state.settings.max_body_bytes
                 )
             except ValueError as exc:
-                return str(exc)
+                raise BadRequest(str(exc)) from None
+            forward = [(k, v) for k, v in forward if k != b"content-encoding"]
             problem = check_framing(req.header_length, len(body), False)
-            if problem:
-                return problem
-        end = int(req.header_length) if req.header_length else len(body)
-        return check_depth(body, end)
+        header_length = parse_count(req.header_length) if req.header_length else None
+        if problem is None:
+            problem = check_depth(body, len(body) if header_length is None else header_length)
+        if problem is not None:
+            raise BadRequest(problem)
+        return _Checked(body, header_length, forward)
+
+    async def _guard(self, model: str, version: int, edge: Edge, checked: _Checked) -> None:
+        """The request against the model's schema (400), fetched from ``edge`` when new."""
+        schemas = self.state.schemas
+        schema = schemas.peek(model, version) or await schemas.get(model, version, edge.url)
+        if schema is None:
+            raise UpstreamError("protocol", f"no model metadata for version {version}")
+        problem = check_request(checked.body, checked.header_length, schema)
+        if problem is not None:
+            raise BadRequest(problem)
 
     def _path(self, model: str, version: int) -> bytes:
         path = self._paths.get((model, version))
@@ -267,13 +308,14 @@ class InferPlane:
         return path
 
     async def _forward(
-        self, model: str, version: int | None, req: _Request, body: bytes, out: _Outcome
+        self, model: str, version: int | None, req: _Request, checked: _Checked, out: _Outcome
     ) -> tuple[Edge, int, UpstreamResponse]:
         """Send to the chosen edge; on a connection error, 503 or 404 retry once elsewhere.
 
         When no edge answers otherwise, the last edge's own 503/404 is relayed.
         """
         state = self.state
+        body = checked.body
         tried: list[str] = []
         refused: tuple[Edge, int, UpstreamResponse] | None = None
         last = reason = ""
@@ -300,8 +342,9 @@ class InferPlane:
             tried.append(edge.edge_id)
             edge.outstanding += 1
             try:
+                await self._guard(model, served, edge, checked)
                 resp = await state.upstream.send(
-                    edge.url, b"POST", self._path(model, served), req.forward, body
+                    edge.url, b"POST", self._path(model, served), checked.forward, body
                 )
             except UpstreamError as exc:
                 last, reason = f"edge {edge.edge_id}: {exc.message}", exc.reason
@@ -340,25 +383,12 @@ class InferPlane:
         return rid
 
     async def _explain(
-        self,
-        resp: UpstreamResponse,
-        model: str,
-        version: int,
-        edge: Edge,
-        req: _Request,
-        body: bytes,
+        self, resp: UpstreamResponse, model: str, version: int, edge: Edge, checked: _Checked
     ) -> UpstreamResponse:
         """Turn an edge's refusal into a 400 naming what is wrong, when it can be found."""
-        limit = self.state.settings.max_body_bytes
-        encoding = req.encoding.decode("latin-1") if req.encoding else None
-        header_length = int(req.header_length) if req.header_length else None
-        try:
-            raw = decode_body(body, encoding, limit)
-        except ValueError as exc:
-            return _bad_request(str(exc))
         schema = await self.state.schemas.get(model, version, edge.url)
         if schema is not None:
-            problem = explain(raw, header_length, schema)
+            problem = explain(checked.body, checked.header_length, schema)
             if problem:
                 return _bad_request(problem)
         if resp.status == 500 and is_triton_parse_error(error_message(resp.body)):

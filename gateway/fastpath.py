@@ -6,12 +6,14 @@ large part of the CPU it spends. :class:`GatewayHttpProtocol` answers a ``POST .
 that has a ``Content-Length``, no ``Expect: 100-continue`` and nothing else in progress on
 its connection directly: the body is collected by the parser callbacks, the same
 :class:`gateway.dataplane.InferPlane` serves it, and the response goes out in one write.
-A body over the limit is answered (413, or 401 without a valid key) as soon as its headers
-are in, and drained up to :data:`DRAIN_LIMIT` so that clients that send everything before
-reading see the answer, not a reset. Every other request (and any infer request not
-meeting those conditions, such as a pipelined one or a chunked upload) takes uvicorn's
-normal ASGI path into the same app, so there is one data plane with two entrances and one
-behaviour.
+The key, its role and rate and the framing headers are checked as soon as the headers are
+in (:meth:`gateway.dataplane.InferPlane.precheck`), before any body is kept: a request
+refused there, or with a body over the limit, is answered (401, 403, 429, 400, 413) at
+once, and its body drained up to :data:`DRAIN_LIMIT` without being kept, so that clients
+that send everything before reading see the answer, not a reset. Every other request (and
+any infer request not meeting those conditions, such as a pipelined one or a chunked
+upload) takes uvicorn's normal ASGI path into the same app, so there is one data plane
+with two entrances and one behaviour.
 
 It builds on uvicorn's protocol internals (``cycle``, ``pipeline``, ``on_response_complete``,
 ``server_state``); :func:`protocol_class` checks they exist and falls back to plain
@@ -28,7 +30,8 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.dataplane import InferPlane, split_infer_path
-from gateway.errors import PayloadTooLarge
+from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.validate import parse_count
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class _FastRequest:
         "cycle",
         "declared",
         "headers",
+        "keep",
+        "pre",
         "previous",
         "received",
         "responded",
@@ -81,6 +86,8 @@ class _FastRequest:
         self.previous = previous
         self.declared = declared
         self.body: list[bytes] = []
+        self.keep = False  # the body is kept (checks passed, within the limit)
+        self.pre: Any = None  # the plane's precheck verdict: its request, or its refusal
         self.size = 0
         self.received = False
         self.responded = False
@@ -115,10 +122,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         for name, value in self.headers:
             if name == b"content-length":
                 length = value
-        if length is None or not length.isdigit():
+        declared = None if length is None else parse_count(length)
+        if declared is None:
             return None
         target = split_infer_path(url.decode("latin-1"))
-        return None if target is None else (target, int(length))
+        return None if target is None else (target, declared)
 
     def on_headers_complete(self) -> None:
         found = self._fast_target()
@@ -130,9 +138,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         fast = _FastRequest(found[0], self.headers, placeholder, self.cycle, found[1])
         self._fast = fast
         self.cycle = placeholder  # type: ignore[assignment]
-        if fast.declared > self.max_body:
-            # Answer now (401 or 413) and drain the body meanwhile, so that a client that
-            # sends it all before reading gets its answer rather than a reset connection.
+        assert self.plane is not None
+        try:
+            fast.pre = self.plane.precheck(fast.headers)
+            fast.keep = fast.declared <= self.max_body
+        except GatewayError as exc:
+            fast.pre = exc
+        if not fast.keep:
+            # Answer now (401, 403, 429, 400 or 413) and drain the body meanwhile, so that a
+            # client that sends it all before reading gets its answer, not a reset.
             self._start(fast)
 
     def on_body(self, body: bytes) -> None:
@@ -141,7 +155,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
             return
         fast.size += len(body)
-        if fast.declared <= self.max_body:
+        if fast.keep:
             fast.body.append(body)
         elif fast.size > max(self.max_body, DRAIN_LIMIT):
             self.transport.close()  # not worth draining any further
@@ -153,7 +167,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         self._fast = None
         fast.received = True
-        if fast.declared <= self.max_body:
+        if fast.keep:
             self._start(fast)
         elif fast.responded:
             self._finish(fast)
@@ -177,7 +191,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._write(fast.cycle, status, content, headers)
 
         try:
-            await self.plane.serve(fast.target, fast.headers, read, reply)
+            await self.plane.serve(fast.target, fast.headers, read, reply, fast.pre)
         finally:
             fast.responded = True
             if fast.received:

@@ -63,6 +63,8 @@ class Fleet:
     eject_base_s: float = 5.0
     eject_max_s: float = 60.0
     on_eject: Callable[[Edge], None] | None = None
+    on_leave: Callable[[Edge], None] | None = None
+    """Called with an edge that left, expired, or was replaced (a new URL) after the fact."""
 
     def observe(self, beat: Heartbeat) -> None:
         now = self.clock()
@@ -71,6 +73,8 @@ class Fleet:
             self.edges[beat.edge_id] = Edge(
                 beat.edge_id, beat.url, beat.models, now, beat.device, pending=beat.inflight
             )
+            if edge is not None:
+                self._gone(edge)
             return
         edge.models = beat.models
         edge.last_seen = now
@@ -78,14 +82,29 @@ class Fleet:
         edge.pending = beat.inflight
 
     def leave(self, edge_id: str) -> None:
-        self.edges.pop(edge_id, None)
+        edge = self.edges.pop(edge_id, None)
+        if edge is not None:
+            self._gone(edge)
+
+    def _gone(self, edge: Edge) -> None:
+        if self.on_leave is not None:
+            self.on_leave(edge)
 
     def fresh(self) -> list[Edge]:
         """Edges heard from within ``ttl`` (ejected ones included); expired ones are dropped."""
         now = self.clock()
         for edge_id in [e.edge_id for e in self.edges.values() if now - e.last_seen > self.ttl]:
-            del self.edges[edge_id]
+            self._gone(self.edges.pop(edge_id))
         return list(self.edges.values())
+
+    def live_versions(self) -> set[tuple[str, str]]:
+        """(model, version) pairs some fresh edge reports ready, ejected edges included."""
+        return {
+            (model, str(v))
+            for e in self.fresh()
+            for model, state in e.models.items()
+            for v in state.ready
+        }
 
     def knows(self, model: str) -> bool:
         return any(model in e.models for e in self.fresh())
@@ -176,7 +195,9 @@ class Fleet:
         return False
 
     def _eject(self, edge: Edge) -> None:
-        backoff = self.eject_base_s * (2**edge.ejections_in_a_row)
+        # The exponent is capped (2**64 times any base is past any maximum): 2**1024 is
+        # beyond a float, and an edge can fail its probe that many times in a row.
+        backoff = self.eject_base_s * float(2 ** min(edge.ejections_in_a_row, 64))
         edge.ejected_until = self.clock() + min(backoff, self.eject_max_s)
         edge.ejections_in_a_row += 1
         if self.on_eject is not None:

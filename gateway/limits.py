@@ -13,6 +13,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from gateway.validate import MAX_DIGITS
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -32,10 +34,11 @@ async def within_limit(
         return
     declared = dict(scope["headers"]).get(b"content-length")
     if declared is not None:
-        if declared.isdigit() and int(declared) <= limit:
+        if declared.isdigit() and len(declared) <= MAX_DIGITS and int(declared) <= limit:
             await app(scope, receive, send)  # the server delivers exactly that many bytes
         else:
-            await _too_large(send, f"request body of {declared.decode('latin-1')} bytes", limit)
+            shown = declared[:40].decode("latin-1")
+            await _too_large(send, f"request body of {shown} bytes", limit)
         return
     chunks: list[bytes] = []
     size = 0

@@ -11,6 +11,7 @@ or fixed sets, never from request paths as sent, so a client cannot blow up card
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from gateway.fleet import Fleet
 
 UNKNOWN = "<unknown>"  # the model label of requests for models no edge reports
+DEPARTED = "<departed>"  # the edge label of requests served by edges that have left
 LATENCY_BUCKETS = (
     0.00025,
     0.0005,
@@ -66,6 +68,27 @@ class RequestStats:
         self.requests: dict[tuple[str, str, str, int], int] = {}
         self.latency: dict[tuple[str, str], _Latency] = {}
         self.inflight: dict[str, int] = {}
+        self._absent: dict[tuple[str, str], float] = {}  # (model, version) -> since
+
+    def fold_edge(self, edge: str) -> None:
+        """Move the counts of an edge that left under :data:`DEPARTED`: its series end, and
+        per-version sums (the rollout gates' deltas) stay as they were."""
+        for key in [k for k in self.requests if k[2] == edge]:
+            model, version, _, status = key
+            folded = (model, version, DEPARTED, status)
+            self.requests[folded] = self.requests.get(folded, 0) + self.requests.pop(key)
+
+    def retire(self, live: set[tuple[str, str]], now: float, grace_s: float) -> None:
+        """Drop the series of versions absent from ``live`` for ``grace_s`` seconds."""
+        seen = {k[:2] for k in self.requests} | set(self.latency)
+        for key in seen:
+            if key in live or not key[1]:  # version "": refused before routing; kept
+                self._absent.pop(key, None)
+            elif now - self._absent.setdefault(key, now) >= grace_s:
+                del self._absent[key]
+                self.latency.pop(key, None)
+                for gone in [k for k in self.requests if k[:2] == key]:
+                    del self.requests[gone]
 
     def observe(self, model: str, version: str, edge: str, status: int, seconds: float) -> None:
         key = (model, version, edge, status)
@@ -155,6 +178,13 @@ class GatewayMetrics:
         self.edges = Gauge(
             "fedgate_gateway_edges", "Fresh edges by routing state", ["state"], registry=r
         )
+
+    def forget_edge(self, edge: str) -> None:
+        """An edge left the fleet: fold its request series, drop its own."""
+        self.stats.fold_edge(edge)
+        for counter in (self.ejections, self.readmissions):
+            with contextlib.suppress(KeyError):
+                counter.remove(edge)
 
     def observe(self, model: str, version: str, edge: str, status: int, seconds: float) -> None:
         """Count one answered inference request and its latency."""

@@ -33,8 +33,8 @@ def client_id(body: bytes, header_length: bytes | None = None) -> str | None:
     its JSON header is searched. Ids that are not 1-256 printable characters are ignored.
     """
     end = SCAN_BYTES
-    if header_length is not None and header_length.isdigit():
-        end = min(end, int(header_length))
+    if header_length is not None and header_length.isdigit() and len(header_length) <= 18:
+        end = min(end, int(header_length))  # no int() of thousands of digits
     match = _ID.search(body[:end])
     if match is None:
         return None

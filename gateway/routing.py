@@ -56,7 +56,7 @@ def parse_version(raw: str | None) -> int | None:
     """A version path segment as an int; 404 in Triton's words when it is not one."""
     if raw is None:
         return None
-    if not raw.isdigit() or not raw.isascii():
+    if not raw.isdigit() or not raw.isascii() or len(raw) > 18:  # no int() of 5,000 digits
         raise NotFound(f"Request for unknown model: version {raw!r} is not a positive integer")
     return int(raw)
 

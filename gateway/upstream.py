@@ -176,6 +176,7 @@ class _EdgePool:
         self.port = port
         self.authority = f"{host}:{port}".encode()
         self.idle: collections.deque[_Connection] = collections.deque()
+        self.retired = False  # the edge left: connections close when they come back
         self._lines: dict[tuple[bytes, bytes], bytes] = {}
 
     def request_line(self, method: bytes, path: bytes) -> bytes:
@@ -196,7 +197,7 @@ class _EdgePool:
         return None
 
     def give(self, conn: _Connection) -> None:
-        if len(self.idle) < _MAX_IDLE_PER_EDGE and not conn.closed:
+        if not self.retired and len(self.idle) < _MAX_IDLE_PER_EDGE and not conn.closed:
             self.idle.append(conn)
         else:
             conn.close()
@@ -234,6 +235,19 @@ class Upstream:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+    def forget(self, base_url: str) -> None:
+        """Drop the pool of an edge that left: its idle connections close now, busy ones
+        when their answer is in."""
+        pool = self._pools.pop(base_url, None)
+        if pool is not None:
+            pool.retired = True
+            pool.close()
+
+    @property
+    def pools(self) -> int:
+        """How many edges have a pool (for tests and metrics)."""
+        return len(self._pools)
 
     def _pool(self, base_url: str) -> _EdgePool:
         pool = self._pools.get(base_url)
