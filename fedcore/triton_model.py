@@ -7,7 +7,8 @@ otherwise, and logs the providers it got. Dynamic batches are run as one ONNX ca
 
 Traffic capture: when the edge's ``config.pbtxt`` names a spool (``fedgate_spool_path``)
 and a capture rate above zero, a sampled share of single-row requests that carry an OIP
-``id`` is kept: request id, input bytes and output bytes. The request path only appends a
+``id`` is kept: request id, and the bytes of the inputs and outputs the spec's task
+captures (all by default), each list back to back in declared order. The request path only appends a
 tuple to an in-memory queue (about a microsecond); a writer thread in the stub inserts
 the queue into the edge's SQLite spool (WAL) every ``CAPTURE_FLUSH_S`` in one
 transaction and evicts the oldest samples beyond the capacity, leaving a tombstone per
@@ -183,6 +184,8 @@ import triton_python_backend_utils as pb_utils
 
 INPUTS = $inputs
 OUTPUTS = $outputs
+CAPTURED_INPUTS = $captured_inputs
+CAPTURED_OUTPUTS = $captured_outputs
 ONNX_FILE = "$onnx_file"
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 SPOOL_SCHEMA = """$schema"""
@@ -233,8 +236,9 @@ class TritonPythonModel:
                 for (_, dtype), out in zip(OUTPUTS, results)
             ]
             if self.capture is not None and size == 1:
-                inputs = [columns[name][i] for name, _ in INPUTS]
-                self.capture.offer(request.request_id(), inputs, outs)
+                inputs = [columns[name][i] for name in CAPTURED_INPUTS]
+                kept = [o for (name, _), o in zip(OUTPUTS, outs) if name in CAPTURED_OUTPUTS]
+                self.capture.offer(request.request_id(), inputs, kept)
             tensors = [pb_utils.Tensor(name, o) for (name, _), o in zip(OUTPUTS, outs)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
@@ -270,6 +274,8 @@ def render_model_py(spec: ModelSpec) -> str:
         model=spec.name,
         inputs=repr(inputs),
         outputs=repr(outputs),
+        captured_inputs=repr([t.name for t in spec.captured_inputs]),
+        captured_outputs=repr([t.name for t in spec.captured_outputs]),
         onnx_file=ONNX_FILE,
         schema=SPOOL_SCHEMA,
         capture=_CAPTURE,

@@ -65,6 +65,8 @@ class StackConfig:
     """Extra settings by env prefix, e.g. ``{"FEDGATE_TRAINER_": {"MIN_UPDATES": "3"}}``."""
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
     """How exited services are restarted, and when the stack gives up (a crash loop)."""
+    models: tuple[str, ...] = ("digits",)
+    """The names of the models served (their references travel in ``overrides``' MODELS)."""
 
 
 @dataclass

@@ -8,9 +8,10 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
   subject per known model, so the stream's per-subject limit bounds its share), may store large
   updates in the updates object store, reads the round announcements, the signed model
   versions and the desired versions (rollouts), receives the feedback of its models and
-  answers it (``allow_responses``). In secure rounds it reads only
-  ``fedgate.secagg.<model>.to.<itself>`` and writes only ``...from.<itself>``: that is how
-  the trainer knows which edge sent a secure-aggregation message.
+  the trainer's federated-evaluation requests and answers them (``allow_responses``). In
+  secure rounds it reads only ``fedgate.secagg.<model>.to.<itself>`` and writes only
+  ``...from.<itself>``: that is how the trainer knows which edge sent a secure-aggregation
+  message.
 - The gateway reads heartbeats, sends feedback requests and reads the rounds, round log,
   lineage and enrolled-edges buckets and the model versions' manifests; it owns the rollout buckets
   (rollout records, and the desired versions that edges read).
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
+from fedcore.fed_eval import EVAL_PREFIX
 from fedcore.models import REGISTRY as MODELS
 from fedcore.subjects import FEEDBACK_PREFIX
 from fedcore.transport import EDGES_BUCKET
@@ -114,7 +116,8 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
         subjects.secagg_from_edge("*", edge_id),
     ]
     own = subjects.inbox_all(edge_id)
-    return publish, [own, f"{FEEDBACK_PREFIX}.*", subjects.secagg_to_edge("*", edge_id)]
+    subscribe = [own, f"{FEEDBACK_PREFIX}.*", f"{EVAL_PREFIX}.*"]
+    return publish, [*subscribe, subjects.secagg_to_edge("*", edge_id)]
 
 
 def gateway_permissions() -> tuple[list[str], list[str]]:

@@ -192,8 +192,8 @@ def test_label_tally_per_version(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     assert tally_labels(spool, MODEL, [1, 2]) == {
-        1: LabelTally(total=2, correct=1),
-        2: LabelTally(total=2, correct=2),
+        1: LabelTally(total=2, correct=1, score=1.0),
+        2: LabelTally(total=2, correct=2, score=2.0),
     }
     assert tally_labels(spool, MODEL, [3]) == {}
     assert tally_labels(tmp_path / "absent.sqlite", MODEL, [1]) == {}

@@ -109,7 +109,10 @@ def test_tensor_spec_validation(
 
 
 def test_unknown_model_names_the_known_ones() -> None:
-    with pytest.raises(ModelSpecError, match=r"unknown model 'cats'; known: \['digits', 'wide'\]"):
+    with pytest.raises(
+        ModelSpecError,
+        match=r"unknown model 'cats'; known: \['diabetes', 'digits', 'digits_conv', 'wide'\]",
+    ):
         get_spec("cats")
 
 

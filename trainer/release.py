@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from numpy.typing import NDArray
 from fedcore.artifact import verify_version_dir
 from fedcore.artifact_store import upload_version
 from fedcore.errors import ModelSpecError
+from fedcore.fed_eval import FedEvalResult
 from fedcore.kv import kv_bucket
 from fedcore.spec import ModelSpec
 from fedcore.triton_model import ONNX_FILE
@@ -38,11 +40,26 @@ from fedcore.wire import (
     version_key,
 )
 from trainer.bootstrap import write_version
-from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_accuracy
+from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_metric
 from trainer.retry import retry_transient
 from trainer.rounds import RoundBook
 
 log = logging.getLogger(__name__)
+
+
+FederatedEval = Callable[[str, int, NDArray[Any], NDArray[Any]], Awaitable[FedEvalResult]]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate decided, on which evaluation and how many samples."""
+
+    candidate: Metrics | None
+    serving: Metrics | None
+    release: bool
+    reason: str
+    evaluation: str
+    samples: int
 
 
 @dataclass(frozen=True)
@@ -54,10 +71,14 @@ class ReleaseContext:
     artifacts_dir: Path
     state_dir: Path
     margin: float
-    eval_x: NDArray[Any]
-    eval_y: NDArray[Any]
+    eval_x: Any
+    """the evaluation inputs: an array (one-input models) or arrays by input name; None
+    when the trainer holds no evaluation set (the edges evaluate: ``federated``)"""
+    eval_y: NDArray[Any] | None
     replicas: int = 1
     """of the buckets a release writes (``nats_replicas``), should one be missing"""
+    federated: FederatedEval | None = None
+    """asks the edges to score (model, round, candidate, serving) on their held-out splits"""
 
 
 def epsilon_spent(book: RoundBook) -> float | None:
@@ -89,19 +110,54 @@ def _contributors(book: RoundBook) -> list[Contributor]:
     ]
 
 
-def _gate(
-    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any]
-) -> tuple[Metrics, Metrics, bool, str]:
+def _gate(ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any]) -> Decision:
+    """The gate on the trainer's own evaluation set (blocking: torch)."""
+    if ctx.eval_y is None:
+        raise RuntimeError("central gate without an evaluation set")
     cand = evaluate(ctx.spec, candidate, ctx.eval_x, ctx.eval_y)
     serving = evaluate(ctx.spec, book.params, ctx.eval_x, ctx.eval_y)
     folded = book.current.folded.values() if book.current else []
+    name = ctx.spec.task.metric
     reports = {  # weighted as folded: a claimed sample count is capped (trainer.bounds)
-        c.edge_id: (c.metrics["accuracy"], round(c.weight))
-        for c in folded
-        if "accuracy" in c.metrics
+        c.edge_id: (c.metrics[name], round(c.weight)) for c in folded if name in c.metrics
     }
-    decision = gate(cand, serving, margin=ctx.margin, edge_accuracy=weighted_edge_accuracy(reports))
-    return cand, serving, decision.release, decision.reason
+    decision = gate(cand, serving, margin=ctx.margin, edge_value=weighted_edge_metric(reports))
+    return Decision(cand, serving, decision.release, decision.reason, "central", cand.samples)
+
+
+async def _federated_gate(
+    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any], round_id: int
+) -> Decision:
+    """The gate on the edges' held-out splits: aggregates only, weighted by their counts."""
+    if ctx.federated is None:
+        raise RuntimeError("no evaluation set and no federated evaluation")
+    fed = await ctx.federated(ctx.spec.name, round_id, candidate, book.params)
+    if fed.shortfall is not None or fed.candidate is None or fed.serving is None:
+        return Decision(None, None, False, str(fed.shortfall), "federated", fed.samples)
+    name = ctx.spec.task.metric
+    cand = Metrics(name, fed.candidate, float(fed.candidate_loss or 0.0), fed.samples)
+    serving = Metrics(name, fed.serving, float(fed.serving_loss or 0.0), fed.samples)
+    decision = gate(cand, serving, margin=ctx.margin)
+    reason = f"{decision.reason} (federated: {fed.edges} edges)"
+    return Decision(cand, serving, decision.release, reason, "federated", fed.samples)
+
+
+def record_metrics(d: Decision) -> dict[str, Any]:
+    """A round record's metric fields (``accuracy`` too when the metric is accuracy)."""
+    out: dict[str, Any] = {"evaluation": d.evaluation, "eval_samples": d.samples}
+    cand, serving = d.candidate, d.serving
+    if cand is None or serving is None:
+        return out
+    out.update(
+        metric=cand.metric,
+        higher_is_better=cand.spec.higher_is_better,
+        value=cand.value,
+        serving_value=serving.value,
+        loss=cand.loss,
+    )
+    if cand.metric == "accuracy":
+        out.update(accuracy=cand.value, serving_accuracy=serving.value)
+    return out
 
 
 def _write(
@@ -186,8 +242,11 @@ async def _release_or_hold(
     # leave its step behind, or every later round would carry the rejected direction
     before = {k: v.copy() for k, v in book.strategy.server_state().items()}
     candidate = await asyncio.to_thread(book.finalize)
-    cand, serving, release, reason = await asyncio.to_thread(_gate, ctx, book, candidate)
-    metrics = {"accuracy": cand.accuracy, "loss": cand.loss, "serving_accuracy": serving.accuracy}
+    if ctx.eval_y is None:
+        decision = await _federated_gate(ctx, book, candidate, round_id)
+    else:
+        decision = await asyncio.to_thread(_gate, ctx, book, candidate)
+    metrics = record_metrics(decision)
     metrics["step_scale"] = book.step_scale
 
     def hold(why: str) -> RoundRecord:
@@ -197,7 +256,8 @@ async def _release_or_hold(
         result: RoundRecord = record("held", why, **metrics)
         return result
 
-    if not release:
+    reason, cand = decision.reason, decision.candidate
+    if not decision.release or cand is None:
         return hold(reason)
     version = book.version + 1
     try:
@@ -220,7 +280,9 @@ async def _release_or_hold(
         strategy=book.strategy.name,
         contributors=contributors,
         samples=sum(c.samples for c in contributors),
-        accuracy=cand.accuracy,
+        metric=cand.metric,
+        value=cand.value,
+        accuracy=cand.value if cand.metric == "accuracy" else None,
         loss=cand.loss,
         epsilon=epsilon_spent(book),
         created_ts=time.time(),

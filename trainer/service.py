@@ -21,6 +21,7 @@ import nats
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry
 
 from fedcore import subjects
@@ -28,12 +29,14 @@ from fedcore.artifact_store import models_bucket, upload_version
 from fedcore.compression import sizes_from_layout
 from fedcore.envelope import RecipientPrivateKey
 from fedcore.errors import ConfigError
+from fedcore.fed_eval import FedEvalPolicy, FedEvalResult
 from fedcore.keys import load_ed25519, load_hpke_key
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.transport import INLINE_MAX_BYTES, StreamSpec
+from fedcore.weights import evaluation_data
 from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
@@ -45,12 +48,13 @@ from trainer.bounds import UpdateBounds
 from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
 from trainer.errors import PrivacyBudgetExceeded
+from trainer.fed_eval import federated_evaluate
 from trainer.fleet import Fleet
 from trainer.ingest import IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.registry import RegistryFile, keep_mirrored, mirror_registry
-from trainer.release import ReleaseContext, close_round, version_digest
+from trainer.release import FederatedEval, ReleaseContext, close_round, version_digest
 from trainer.retry import retry_transient
 from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
@@ -262,16 +266,17 @@ async def run_rounds(
     outcomes: RoundOutcomes | None = None,
     backlog: Callable[[], Awaitable[int]] | None = None,
 ) -> None:
-    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``);
-    each released version is handed to ``rollouts`` (the gateway rolls it out); secure
-    rounds run through ``secure``; ``outcomes`` counts how rounds ended; ``backlog``
-    (the ingestor's) holds a round past its deadline while updates wait in the stream."""
-    closed = 0
+    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds`` of
+    each model); each released version is handed to ``rollouts`` (the gateway rolls it
+    out); secure rounds run through ``secure``; ``outcomes`` counts how rounds ended;
+    ``backlog`` (the ingestor's) holds a round past its deadline while updates wait in the
+    stream."""
+    closed = dict.fromkeys(driver.books, 0)  # per model: one model's rounds are its own
     exhausted: set[str] = set()
     while not stop.is_set():
         for model, book in driver.books.items():
             if book.current is None:
-                if settings.max_rounds is not None and closed >= settings.max_rounds:
+                if settings.max_rounds is not None and closed[model] >= settings.max_rounds:
                     continue
                 if model in exhausted:
                     continue
@@ -299,7 +304,7 @@ async def run_rounds(
                 rollouts.request(model, record.released_version)
             driver.digests[model][book.version] = book.digest
             driver.save(model)
-            closed += 1
+            closed[model] += 1
             await asyncio.sleep(settings.round_interval_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)
@@ -358,7 +363,7 @@ async def _run(
     contexts: dict[str, ReleaseContext] = {}
     for m in settings.models:
         spec = get_spec(m)
-        _, _, x_test, y_test = spec.dataset()
+        x_test, y_test = evaluation_data(spec) or (None, None)  # None: the edges evaluate
         contexts[m] = ReleaseContext(
             spec,
             signing,
@@ -368,6 +373,7 @@ async def _run(
             x_test,
             y_test,
             replicas=settings.nats_replicas,
+            federated=federated_runner(settings, nc, signing, registry),
         )
         for v in released_versions(settings, m):
             driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))
@@ -434,6 +440,31 @@ async def recover(
     caught_up = await ingestor.catch_up()
     if caught_up:
         log.info("caught up with the updates stream", extra={"messages": caught_up})
+
+
+def federated_runner(
+    settings: TrainerSettings,
+    nc: NATS,
+    signing: ed25519.Ed25519PrivateKey,
+    registry: RegistryFile,
+) -> FederatedEval:
+    """Federated evaluation as the settings bound it, signed with the version-signing key
+    and counting reports from enrolled edges only."""
+    policy = FedEvalPolicy(
+        min_edges=settings.fed_eval_min_edges,
+        min_samples=settings.fed_eval_min_samples,
+        max_samples_per_edge=settings.fed_eval_max_samples_per_edge,
+        timeout_s=settings.fed_eval_timeout_s,
+    )
+
+    async def run(
+        model: str, round_id: int, candidate: NDArray[Any], serving: NDArray[Any]
+    ) -> FedEvalResult:
+        return await federated_evaluate(
+            nc, signing, registry.active_keys, model, round_id, candidate, serving, policy
+        )
+
+    return run
 
 
 async def start_secure(

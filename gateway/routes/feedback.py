@@ -1,12 +1,13 @@
 """``POST /v1/feedback``: a label for a request an edge served, joined on that edge.
 
-Body ``{"model": str, "id": str, "label": int, "weight": float = 1.0}``; ``id`` is the
+Body ``{"model": str, "id": str, "label": ..., "weight": float = 1.0}``; ``id`` is the
 OIP request ``id`` the client sent with its inference request. The gateway does not know
 which edge served (and captured) the request, so it sends the label to the fleet on
 ``fedgate.feedback.<model>`` and gathers replies for a short, bounded time: the edge
 holding the sample joins the label (200), an edge that evicted it says so (410); no
-answer at all is a 404. A malformed body is a 422 naming the field; the label must be a
-class index of the model. Needs a key of role ``infer``. The label goes to the edge
+answer at all is a 404. A malformed body is a 422 naming the field; the label must be
+what the model's task takes: a class index of the model (``digits``), a number, or a
+vector as long as the task's output. Needs a key of role ``infer``. The label goes to the edge
 only: the gateway stores nothing.
 """
 
@@ -20,11 +21,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from fedcore import subjects
 from fedcore.errors import ModelSpecError
 from fedcore.models import get_spec
+from fedcore.task import check_label
 from fedcore.wire import REQUEST_ID, FeedbackReply, FeedbackRequest, WireError
 from gateway.errors import GatewayError, NotFound, PayloadTooLarge, Unavailable
 from gateway.state import InferKey
@@ -47,7 +49,19 @@ class FeedbackBody(BaseModel):
     id: str = Field(
         pattern=REQUEST_ID.pattern, description="the OIP request id sent with the inference"
     )
-    label: StrictInt = Field(ge=0, description="class index, below the model's output size")
+    label: JsonValue = Field(
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "number"},
+                {"type": "array", "items": {"type": "number"}},
+            ]
+        },
+        description=(
+            "as the model's task says: a class index below the output's width, a number, "
+            "or a vector (multi-hot: 0/1) as long as the output"
+        ),
+    )
     weight: float = Field(
         default=1.0, gt=0.0, le=1000.0, allow_inf_nan=False, description="sample weight"
     )
@@ -128,17 +142,14 @@ def parse_feedback(body: bytes) -> FeedbackRequest:
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise GatewayError(f"{where}: {first['msg']}", 422) from None
     try:
-        classes = int(get_spec(parsed.model).outputs[0].shape[-1])
+        spec = get_spec(parsed.model)
     except ModelSpecError as exc:
         raise NotFound(str(exc)) from None
-    if parsed.label >= classes:
-        raise GatewayError(
-            f"label: {parsed.label} is not a class of model {parsed.model!r} (0..{classes - 1})",
-            422,
-        )
-    return FeedbackRequest(
-        model=parsed.model, id=parsed.id, label=parsed.label, weight=parsed.weight
-    )
+    try:
+        label = check_label(spec.task, spec.target.width, parsed.label)
+    except ValueError as exc:
+        raise GatewayError(f"label: {exc} (model {parsed.model!r})", 422) from None
+    return FeedbackRequest(model=parsed.model, id=parsed.id, label=label, weight=parsed.weight)
 
 
 _BODY_SCHEMA: dict[str, Any] = {
