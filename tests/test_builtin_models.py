@@ -11,13 +11,17 @@ import pytest
 from fedcore.artifact import verify_version_dir
 from fedcore.keys import generate_ed25519
 from fedcore.models import BUILTINS, get_spec
+from fedcore.models.wide import HIDDEN_VAR
 from fedcore.spec_check import check_spec
 from trainer.bootstrap import train_seed_model, write_version
 from trainer.evaluate import evaluate
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
-def test_builtin_bootstraps_and_exports(name: str, tmp_path: Path) -> None:
+def test_builtin_bootstraps_and_exports(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(HIDDEN_VAR, "32")  # wide at a test's size (25M parameters by default)
     spec = get_spec(name)
     check_spec(spec)
     params = train_seed_model(spec, fraction=0.1, epochs=2, seed=0)

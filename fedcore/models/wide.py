@@ -78,6 +78,7 @@ def wide_spec(hidden: int | None = None, name: str = "wide") -> ModelSpec:
         input_convention=(
             "pixels: FP32 [batch, 64], the 8x8 image row-major, intensities 0..16 divided by 16"
         ),
+        builtin=True,  # version 1 is bootstrapped from the digits data, like digits'
     )
 
 
