@@ -33,6 +33,7 @@ from fedcore.fed_eval import FedEvalPolicy, FedEvalResult
 from fedcore.keys import load_ed25519, load_hpke_key
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
+from fedcore.nats_client import close_service, connect_service
 from fedcore.params import layout, load_weights_file
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.transport import INLINE_MAX_BYTES, StreamSpec
@@ -322,27 +323,14 @@ async def serve(settings: TrainerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    nc = await nats.connect(
-        servers=settings.nats_url.split(","),
-        user=settings.nats_user,
-        password=settings.nats_password(),
-        name="trainer",
-        max_reconnect_attempts=-1,
-        inbox_prefix=settings.nats_inbox_prefix(),
-        tls=settings.nats_tls_context(),
-    )
+    nc = await connect_service(settings, "trainer")
     try:
         await prepare_transport(nc, settings, registry)
         await _run(settings, nc, recipient, signing, registry, stop)
     finally:
-        # Close, not drain: every update the trainer acknowledged is folded and
-        # checkpointed, and the unacknowledged ones are redelivered. A drain waited for the
-        # pending queues of the pull and watch subscriptions, which nothing reads once the
-        # loops stopped, and ran into its timeout on every stop.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.flush(), 2)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), 5)
+        # every update the trainer acknowledged is folded and checkpointed, and the
+        # unacknowledged ones are redelivered (fedcore.nats_client: close, not drain)
+        await close_service(nc)
 
 
 async def _run(
