@@ -179,15 +179,18 @@ async def _trainer_side(
     return nc, ingestor, folded, rounds
 
 
-async def _gateway(server: NatsServer) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+async def _gateway(
+    server: NatsServer, **overrides: Any
+) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
     port = free_port()
     settings = GatewaySettings(
         port=port,
-        dev_mode=True,
+        dev_mode=not overrides.get("api_keys"),
         nats_url=server.url,
         nats_user="gateway",
         nats_password_file=server.password_files["gateway"],
         log_json=False,
+        **overrides,
     )
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
@@ -212,9 +215,17 @@ async def wait_until_routed(stack: Stack, timeout_s: float = 15.0) -> None:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    root: Path, server: NatsServer, signed: SignedArtifacts, **overrides: Any
+    root: Path,
+    server: NatsServer,
+    signed: SignedArtifacts,
+    gateway: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Stack]:
-    """Edge (Triton + runtime), gateway and a trainer-side ingestor; all stopped after."""
+    """Edge (Triton + runtime), gateway and a trainer-side ingestor; all stopped after.
+
+    ``gateway``: settings of the gateway (dev mode without ``api_keys``); ``headers``: sent
+    with every request of ``Stack.http`` (e.g. an admin key's authorization)."""
     settings = edge_settings(root, server, signed, **overrides)
     keys = init_keys(root / "keys", ["edge-1"])
     sniffer = Sniffer()
@@ -222,9 +233,9 @@ async def running_stack(
     sniff_sub = await trainer_nc.subscribe(">", cb=sniffer.on_msg)
     runtime = EdgeRuntime(settings)
     runtime.start_triton()  # main thread: the death signal follows the forking thread
-    gateway, gateway_task, url = await _gateway(server)
+    gateway_server, gateway_task, url = await _gateway(server, **(gateway or {}))
     edge_task = asyncio.create_task(runtime.run())
-    http = httpx.AsyncClient(timeout=30)
+    http = httpx.AsyncClient(timeout=30, headers=headers)
     stack = Stack(
         runtime, trainer_nc, ingestor, folded, rounds, sniffer, url, http, v1_digest(signed)
     )
@@ -237,7 +248,7 @@ async def running_stack(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(edge_task, 15)
         await runtime.shutdown()
-        gateway.should_exit = True
+        gateway_server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(gateway_task, 10)
         await sniff_sub.unsubscribe()
