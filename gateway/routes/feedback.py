@@ -196,10 +196,20 @@ def _token_edge(request: Request, feedback: FeedbackRequest) -> tuple[str | None
 
 
 _BODY_SCHEMA: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": TOKEN_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "the feedback token of the inference response: the label goes to "
+            "the edge that served it alone (the fleet without it)",
+        }
+    ],
     "requestBody": {
         "required": True,
         "content": {"application/json": {"schema": FeedbackBody.model_json_schema()}},
-    }
+    },
 }
 
 
