@@ -50,6 +50,9 @@ class LearnEvent:
     loss: float | None = None
     accuracy: float | None = None
     device: str | None = None
+    metric: str | None = None
+    """the model's own metric (accuracy, mae, ...) and its ``value``"""
+    value: float | None = None
 
 
 class EventLog:
@@ -75,6 +78,8 @@ class EventLog:
         loss: float | None = None,
         accuracy: float | None = None,
         device: str | None = None,
+        metric: str | None = None,
+        value: float | None = None,
     ) -> LearnEvent:
         """Record and log one event."""
         if kind not in KINDS:
@@ -94,6 +99,8 @@ class EventLog:
             loss,
             accuracy,
             device,
+            metric,
+            value,
         )
         self._events.append(event)
         log.info(kind, extra={k: v for k, v in asdict(event).items() if v is not None})

@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription
 from edge_runtime.spool import JoinResult, Spool
 from fedcore import subjects
 from fedcore.models import get_spec
+from fedcore.task import Label, check_label
 from fedcore.wire import FeedbackReply, FeedbackRequest, WireError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ class FeedbackResponder:
         self.spools = dict(spools)
         self.retry_after_s = retry_after_s
         self.on_joined = on_joined
-        self._classes = {m: _classes(m) for m in self.spools}
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -80,21 +80,21 @@ class FeedbackResponder:
         spool = self.spools.get(request.model)
         if spool is None:
             return None
-        if request.label >= self._classes[request.model]:
-            log.warning(
-                "dropped feedback: label out of range",
-                extra={"model": request.model, "label": request.label},
-            )
+        spec = get_spec(request.model)
+        try:
+            label = check_label(spec.task, spec.target.width, request.label)
+        except ValueError as exc:
+            log.warning("dropped feedback: label %s", exc, extra={"model": request.model})
             return None
-        result = await self._join(spool, request)
+        result = await self._join(spool, request.spool_id, label, request.weight)
         if result is JoinResult.UNKNOWN:
             return FeedbackReply(edge_id=self.edge_id, status="unknown") if directed else None
         if result is JoinResult.JOINED and self.on_joined is not None:
             self.on_joined(request.model, request.id)
         return FeedbackReply(edge_id=self.edge_id, status=result.value)
 
-    async def _join(self, spool: Spool, request: FeedbackRequest) -> JoinResult:
-        args = (request.spool_id, request.label, request.weight)
+    async def _join(self, spool: Spool, request_id: str, label: Label, weight: float) -> JoinResult:
+        args = (request_id, label, weight)
         result = await asyncio.to_thread(spool.join_label, *args)
         if result is JoinResult.UNKNOWN and self.retry_after_s > 0:
             await asyncio.sleep(self.retry_after_s)
@@ -124,9 +124,3 @@ class FeedbackResponder:
             log.exception("feedback handling failed", extra={"subject": msg.subject})
         finally:
             self._slots.release()
-
-
-def _classes(model: str) -> int:
-    """Labels are class indices below the size of the model's (first) output."""
-    shape = get_spec(model).outputs[0].shape
-    return int(shape[-1])

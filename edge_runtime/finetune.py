@@ -3,14 +3,15 @@
 The learner runs ``python -m edge_runtime.finetune <job.json>`` as a child process at low
 CPU priority (``os.nice``) with one torch thread, so serving keeps the CPU whenever it
 wants it. The worker reads the labelled samples from the spool itself (they never cross
-a pipe), starts from the served version's flat weights, and trains with SGD (the
-default recipe of the trainer, copied here: services do not import each other),
+a pipe), starts from the served version's flat weights, and trains with the optimiser (the
+recipe of the model's spec unless the edge's settings override it) and the task's loss,
 optionally with FedProx's proximal term. Before every mini-batch it reads a 16-byte
 control file mapped in both processes: ``run``, ``pause`` (it waits there, holding no
 lock, until ``run`` again) or ``stop``; after each mini-batch it writes how many it has
 done. So traffic returning pauses training within one mini-batch. It reports on stdout,
 one JSON object a line: ``started``, ``paused``, ``resumed``, ``finished`` (with loss
-and accuracy on the local held-out split, before and after) or ``stopped``; the new
+and the model's metric on the local held-out split, before and after, under the metric's
+name: ``accuracy``/``base_accuracy``, ``mae``/``base_mae``, ...) or ``stopped``; the new
 flat weights go to ``output`` (``np.save``, no pickle).
 """
 
@@ -36,8 +37,11 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.spool import LabelledSet, Spool
-from fedcore.models import get_spec
+from fedcore.modelrun import make_optimizer, target_output, to_tensors
+from fedcore.models import get_spec, use_models
 from fedcore.params import flatten, load_flat, load_weights_file
+from fedcore.spec import Feeds, ModelSpec, TrainingRecipe
+from fedcore.task import metric_value, torch_loss
 
 if TYPE_CHECKING:
     import torch
@@ -52,10 +56,12 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class Recipe(BaseModel):
-    """How the edge fine-tunes (the trainer's ``LocalRecipe`` numbers by default)."""
+    """How the edge fine-tunes: the model spec's recipe, as the edge's settings override it
+    (``edge_runtime.learning.learner_config``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    optimizer: Literal["sgd", "adam"] = "sgd"
     epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=0.05, gt=0)
@@ -70,6 +76,8 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
+    model_ref: str | None = None
+    """the reference the edge resolved ``model`` from (a user's spec), resolved here too"""
     spool: Path
     base_weights: Path
     output: Path
@@ -151,26 +159,28 @@ def proximal_term(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Loss and accuracy on the held-out split (None without held-out samples)."""
+    """Loss and the model's metric on the held-out split (None without held-out samples)."""
 
     loss: float | None
-    accuracy: float | None
+    value: float | None
     count: int
 
 
-def evaluate(module: torch.nn.Module, x: NDArray[Any], y: NDArray[Any], device: Any) -> Evaluation:
+def evaluate(
+    spec: ModelSpec, module: torch.nn.Module, x: Feeds, y: NDArray[Any], device: Any
+) -> Evaluation:
     import torch
 
     if len(y) == 0:
         return Evaluation(None, None, 0)
     module.eval()
     with torch.no_grad():
-        logits = module(torch.from_numpy(x).to(device))
+        out = target_output(spec, module, to_tensors(spec, x, device))
         target = torch.from_numpy(y).to(device)
-        loss = float(torch.nn.functional.cross_entropy(logits, target))
-        accuracy = float((logits.argmax(1) == target).float().mean())
+        loss = float(torch_loss(spec.task, out, target).mean())
+        value = metric_value(spec.task, out.cpu().numpy(), y)
     module.train()
-    return Evaluation(loss, accuracy, len(y))
+    return Evaluation(loss, value, len(y))
 
 
 Emit = Callable[[dict[str, Any]], None]
@@ -183,6 +193,7 @@ class Trainer:
     job: JobSpec
     control: Control
     emit: Emit
+    spec: ModelSpec
 
     def wait_if_paused(self, done: int) -> bool:
         """Between mini-batches: pause while told to; False when told to stop."""
@@ -210,12 +221,15 @@ class Trainer:
         import torch
 
         r = self.job.recipe
-        x = torch.from_numpy(data.x_train).to(device)
+        x = to_tensors(self.spec, data.x_train, device)
         y = torch.from_numpy(data.y_train).to(device)
         w = torch.from_numpy(data.w_train).to(device)
         anchor = [p.detach().clone() for p in module.parameters()]
-        opt = torch.optim.SGD(
-            module.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
+        opt = make_optimizer(
+            TrainingRecipe(
+                optimizer=r.optimizer, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
+            ),
+            module,
         )
         opt.zero_grad()
         generator = torch.Generator().manual_seed(self.job.seed)
@@ -227,9 +241,8 @@ class Trainer:
                 if not self.wait_if_paused(done):
                     return None
                 idx = order[start : start + r.batch_size]
-                per_sample = torch.nn.functional.cross_entropy(
-                    module(x[idx]), y[idx], reduction="none"
-                )
+                out = target_output(self.spec, module, [t[idx] for t in x])
+                per_sample = torch_loss(self.spec.task, out, y[idx])
                 loss = (per_sample * w[idx]).sum() / w[idx].sum()
                 if r.proximal_mu > 0:
                     loss = loss + proximal_term(module.parameters(), anchor, r.proximal_mu)
@@ -248,6 +261,8 @@ def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
     torch.manual_seed(job.seed)
     torch.set_num_threads(job.threads)
     device = select_device(job.device)
+    if job.model_ref is not None and job.model_ref != job.model:
+        use_models([job.model_ref], deep=False)
     spec = get_spec(job.model)
     spool = Spool(job.spool)
     try:
@@ -258,7 +273,7 @@ def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
     base = load_weights_file(job.base_weights, expected=flatten(module).size)
     load_flat(module, base)
     module.to(device).train()
-    before = evaluate(module, data.x_holdout, data.y_holdout, device)
+    before = evaluate(spec, module, data.x_holdout, data.y_holdout, device)
     started = {
         "event": "started",
         "batch": 0,
@@ -271,11 +286,12 @@ def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
         emit(started)
         emit({"event": "stopped", "batch": 0, "reason": "no training samples"})
         return
-    batches = Trainer(job, control, emit).fit(module, data, device, started)
+    batches = Trainer(job, control, emit, spec).fit(module, data, device, started)
     if batches is None:
         return
-    after = evaluate(module, data.x_holdout, data.y_holdout, device)
+    after = evaluate(spec, module, data.x_holdout, data.y_holdout, device)
     np.save(job.output, flatten(module).astype("<f4"), allow_pickle=False)
+    metric = spec.task.metric
     emit(
         {
             "event": "finished",
@@ -284,9 +300,10 @@ def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
             "holdout": after.count,
             "upto": data.upto,
             "loss": after.loss,
-            "accuracy": after.accuracy,
             "base_loss": before.loss,
-            "base_accuracy": before.accuracy,
+            "metric": metric,
+            metric: after.value,
+            f"base_{metric}": before.value,
         }
     )
 

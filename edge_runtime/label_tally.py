@@ -1,9 +1,10 @@
-"""Per-version label accuracy from the edge's spool, for the rollout accuracy gate.
+"""Per-version label tallies from the edge's spool, for the rollout label gate.
 
 Feedback labels are joined to captured samples, each stamped with the version that
 served it (:data:`fedcore.triton_model.SPOOL_SCHEMA`). While a rollout has a candidate
-the edge counts, per version, the labelled samples and those whose served answer (the
-argmax of the first output) matched the label; only these two numbers leave the edge.
+the edge counts, per version, the labelled samples, those whose served answer matched the
+label (models whose metric is accuracy: the argmax of the task's output) and the sum of
+the model's per-sample metric; only these numbers leave the edge.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from fedcore.models import get_spec
+from fedcore.spec import ModelSpec, TensorSpec
+from fedcore.task import decode_labels, sample_scores
 from fedcore.wire import LabelTally
 
 log = logging.getLogger(__name__)
@@ -25,10 +28,13 @@ def tally_labels(spool: Path, model: str, versions: Collection[int]) -> dict[int
     """``{version: LabelTally}`` for ``versions`` with labels in ``spool`` (read-only)."""
     if not versions or not spool.exists():
         return {}
-    out = get_spec(model).outputs[0]
+    spec = get_spec(model)
+    where = _target_offset(spec)
+    if where is None:
+        return {}
+    offset, out = where
     dtype = np.dtype(out.numpy_dtype).newbyteorder("<")
-    width = int(np.prod(out.shape))
-    size = width * dtype.itemsize
+    size = out.width * dtype.itemsize
     marks = ",".join("?" for _ in versions)
     query = (
         "SELECT version, label, outputs FROM samples "  # noqa: S608 - only '?' marks are interpolated
@@ -43,12 +49,28 @@ def tally_labels(spool: Path, model: str, versions: Collection[int]) -> dict[int
     except sqlite3.Error as exc:
         log.warning("label tally of %s unavailable: %s", model, exc)
         return {}
-    totals: dict[int, list[int]] = {}
+    totals: dict[int, list[float]] = {}
     for version, label, blob in rows:
-        if blob is None or len(blob) < size:
+        if blob is None or len(blob) < offset + size:
             continue
-        answer = int(np.frombuffer(blob[:size], dtype=dtype).argmax())
-        counts = totals.setdefault(int(version), [0, 0])
+        answer = np.frombuffer(blob[offset : offset + size], dtype=dtype).reshape(1, -1)
+        try:
+            target = decode_labels(spec.task, [label], out.width)
+        except (ValueError, TypeError):
+            continue
+        score = float(sample_scores(spec.task, answer, target)[0])
+        counts = totals.setdefault(int(version), [0, 0, 0.0])
         counts[0] += 1
-        counts[1] += int(answer == int(label))
-    return {v: LabelTally(total=t, correct=c) for v, (t, c) in totals.items()}
+        counts[1] += int(spec.task.metric == "accuracy" and score == 1.0)
+        counts[2] += score
+    return {v: LabelTally(total=int(t), correct=int(c), score=s) for v, (t, c, s) in totals.items()}
+
+
+def _target_offset(spec: ModelSpec) -> tuple[int, TensorSpec] | None:
+    """Where the task's output starts in a captured output row, and the output."""
+    offset = 0
+    for t in spec.captured_outputs:
+        if t.name == spec.target.name:
+            return offset, t
+        offset += t.width * t.numpy_dtype.itemsize
+    return None  # the task's output is not captured: nothing to tally

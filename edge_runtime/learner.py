@@ -43,13 +43,14 @@ from edge_runtime.spool import Spool
 from edge_runtime.worker import FinetuneWorker
 from fedcore.compression import CompressionSettings
 from fedcore.errors import FedgateError
+from fedcore.models import ref_of
 from fedcore.params import load_weights_file
 
 log = logging.getLogger(__name__)
 
 ReadLoad = Callable[[], Awaitable[TritonLoad]]
 ReadServed = Callable[[], Awaitable[Mapping[int, ServedVersion]]]
-Publish = Callable[[bytes], Awaitable[Any]]
+Publish = Callable[[bytes | bytearray], Awaitable[Any]]
 
 
 class SecureSink(Protocol):
@@ -238,6 +239,7 @@ class Learner:
         base = load_weights_file(base_file, expected=sum(c.sizes))
         spec = JobSpec(
             model=c.model,
+            model_ref=ref_of(c.model),
             spool=self.spool.path,
             base_weights=base_file,
             output=job_dir / "local.npy",
@@ -304,6 +306,7 @@ class Learner:
                 round=job.plan.round,
                 loss=_opt_float(report.get("loss")),
                 accuracy=_opt_float(report.get("accuracy")),
+                **_metric(report, report),
             )
         elif kind in ("stopped", "failed") or (kind == "exited" and job.result is None):
             return str(report.get("reason") or f"worker {kind}")
@@ -400,6 +403,7 @@ class Learner:
             num_samples=int(result.get("samples", 0)),
             loss=metrics.get("loss"),
             accuracy=metrics.get("accuracy"),
+            **_metric(result, metrics),
         )
 
     def sent_rounds(self) -> set[int]:
@@ -427,11 +431,23 @@ def clip_delta(delta: NDArray[Any], clip_norm: float | None) -> tuple[NDArray[An
 def local_metrics(result: Mapping[str, Any], delta_norm: float) -> dict[str, float]:
     """The aggregate figures that travel (signed) with an update: no sample leaves."""
     metrics = {"delta_norm": delta_norm, "holdout": float(result.get("holdout", 0))}
-    for name in ("loss", "accuracy", "base_loss", "base_accuracy"):
+    metric = result.get("metric")
+    names = ["loss", "base_loss"]
+    if isinstance(metric, str) and metric.isidentifier():
+        names += [metric, f"base_{metric}"]  # the model's own metric, by its name
+    for name in names:
         value = _opt_float(result.get(name))
         if value is not None:
             metrics[name] = value
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _metric(result: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The event fields of the model's own metric: its name (from the worker) and value."""
+    name = result.get("metric")
+    if not isinstance(name, str):
+        return {}
+    return {"metric": name, "value": _opt_float(values.get(name))}
 
 
 def _opt_float(value: object) -> float | None:

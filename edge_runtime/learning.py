@@ -14,11 +14,13 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
 
 from edge_runtime.events import EventLog
+from edge_runtime.fed_eval import EvalResponder
 from edge_runtime.feedback import FeedbackResponder
 from edge_runtime.finetune import Recipe
 from edge_runtime.idle import IdleThresholds
@@ -40,6 +42,7 @@ from fedcore.compression import CompressionSettings, sizes_from_layout
 from fedcore.enrollment import load_registry
 from fedcore.models import get_spec
 from fedcore.params import layout
+from fedcore.spec import ModelSpec
 from fedcore.triton_config import CaptureParams
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,24 @@ def capture_params(settings: EdgeSettings, model: str) -> CaptureParams:
         rate=settings.capture_rate,
         capacity=settings.spool_capacity,
         tombstones=settings.spool_tombstones,
+    )
+
+
+def recipe_for(s: EdgeSettings, spec: ModelSpec) -> Recipe:
+    """The spec's training recipe with every ``TRAIN_*`` setting the deployment set."""
+    r = spec.recipe
+
+    def pick(mine: Any, default: Any) -> Any:
+        return default if mine is None else mine
+
+    return Recipe(
+        optimizer=pick(s.train_optimizer, r.optimizer),
+        epochs=pick(s.train_epochs, r.epochs),
+        batch_size=pick(s.train_batch_size, r.batch_size),
+        lr=pick(s.train_lr, r.lr),
+        momentum=pick(s.train_momentum, r.momentum),
+        weight_decay=pick(s.train_weight_decay, r.weight_decay),
+        proximal_mu=s.proximal_mu,
     )
 
 
@@ -75,14 +96,7 @@ def learner_config(settings: EdgeSettings, model: str) -> LearnerConfig:
             window_s=s.idle_window_s,
         ),
         min_new_labels=s.min_new_labels,
-        recipe=Recipe(
-            epochs=s.train_epochs,
-            batch_size=s.train_batch_size,
-            lr=s.train_lr,
-            momentum=s.train_momentum,
-            weight_decay=s.train_weight_decay,
-            proximal_mu=s.proximal_mu,
-        ),
+        recipe=recipe_for(s, spec),
         holdout_fraction=s.holdout_fraction,
         device=s.train_device,
         threads=s.train_threads,
@@ -122,6 +136,9 @@ class EdgeLearning:
         self.poller = MetricsPoller(metrics_url)
         self.spools = {m: Spool(spool_path(settings.data_dir, m)) for m in settings.models}
         self.feedback = FeedbackResponder(settings.edge_id, self.spools)
+        self.evaluation = EvalResponder(
+            settings.edge_id, self.spools, keys.signer, trusted, settings.holdout_fraction
+        )
         self.learners: dict[str, Learner] = {}
         self.secure: SecureParticipant | None = None
         self._stop = asyncio.Event()
@@ -130,8 +147,10 @@ class EdgeLearning:
 
     async def start(self, nc: NATS, publish: Publish) -> None:
         """Answer feedback, follow rounds and (if enabled) run the learners, taking part
-        in secure rounds of the models that have secure aggregation on."""
+        in secure rounds of the models that have secure aggregation on; score the trainer's
+        candidates on the local held-out split (federated evaluation)."""
         await self.feedback.start(nc)
+        await self.evaluation.start(nc)
         if not self.settings.learning_enabled:
             return
         self.secure = await self._start_secure(nc)
@@ -174,8 +193,7 @@ class EdgeLearning:
             send,
             events=self.events,
         )
-        dims = {m: sum(learner_config(s, m).sizes) for m in s.secagg}
-        await participant.start(nc, dims)
+        await participant.start(nc)
         return participant
 
     async def stop(self, timeout_s: float = 10.0) -> None:
@@ -191,6 +209,8 @@ class EdgeLearning:
                 await learner.close()
         with contextlib.suppress(Exception):
             await self.feedback.stop()
+        with contextlib.suppress(Exception):
+            await self.evaluation.stop()
 
     def close(self) -> None:
         for spool in self.spools.values():

@@ -127,11 +127,11 @@ class UpdatePublisher:
         that it matches the signed one.
         """
         header = read_header_unverified(envelope)
-        data = bytes(envelope)
+        data = memoryview(envelope).cast("B")  # no copy of a large envelope
         subject = update_subject(header.model, header.edge_id)
         msg_id = msg_id or header.update_id
         via_object = not fits_inline(len(data), self.max_payload)
-        body = data
+        body = bytes(data) if not via_object else b""
         if via_object:
             name = object_name(header.model, header.edge_id, header.update_id)
             pointer = await self._retry(
@@ -163,7 +163,7 @@ class UpdatePublisher:
         )
         return Published(ack.seq, bool(ack.duplicate), via_object, len(data))
 
-    async def _put_object(self, name: str, data: bytes) -> UpdatePointer:
+    async def _put_object(self, name: str, data: memoryview) -> UpdatePointer:
         store = await self._js.object_store(self.object_bucket)
         pointer = UpdatePointer.for_envelope(data, self.object_bucket, name)
         digest = "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(pointer.sha256)).decode()
@@ -175,7 +175,11 @@ class UpdatePublisher:
             pass
         chunk = max(4096, min(_MAX_CHUNK, self.max_payload // 2))
         meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk))
-        await asyncio.wait_for(store.put(name, data, meta=meta), self._object_timeout(len(data)))
+        reader = _ViewReader(data)  # the client reads chunks from it: no copy of the whole
+        await asyncio.wait_for(
+            store.put(name, reader, meta=meta),  # type: ignore[arg-type]
+            self._object_timeout(len(data)),
+        )
         return pointer
 
     def _object_timeout(self, size: int) -> float:
@@ -203,3 +207,17 @@ class UpdatePublisher:
             "publish-failed",
             f"{what} of update {update_id} failed {self.attempts} times: {failure!r}",
         )
+
+
+class _ViewReader:
+    """A ``readinto`` source over a memoryview for the object store client."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._at = 0
+
+    def readinto(self, buffer: bytearray) -> int:
+        n = min(len(buffer), len(self._data) - self._at)
+        buffer[:n] = self._data[self._at : self._at + n]
+        self._at += n
+        return n

@@ -88,8 +88,10 @@ class RolloutApplier:
         tally: Tally | None = None,
         warm: Warm | None = None,
         retry_s: float = 2.0,
+        max_artifact_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.models = list(models)
+        self.max_artifact_bytes = max_artifact_bytes
         self.repository = repository
         self.work_dir = work_dir
         self.trusted = trusted
@@ -291,7 +293,9 @@ class RolloutApplier:
         await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
         try:
             try:
-                await download_version(self._js, model, version, scratch)
+                await download_version(
+                    self._js, model, version, scratch, max_bytes=self.max_artifact_bytes
+                )
             except nats.js.errors.BucketNotFoundError:
                 raise ArtifactError(
                     "missing-file", "the model store has no models bucket"
@@ -366,4 +370,5 @@ def build_applier(
         load=triton.load,
         tally=tally,
         warm=functools.partial(warm_up, triton.url),
+        max_artifact_bytes=settings.max_artifact_bytes,
     )

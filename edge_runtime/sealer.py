@@ -51,7 +51,7 @@ class Sealed:
     """A sealed update, its encoding, and the residual to keep once it is published."""
 
     header: UpdateHeader
-    envelope: bytes
+    envelope: bytes | bytearray  # as sealed: not copied (a large model's is its size again)
     encoded: EncodedUpdate
     feedback: ErrorFeedback
 
@@ -109,7 +109,7 @@ class UpdateSealer:
             num_samples=num_samples,
             metrics=dict(metrics) if metrics is not None else None,
         )
-        return Sealed(header, bytes(envelope), encoded, pending)
+        return Sealed(header, envelope, encoded, pending)
 
     def commit(self, sealed: Sealed) -> None:
         """``sealed`` was published: its residual is the one to carry (kept on disk)."""

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
@@ -37,7 +38,7 @@ from edge_runtime.errors import EdgeError
 from edge_runtime.events import EventLog
 from edge_runtime.rounds_watch import RoundsView
 from fedcore import subjects
-from fedcore.errors import ConfigError, SecAggError
+from fedcore.errors import SecAggError
 from fedcore.secagg import (
     AdvertBundle,
     RoundSetup,
@@ -47,7 +48,8 @@ from fedcore.secagg import (
     SurvivorList,
     UnmaskRequest,
 )
-from fedcore.secagg.frame import ANSWERS, Frame, Phase, masked_frame_bytes, secure_round_id
+from fedcore.secagg.frame import ANSWERS, Frame, Phase, secure_round_id
+from fedcore.secagg.parts import PartSender, Request
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +91,15 @@ class SecureParticipant:
         *,
         events: EventLog | None = None,
         on_answer: OnAnswer | None = None,
+        max_message: int = 1 << 62,
+        request: Request | None = None,
     ) -> None:
         self.edge_id = edge_id
         self._identity = identity
         self._enrolled = enrolled
         self.configs = dict(configs)
         self.rounds = rounds
-        self._send = send
+        self._out = PartSender(send, max_message, request=request)
         self.events = events or EventLog()
         self._on_answer = on_answer
         self._state: dict[str, _EdgeRound] = {}
@@ -103,15 +107,13 @@ class SecureParticipant:
     def handles(self, model: str) -> bool:
         return model in self.configs
 
-    async def start(self, nc: NATS, dims: Mapping[str, int]) -> None:
-        """Check each model fits one NATS message and listen to the trainer."""
+    async def start(self, nc: NATS) -> None:
+        """Listen to the trainer; answers larger than the server's ``max_payload`` (a
+        masked input of a large model) go out in parts (:mod:`fedcore.secagg.parts`)."""
+        self._out.max_message = nc.max_payload
+        if self._out.request is None:
+            self._out.request = nats_request(nc)
         for model in self.configs:
-            need = masked_frame_bytes(dims[model])
-            if need > nc.max_payload:
-                raise ConfigError(
-                    f"secure aggregation of {model!r}: a masked update of about {need} bytes "
-                    f"does not fit the NATS max_payload of {nc.max_payload} bytes"
-                )
             await nc.subscribe(subjects.secagg_to_edge(model, self.edge_id), cb=self.on_message)
 
     async def on_message(self, msg: Msg) -> None:
@@ -208,7 +210,7 @@ class SecureParticipant:
 
     async def _reply(self, model: str, state: _EdgeRound, asked: Phase, body: bytes) -> None:
         frame = Frame(ANSWERS[asked], state.round_no, body).encode()
-        await self._send(subjects.secagg_from_edge(model, self.edge_id), frame)
+        await self._out.send(subjects.secagg_from_edge(model, self.edge_id), frame)
         if self._on_answer is not None:
             self._on_answer(model, state.round_no, asked)
 
@@ -247,3 +249,17 @@ class SecureParticipant:
             if body is not None:
                 state.answers[Phase.DELIVERY] = body
                 await self._reply(model, state, Phase.DELIVERY, body)
+
+
+def nats_request(nc: NATS) -> Request:
+    """``nc.request`` as :class:`fedcore.secagg.parts.PartSender` wants it: the answer's
+    body, NATS failures as ``TimeoutError``."""
+
+    async def request(subject: str, data: bytes, timeout_s: float) -> bytes:
+        try:
+            msg = await nc.request(subject, data, timeout=timeout_s)
+        except nats.errors.Error as exc:
+            raise TimeoutError(f"no answer on {subject}: {exc!r}") from None
+        return bytes(msg.data)
+
+    return request

@@ -20,6 +20,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from edge_runtime.errors import ModelLoadError
 from edge_runtime.learning import EdgeLearning, capture_params
 from edge_runtime.publisher import UpdatePublisher, load_edge_keys
 from edge_runtime.repository import detect_kind, prepare_model
@@ -35,6 +36,7 @@ from edge_runtime.supervisor import (
 from edge_runtime.telemetry import start_metrics
 from edge_runtime.triton import TritonFailure, TritonServer
 from fedcore import subjects
+from fedcore.errors import FedgateError
 from fedcore.keys import ed25519_public_from_hex, read_secret
 from fedcore.loops import Backoff, loop_failed
 from fedcore.wire import Heartbeat, ModelState
@@ -103,14 +105,32 @@ class EdgeRuntime:
         self._stopped = False
 
     def start_triton(self) -> None:
-        """Install verified versions, start Triton and load every model (main thread)."""
+        """Install verified versions, start Triton and load every model (main thread).
+
+        A model whose version cannot be installed or loaded is logged and left out; the
+        others serve (its heartbeat shows no ready version, with Triton's reason when
+        Triton gave one). Only when no model at all is served does the edge stop.
+        """
         s = self.settings
+        installed = []
         for model in s.models:
-            self._prepare(model)
+            try:
+                self._prepare(model)
+                installed.append(model)
+            except (FedgateError, OSError) as exc:
+                log.error("model %s not installed: %s", model, exc, extra={"model": model})
         self.triton.start(self.settings.ready_timeout_s)
-        for model in self.settings.models:
-            self.triton.load(model)
+        loaded = []
+        for model in installed:
+            try:
+                self.triton.load(model)
+            except ModelLoadError as exc:
+                log.error("model %s not loaded: %s", model, exc.reason, extra={"model": model})
+                continue
+            loaded.append(model)
             log.info("model %s loaded", model, extra={"model": model})
+        if not loaded:
+            raise ModelLoadError(",".join(s.models), None, "no model could be loaded")
 
     def _prepare(self, model: str) -> None:
         s = self.settings

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from fedcore.compression import Mode
+from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
 from fedcore.settings import ServiceSettings
 from fedcore.wire import check_edge_id, edge_id_from_node_name
@@ -36,7 +37,11 @@ class EdgeSettings(ServiceSettings):
     )
     nats_user: str = Field(default="", description="NATS user name of this edge; unset: edge_id")
     data_dir: Path = Field(description="working directory: model repository, logs, spool")
-    models: list[str] = Field(default=["digits"], description="models this edge serves")
+    models: list[str] = Field(
+        default=["digits"],
+        description="models to serve: built-in names, entry points of group fedgate.models, "
+        "or package.module:SPEC",
+    )
     seed_artifacts_dir: Path = Field(
         description="signed version directories to install at start (<dir>/<model>/<version>/)"
     )
@@ -75,6 +80,12 @@ class EdgeSettings(ServiceSettings):
     exit_timeout_s: int = Field(default=10, ge=1, description="Triton's own drain deadline")
     heartbeat_interval_s: float = Field(
         default=1.0, gt=0, description="how often the edge tells the fleet it is alive"
+    )
+    max_artifact_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        gt=0,
+        description="largest model version (all its files) the edge downloads; a version "
+        "of a model of N parameters takes about 8 * N bytes (ONNX and weights.npy)",
     )
     # -- supervision of tritonserver (README "Operations")
     triton_probe_interval_s: float = Field(
@@ -118,11 +129,25 @@ class EdgeSettings(ServiceSettings):
     # -- local fine-tuning
     learning_enabled: bool = Field(default=True, description="fine-tune in idle windows")
     min_new_labels: int = Field(default=32, ge=1, description="new labels before training")
-    train_epochs: int = Field(default=1, ge=1, description="local epochs per training window")
-    train_batch_size: int = Field(default=32, ge=1, description="local mini-batch size")
-    train_lr: float = Field(default=0.05, gt=0, description="local SGD learning rate")
-    train_momentum: float = Field(default=0.9, ge=0, lt=1, description="local SGD momentum")
-    train_weight_decay: float = Field(default=0.0, ge=0, description="local L2 weight decay")
+    # the local training recipe: each unset (None) field is the model spec's own
+    train_optimizer: Literal["sgd", "adam"] | None = Field(
+        default=None, description="local optimiser, sgd or adam (unset: the model spec's)"
+    )
+    train_epochs: int | None = Field(
+        default=None, ge=1, description="local epochs per training window (unset: the spec's)"
+    )
+    train_batch_size: int | None = Field(
+        default=None, ge=1, description="local mini-batch size (unset: the spec's)"
+    )
+    train_lr: float | None = Field(
+        default=None, gt=0, description="local learning rate (unset: the spec's)"
+    )
+    train_momentum: float | None = Field(
+        default=None, ge=0, lt=1, description="local SGD momentum (unset: the spec's)"
+    )
+    train_weight_decay: float | None = Field(
+        default=None, ge=0, description="local L2 weight decay (unset: the spec's)"
+    )
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx term; 0 turns it off")
     clip_norm: float | None = Field(
         default=None, gt=0, description="clip the update's L2 norm to this (None: no clipping)"
@@ -159,6 +184,12 @@ class EdgeSettings(ServiceSettings):
     update_topk_fraction: float = Field(
         default=0.01, gt=0, le=1, description="topk compression: share of coordinates sent"
     )
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        """References resolved, checked (module on a dummy batch, weights) and named."""
+        return models_setting(v, deep=True)
 
     @model_validator(mode="before")
     @classmethod

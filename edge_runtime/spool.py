@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcore.spec import ModelSpec
+from fedcore.spec import Feeds, ModelSpec
+from fedcore.task import Label, decode_labels, encode_label
 from fedcore.triton_model import SPOOL_SCHEMA
 
 _LABEL_COUNTER = "label_seq"
@@ -53,16 +54,16 @@ class SpoolStats:
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """Labelled samples of one single-input model, split into training and held-out rows.
+    """Labelled samples of one model (inputs by name), split into training and held-out rows.
 
     The split is by request id (:func:`is_holdout`), so a sample never moves between the
     two from one round to the next. ``upto`` is the highest label sequence included.
     """
 
-    x_train: NDArray[Any]
+    x_train: Feeds
     y_train: NDArray[Any]
     w_train: NDArray[Any]
-    x_holdout: NDArray[Any]
+    x_holdout: Feeds
     y_holdout: NDArray[Any]
     upto: int
 
@@ -113,9 +114,11 @@ class Spool:
         return int(row[0]) if row is not None else 0
 
     # -- feedback ------------------------------------------------------------------------
-    def join_label(self, request_id: str, label: int, weight: float = 1.0) -> JoinResult:
+    def join_label(self, request_id: str, label: Label, weight: float = 1.0) -> JoinResult:
         """Attach ``label`` to the captured sample ``request_id`` (a later label replaces
-        an earlier one). ``EXPIRED`` if the sample was evicted, ``UNKNOWN`` if never seen."""
+        an earlier one). ``EXPIRED`` if the sample was evicted, ``UNKNOWN`` if never seen.
+        A class index is stored as an integer, any other label as JSON text."""
+        stored = encode_label(label)
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
@@ -123,7 +126,7 @@ class Spool:
                 seq = self._meta_int(_LABEL_COUNTER) + 1
                 cur = conn.execute(
                     "UPDATE samples SET label = ?, weight = ?, label_seq = ? WHERE request_id = ?",
-                    (label, weight, seq, request_id),
+                    (stored, weight, seq, request_id),
                 )
                 if cur.rowcount:
                     conn.execute(
@@ -193,35 +196,48 @@ class Spool:
             )
 
     def labelled(self, spec: ModelSpec, holdout_fraction: float) -> LabelledSet:
-        """Every labelled sample of ``spec`` (a single-input classifier), decoded and split."""
-        if len(spec.inputs) != 1:
-            raise ValueError(f"model {spec.name!r} has {len(spec.inputs)} inputs; need one")
-        tensor = spec.inputs[0]
-        width = int(np.prod(tensor.shape))
-        row_bytes = width * tensor.numpy_dtype.itemsize
+        """Every labelled sample of ``spec``, decoded by its captured inputs and task, split.
+
+        A row is the captured inputs' bytes back to back, in declared order
+        (``fedcore.triton_model``); a row too short for this layout is skipped.
+        """
+        if not spec.trainable:
+            raise ValueError(f"model {spec.name!r}: not every input is captured; cannot train")
+        tensors = spec.captured_inputs
+        row_bytes = sum(t.width * t.numpy_dtype.itemsize for t in tensors)
         with self._lock:
             rows = self._conn.execute(
                 "SELECT request_id, inputs, label, weight, label_seq FROM samples "
                 "WHERE label IS NOT NULL ORDER BY seq"
             ).fetchall()
-        train: list[tuple[bytes, int, float]] = []
-        held: list[tuple[bytes, int, float]] = []
+        train: list[tuple[bytes, Any, float]] = []
+        held: list[tuple[bytes, Any, float]] = []
         upto = 0
         for request_id, blob, label, weight, seq in rows:
             if len(blob) < row_bytes:
                 continue  # written by another model layout; not usable here
             upto = max(upto, int(seq))
             target = held if is_holdout(str(request_id), holdout_fraction) else train
-            target.append((bytes(blob[:row_bytes]), int(label), float(weight)))
-        x_tr, y_tr, w_tr = _decode(train, tensor.numpy_dtype, width)
-        x_ho, y_ho, _ = _decode(held, tensor.numpy_dtype, width)
+            target.append((bytes(blob[:row_bytes]), label, float(weight)))
+        x_tr, y_tr, w_tr = _decode(spec, train)
+        x_ho, y_ho, _ = _decode(spec, held)
         return LabelledSet(x_tr, y_tr, w_tr, x_ho, y_ho, upto)
 
 
 def _decode(
-    rows: list[tuple[bytes, int, float]], dtype: np.dtype[Any], width: int
-) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
-    x = np.frombuffer(b"".join(r[0] for r in rows), dtype=dtype).reshape(len(rows), width)
-    y = np.asarray([r[1] for r in rows], dtype=np.int64)
+    spec: ModelSpec, rows: list[tuple[bytes, Any, float]]
+) -> tuple[Feeds, NDArray[Any], NDArray[Any]]:
+    """Rows of captured input bytes, labels and weights as arrays."""
+    row_bytes = sum(t.width * t.numpy_dtype.itemsize for t in spec.captured_inputs)
+    joined = b"".join(r[0] for r in rows)
+    blob = np.frombuffer(joined, dtype=np.uint8).reshape(len(rows), row_bytes)
+    feeds: Feeds = {}
+    offset = 0
+    for t in spec.captured_inputs:
+        size = t.width * t.numpy_dtype.itemsize
+        part = np.ascontiguousarray(blob[:, offset : offset + size])
+        feeds[t.name] = part.view(t.numpy_dtype).reshape(len(rows), *t.shape).copy()
+        offset += size
+    y = decode_labels(spec.task, [r[1] for r in rows], spec.target.width)
     w = np.asarray([r[2] for r in rows], dtype=np.float32)
-    return x.astype(np.float32), y, w
+    return feeds, y, w

@@ -210,8 +210,15 @@ class TritonSupervisor:
             lambda: self.triton.live(self.policy.probe_timeout_s),
             self.policy.ready_timeout_s,
         )
+        failures: list[ModelLoadError] = []
         for model in self.models:
-            await asyncio.to_thread(self._load, model)
+            try:
+                await asyncio.to_thread(self._load, model)
+            except ModelLoadError as exc:  # one model's failure leaves the others serving
+                log.error("after the restart: %s", exc, extra={"model": model})
+                failures.append(exc)
+        if failures and len(failures) == len(self.models):
+            raise failures[0]
 
     def _load(self, model: str) -> None:
         """Load ``model``; a version Triton refuses is logged as long as another serves."""

@@ -8,8 +8,10 @@ these series cover the edge runtime:
   ``round-refused``, ...), counted as they are emitted;
 - ``fedgate_edge_update_samples_total{model}``: samples behind published updates (sealed,
   or masked into a secure round);
-- ``fedgate_edge_local_loss{model}``, ``fedgate_edge_local_accuracy{model}``: the local
-  evaluation of the last published update (held-out labels of this edge);
+- ``fedgate_edge_local_loss{model}``, ``fedgate_edge_local_metric{model,metric}`` (the
+  model's own metric: accuracy, mae, ...) and ``fedgate_edge_local_accuracy{model}``
+  (accuracy models): the local evaluation of the last published update (held-out labels
+  of this edge);
 - ``fedgate_edge_spool_samples{model}``, ``..._labelled``, ``..._new_labels``,
   ``..._tombstones``: the capture spool, read when Prometheus scrapes;
 - ``fedgate_edge_loop_failures_total{loop}``: failures of the runtime's loops (logged and
@@ -116,6 +118,12 @@ class EdgeMetrics:
             ["model"],
             registry=r,
         )
+        self.metric = Gauge(
+            "fedgate_edge_local_metric",
+            "Local held-out value of the model's own metric for the last published update",
+            ["model", "metric"],
+            registry=r,
+        )
         r.register(SpoolCollector(spools))
         for model in spools:
             for kind in KINDS:
@@ -132,6 +140,8 @@ class EdgeMetrics:
             self.loss.labels(event.model).set(event.loss)
         if event.accuracy is not None:
             self.accuracy.labels(event.model).set(event.accuracy)
+        if event.metric is not None and event.value is not None:
+            self.metric.labels(event.model, event.metric).set(event.value)
 
 
 def start_metrics(

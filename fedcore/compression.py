@@ -152,8 +152,14 @@ def encode_update(
     return EncodedUpdate(mode=settings.mode, data=data, values=x.size)
 
 
-def decode_update(data: bytes | bytearray | memoryview, mode: str, sizes: Sequence[int]) -> Vector:
+def decode_update(
+    data: bytes | bytearray | memoryview, mode: str, sizes: Sequence[int], *, take: bool = False
+) -> Vector:
     """Decode bytes of ``mode`` into a fresh float32 vector of ``sum(sizes)`` values.
+
+    ``take``: the caller hands ``data`` over (a writable buffer it will not touch again),
+    so an uncompressed payload becomes the vector without a copy (a large model's update
+    is then in memory once, not twice).
 
     Raises ``CodecError`` with reason ``decode-error`` (unknown mode, wrong length, bad
     index or scale) or ``non-finite``.
@@ -162,7 +168,11 @@ def decode_update(data: bytes | bytearray | memoryview, mode: str, sizes: Sequen
         raise CodecError("decode-error", f"unknown compression mode {mode!r}")
     raw = memoryview(data).cast("B")
     n = _total(sizes)
-    out = _DECODERS[mode](raw, n, sizes)
+    if take and mode == "none" and not raw.readonly:
+        _expect_len(raw, 4 * n, mode)
+        out = np.frombuffer(raw, dtype=_F32)
+    else:
+        out = _DECODERS[mode](raw, n, sizes)
     if not np.isfinite(out).all():
         raise CodecError("non-finite", f"{mode} payload decodes to NaN or infinite values")
     return out

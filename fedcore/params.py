@@ -39,7 +39,8 @@ def flatten(module: torch.nn.Module) -> NDArray[Any]:
 
 
 def load_flat(module: torch.nn.Module, vector: NDArray[Any]) -> None:
-    """Write a flat FP32 vector back into ``module`` (shape-checked)."""
+    """Write a flat FP32 vector back into ``module`` (shape-checked), tensor by tensor in
+    place: no second copy of the model is built on the way."""
     import torch
 
     state = module.state_dict()
@@ -47,16 +48,16 @@ def load_flat(module: torch.nn.Module, vector: NDArray[Any]) -> None:
     if vector.ndim != 1 or vector.size != total:
         raise ModelSpecError(f"parameter vector has {vector.size} values, model needs {total}")
     offset = 0
-    new_state = {}
-    for name, t in state.items():
-        if not t.is_floating_point():
-            new_state[name] = t
-            continue
-        n = t.numel()
-        chunk = np.ascontiguousarray(vector[offset : offset + n], dtype=np.float32)
-        new_state[name] = torch.from_numpy(chunk.copy()).reshape(t.shape).to(t.dtype)
-        offset += n
-    module.load_state_dict(new_state)
+    with torch.no_grad():
+        for t in state.values():
+            if not t.is_floating_point():
+                continue
+            n = t.numel()
+            chunk = np.ascontiguousarray(vector[offset : offset + n], dtype=np.float32)
+            if not chunk.flags.writeable:  # torch wants a writable array to wrap
+                chunk = chunk.copy()
+            t.copy_(torch.from_numpy(chunk).reshape(t.shape))
+            offset += n
 
 
 def load_weights_file(path: Path, expected: int | None = None) -> NDArray[Any]:

@@ -8,13 +8,15 @@ otherwise, and logs the providers it got. Dynamic batches are run as one ONNX ca
 Traffic capture: when the edge's ``config.pbtxt`` names a spool (``fedgate_spool_path``)
 and a capture rate above zero, a sampled share of single-row requests that carry an OIP
 ``id`` is kept: request id (``<key name>/<id>`` when the gateway named the key that made
-the request, so a label binds to that key), input bytes and output bytes. The request
-path only appends a tuple to an in-memory queue (about a microsecond); a writer thread in
-the stub inserts the queue into the edge's SQLite spool (WAL) every ``CAPTURE_FLUSH_S`` in one
-transaction and evicts the oldest samples beyond the capacity, leaving a tombstone per
-evicted request id (so late feedback for it is told "expired"). The capture code is
-:data:`CAPTURE_SOURCE`, rendered verbatim into ``model.py`` (the stub can import only
-what is signed in the version directory); ``edge_runtime.spool`` reads the same schema.
+the request, so a label binds to that key), and the bytes of the inputs and outputs the
+spec's task captures (all by default), each list back to back in declared order. The
+request path only appends a tuple to an in-memory queue (about a microsecond); a writer
+thread in the stub inserts the queue into the edge's SQLite spool (WAL) every
+``CAPTURE_FLUSH_S`` in one transaction and evicts the oldest samples beyond the capacity,
+leaving a tombstone per evicted request id (so late feedback for it is told "expired").
+The capture code is :data:`CAPTURE_SOURCE`, rendered verbatim into ``model.py`` (the stub
+can import only what is signed in the version directory); ``edge_runtime.spool`` reads the
+same schema.
 """
 
 from __future__ import annotations
@@ -197,6 +199,8 @@ import triton_python_backend_utils as pb_utils
 
 INPUTS = $inputs
 OUTPUTS = $outputs
+CAPTURED_INPUTS = $captured_inputs
+CAPTURED_OUTPUTS = $captured_outputs
 ONNX_FILE = "$onnx_file"
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 SPOOL_SCHEMA = """$schema"""
@@ -247,9 +251,10 @@ class TritonPythonModel:
                 for (_, dtype), out in zip(OUTPUTS, results)
             ]
             if self.capture is not None and size == 1:
-                inputs = [columns[name][i] for name, _ in INPUTS]
+                inputs = [columns[name][i] for name in CAPTURED_INPUTS]
+                kept = [o for (name, _), o in zip(OUTPUTS, outs) if name in CAPTURED_OUTPUTS]
                 rid = bound_id(request.request_id(), request.parameters())
-                self.capture.offer(rid, inputs, outs)
+                self.capture.offer(rid, inputs, kept)
             tensors = [pb_utils.Tensor(name, o) for (name, _), o in zip(OUTPUTS, outs)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
@@ -285,6 +290,8 @@ def render_model_py(spec: ModelSpec) -> str:
         model=spec.name,
         inputs=repr(inputs),
         outputs=repr(outputs),
+        captured_inputs=repr([t.name for t in spec.captured_inputs]),
+        captured_outputs=repr([t.name for t in spec.captured_outputs]),
         onnx_file=ONNX_FILE,
         schema=SPOOL_SCHEMA,
         capture=_CAPTURE,

@@ -7,6 +7,7 @@ Messages are compact JSON validated strictly on decode; a malformed message rais
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Self
 
@@ -68,11 +69,14 @@ class _Message(BaseModel):
 
 
 class LabelTally(_Message):
-    """Feedback labels joined on an edge for one version: how many, and how many of its
-    answers they confirmed (aggregate counts only; the labels stay on the edge)."""
+    """Feedback labels joined on an edge for one version: how many, how many of its answers
+    they confirmed (models whose metric is accuracy), and the sum of the model's per-sample
+    metric over them (any metric: their mean is ``score / total``). Aggregates only; the
+    labels stay on the edge."""
 
     total: int = Field(default=0, ge=0)
     correct: int = Field(default=0, ge=0)
+    score: float = Field(default=0.0, allow_inf_nan=False)
 
 
 class ModelState(_Message):
@@ -154,6 +158,9 @@ class RoundAnnouncement(_Message):
         return self.state == "open" and (self.sampled is None or edge_id in self.sampled)
 
 
+MAX_LABEL_VALUES = 4096
+"""The most values one feedback label may carry."""
+
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 """Request ids that feedback may name: 1-256 printable ASCII characters, no spaces."""
 
@@ -165,7 +172,9 @@ class FeedbackRequest(_Message):
 
     model: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     id: str = Field(pattern=REQUEST_ID.pattern)
-    label: int = Field(ge=0)
+    label: int | float | list[float] = Field(
+        description="a class index, a number or a vector, as the model's task says"
+    )
     weight: float = Field(default=1.0, gt=0.0, le=1000.0, allow_inf_nan=False)
     key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
     """The name of the key that asked: the sample is spooled as ``<key>/<id>``."""
@@ -174,6 +183,18 @@ class FeedbackRequest(_Message):
     def spool_id(self) -> str:
         """The id the serving edge spooled the sample under (see ``model.py``'s capture)."""
         return self.id if self.key is None else f"{self.key}/{self.id}"
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: int | float | list[float]) -> int | float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if len(values) > MAX_LABEL_VALUES:
+            raise ValueError(f"at most {MAX_LABEL_VALUES} values")
+        if not all(math.isfinite(x) for x in values):
+            raise ValueError("values must be finite")
+        if isinstance(v, int) and v < 0:
+            raise ValueError("a class index must not be negative")
+        return v
 
 
 class FeedbackReply(_Message):
@@ -225,9 +246,20 @@ class RoundRecord(_Message):
     opened_ts: float
     closed_ts: float
     contributors: list[Contributor] = Field(default_factory=list)
+    metric: str | None = None
+    """the model's gate metric (``accuracy``, ``mae``, ...), from its spec's task"""
+    higher_is_better: bool | None = None
+    value: float | None = None
+    """the candidate's ``metric`` on the evaluation that decided"""
+    serving_value: float | None = None
+    evaluation: str | None = None
+    """which evaluation decided: ``central`` (the trainer's set)"""
+    eval_samples: int | None = Field(default=None, ge=0)
     accuracy: float | None = None
+    """``value`` when ``metric`` is accuracy (kept for older readers)"""
     loss: float | None = None
     serving_accuracy: float | None = None
+    """``serving_value`` when ``metric`` is accuracy (kept for older readers)"""
     epsilon: float | None = None
     secure: bool = False
     survivors: int | None = Field(default=None, ge=0)
@@ -246,6 +278,8 @@ class Lineage(_Message):
     strategy: str
     contributors: list[Contributor] = Field(default_factory=list)
     samples: int = 0
+    metric: str | None = None
+    value: float | None = None
     accuracy: float | None = None
     loss: float | None = None
     epsilon: float | None = None

@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from fedcore.errors import ConfigError, FedgateError, UnreachableError
+from fedcore.errors import ConfigError, FedgateError, ModelSpecError, UnreachableError
 from fedcore.logs import configure_logging
+from fedcore.models import use_models
 from fedcore.secagg import SecAggConfig
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.settings import LOG_LEVELS
@@ -25,10 +27,9 @@ from fedgate.keys_cmd import add_keys_commands
 from fedgate.launcher import Stack, StackConfig
 from fedgate.restarts import STATUS_FILE, CrashLoop
 from fedgate.rollout_cmd import add_rollout_parser
-from fedgate.stack_settings import collect
+from fedgate.stack_settings import StackSettings, collect
 from fedgate.status import client_options
 from fedgate.tls_cmd import add_tls_parser
-from trainer.settings import TrainerSettings
 
 log = logging.getLogger("fedgate")
 
@@ -43,6 +44,15 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
 
 def _add_stack_args(p: argparse.ArgumentParser, data_dir: str) -> None:
     p.add_argument("--edges", type=int, default=2, help="number of edge runtimes (default 2)")
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="REF",
+        default=None,
+        help="a model to serve, repeatable: a built-in (digits, diabetes, digits_conv), an "
+        "entry point of group fedgate.models, or package.module:SPEC (default: digits)",
+    )
     p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (default 8080)")
     p.add_argument(
         "--data-dir",
@@ -115,10 +125,36 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _refs(args: argparse.Namespace) -> list[str]:
+    """The --model references, each resolved (without torch checks) or refused (exit 2)."""
+    refs: list[str] = getattr(args, "models", None) or []
+    try:
+        use_models(refs, deep=False)
+    except ModelSpecError as exc:
+        raise ConfigError(f"--model: {exc}") from None
+    return refs
+
+
+def _model_names(settings: StackSettings) -> list[str]:
+    """The names of the models the stack's trainer runs (its MODELS, else the default)."""
+    given = settings.values["trainer"].get("models")
+    refs: Any = given[0] if given else ["digits"]
+    if isinstance(refs, str):
+        try:
+            refs = json.loads(refs)
+        except ValueError:
+            refs = [refs]
+    return use_models([str(r) for r in refs] or ["digits"], deep=False)
+
+
 def _flag_settings(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    """Settings that the command's own flags imply (--secagg), by service."""
+    """Settings that the command's own flags imply (--model, --secagg), by service."""
+    out: dict[str, dict[str, str]] = {}
+    refs = _refs(args)
+    if refs:  # every service resolves the same references
+        out = {s: {"models": json.dumps(refs)} for s in ("trainer", "edge", "gateway")}
     if not getattr(args, "secagg", False):
-        return {}
+        return out
     if args.edges < MIN_PARTICIPANTS:
         raise FedgateError(
             f"--secagg needs at least {MIN_PARTICIPANTS} edges (got --edges {args.edges}): "
@@ -128,9 +164,11 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, dict[str, str]]:
         options = SecAggConfig(clip_norm=args.secagg_clip_norm)
     except ConfigError as exc:
         raise FedgateError(f"--secagg-clip-norm: {exc}") from None
-    models = TrainerSettings.model_fields["models"].default  # what the stack's trainer runs
+    models = use_models(refs or ["digits"], deep=False)  # what the stack's trainer runs
     per_model = json.dumps({m: {"clip_norm": options.clip_norm} for m in models})
-    return {"trainer": {"secagg": per_model}, "edge": {"secagg": per_model}}
+    for service in ("trainer", "edge"):
+        out.setdefault(service, {})["secagg"] = per_model
+    return out
 
 
 def _stack_config(args: argparse.Namespace) -> StackConfig:
@@ -139,6 +177,7 @@ def _stack_config(args: argparse.Namespace) -> StackConfig:
     if not 1 <= args.gateways <= 8:
         raise ConfigError("--gateways must be from 1 to 8")
     settings = collect(args.config, args.sets, _flag_settings(args))
+    names = _model_names(settings)
     return StackConfig(
         data_dir=args.data_dir.resolve(),
         edges=args.edges,
@@ -148,6 +187,7 @@ def _stack_config(args: argparse.Namespace) -> StackConfig:
         nats_cluster=args.nats_cluster,
         gateways=args.gateways,
         overrides=settings.env_overrides(),
+        models=tuple(names),
     )
 
 
@@ -264,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, ModelSpecError) as exc:  # bad settings or --model: bad usage
         log.error("%s", exc)
         return 2
     except UnreachableError as exc:

@@ -1,13 +1,16 @@
 """``fedgate demo``: the whole loop on one machine, seen.
 
-Starts the stack, splits the digits training set across the edges with a Dirichlet label
-skew (one "site" per edge, whose clients send to their own edge with
+Starts the stack, splits the model's training set (a built-in's: ``digits`` by default,
+``--model diabetes`` for regression) across the edges with a Dirichlet label skew (by
+class, or by target quantile for a regression; one "site" per edge, whose clients send to
+their own edge with
 ``x-fedgate-prefer-edge``), and per round: replays the site's traffic through the
 gateway with request ids, sends the labels back a moment later (``POST /v1/feedback``),
 goes quiet so the edges see an idle window and fine-tune, waits for the trainer to close
 the round and release a version, and drives canary traffic until the gateway promotes or
-rolls the version back. Finally it classifies the held-out digits through the gateway
-and exits 0 only if the federated model beats version 1.
+rolls the version back. Finally it scores the held-out split through the gateway with the
+model's own metric (accuracy, MAE, ...) and exits 0 only if the federated model beats
+version 1 in that metric's direction.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
+from fedcore.errors import ModelSpecError
 from fedcore.models import get_spec
+from fedcore.spec import ModelSpec
+from fedcore.task import Label, LabelKind, metric_value
 from fedgate.launcher import Stack, StackConfig, supervised
 
 Out = Callable[[str], None]
 MODEL = "digits"
+STRATA = 5
+"""A regression's sites are skewed over this many quantile bins of its target."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class RoundRow:
     round: int
     edges: str = "-"
     samples: int | None = 0  # None: securely aggregated, per-edge counts stay on the edges
-    accuracy: float | None = None
+    value: float | None = None  # the model's metric on the trainer's evaluation
     loss: float | None = None
     epsilon: float | None = None
     released: str = "-"
@@ -84,8 +92,17 @@ def demo_overrides(edges: int, rounds: int) -> dict[str, dict[str, str]]:
     }
 
 
+def strata(spec: ModelSpec, y: NDArray[Any]) -> NDArray[Any]:
+    """Each sample's stratum: its class, or its quantile bin of a regression's target."""
+    if spec.task.label is LabelKind.CLASS:
+        return y
+    first = np.asarray(y, dtype=np.float64).reshape(len(y), -1)[:, 0]
+    edges = np.quantile(first, np.linspace(0, 1, STRATA + 1)[1:-1])
+    return np.searchsorted(edges, first)
+
+
 def split_sites(y: NDArray[Any], edges: list[str], alpha: float, seed: int) -> list[Site]:
-    """Each class's samples divided among the sites by Dirichlet(alpha) proportions."""
+    """Each stratum's samples divided among the sites by Dirichlet(alpha) proportions."""
     rng = np.random.default_rng(seed)
     shares: list[list[int]] = [[] for _ in edges]
     for c in np.unique(y):
@@ -98,10 +115,21 @@ def split_sites(y: NDArray[Any], edges: list[str], alpha: float, seed: int) -> l
     ]
 
 
-class GatewayClient:
-    """The demo's HTTP client of the gateway (one pooled session, infer key)."""
+def label_of(spec: ModelSpec, y: NDArray[Any]) -> Label:
+    """One training target as feedback carries it."""
+    if spec.task.label is LabelKind.CLASS:
+        return int(y)
+    values = np.asarray(y, dtype=np.float64).reshape(-1).tolist()
+    return float(values[0]) if spec.task.label is LabelKind.FLOAT else values
 
-    def __init__(self, url: str, infer_key: str, admin_key: str) -> None:
+
+class GatewayClient:
+    """The demo's HTTP client of the gateway (one pooled session, infer key), for one
+    single-input model."""
+
+    def __init__(self, url: str, infer_key: str, admin_key: str, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.model = spec.name
         self.url = url.rstrip("/")
         self.infer = {"Authorization": f"Bearer {infer_key}"}
         self.admin = {"Authorization": f"Bearer {admin_key}"}
@@ -110,15 +138,19 @@ class GatewayClient:
     async def close(self) -> None:
         await self.session.close()
 
-    async def classify(self, row: NDArray[Any], rid: str, prefer: str | None) -> tuple[int, str]:
+    async def predict(
+        self, row: NDArray[Any], rid: str, prefer: str | None
+    ) -> tuple[NDArray[Any], str]:
+        """The task's output for one row, and the version that served it."""
+        tensor = self.spec.inputs[0]
         body = {
             "id": rid,
             "inputs": [
                 {
-                    "name": "pixels",
-                    "shape": [1, 64],
-                    "datatype": "FP32",
-                    "data": row.astype(float).tolist(),
+                    "name": tensor.name,
+                    "shape": [1, *tensor.shape],
+                    "datatype": tensor.datatype,
+                    "data": np.asarray(row).reshape(-1).tolist(),
                 }
             ],
         }
@@ -126,17 +158,19 @@ class GatewayClient:
         if prefer:
             headers["x-fedgate-prefer-edge"] = prefer
         async with self.session.post(
-            f"{self.url}/v2/models/{MODEL}/infer", json=body, headers=headers
+            f"{self.url}/v2/models/{self.model}/infer", json=body, headers=headers
         ) as r:
             doc = await r.json()
             if r.status != 200:
                 raise RuntimeError(f"inference failed ({r.status}): {doc}")
-            return int(np.argmax(doc["outputs"][0]["data"])), r.headers.get(
+            target = self.spec.target.name
+            out = next(o for o in doc["outputs"] if o["name"] == target)
+            return np.asarray(out["data"], dtype=np.float64), r.headers.get(
                 "x-fedgate-model-version", "?"
             )
 
-    async def feedback(self, rid: str, label: int) -> int:
-        body = {"model": MODEL, "id": rid, "label": label}
+    async def feedback(self, rid: str, label: Label) -> int:
+        body = {"model": self.model, "id": rid, "label": label}
         async with self.session.post(f"{self.url}/v1/feedback", json=body, headers=self.infer) as r:
             await r.read()
             return r.status
@@ -178,25 +212,27 @@ async def replay(
         )
     await _bounded(
         plan.concurrency,
-        [partial(client.classify, x[k], rid, e) for rid, k, e in batch],
+        [partial(client.predict, x[k], rid, e) for rid, k, e in batch],
     )
     await asyncio.sleep(plan.feedback_delay_s)  # labels arrive later than the requests
     codes = await _bounded(
         plan.concurrency,
-        [partial(client.feedback, rid, int(y[k])) for rid, k, _ in batch],
+        [partial(client.feedback, rid, label_of(client.spec, y[k])) for rid, k, _ in batch],
     )
     return len(batch), sum(1 for c in codes if c == 200)
 
 
-async def accuracy_through_gateway(
+async def metric_through_gateway(
     client: GatewayClient, x: NDArray[Any], y: NDArray[Any], concurrency: int
 ) -> tuple[float, set[str]]:
+    """The model's metric on (x, y) as served through the gateway, and the versions seen."""
     results = await _bounded(
         concurrency,
-        [partial(client.classify, x[i], f"eval-{time.time_ns()}-{i}", None) for i in range(len(y))],
+        [partial(client.predict, x[i], f"eval-{time.time_ns()}-{i}", None) for i in range(len(y))],
     )
-    preds = np.array([p for p, _ in results])
-    return float(np.mean(preds == y)), {v for _, v in results}
+    outputs = np.stack([o for o, _ in results])
+    value = metric_value(client.spec.task, outputs, y)
+    return (0.0 if value is None else value), {v for _, v in results}
 
 
 async def wait_for(
@@ -223,13 +259,13 @@ async def wait_for(
 
 
 async def _open_round(client: GatewayClient, n: int) -> dict[str, Any] | None:
-    doc = await client.get(f"/v1/models/{MODEL}/rounds?limit=1")
+    doc = await client.get(f"/v1/models/{client.model}/rounds?limit=1")
     opened = doc.get("open") or {}
     return opened if opened.get("round") == n and opened.get("state") == "open" else None
 
 
 async def _closed_round(client: GatewayClient, n: int) -> dict[str, Any] | None:
-    doc = await client.get(f"/v1/models/{MODEL}/rounds?limit=5")
+    doc = await client.get(f"/v1/models/{client.model}/rounds?limit=5")
     for record in doc.get("rounds", []):
         if record.get("round") == n:
             found: dict[str, Any] = record
@@ -238,7 +274,7 @@ async def _closed_round(client: GatewayClient, n: int) -> dict[str, Any] | None:
 
 
 async def _settled_rollout(client: GatewayClient, version: int) -> dict[str, Any] | None:
-    doc = await client.get(f"/v1/models/{MODEL}/rollouts", admin=True)
+    doc = await client.get(f"/v1/models/{client.model}/rollouts", admin=True)
     for r in doc.get("rollouts", []):
         if r.get("version") == version and r.get("state") in ("promoted", "rolled_back", "failed"):
             found: dict[str, Any] = r
@@ -276,8 +312,8 @@ async def run_round(
     contributors = record.get("contributors", [])
     row.edges = ",".join(c["edge_id"].removeprefix("edge-") for c in contributors) or "-"
     row.samples = None if record.get("secure") else sum(int(c["samples"]) for c in contributors)
-    row.accuracy, row.loss, row.epsilon = (
-        record.get("accuracy"),
+    row.value, row.loss, row.epsilon = (
+        record.get("value", record.get("accuracy")),
         record.get("loss"),
         record.get("epsilon"),
     )
@@ -312,65 +348,78 @@ async def run_round(
     return row
 
 
-def table(rows: list[RoundRow]) -> list[str]:
+def table(rows: list[RoundRow], metric: str = "accuracy") -> list[str]:
+    """The per-round table; the metric column is named after the model's metric."""
+
     def f(v: float | None, d: int = 3) -> str:
         return "-" if v is None else f"{v:.{d}f}"
 
     lines = [
-        f"{'round':>5}  {'edges':<8} {'samples':>7}  {'accuracy':>8}  {'loss':>6}  {'epsilon':>7}  "
+        f"{'round':>5}  {'edges':<8} {'samples':>7}  {metric:>8}  {'loss':>8}  {'epsilon':>7}  "
         f"{'released':<8}  rollout"
     ]
     for r in rows:
         lines.append(
             f"{r.round:>5}  {r.edges:<8} {'-' if r.samples is None else r.samples:>7}  "
-            f"{f(r.accuracy):>8}  {f(r.loss):>6}  "
+            f"{f(r.value):>8}  {f(r.loss):>8}  "
             f"{f(r.epsilon, 2):>7}  {r.released:<8}  {r.rollout}"
         )
     return lines
 
 
-async def drive(stack: Stack, plan: DemoPlan, out: Out) -> int:
-    spec = get_spec(MODEL)
-    x_train, y_train, x_test, y_test = spec.dataset()
-    sites = split_sites(y_train, stack.edge_ids, plan.alpha, plan.seed)
-    for s in sites:
-        counts = np.bincount(y_train[s.pool], minlength=10)
-        out(f"  site {s.edge}: {len(s.pool)} samples, label counts {counts.tolist()}")
-    client = GatewayClient(stack.gateway_url, stack.api_key("infer"), stack.api_key("admin"))
-    try:
-        base_acc, versions = await accuracy_through_gateway(
-            client, x_test, y_test, plan.concurrency
+async def drive(stack: Stack, plan: DemoPlan, out: Out, model: str = MODEL) -> int:
+    spec = get_spec(model)
+    if spec.dataset is None or len(spec.inputs) != 1:
+        raise ModelSpecError(
+            f"the demo replays a one-input built-in's data set; {model} is not one"
         )
+    x_train, y_train, x_test, y_test = spec.dataset()
+    sites = split_sites(strata(spec, y_train), stack.edge_ids, plan.alpha, plan.seed)
+    for s in sites:
+        out(f"  site {s.edge}: {len(s.pool)} samples, {describe(spec, y_train[s.pool])}")
+    client = GatewayClient(stack.gateway_url, stack.api_key("infer"), stack.api_key("admin"), spec)
+    m = spec.task.metric_spec
+    try:
+        base, versions = await metric_through_gateway(client, x_test, y_test, plan.concurrency)
         out(
-            f"version 1 on {len(y_test)} held-out digits, through the gateway: "
-            f"accuracy {base_acc:.3f}"
+            f"version 1 on {len(y_test)} held-out samples of {model}, through the gateway: "
+            f"{m.name} {base:.3f} ({m.direction} is better)"
         )
         rows = []
         for n in range(1, plan.rounds + 1):
             rows.append(await run_round(n, client, sites, (x_train, y_train), plan, out))
-        final_acc, versions = await accuracy_through_gateway(
-            client, x_test, y_test, plan.concurrency
-        )
+        final, versions = await metric_through_gateway(client, x_test, y_test, plan.concurrency)
     finally:
         await client.close()
     out("")
-    for line in table(rows):
+    for line in table(rows, m.name):
         out(line)
     out("")
     served = ",".join(sorted(versions))
     out(
-        f"held-out accuracy through the gateway: version 1 {base_acc:.3f} -> now {final_acc:.3f} "
-        f"(served version {served})"
+        f"held-out {m.name} through the gateway: version 1 {base:.3f} -> now {final:.3f} "
+        f"(served version {served}; {m.direction} is better)"
     )
-    if final_acc > base_acc:
-        out("demo passed: the federated model is more accurate than version 1")
+    if m.worse_by(base, final) < 0:
+        out(f"demo passed: the federated model is better than version 1 on {m.name}")
         return 0
-    out("demo FAILED: the federated model is not more accurate than version 1")
+    out(f"demo FAILED: the federated model is not better than version 1 on {m.name}")
     return 1
 
 
+def describe(spec: ModelSpec, y: NDArray[Any]) -> str:
+    """A site's labels in a line: class counts, or a regression target's spread."""
+    if spec.task.label is LabelKind.CLASS:
+        width = spec.target.width
+        return f"label counts {np.bincount(y, minlength=width).tolist()}"
+    first = np.asarray(y, dtype=np.float64).reshape(len(y), -1)[:, 0]
+    return f"target mean {first.mean():.1f}, quartiles {np.percentile(first, [25, 75]).round(1)}"
+
+
 def run_demo(config: StackConfig, out: Out, rounds: int = 5) -> int:
-    """Start the stack, run the rounds, print the table, stop. Returns the exit code."""
+    """Start the stack, run the rounds of each of its models side by side (each with its
+    own rounds, versions and rollouts), print the tables, stop. Returns the exit code:
+    0 only if every model ends better than its version 1."""
     overrides = demo_overrides(config.edges, rounds)
     for prefix, values in config.overrides.items():
         overrides.setdefault(prefix, {}).update(values)
@@ -383,9 +432,23 @@ def run_demo(config: StackConfig, out: Out, rounds: int = 5) -> int:
             f"stack ready in {time.monotonic() - t0:.1f}s; gateway at {stack.gateway_url} "
             f"(dashboard at {stack.gateway_url}/#key=<admin key from {stack.admin_key_file}>)"
         )
-        code = asyncio.run(supervised(stack, drive(stack, DemoPlan(rounds=rounds), out)))
+        code = asyncio.run(supervised(stack, drive_all(stack, DemoPlan(rounds=rounds), out)))
         out(f"demo took {time.monotonic() - t0:.0f}s")
         return code
     finally:
         stack.stop()
         out("stack stopped")
+
+
+async def drive_all(stack: Stack, plan: DemoPlan, out: Out) -> int:
+    """:func:`drive` every model of the stack at once; lines are prefixed by the model
+    when there are several."""
+    models = stack.config.models
+    if len(models) == 1:
+        return await drive(stack, plan, out, models[0])
+
+    def prefixed(model: str) -> Out:
+        return lambda line: out(f"[{model}] {line}")
+
+    codes = await asyncio.gather(*(drive(stack, plan, prefixed(m), m) for m in models))
+    return max(codes)

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from fedcore.errors import ProcessError
 from fedcore.keys import read_secret, write_secret
+from fedcore.models import MODEL_VARS
 from fedcore.process import ManagedProcess, free_port
 from fedgate.keys_cmd import KeyLayout, hpke_kem, init_keys
 from fedgate.nats_accounts import role_permissions
@@ -64,6 +65,8 @@ class StackConfig:
     """Extra settings by env prefix, e.g. ``{"FEDGATE_TRAINER_": {"MIN_UPDATES": "3"}}``."""
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
     """How exited services are restarted, and when the stack gives up (a crash loop)."""
+    models: tuple[str, ...] = ("digits",)
+    """The names of the models served (their references travel in ``overrides``' MODELS)."""
 
 
 @dataclass
@@ -166,7 +169,11 @@ class Stack:
         return self._keys().signing_key
 
     def _service_env(self, prefix: str, user: str, extra: dict[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("FEDGATE_") or k in MODEL_VARS  # a model's own, for all
+        }
         env["PYTHONUNBUFFERED"] = "1"
         settings = {
             "NATS_URL": self.nats_url,

@@ -8,15 +8,17 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
   subject per known model, so the stream's per-subject limit bounds its share), may store large
   updates in the updates object store, reads the round announcements, the signed model
   versions and the desired versions (rollouts), receives the feedback of its models and
-  answers it (``allow_responses``). In secure rounds it reads only
-  ``fedgate.secagg.<model>.to.<itself>`` and writes only ``...from.<itself>``: that is how
-  the trainer knows which edge sent a secure-aggregation message.
+  the trainer's federated-evaluation requests and answers them (``allow_responses``). In
+  secure rounds it reads only ``fedgate.secagg.<model>.to.<itself>`` and writes only
+  ``...from.<itself>``: that is how the trainer knows which edge sent a secure-aggregation
+  message.
 - The gateway reads heartbeats, sends feedback requests and reads the rounds, round log,
   lineage and enrolled-edges buckets and the model versions' manifests; it owns the rollout buckets
   (rollout records, and the desired versions that edges read).
 - The trainer manages JetStream and its buckets; it can neither speak for an edge (nor
   answer a secure-aggregation step in an edge's name) nor read the feedback labels (raw
-  labels stay with the edges).
+  labels stay with the edges). It may answer requests it receives (``allow_responses``):
+  the edges' paced masked-input parts wait for its acknowledgement.
 
 Every user subscribes only to its own inbox prefix ``_INBOX_<user>.>`` (services connect
 with ``inbox_prefix``): replies and JetStream deliveries to the trainer are not readable by
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
+from fedcore.fed_eval import EVAL_PREFIX
 from fedcore.models import REGISTRY as MODELS
 from fedcore.subjects import FEEDBACK_PREFIX
 from fedcore.transport import EDGES_BUCKET
@@ -113,7 +116,8 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
         subjects.secagg_from_edge("*", edge_id),
     ]
     own = subjects.inbox_all(edge_id)
-    return publish, [own, f"{FEEDBACK_PREFIX}.*", subjects.secagg_to_edge("*", edge_id)]
+    subscribe = [own, f"{FEEDBACK_PREFIX}.*", f"{EVAL_PREFIX}.*"]
+    return publish, [*subscribe, subjects.secagg_to_edge("*", edge_id)]
 
 
 def gateway_permissions() -> tuple[list[str], list[str]]:
@@ -187,7 +191,10 @@ def role_permissions(user: str) -> Permissions:
     """
     if user == "trainer":
         t_pub, t_pub_deny, t_sub, t_sub_deny = trainer_permissions()
-        return Permissions(tuple(t_pub), tuple(t_sub), tuple(t_pub_deny), tuple(t_sub_deny))
+        # responses: it acknowledges an edge's paced masked-input parts (fedcore.secagg.parts)
+        return Permissions(
+            tuple(t_pub), tuple(t_sub), tuple(t_pub_deny), tuple(t_sub_deny), responses=True
+        )
     if user == "gateway":
         g_pub, g_sub = gateway_permissions()
         return Permissions(tuple(g_pub), tuple(g_sub))

@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings
 
 from edge_runtime.settings import EdgeSettings
 from fedcore.errors import ConfigError
+from fedcore.models import MODEL_VARS
 from fedcore.settings import (
     closest_setting,
     env_prefix,
@@ -199,8 +200,15 @@ def service_env_vars(environ: Mapping[str, str]) -> list[tuple[str, str, str]]:
     """``FEDGATE_<SERVICE>_<KEY>`` variables as (service, key, value); an unknown
     ``FEDGATE_*`` variable that is none of the services' is an error naming the closest."""
     prefixes = {env_prefix(cls): service for service, cls in SERVICES.items()}
-    # read by the clients (status, rollout) and by the edge's Triton model, not a service
-    client_vars = {"FEDGATE_API_KEY", "FEDGATE_URL", "FEDGATE_CACERT", "FEDGATE_ORT_THREADS"}
+    # read by the clients (status, rollout), by the edge's Triton model and by built-in
+    # models (the width of ``wide``), not a service
+    client_vars = {
+        "FEDGATE_API_KEY",
+        "FEDGATE_URL",
+        "FEDGATE_CACERT",
+        "FEDGATE_ORT_THREADS",
+        *MODEL_VARS,
+    }
     found = []
     for var in sorted(environ):
         if not var.startswith("FEDGATE_") or var in client_vars:

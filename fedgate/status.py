@@ -195,11 +195,17 @@ def version_rows(
                 v.get("round"),
                 v.get("strategy"),
                 v.get("samples"),
-                v.get("accuracy"),
+                v.get("value", v.get("accuracy")),
                 ", ".join(served.get(version, [])) or None,
             ]
         )
     return rows
+
+
+def metric_name(records: list[dict[str, Any]]) -> str:
+    """The model's gate metric as its records name it (older records: accuracy)."""
+    named = [r["metric"] for r in records if isinstance(r, dict) and r.get("metric")]
+    return str(named[-1]) if named else "accuracy"
 
 
 def round_rows(rounds: list[dict[str, Any]]) -> list[list[object]]:
@@ -218,7 +224,7 @@ def round_rows(rounds: list[dict[str, Any]]) -> list[list[object]]:
                 r["outcome"],
                 versions,
                 edges,
-                r.get("accuracy"),
+                r.get("value", r.get("accuracy")),
                 r.get("loss"),
                 r["reason"],
             ]
@@ -253,8 +259,10 @@ def _model_sections(gw: Gateway, out: Out, model: str, edges: list[Any], limit: 
     base = f"/v1/models/{quote(model, safe='')}"
 
     def versions() -> list[str]:
-        rows = version_rows(gw.get(f"{base}/versions")["versions"], edges, model)
-        headers = ("version", "parent", "round", "strategy", "samples", "accuracy", "served by")
+        listed = gw.get(f"{base}/versions")["versions"]
+        rows = version_rows(listed, edges, model)
+        metric = metric_name(listed)
+        headers = ("version", "parent", "round", "strategy", "samples", metric, "served by")
         return render_table(headers, rows) if rows else ["(no version)"]
 
     def rounds() -> list[str]:
@@ -266,7 +274,8 @@ def _model_sections(gw: Gateway, out: Out, model: str, edges: list[Any], limit: 
             else "no round open"
         )
         rows = round_rows(data["rounds"])
-        headers = ("round", "mode", "outcome", "versions", "edges", "accuracy", "loss", "reason")
+        metric = metric_name(data["rounds"])
+        headers = ("round", "mode", "outcome", "versions", "edges", metric, "loss", "reason")
         return [*(render_table(headers, rows) if rows else ["(no closed round)"]), note]
 
     def rollouts() -> list[str]:

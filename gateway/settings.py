@@ -7,9 +7,10 @@ import re
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from fedcore.models import models_setting
 from fedcore.settings import NatsReplicas, ServiceSettings
 
 
@@ -28,6 +29,17 @@ class GatewaySettings(ServiceSettings):
     port: int = Field(
         default=8080, ge=0, le=65535, description="HTTP port (OIP v2, APIs, dashboard)"
     )
+    models: list[str] = Field(
+        default=["digits"],
+        description="models whose feedback labels this gateway checks: built-in names, entry "
+        "points of group fedgate.models, or package.module:SPEC (resolved without torch checks)",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        return models_setting(v, deep=False)
+
     api_keys_file: Path | None = Field(
         default=None,
         description="file of API keys, one '<role>:<name>:<sha256-hex>[:<rate>]' per line",

@@ -61,9 +61,12 @@ class NatsServer:
     process: ManagedProcess
 
 
-def start_nats(root: Path, users: list[str], roles: bool = False) -> NatsServer:
+def start_nats(
+    root: Path, users: list[str], roles: bool = False, max_payload: int = 8 * 1024 * 1024
+) -> NatsServer:
     """A real nats-server with JetStream on disk and one password user per name; with
-    ``roles``, each user gets the permissions of its role (``fedgate.nats_accounts``)."""
+    ``roles``, each user gets the permissions of its role (``fedgate.nats_accounts``);
+    ``max_payload`` is the server's largest message."""
     import secrets
     import shutil
     import sys
@@ -91,6 +94,7 @@ def start_nats(root: Path, users: list[str], roles: bool = False) -> NatsServer:
             store_dir=store,
             users=passwords,
             permissions={u: role_permissions(u) for u in users} if roles else None,
+            max_payload=max_payload,
         ),
     )
     binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import nats
 import numpy as np
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from numpy.typing import NDArray
 
 from edge_runtime.rounds_watch import RoundsView, watch_rounds
-from edge_runtime.secure_round import SecureParticipant, SecureRoundError
+from edge_runtime.secure_round import SecureParticipant, SecureRoundError, nats_request
 from fedcore import subjects
 from fedcore.enrollment import load_registry
 from fedcore.keys import load_ed25519, read_secret
@@ -39,7 +40,7 @@ from fedcore.secagg.options import SecAggOptions
 from fedcore.subjects import inbox_prefix
 from fedcore.wire import Heartbeat
 
-MODEL = "digits"
+MODEL = os.environ.get("SECAGG_EDGE_MODEL", "digits")
 
 
 def harness_delta(edge: str, round_no: int, dim: int) -> NDArray[np.float32]:
@@ -99,6 +100,8 @@ async def main() -> None:
         {MODEL: options.config()},
         view,
         send,
+        max_message=nc.max_payload,
+        request=nats_request(nc),
     )
 
     async def on_message(msg: Msg) -> None:
@@ -110,12 +113,9 @@ async def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(watch_rounds(nc.jetstream(), view, stop, retry_s=0.5))
+    beating = asyncio.create_task(beat(nc, edge, stop))  # apart: a large submit takes long
     submitted: set[int] = set()
-    seq = 0
     while not stop.is_set():
-        seq += 1
-        beat = Heartbeat(edge_id=edge, url="http://127.0.0.1:9", seq=seq, ts=time.time(), models={})
-        await nc.publish(subjects.heartbeat(edge), beat.encode())
         a = view.get(MODEL)
         if not hold and a is not None and a.secure and a.round not in submitted:
             with contextlib.suppress(SecureRoundError):  # setup not here yet: next tick
@@ -124,7 +124,19 @@ async def main() -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.3)
     await watcher
+    await beating
     await nc.drain()
+
+
+async def beat(nc: NATS, edge: str, stop: asyncio.Event) -> None:
+    """Heartbeats every 0.3 s until ``stop``, as the edge runtime's own task sends them."""
+    seq = 0
+    while not stop.is_set():
+        seq += 1
+        hb = Heartbeat(edge_id=edge, url="http://127.0.0.1:9", seq=seq, ts=time.time(), models={})
+        await nc.publish(subjects.heartbeat(edge), hb.encode())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.3)
 
 
 if __name__ == "__main__":

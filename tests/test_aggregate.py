@@ -227,3 +227,30 @@ def test_restore_refuses_bad_snapshots() -> None:
         WeightedSum.restore({**good, "count": np.array([-1.0])})
     with pytest.raises(KeyError):
         WeightedSum.restore({"sum": good["sum"]})
+
+
+def test_a_large_update_is_scaled_a_slice_at_a_time() -> None:
+    import tracemalloc
+
+    from trainer.aggregate import SCRATCH_VALUES
+
+    dim = 2 * SCRATCH_VALUES + 12_345  # three slices, the last one short
+    rng = np.random.default_rng(5)
+    updates = [rng.normal(0, 1, dim).astype(np.float32) for _ in range(3)]
+    acc = WeightedSum(dim)
+    assert acc.nbytes == 12 * dim + 4 * SCRATCH_VALUES  # not 16 bytes a value
+    for u, w in zip(updates, [1.0, 2.0, 3.0], strict=True):
+        acc.fold(u, w, max_norm=500.0)
+    expected = np.zeros(dim)
+    for u, w in zip(updates, [1.0, 2.0, 3.0], strict=True):
+        norm = np.linalg.norm(u.astype(np.float64))
+        expected += w * min(1.0, 500.0 / norm) * u.astype(np.float64)
+    np.testing.assert_allclose(acc.weighted_sum(), expected, rtol=1e-6, atol=1e-5)
+    tracemalloc.start()
+    try:
+        state = acc.snapshot()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # no copy of the 8-bytes-a-value sum for the checkpoint
+    np.testing.assert_array_equal(state["sum"], acc.weighted_sum())

@@ -152,7 +152,9 @@ async def test_a_reused_id_is_another_keys_own_sample(fleet: Fleet) -> None:
     other = await fleet.post({"model": "digits", "id": "dup", "label": 2}, key=OTHER_KEY)
     assert other.status_code == 200
     data = fleet.spools["edge-1"].labelled(get_spec("digits"), 0.0)
-    by_label = {int(y): float(x[0]) for x, y in zip(data.x_train, data.y_train, strict=True)}
+    by_label = {
+        int(y): float(x[0]) for x, y in zip(data.x_train["pixels"], data.y_train, strict=True)
+    }
     assert by_label == {1: 1.0, 2: 2.0}
 
 

@@ -98,6 +98,9 @@ async def test_feedback_is_bound_to_the_key_that_asked_and_sent_to_its_edge(
         assert own.status_code == 200 and own.json()["edge"] == "edge-1", own.text
         assert (await label(stack, BOB, "shared", 2, token_b)).status_code == 200
         data = spool.labelled(get_spec("digits"), 0.0)
-        got = {int(y): row.tobytes() for row, y in zip(data.x_train, data.y_train, strict=True)}
+        got = {
+            int(y): row.tobytes()
+            for row, y in zip(data.x_train["pixels"], data.y_train, strict=True)
+        }
         assert got == {7: x[0].tobytes(), 2: x[1].tobytes()}
         assert took < 5.0  # generous on a loaded machine; the benchmark measures it

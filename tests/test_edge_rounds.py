@@ -145,9 +145,13 @@ def test_clip_delta_and_metrics() -> None:
     same, _ = clip_delta(delta, None)
     np.testing.assert_array_equal(same, delta)
     metrics = local_metrics(
-        {"loss": 0.5, "accuracy": 0.9, "base_accuracy": None, "holdout": 7}, 5.0
+        {"loss": 0.5, "metric": "accuracy", "accuracy": 0.9, "base_accuracy": None, "holdout": 7},
+        5.0,
     )
     assert metrics == {"delta_norm": 5.0, "holdout": 7.0, "loss": 0.5, "accuracy": 0.9}
+    # a regression model reports its own metric under its own name
+    mae = local_metrics({"loss": 9.0, "metric": "mae", "mae": 2.5, "base_mae": 3.0}, 1.0)
+    assert mae == {"delta_norm": 1.0, "holdout": 0.0, "loss": 9.0, "mae": 2.5, "base_mae": 3.0}
 
 
 def sealed_header(**metrics: float) -> UpdateHeader:

@@ -112,10 +112,9 @@ def test_rows_are_spooled_and_labels_joined(writer_factory: Any, tmp_path: Path)
     assert spool.stats().labelled == 2 and spool.new_labels() == 2
     data = spool.labelled(get_spec("digits"), holdout_fraction=0.0)
     assert sorted(data.y_train.tolist()) == [4, 7]
-    assert data.x_train.shape == (2, 64) and data.x_train.dtype == np.float32
-    np.testing.assert_array_equal(
-        np.sort(data.x_train[:, 0]), np.array([0.02, 0.03], dtype=np.float32)
-    )
+    pixels = data.x_train["pixels"]
+    assert pixels.shape == (2, 64) and pixels.dtype == np.float32
+    np.testing.assert_array_equal(np.sort(pixels[:, 0]), np.array([0.02, 0.03], dtype=np.float32))
     spool.mark_trained(data.upto)
     assert spool.new_labels() == 0
     spool.close()

@@ -44,7 +44,11 @@ def imported_modules(paths: list[Path]) -> set[str]:
                     found |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     found.add(node.module.split(".")[0])
-    return {m for m in found if m not in sys.stdlib_module_names and m not in {*PACKAGES, "tests"}}
+    return {
+        m
+        for m in found
+        if m not in sys.stdlib_module_names and m not in {*PACKAGES, "tests", "benchmarks"}
+    }
 
 
 def distributions(modules: set[str]) -> set[str]:

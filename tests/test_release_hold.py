@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedcore.models import get_spec
@@ -100,3 +101,36 @@ def test_step_backoff_one_turns_it_off_and_a_checkpoint_keeps_the_scale(tmp_path
     )
     checkpoint.resume(fresh, restored)
     assert fresh.step_scale == 0.5
+
+
+def test_a_candidate_that_fails_its_export_check_is_held_and_the_trainer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A candidate the export check refuses used to raise out of close_round and stop the
+    trainer, at every restart (the chaos run's crash loop). Now its round is held."""
+    from fedcore.errors import ModelSpecError
+
+    spec = get_spec("digits")
+    params = train_seed_model(spec, fraction=0.05, epochs=1, seed=0)
+    _, _, x, y = spec.dataset()
+    ctx = ReleaseContext(spec, ed25519.Ed25519PrivateKey.generate(), tmp_path, tmp_path, 1.0, x, y)
+    book = RoundBook(
+        "digits", RoundPolicy(min_updates=1), get_strategy("fedavg"), version=1,
+        digest="ab" * 32, params=params,
+    )  # fmt: skip
+    book.open(["edge-1"], now=0.0)
+    book.fold(Contribution("a" * 32, "edge-1", 10, 1, 0.0), np.full(params.size, 1e-4, np.float32))
+
+    def refused(*_: object, **__: object) -> None:
+        (tmp_path / "digits" / "2").mkdir(parents=True)  # what an export leaves behind
+        raise ModelSpecError("digits: ONNX Runtime differs from torch by 1.1e-05 > 1e-05")
+
+    monkeypatch.setattr("trainer.release.write_version", refused)
+    outcome, reason = asyncio.run(
+        _release_or_hold(ctx, book, None, [], 1, lambda outcome, reason, **kw: (outcome, reason))
+    )  # type: ignore[arg-type]
+    assert outcome == "held" and reason.startswith("export failed: digits: ONNX Runtime")
+    assert book.current is None and book.version == 1
+    assert not (tmp_path / "digits" / "2").exists()
+    book.open(["edge-1"], now=1.0)  # the next round opens from version 1
+    assert book.current is not None and book.current.announcement.base_version == 1

@@ -128,6 +128,15 @@ async def test_bad_artifacts_never_reach_the_repository(
     assert beat(applier, [1]).failed == {}
 
 
+async def test_a_version_over_the_edges_artifact_limit_is_refused(setup: tuple) -> None:
+    applier, triton, repository = setup
+    applier.max_artifact_bytes = 1000  # the setting FEDGATE_EDGE_MAX_ARTIFACT_BYTES
+    await applier.apply(desired(1, 2))
+    assert triton.loads == [] and repository_versions(repository / MODEL) == {1}
+    (reason,) = beat(applier, [1]).failed.values()
+    assert reason.startswith("refused: malformed: object 'digits/2/") and "limit" in reason
+
+
 async def test_load_or_warm_up_failure_removes_the_candidate(setup: tuple) -> None:
     applier, triton, repository = setup
     triton.fail_next = "failed to load 'digits' version 2: boom"
@@ -183,8 +192,8 @@ def test_label_tally_per_version(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     assert tally_labels(spool, MODEL, [1, 2]) == {
-        1: LabelTally(total=2, correct=1),
-        2: LabelTally(total=2, correct=2),
+        1: LabelTally(total=2, correct=1, score=1.0),
+        2: LabelTally(total=2, correct=2, score=2.0),
     }
     assert tally_labels(spool, MODEL, [3]) == {}
     assert tally_labels(tmp_path / "absent.sqlite", MODEL, [1]) == {}

@@ -157,6 +157,7 @@ async def test_a_round_with_no_answers_fails_and_tells_the_edges() -> None:
 class Msg:
     def __init__(self, subject: str, data: bytes) -> None:
         self.subject, self.data = subject, data
+        self.reply = ""  # as nats.aio.msg.Msg: no reply subject
 
 
 Tamper = Callable[[str, bytes], bytes]

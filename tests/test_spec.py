@@ -109,5 +109,20 @@ def test_tensor_spec_validation(
 
 
 def test_unknown_model_names_the_known_ones() -> None:
-    with pytest.raises(ModelSpecError, match=r"unknown model 'cats'; known: \['digits'\]"):
+    with pytest.raises(
+        ModelSpecError,
+        match=r"unknown model 'cats'; known: \['diabetes', 'digits', 'digits_conv', 'wide'\]",
+    ):
         get_spec("cats")
+
+
+def test_the_wide_model_has_the_width_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcore.models.wide import hidden_for, parameter_count, wide_spec
+
+    monkeypatch.setenv("FEDGATE_WIDE_HIDDEN", "30")
+    module = get_spec("wide").build_module()
+    assert sum(p.numel() for p in module.parameters()) == parameter_count(30) == 3190
+    assert parameter_count(5000) == 25_380_010  # the default: 102 MB in FP32
+    assert parameter_count(hidden_for(25_000_000)) >= 25_000_000
+    assert parameter_count(hidden_for(25_000_000) - 1) < 25_000_000
+    assert wide_spec(7).build_module()[2].weight.shape == (7, 7)

@@ -190,3 +190,26 @@ def test_round_rows_show_secure_rounds_with_survivors_and_dropouts() -> None:
         [3, "sync", "released", "v2 -> v3", 2],
         [4, "sync secure", "released", "v2", "3 (1 dropped)"],
     ]
+
+
+def test_rounds_show_the_models_own_metric() -> None:
+    from fedgate.status import metric_name, round_rows
+
+    record = {
+        "round": 2,
+        "mode": "sync",
+        "outcome": "released",
+        "base_version": 1,
+        "released_version": 2,
+        "contributors": [],
+        "reason": "ok",
+        "loss": 3000.0,
+        "metric": "mae",
+        "value": 46.78,
+        "serving_value": 56.06,
+        "evaluation": "central",
+    }
+    assert metric_name([record]) == "mae"
+    assert round_rows([record])[0][5] == 46.78
+    legacy = {k: v for k, v in record.items() if k not in ("metric", "value")} | {"accuracy": 0.9}
+    assert metric_name([legacy]) == "accuracy" and round_rows([legacy])[0][5] == 0.9

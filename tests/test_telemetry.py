@@ -188,3 +188,48 @@ def test_docs_list_every_metric_we_export() -> None:
     assert exported - documented == set(), "exported but not in docs/metrics.md"
     assert documented - (gateway_metrics() | service_metrics()) == set(), "documented, not exported"
     assert "fedgate_edge_spool_tombstones" in exported
+
+
+def test_edge_and_trainer_gauges_name_the_models_own_metric(tmp_path: Path) -> None:
+    from edge_runtime.learner import _metric
+
+    spool = Spool(spool_path(tmp_path, "diabetes"))
+    try:
+        events = EventLog()
+        r = EdgeMetrics({"diabetes": spool}, events).registry
+        result = {"metric": "mae", "mae": 46.5, "base_mae": 56.0, "loss": 3000.0}
+        events.emit(
+            "update-published", "diabetes", round=1, num_samples=9, **_metric(result, result)
+        )
+        assert value(r, "fedgate_edge_local_metric", model="diabetes", metric="mae") == 46.5
+        assert value(r, "fedgate_edge_local_accuracy", model="diabetes") is None
+    finally:
+        spool.close()
+    from trainer.telemetry import RoundOutcomes
+
+    registry = CollectorRegistry()
+    outcomes = RoundOutcomes(registry, ["diabetes"])
+    outcomes.observe(
+        RoundRecord(
+            model="diabetes",
+            round=1,
+            mode="sync",
+            outcome="released",
+            reason="ok",
+            base_version=1,
+            released_version=2,
+            opened_ts=0.0,
+            closed_ts=1.0,
+            metric="mae",
+            higher_is_better=False,
+            value=46.5,
+            serving_value=56.0,
+            evaluation="federated",
+            eval_samples=60,
+        )
+    )
+    assert (
+        value(registry, "fedgate_trainer_candidate_metric", model="diabetes", metric="mae") == 46.5
+    )
+    assert value(registry, "fedgate_trainer_serving_metric", model="diabetes", metric="mae") == 56.0
+    assert value(registry, "fedgate_trainer_candidate_accuracy", model="diabetes") is None

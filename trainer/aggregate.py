@@ -5,10 +5,10 @@ version it trained from. Two round states exist:
 
 - :class:`WeightedSum` streams. It holds a running weighted sum in preallocated buffers
   (an FP32 block accumulator flushed into an FP64 total every ``FLUSH_EVERY`` updates,
-  plus one FP32 scratch vector), a count and a total weight. Folding an update is one
+  plus a 1 MiB FP32 scratch slice), a count and a total weight. Folding an update is one
   validation pass (its squared norm, which also catches NaN and Inf) and two in-place
-  vector operations; nothing is allocated per update, so memory is ``16 * dim`` bytes
-  whatever the number of updates. FedAvg, FedProx, FedAvgM, FedAdam, FedYogi,
+  vector operations per slice; nothing is allocated per update, so memory is about
+  ``12 * dim`` bytes whatever the number of updates. FedAvg, FedProx, FedAvgM, FedAdam, FedYogi,
   FedAdagrad, norm clipping and central DP all reduce to a weighted mean and use it.
 - :class:`UpdateBuffer` does not stream. Coordinate-wise median and trimmed mean need
   every value of a coordinate at once, so no constant-size running state computes them
@@ -42,6 +42,8 @@ MAX_WEIGHT = 1e12
 """Largest accepted weight: keeps ``weight * value`` finite in the FP32 block sum."""
 
 FLUSH_EVERY = 16
+SCRATCH_VALUES = 1 << 18
+"""Values of the update scaled at a time (1 MiB of FP32)."""
 """Updates summed in FP32 before the block is added to the FP64 total."""
 
 COLUMN_BLOCK = 1 << 15
@@ -101,9 +103,9 @@ def clip_factor(norm: float, max_norm: float | None) -> float:
 class WeightedSum:
     """Running ``sum_i weight_i * scale_i * update_i``, count and total weight.
 
-    Memory: ``16 * dim`` bytes, allocated once, independent of how many updates are
-    folded; :meth:`reset` reuses them for the next round. ``round_id`` labels the round
-    (logs, the privacy ledger).
+    Memory: ``12 * dim`` bytes and a 1 MiB scratch slice, allocated once, independent of
+    how many updates are folded; :meth:`reset` reuses them for the next round.
+    ``round_id`` labels the round (logs, the privacy ledger).
     """
 
     round_id: str
@@ -119,7 +121,8 @@ class WeightedSum:
         # Written here, not lazily zeroed by the OS, so the first folds pay no page faults.
         self._block = np.empty(dim, dtype=np.float32)
         self._total = np.empty(dim, dtype=np.float64)
-        self._scratch = np.empty(dim, dtype=np.float32)
+        # one slice of the update at a time: a large model's update is not copied whole
+        self._scratch = np.empty(min(dim, SCRATCH_VALUES), dtype=np.float32)
         self._scratch.fill(0.0)
         self.reset(round_id)
 
@@ -148,8 +151,12 @@ class WeightedSum:
         norm = update_norm(update, self.dim)
         w = check_weight(weight)
         coeff = np.float32(w * clip_factor(norm, max_norm))
-        np.multiply(update, coeff, out=self._scratch)
-        np.add(self._block, self._scratch, out=self._block)
+        step = self._scratch.size
+        for at in range(0, self.dim, step):
+            end = min(at + step, self.dim)
+            scratch = self._scratch[: end - at]
+            np.multiply(update[at:end], coeff, out=scratch)
+            np.add(self._block[at:end], scratch, out=self._block[at:end])
         self._in_block += 1
         self.count += 1
         self.total_weight += w
@@ -199,9 +206,12 @@ class WeightedSum:
         return total
 
     def snapshot(self) -> dict[str, F64Array]:
-        """The state as named FP64 arrays, for a checkpoint (``np.savez``, no pickle)."""
+        """The state as named FP64 arrays, for a checkpoint (``np.savez``, no pickle).
+        ``sum`` is the live accumulator, not a copy (a large model's is twice its size):
+        write it out before the next fold."""
+        self._flush()
         return {
-            "sum": self.weighted_sum(),
+            "sum": self._total,
             "count": np.array([float(self.count)]),
             "total_weight": np.array([self.total_weight]),
         }

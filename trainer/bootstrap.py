@@ -1,8 +1,10 @@
-"""Version 1 of a model: brief centralised training on a small public seed set.
+"""Version 1 of a model: the user's pretrained weights, or for a built-in, a short bootstrap.
 
-Version 1 is deliberately modest (a tenth of the public train split by default): the
-edges improve it from their own traffic. It is exported to ONNX, checked against torch,
-given its generated ``model.py`` and signed like every later version.
+A model with ``initial_weights`` (safetensors) starts from them. A built-in model without
+any trains briefly on a small public seed set (a tenth of its train split by default):
+deliberately modest, the edges improve it from their own traffic. Either way version 1 is
+exported to ONNX, checked against torch, given its generated ``model.py`` and signed like
+every later version.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from numpy.typing import NDArray
 
 from fedcore.artifact import MANIFEST, sign_version_dir
+from fedcore.errors import ModelSpecError
+from fedcore.modelrun import make_optimizer, target_output, to_tensors
 from fedcore.onnx_export import check_onnx_matches_torch, export_onnx
 from fedcore.params import flatten
 from fedcore.spec import ModelSpec
+from fedcore.task import torch_loss
 from fedcore.triton_model import MODEL_PY, ONNX_FILE, WEIGHTS_FILE, render_model_py
+from fedcore.weights import dummy_batch, evaluation_data, load_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +34,38 @@ def train_seed_model(spec: ModelSpec, fraction: float, epochs: int, seed: int) -
     """Train ``spec``'s module briefly on a seed slice; return its flat parameters."""
     import torch
 
+    if spec.dataset is None or not spec.builtin:
+        raise ModelSpecError(
+            f"model {spec.name!r}: no initial_weights; only built-in models are bootstrapped"
+        )
     torch.manual_seed(seed)
     x_train, y_train, _, _ = spec.dataset()
     rng = np.random.default_rng(seed)
     take = rng.permutation(len(y_train))[: max(10, int(len(y_train) * fraction))]
-    x = torch.from_numpy(x_train[take])
+    feeds = {k: v[take] for k, v in spec.feeds(x_train).items()}
+    inputs = to_tensors(spec, feeds)
     y = torch.from_numpy(y_train[take])
     module = spec.build_module()
-    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    opt = make_optimizer(spec.recipe, module, lr=spec.bootstrap_lr)
     for _ in range(epochs):
         perm = torch.randperm(len(y))
         for start in range(0, len(y), 32):
             idx = perm[start : start + 32]
             opt.zero_grad()
-            loss_fn(module(x[idx]), y[idx]).backward()
+            out = target_output(spec, module, [t[idx] for t in inputs])
+            torch_loss(spec.task, out, y[idx]).mean().backward()  # type: ignore[no-untyped-call]
             opt.step()
+    return flatten(module)
+
+
+def initial_params(spec: ModelSpec, fraction: float, epochs: int, seed: int) -> NDArray[Any]:
+    """Version 1's flat parameters: the user's safetensors weights, else a bootstrap."""
+    if spec.initial_weights is None:
+        log.info("training version 1 of %s on a %.0f%% seed set", spec.name, fraction * 100)
+        return train_seed_model(spec, fraction, epochs, seed)
+    log.info("version 1 of %s from %s", spec.name, spec.initial_weights)
+    module = spec.build_module()
+    load_initial_weights(spec, module)
     return flatten(module)
 
 
@@ -64,8 +86,7 @@ def write_version(
     load_flat(module, params)
     directory.mkdir(parents=True, exist_ok=True)
     export_onnx(spec, module, directory / ONNX_FILE)
-    _, _, x_test, _ = spec.dataset()
-    check_onnx_matches_torch(spec, module, directory / ONNX_FILE, x_test[:64])
+    check_onnx_matches_torch(spec, module, directory / ONNX_FILE, _check_batch(spec))
     (directory / MODEL_PY).write_text(render_model_py(spec))
     # the flat FP32 parameters, for edges that fine-tune from this version (no pickle)
     np.save(directory / WEIGHTS_FILE, params.astype("<f4"), allow_pickle=False)
@@ -77,6 +98,14 @@ def write_version(
         parent_version=parent_version,
         round_id=round_id,
     )
+
+
+def _check_batch(spec: ModelSpec) -> dict[str, NDArray[Any]]:
+    """Rows to compare ONNX Runtime with torch on: evaluation rows when there are some."""
+    data = evaluation_data(spec)
+    if data is None or len(data[1]) == 0:
+        return dummy_batch(spec, rows=16)
+    return {k: v[:64] for k, v in spec.feeds(data[0]).items()}
 
 
 def ensure_version_one(
@@ -93,8 +122,7 @@ def ensure_version_one(
     directory = artifacts / spec.name / "1"
     if (directory / MANIFEST).exists():
         return directory
-    log.info("training version 1 of %s on a %.0f%% seed set", spec.name, fraction * 100)
-    params = train_seed_model(spec, fraction, epochs, seed)
+    params = initial_params(spec, fraction, epochs, seed)
     state.mkdir(parents=True, exist_ok=True)
     np.save(state / f"{spec.name}-1.npy", params, allow_pickle=False)
     write_version(spec, params, directory, key, version=1)

@@ -82,8 +82,8 @@ class RoundDriver:
 
     def target(self, model: str) -> RoundTarget | None:
         book = self.books.get(model)
-        if book is None or book.current is None:
-            return None
+        if book is None or book.current is None or book.current.closing_ts is not None:
+            return None  # none open, or the open one is being closed
         a = book.current.announcement
         if a.mode == "async":
             digests = dict(self.digests.get(model, {}))

@@ -49,7 +49,8 @@ class UpdateRejected(TrainerError):
     """One update cannot be folded into the round; the round state is unchanged.
 
     ``reason`` is one of ``wrong-size``, ``wrong-dtype``, ``non-finite``, ``bad-weight``,
-    ``buffer-full``, ``second-update``.
+    ``buffer-full``, ``second-update``, ``round-closed`` (it came while its round was
+    being closed).
     """
 
 

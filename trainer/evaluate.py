@@ -1,9 +1,10 @@
 """Evaluation of a candidate version, and the gate that decides whether it is released.
 
-The candidate is scored on the trainer's held-out set (public data the trainer owns,
-never edge data) and compared with the serving version; the metrics the edges report
-on their local held-out splits are a second opinion. A candidate worse than the serving
-version by more than the margin on either is held back, with the reason recorded.
+The candidate is scored with its model's metric (the spec's task: accuracy, MAE, ...) on
+the trainer's evaluation set (public data the trainer owns, never edge data) and compared
+with the serving version; the metric the edges report on their local held-out splits is
+a second opinion. A candidate worse than the serving version by more than the margin, in
+the metric's own direction, is held back with the reason recorded.
 """
 
 from __future__ import annotations
@@ -11,20 +12,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
+from fedcore.modelrun import predict
 from fedcore.params import load_flat
 from fedcore.spec import ModelSpec
+from fedcore.task import METRICS, MetricSpec, metric_value
 
 
 @dataclass(frozen=True)
 class Metrics:
-    accuracy: float
+    """A version's score: the model's metric (name, value, direction) and its loss."""
+
+    metric: str
+    value: float
     loss: float
     samples: int
 
-    def as_dict(self) -> dict[str, float | int]:
+    @property
+    def spec(self) -> MetricSpec:
+        return METRICS[self.metric]
+
+    def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
 
 
@@ -34,26 +43,27 @@ class GateDecision:
     reason: str
 
 
-def evaluate(spec: ModelSpec, params: NDArray[Any], x: NDArray[Any], y: NDArray[Any]) -> Metrics:
-    """Accuracy and mean cross-entropy of ``params`` on (x, y)."""
+def evaluate(spec: ModelSpec, params: NDArray[Any], x: Any, y: NDArray[Any]) -> Metrics:
+    """The task's metric and mean loss of ``params`` on (x, y)."""
     import torch
+
+    from fedcore.task import torch_loss
 
     module = spec.build_module()
     load_flat(module, params)
-    with torch.no_grad():
-        logits = module.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-        target = torch.from_numpy(np.asarray(y, dtype=np.int64))
-        loss = float(torch.nn.functional.cross_entropy(logits, target).item())
-        accuracy = int((logits.argmax(1) == target).sum().item()) / max(1, len(y))
-    return Metrics(accuracy=accuracy, loss=loss, samples=len(y))
+    out = predict(spec, module, spec.feeds(x))[spec.target.name]
+    target = torch.from_numpy(y)
+    loss = float(torch_loss(spec.task, torch.from_numpy(out), target).mean().item())
+    value = metric_value(spec.task, out, y)
+    return Metrics(spec.task.metric, 0.0 if value is None else value, loss, len(y))
 
 
-def weighted_edge_accuracy(reports: dict[str, tuple[float, int]]) -> float | None:
-    """Sample-weighted mean of the accuracies edges reported, or None without reports."""
+def weighted_edge_metric(reports: dict[str, tuple[float, int]]) -> float | None:
+    """Sample-weighted mean of the metric values edges reported, or None without reports."""
     total = sum(n for _, n in reports.values())
     if total <= 0:
         return None
-    return sum(acc * n for acc, n in reports.values()) / total
+    return sum(v * n for v, n in reports.values()) / total
 
 
 def gate(
@@ -61,26 +71,28 @@ def gate(
     serving: Metrics,
     *,
     margin: float,
-    edge_accuracy: float | None = None,
-    serving_edge_accuracy: float | None = None,
+    edge_value: float | None = None,
+    serving_edge_value: float | None = None,
 ) -> GateDecision:
     """Release unless the candidate is worse than serving by more than ``margin``."""
-    drop = serving.accuracy - candidate.accuracy
+    m = candidate.spec
+    name, side = m.name, "below" if m.higher_is_better else "above"
+    drop = m.worse_by(serving.value, candidate.value)
     if drop > margin:
         return GateDecision(
             False,
-            f"held-out accuracy {candidate.accuracy:.4f} is {drop:.4f} below serving "
-            f"{serving.accuracy:.4f} (margin {margin})",
+            f"held-out {name} {candidate.value:.4f} is {drop:.4f} {side} serving "
+            f"{serving.value:.4f} ({m.direction} is better, margin {margin})",
         )
-    if edge_accuracy is not None and serving_edge_accuracy is not None:
-        edge_drop = serving_edge_accuracy - edge_accuracy
+    if edge_value is not None and serving_edge_value is not None:
+        edge_drop = m.worse_by(serving_edge_value, edge_value)
         if edge_drop > margin:
             return GateDecision(
                 False,
-                f"edge-reported accuracy {edge_accuracy:.4f} is {edge_drop:.4f} below "
-                f"serving {serving_edge_accuracy:.4f} (margin {margin})",
+                f"edge-reported {name} {edge_value:.4f} is {edge_drop:.4f} {side} "
+                f"serving {serving_edge_value:.4f} ({m.direction} is better, margin {margin})",
             )
     return GateDecision(
         True,
-        f"held-out accuracy {candidate.accuracy:.4f} vs serving {serving.accuracy:.4f}",
+        f"held-out {name} {candidate.value:.4f} vs serving {serving.value:.4f}",
     )

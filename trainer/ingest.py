@@ -22,7 +22,6 @@ redelivery with a delay. Nothing a bad input does stops the loop.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from nats.js.api import ConsumerConfig
 from fedcore.compression import Vector, decode_update
 from fedcore.enrollment import EdgeRegistry, EdgeStatus
 from fedcore.envelope import (
+    BytesLike,
     RecipientPrivateKey,
     UpdateHeader,
     check_header,
@@ -231,6 +231,29 @@ class UpdateIngestor:
                 log.warning("update fetch failed; retrying", extra={"error": repr(exc)})
                 await asyncio.sleep(self.options.retry_delay_s)
 
+    async def catch_up(self, within_s: float = 30.0, timeout_s: float = 0.5) -> int:
+        """Handle what the stream holds now, until a fetch finds nothing (at most
+        ``within_s``); how many. After a restart, before rounds are judged: a deadline
+        that passed while the trainer was down must not drop the updates sent in time."""
+        loop = asyncio.get_running_loop()
+        deadline, handled = loop.time() + within_s, 0
+        while loop.time() < deadline:
+            try:
+                outcomes = await self.poll(timeout_s=timeout_s)
+            except _TRANSIENT as exc:
+                log.warning("catching up failed; rounds go on", extra={"error": repr(exc)})
+                break
+            if not outcomes:
+                break
+            handled += len(outcomes)
+        return handled
+
+    async def backlog(self) -> int:
+        """Messages of the consumer not settled yet: undelivered, or delivered and not acked
+        (a killed trainer's stay so until the ack wait redelivers them)."""
+        info = await self._js.consumer_info(self.options.stream, self.options.durable)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
     async def handle(self, msg: Msg) -> Outcome:
         """Process one message and settle it: ack, term or nak."""
         outcome = await self.process(msg)
@@ -295,10 +318,11 @@ class UpdateIngestor:
         header, vector = await asyncio.to_thread(
             self._verify, envelope, model, edge_id, registry, target
         )
-        update = AcceptedUpdate(header, vector, sha256_hex(envelope), seq)
-        return await self._record_and_fold(update)
+        digest = sha256_hex(envelope)
+        del envelope  # not held while folding: a large model's envelope is its size again
+        return await self._record_and_fold(AcceptedUpdate(header, vector, digest, seq))
 
-    async def _resolve(self, data: bytes) -> tuple[bytes, str]:
+    async def _resolve(self, data: bytes) -> tuple[BytesLike, str]:
         """The envelope bytes of a message, fetched from the object store for a pointer."""
         limit = self.options.max_update_bytes
         if not is_pointer(data):
@@ -314,7 +338,9 @@ class UpdateIngestor:
         pointer.check(envelope)
         return envelope, "object"
 
-    async def _get_object(self, pointer: UpdatePointer) -> bytes:
+    async def _get_object(self, pointer: UpdatePointer) -> bytearray:
+        """The object's bytes, written into one buffer of the pointer's size as they come
+        (no growing buffer, no copy at the end)."""
         store = await self._js.object_store(pointer.bucket)
         try:
             info = await store.get_info(pointer.name)
@@ -324,20 +350,21 @@ class UpdateIngestor:
             raise Refused(
                 "bad-pointer", f"object is {info.size} bytes, pointer says {pointer.size}"
             )
-        sink = io.BytesIO()
+        sink = _FixedSink(pointer.size)
         try:
             await asyncio.wait_for(
-                store.get(pointer.name, writeinto=sink), self.options.object_timeout_s
+                store.get(pointer.name, writeinto=sink),  # type: ignore[arg-type]
+                self.options.object_timeout_s,
             )
         except nats.js.errors.DigestMismatchError:
             raise Refused("bad-pointer", f"object {pointer.name} fails its digest") from None
         except nats.js.errors.NotFoundError:
             raise Refused("object-missing", f"object {pointer.name} does not exist") from None
-        return sink.getvalue()
+        return sink.filled()
 
     def _verify(
         self,
-        envelope: bytes,
+        envelope: BytesLike,
         model: str,
         edge_id: str,
         registry: EdgeRegistry,
@@ -366,7 +393,7 @@ class UpdateIngestor:
         if target is None:
             raise Refused("no-open-round", f"no round of {model!r} is open")
         target.check(header)
-        return header, decode_update(payload, header.compression, target.sizes)
+        return header, decode_update(payload, header.compression, target.sizes, take=True)
 
     async def _record_and_fold(self, update: AcceptedUpdate) -> UpdateHeader | Outcome:
         h = update.header
@@ -483,3 +510,25 @@ class UpdateIngestor:
                 f"stream message {record.stream_seq} is not update {record.update_id}"
             )
         return AcceptedUpdate(header, vector, record.digest, record.stream_seq)
+
+
+class _FixedSink:
+    """A write target of exactly ``size`` bytes for the object store client; an object
+    longer than its pointer says is refused rather than grown into."""
+
+    def __init__(self, size: int) -> None:
+        self._buffer = bytearray(size)
+        self._at = 0
+
+    def write(self, data: bytes) -> int:
+        end = self._at + len(data)
+        if end > len(self._buffer):
+            raise Refused("bad-pointer", f"object is longer than the {len(self._buffer)} bytes")
+        self._buffer[self._at : end] = data
+        self._at = end
+        return len(data)
+
+    def filled(self) -> bytearray:
+        if self._at != len(self._buffer):
+            raise Refused("bad-pointer", f"object is {self._at} bytes, pointer says more")
+        return self._buffer

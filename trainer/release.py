@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from numpy.typing import NDArray
 
 from fedcore.artifact import verify_version_dir
 from fedcore.artifact_store import upload_version
+from fedcore.errors import ModelSpecError
+from fedcore.fed_eval import FedEvalResult
 from fedcore.kv import kv_bucket
 from fedcore.spec import ModelSpec
 from fedcore.triton_model import ONNX_FILE
@@ -36,10 +40,26 @@ from fedcore.wire import (
     version_key,
 )
 from trainer.bootstrap import write_version
-from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_accuracy
+from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_metric
+from trainer.retry import retry_transient
 from trainer.rounds import RoundBook
 
 log = logging.getLogger(__name__)
+
+
+FederatedEval = Callable[[str, int, NDArray[Any], NDArray[Any]], Awaitable[FedEvalResult]]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate decided, on which evaluation and how many samples."""
+
+    candidate: Metrics | None
+    serving: Metrics | None
+    release: bool
+    reason: str
+    evaluation: str
+    samples: int
 
 
 @dataclass(frozen=True)
@@ -51,10 +71,14 @@ class ReleaseContext:
     artifacts_dir: Path
     state_dir: Path
     margin: float
-    eval_x: NDArray[Any]
-    eval_y: NDArray[Any]
+    eval_x: Any
+    """the evaluation inputs: an array (one-input models) or arrays by input name; None
+    when the trainer holds no evaluation set (the edges evaluate: ``federated``)"""
+    eval_y: NDArray[Any] | None
     replicas: int = 1
     """of the buckets a release writes (``nats_replicas``), should one be missing"""
+    federated: FederatedEval | None = None
+    """asks the edges to score (model, round, candidate, serving) on their held-out splits"""
 
 
 def epsilon_spent(book: RoundBook) -> float | None:
@@ -86,19 +110,54 @@ def _contributors(book: RoundBook) -> list[Contributor]:
     ]
 
 
-def _gate(
-    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any]
-) -> tuple[Metrics, Metrics, bool, str]:
+def _gate(ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any]) -> Decision:
+    """The gate on the trainer's own evaluation set (blocking: torch)."""
+    if ctx.eval_y is None:
+        raise RuntimeError("central gate without an evaluation set")
     cand = evaluate(ctx.spec, candidate, ctx.eval_x, ctx.eval_y)
     serving = evaluate(ctx.spec, book.params, ctx.eval_x, ctx.eval_y)
     folded = book.current.folded.values() if book.current else []
+    name = ctx.spec.task.metric
     reports = {  # weighted as folded: a claimed sample count is capped (trainer.bounds)
-        c.edge_id: (c.metrics["accuracy"], round(c.weight))
-        for c in folded
-        if "accuracy" in c.metrics
+        c.edge_id: (c.metrics[name], round(c.weight)) for c in folded if name in c.metrics
     }
-    decision = gate(cand, serving, margin=ctx.margin, edge_accuracy=weighted_edge_accuracy(reports))
-    return cand, serving, decision.release, decision.reason
+    decision = gate(cand, serving, margin=ctx.margin, edge_value=weighted_edge_metric(reports))
+    return Decision(cand, serving, decision.release, decision.reason, "central", cand.samples)
+
+
+async def _federated_gate(
+    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any], round_id: int
+) -> Decision:
+    """The gate on the edges' held-out splits: aggregates only, weighted by their counts."""
+    if ctx.federated is None:
+        raise RuntimeError("no evaluation set and no federated evaluation")
+    fed = await ctx.federated(ctx.spec.name, round_id, candidate, book.params)
+    if fed.shortfall is not None or fed.candidate is None or fed.serving is None:
+        return Decision(None, None, False, str(fed.shortfall), "federated", fed.samples)
+    name = ctx.spec.task.metric
+    cand = Metrics(name, fed.candidate, float(fed.candidate_loss or 0.0), fed.samples)
+    serving = Metrics(name, fed.serving, float(fed.serving_loss or 0.0), fed.samples)
+    decision = gate(cand, serving, margin=ctx.margin)
+    reason = f"{decision.reason} (federated: {fed.edges} edges)"
+    return Decision(cand, serving, decision.release, reason, "federated", fed.samples)
+
+
+def record_metrics(d: Decision) -> dict[str, Any]:
+    """A round record's metric fields (``accuracy`` too when the metric is accuracy)."""
+    out: dict[str, Any] = {"evaluation": d.evaluation, "eval_samples": d.samples}
+    cand, serving = d.candidate, d.serving
+    if cand is None or serving is None:
+        return out
+    out.update(
+        metric=cand.metric,
+        higher_is_better=cand.spec.higher_is_better,
+        value=cand.value,
+        serving_value=serving.value,
+        loss=cand.loss,
+    )
+    if cand.metric == "accuracy":
+        out.update(accuracy=cand.value, serving_accuracy=serving.value)
+    return out
 
 
 def _write(
@@ -127,6 +186,7 @@ async def close_round(
     if rnd is None:
         raise RuntimeError("close_round without an open round")
     a = rnd.announcement
+    closed_ts = book.begin_close()  # no update joins while the release runs
     book.settle()  # updates held back for the round's bounds are folded now
     contributors = _contributors(book)
     secure = rnd.secure
@@ -141,7 +201,7 @@ async def close_round(
             base_version=a.base_version,
             epsilon=epsilon_spent(book),
             opened_ts=a.opened_ts,
-            closed_ts=time.time(),
+            closed_ts=closed_ts,
             contributors=contributors,
             secure=a.secure,
             survivors=None if secure is None else len(secure.survivors),
@@ -154,7 +214,10 @@ async def close_round(
         book.abandon()
     else:
         result = await _release_or_hold(ctx, book, js, contributors, a.round, record)
-    await _put(js, ROUND_LOG_BUCKET, round_key(book.model, a.round), result.encode(), ctx.replicas)
+    key = round_key(book.model, a.round)
+    await retry_transient(
+        lambda: _put(js, ROUND_LOG_BUCKET, key, result.encode(), ctx.replicas), "round record"
+    )
     log.info(
         "round closed",
         extra={
@@ -179,19 +242,35 @@ async def _release_or_hold(
     # leave its step behind, or every later round would carry the rejected direction
     before = {k: v.copy() for k, v in book.strategy.server_state().items()}
     candidate = await asyncio.to_thread(book.finalize)
-    cand, serving, release, reason = await asyncio.to_thread(_gate, ctx, book, candidate)
-    metrics = {"accuracy": cand.accuracy, "loss": cand.loss, "serving_accuracy": serving.accuracy}
+    if ctx.eval_y is None:
+        decision = await _federated_gate(ctx, book, candidate, round_id)
+    else:
+        decision = await asyncio.to_thread(_gate, ctx, book, candidate)
+    metrics = record_metrics(decision)
     metrics["step_scale"] = book.step_scale
-    if not release:
+
+    def hold(why: str) -> RoundRecord:
         book.strategy.load_server_state(before)
         book.after_hold()
         book.abandon()
-        result: RoundRecord = record("held", reason, **metrics)
+        result: RoundRecord = record("held", why, **metrics)
         return result
+
+    reason, cand = decision.reason, decision.candidate
+    if not decision.release or cand is None:
+        return hold(reason)
     version = book.version + 1
-    directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
+    try:
+        directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
+    except ModelSpecError as exc:  # the candidate cannot be served: held, the trainer goes on
+        log.error("candidate not exportable", extra={"model": book.model, "error": str(exc)})
+        shutil.rmtree(ctx.artifacts_dir / book.model / str(version), ignore_errors=True)
+        return hold(f"export failed: {exc}")
     digest = await asyncio.to_thread(version_digest, directory)
-    await upload_version(js, book.model, version, directory, replicas=ctx.replicas)
+    await retry_transient(
+        lambda: upload_version(js, book.model, version, directory, replicas=ctx.replicas),
+        "version upload",
+    )
     lineage = Lineage(
         model=book.model,
         version=version,
@@ -201,12 +280,17 @@ async def _release_or_hold(
         strategy=book.strategy.name,
         contributors=contributors,
         samples=sum(c.samples for c in contributors),
-        accuracy=cand.accuracy,
+        metric=cand.metric,
+        value=cand.value,
+        accuracy=cand.value if cand.metric == "accuracy" else None,
         loss=cand.loss,
         epsilon=epsilon_spent(book),
         created_ts=time.time(),
     )
-    await _put(js, LINEAGE_BUCKET, version_key(book.model, version), lineage.encode(), ctx.replicas)
+    key = version_key(book.model, version)
+    await retry_transient(
+        lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
+    )
     book.advance(version, digest, candidate)
     book.after_release()
     released: RoundRecord = record("released", reason, released_version=version, **metrics)

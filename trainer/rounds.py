@@ -89,6 +89,9 @@ class OpenRound:
     """Updates accepted but not folded yet: the first ones of a round wait until the
     medians their bounds need are known (:mod:`trainer.bounds`). Not checkpointed: after
     a restart the ledger's records bring them back from the stream."""
+    closing_ts: float | None = None
+    """Set when the round stopped taking updates (:meth:`RoundBook.begin_close`); closing
+    takes seconds (candidate, gate, export, upload) and nothing may join meanwhile."""
 
     @property
     def round(self) -> int:
@@ -209,8 +212,9 @@ class RoundBook:
 
         Folding an update id the round holds changes nothing; a second update of an edge
         that contributed already is refused (``second-update``): an asynchronous buffer
-        takes updates signed for earlier rounds, which the ledger keys apart. An invalid
-        vector is refused (``UpdateRejected``) before anything changes."""
+        takes updates signed for earlier rounds, which the ledger keys apart. A round being
+        closed takes no new update (``round-closed``). An invalid vector is refused
+        (``UpdateRejected``) before anything changes."""
         rnd = self._require_open()
         known = (
             rnd.folded.get(contribution.update_id)
@@ -218,6 +222,10 @@ class RoundBook:
         )
         if known is not None:
             return known
+        if rnd.closing_ts is not None:
+            raise UpdateRejected(
+                "round-closed", f"round {rnd.round} of {self.model} is closing: too late"
+            )
         if contribution.edge_id in rnd.edges():
             raise UpdateRejected(
                 "second-update",
@@ -233,6 +241,15 @@ class RoundBook:
                 self.settle()
             return rnd.folded.get(arrived.update_id, arrived)
         return self._fold_bounded(rnd, arrived, update)
+
+    def begin_close(self, now: float | None = None) -> float:
+        """The open round takes no more updates (:meth:`fold` refuses ``round-closed``);
+        it stays :attr:`current` until :meth:`advance` or :meth:`abandon`. Returns when
+        it stopped taking them (its record's ``closed_ts``)."""
+        rnd = self._require_open()
+        if rnd.closing_ts is None:
+            rnd.closing_ts = time.time() if now is None else now
+        return rnd.closing_ts
 
     def settle(self) -> None:
         """Fold the updates held back, with the bounds of every update the round has

@@ -47,7 +47,15 @@ from fedcore.secagg import (
     UnmaskResponse,
 )
 from fedcore.secagg.config import MIN_PARTICIPANTS, RoundParams
-from fedcore.secagg.frame import ANSWERS, FROM_EDGE, Frame, Phase, secure_round_id
+from fedcore.secagg.frame import (
+    ANSWERS,
+    FROM_EDGE,
+    Frame,
+    Phase,
+    masked_frame_bytes,
+    secure_round_id,
+)
+from fedcore.secagg.parts import ACK, BUSY, Reassembler
 from fedcore.secagg.quantize import edge_bound
 from trainer.rounds import RoundBook, SecureOutcome
 from trainer.secure_metrics import SecureMetrics
@@ -341,6 +349,8 @@ class SecureCoordinator:
         self.dims = dict(dims)
         self.timing = timing
         self._running: dict[str, _Running] = {}
+        self._parts = Reassembler(max_open=2, stale_s=max(timing.resend_s * 4, 5.0))
+        """Masked inputs too large for one message come in parts (at most two at once)."""
 
     def handles(self, model: str) -> bool:
         """True when ``model``'s rounds are securely aggregated."""
@@ -362,10 +372,23 @@ class SecureCoordinator:
         running = self._running.get(model)
         if direction != "from" or running is None:
             return
+        dropped = self._parts.dropped
         try:
-            frame = Frame.decode(msg.data)
+            whole = self._parts.offer(
+                f"{model}/{edge}",
+                msg.data,
+                max_total=masked_frame_bytes(self.dims[model]),
+                now=time.monotonic(),
+            )
+            if msg.reply:  # a paced part: the edge waits for this before sending more
+                await msg.respond(BUSY if self._parts.dropped > dropped else ACK)
+            if whole is None:  # more parts to come
+                return
+            frame = Frame.decode(bytes(whole))
         except SecAggError as exc:
             log.warning("secure round: bad frame: %s", exc, extra={"model": model, "edge": edge})
+            if msg.reply:
+                await msg.respond(exc.reason.encode())
             return
         if frame.phase in FROM_EDGE:
             running.round.offer(edge, frame)

@@ -4,9 +4,10 @@ Secure aggregation hands the trainer only the sum of a round's updates, so every
 that needs them one by one is refused before the trainer does anything else, with a
 :class:`ConfigError` that says why (the service then exits non-zero with that message):
 robust strategies (median, trimmed mean, Krum), trainer-side clipping of individual updates
-(strategy ``clipping``), buffered asynchronous rounds, and a model too large for one NATS
-message. ``dp_fedavg`` is accepted: the edges clip (``secagg clip_norm``) instead of the
-trainer and the noise goes on the sum (:meth:`DPFedAvg.noise_std_for`).
+(strategy ``clipping``) and buffered asynchronous rounds. A model too large for one NATS
+message is fine: masked inputs travel in parts (:mod:`fedcore.secagg.parts`).
+``dp_fedavg`` is accepted: the edges clip (``secagg clip_norm``) instead of the trainer and
+the noise goes on the sum (:meth:`DPFedAvg.noise_std_for`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 from fedcore.errors import ConfigError
 from fedcore.secagg import SecAggConfig, check_compatible
 from fedcore.secagg.config import normalise_strategy
-from fedcore.secagg.frame import masked_frame_bytes
 from trainer.settings import TrainerSettings
 
 
@@ -48,16 +48,3 @@ def secure_configs(settings: TrainerSettings) -> dict[str, SecAggConfig]:
         check_strategy(settings.strategy)
         configs[model] = options.config()
     return configs
-
-
-def check_payload(model: str, dim: int, max_payload: int) -> None:
-    """Refuse a model whose masked input does not fit one NATS message (a known limit:
-    secure-aggregation messages are not chunked)."""
-    need = masked_frame_bytes(dim)
-    if need > max_payload:
-        raise ConfigError(
-            f"secure aggregation of {model!r} sends each edge's masked update ({dim} values, "
-            f"about {need} bytes) in one NATS message, over the server's max_payload of "
-            f"{max_payload} bytes; raise max_payload on the NATS server or turn secagg off "
-            "for this model"
-        )

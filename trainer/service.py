@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import nats
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry
 
 from fedcore import subjects
@@ -26,12 +29,14 @@ from fedcore.artifact_store import models_bucket, upload_version
 from fedcore.compression import sizes_from_layout
 from fedcore.envelope import RecipientPrivateKey
 from fedcore.errors import ConfigError
+from fedcore.fed_eval import FedEvalPolicy, FedEvalResult
 from fedcore.keys import load_ed25519, load_hpke_key
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.params import layout, load_weights_file
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.transport import INLINE_MAX_BYTES, StreamSpec
+from fedcore.weights import evaluation_data
 from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
@@ -43,17 +48,19 @@ from trainer.bounds import UpdateBounds
 from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
 from trainer.errors import PrivacyBudgetExceeded
+from trainer.fed_eval import federated_evaluate
 from trainer.fleet import Fleet
 from trainer.ingest import IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.registry import RegistryFile, keep_mirrored, mirror_registry
-from trainer.release import ReleaseContext, close_round, version_digest
+from trainer.release import FederatedEval, ReleaseContext, close_round, version_digest
+from trainer.retry import retry_transient
 from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
-from trainer.secure_setup import check_payload, secure_configs
+from trainer.secure_setup import secure_configs
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 from trainer.strategies.accountant import PrivacyLedger
@@ -229,6 +236,24 @@ def round_verdict(book: RoundBook, secure: SecureCoordinator | None) -> tuple[bo
     return verdict != "wait", "deadline passed without quorum" if verdict == "fail" else None
 
 
+async def stream_behind(
+    book: RoundBook, backlog: Callable[[], Awaitable[int]] | None, grace_s: float
+) -> bool:
+    """True while ``book``'s sync round, past its deadline by less than ``grace_s``, should
+    wait for updates the stream still holds: sent in time, not handled yet (after a
+    restart, those the killed trainer had fetched come back only after the ack wait)."""
+    rnd = book.current
+    if backlog is None or rnd is None or rnd.announcement.secure or rnd.closing_ts:
+        return False
+    a, now = rnd.announcement, time.time()
+    if a.mode != "sync" or not a.deadline_ts <= now < a.deadline_ts + grace_s:
+        return False
+    try:
+        return await backlog() > 0
+    except (TimeoutError, nats.errors.Error):
+        return False
+
+
 async def run_rounds(
     settings: TrainerSettings,
     driver: RoundDriver,
@@ -239,16 +264,19 @@ async def run_rounds(
     rollouts: RolloutRequester | None = None,
     secure: SecureCoordinator | None = None,
     outcomes: RoundOutcomes | None = None,
+    backlog: Callable[[], Awaitable[int]] | None = None,
 ) -> None:
-    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds``);
-    each released version is handed to ``rollouts`` (the gateway rolls it out); secure
-    rounds run through ``secure``; ``outcomes`` counts how rounds ended."""
-    closed = 0
+    """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds`` of
+    each model); each released version is handed to ``rollouts`` (the gateway rolls it
+    out); secure rounds run through ``secure``; ``outcomes`` counts how rounds ended;
+    ``backlog`` (the ingestor's) holds a round past its deadline while updates wait in the
+    stream."""
+    closed = dict.fromkeys(driver.books, 0)  # per model: one model's rounds are its own
     exhausted: set[str] = set()
     while not stop.is_set():
         for model, book in driver.books.items():
             if book.current is None:
-                if settings.max_rounds is not None and closed >= settings.max_rounds:
+                if settings.max_rounds is not None and closed[model] >= settings.max_rounds:
                     continue
                 if model in exhausted:
                     continue
@@ -260,12 +288,14 @@ async def run_rounds(
                     exhausted.add(model)
                     continue
                 driver.save(model)
-                await announce(js, book, settings.nats_replicas)
+                await retry_transient(
+                    partial(announce, js, book, settings.nats_replicas), "round announcement"
+                )
                 if secure is not None and book.current and book.current.announcement.secure:
                     secure.begin(book)
                 continue
             ready, failed = round_verdict(book, secure)
-            if not ready:
+            if not ready or await stream_behind(book, backlog, settings.updates_ack_wait_s + 5):
                 continue
             record = await close_round(contexts[model], book, js, failed=failed)
             if outcomes is not None:
@@ -274,7 +304,7 @@ async def run_rounds(
                 rollouts.request(model, record.released_version)
             driver.digests[model][book.version] = book.digest
             driver.save(model)
-            closed += 1
+            closed[model] += 1
             await asyncio.sleep(settings.round_interval_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)
@@ -333,7 +363,7 @@ async def _run(
     contexts: dict[str, ReleaseContext] = {}
     for m in settings.models:
         spec = get_spec(m)
-        _, _, x_test, y_test = spec.dataset()
+        x_test, y_test = evaluation_data(spec) or (None, None)  # None: the edges evaluate
         contexts[m] = ReleaseContext(
             spec,
             signing,
@@ -343,6 +373,7 @@ async def _run(
             x_test,
             y_test,
             replicas=settings.nats_replicas,
+            federated=federated_runner(settings, nc, signing, registry),
         )
         for v in released_versions(settings, m):
             driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))
@@ -363,14 +394,7 @@ async def _run(
         ),
     )
     await ingestor.bind()
-    for m, book in books.items():
-        target = driver.target(m)
-        if target is not None and book.current is not None:
-            refolded = await ingestor.refold(target, set(book.current.folded))
-            if refolded:
-                driver.save(m)
-                log.info("refolded after restart", extra={"model": m, "updates": len(refolded)})
-            await announce(js, book, settings.nats_replicas)
+    await recover(settings, driver, ingestor, js)
     fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
     secure = await start_secure(settings, nc, registry, sizes, fleet.alive, telemetry.registry)
@@ -381,13 +405,66 @@ async def _run(
             ingestor.run(stop),
             keep_mirrored(js, registry, stop, replicas=settings.nats_replicas),
             run_rounds(
-                settings, driver, contexts, js, fleet, stop, rollouts, secure, telemetry.outcomes
+                settings,
+                driver,
+                contexts,
+                js,
+                fleet,
+                stop,
+                rollouts,
+                secure,
+                telemetry.outcomes,
+                ingestor.backlog,
             ),
             *([rollouts.run(stop)] if rollouts is not None else []),
         )
     finally:
         if secure is not None:
             await secure.stop()
+
+
+async def recover(
+    settings: TrainerSettings, driver: RoundDriver, ingestor: UpdateIngestor, js: JetStreamContext
+) -> None:
+    """After a restart: fold again what the ledger accepted into the open rounds, announce
+    them, then handle the stream's backlog (updates sent while the trainer was down count
+    before a deadline that passed meanwhile closes their round)."""
+    for m, book in driver.books.items():
+        target = driver.target(m)
+        if target is not None and book.current is not None:
+            refolded = await ingestor.refold(target, set(book.current.folded))
+            if refolded:
+                driver.save(m)
+                log.info("refolded after restart", extra={"model": m, "updates": len(refolded)})
+            await announce(js, book, settings.nats_replicas)
+    caught_up = await ingestor.catch_up()
+    if caught_up:
+        log.info("caught up with the updates stream", extra={"messages": caught_up})
+
+
+def federated_runner(
+    settings: TrainerSettings,
+    nc: NATS,
+    signing: ed25519.Ed25519PrivateKey,
+    registry: RegistryFile,
+) -> FederatedEval:
+    """Federated evaluation as the settings bound it, signed with the version-signing key
+    and counting reports from enrolled edges only."""
+    policy = FedEvalPolicy(
+        min_edges=settings.fed_eval_min_edges,
+        min_samples=settings.fed_eval_min_samples,
+        max_samples_per_edge=settings.fed_eval_max_samples_per_edge,
+        timeout_s=settings.fed_eval_timeout_s,
+    )
+
+    async def run(
+        model: str, round_id: int, candidate: NDArray[Any], serving: NDArray[Any]
+    ) -> FedEvalResult:
+        return await federated_evaluate(
+            nc, signing, registry.active_keys, model, round_id, candidate, serving, policy
+        )
+
+    return run
 
 
 async def start_secure(
@@ -405,8 +482,6 @@ async def start_secure(
     if not configs:
         return None
     dims = {m: sum(sizes[m]) for m in configs}
-    for model, dim in dims.items():
-        check_payload(model, dim, nc.max_payload)
 
     async def send(subject: str, data: bytes) -> None:
         await nc.publish(subject, data)

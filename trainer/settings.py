@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
 from fedcore.settings import NatsReplicas, ServiceSettings
 from fedcore.transport import StreamSpec
@@ -19,7 +20,18 @@ class TrainerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FEDGATE_TRAINER_", extra="forbid", frozen=True)
 
     data_dir: Path = Field(description="artifacts/<model>/<version>/ and state/ live here")
-    models: list[str] = Field(default=["digits"], description="models the trainer runs rounds for")
+    models: list[str] = Field(
+        default=["digits"],
+        description="models the trainer runs rounds for: built-in names, entry points of "
+        "group fedgate.models, or package.module:SPEC",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        """References resolved, checked (module on a dummy batch, weights) and named."""
+        return models_setting(v, deep=True)
+
     signing_key_file: Path = Field(description="Ed25519 private key (0600) that signs versions")
     bootstrap_seed_fraction: float = Field(
         default=0.1, gt=0, le=1, description="share of the public train split used for version 1"
@@ -136,7 +148,22 @@ class TrainerSettings(ServiceSettings):
         default=0.01, ge=0, description="hold back a candidate this much less accurate"
     )
     round_interval_s: float = Field(default=0.5, ge=0, description="pause between rounds")
-    max_rounds: int | None = Field(default=None, ge=1, description="stop opening rounds after N")
+    # federated evaluation: the gate of a model the trainer holds no evaluation set for
+    fed_eval_min_edges: int = Field(
+        default=2, ge=1, description="edges that must report before federated evaluation decides"
+    )
+    fed_eval_min_samples: int = Field(
+        default=20, ge=1, description="held-out samples the reporting edges must hold in all"
+    )
+    fed_eval_max_samples_per_edge: int = Field(
+        default=5000, ge=1, description="one edge's reported held-out count weighs at most this"
+    )
+    fed_eval_timeout_s: float = Field(
+        default=10.0, gt=0, description="how long the trainer gathers the edges' reports"
+    )
+    max_rounds: int | None = Field(
+        default=None, ge=1, description="stop opening rounds of a model after N of its rounds"
+    )
     gateway_url: str | None = Field(
         default=None, description="gateway asked to roll out each released version (None: not)"
     )

@@ -10,9 +10,11 @@
   deadline (negative once it passed);
 - ``fedgate_trainer_rounds_closed_total{model,outcome}``: rounds closed, by outcome
   (``released``, ``held``, ``failed``; every pair exported from the start, at 0);
-- ``fedgate_trainer_candidate_accuracy{model}`` and ``..._serving_accuracy{model}``: the
-  held-out accuracy of the last evaluated candidate and of the version it was gated
-  against; ``fedgate_trainer_privacy_epsilon{model}``: epsilon spent (central DP only).
+- ``fedgate_trainer_candidate_metric{model,metric}`` and ``..._serving_metric{model,metric}``:
+  the gate metric (the model's own: accuracy, mae, ...) of the last evaluated candidate and
+  of the version it was gated against; ``fedgate_trainer_candidate_accuracy{model}`` and
+  ``..._serving_accuracy{model}`` the same for models whose metric is accuracy;
+  ``fedgate_trainer_privacy_epsilon{model}``: epsilon spent (central DP only).
 
 The round series are read from the round books when Prometheus scrapes (no bookkeeping on
 the rounds' path). Served on ``metrics_port`` when the settings set one.
@@ -97,6 +99,18 @@ class RoundOutcomes:
             ["model"],
             registry=registry,
         )
+        self.metric = Gauge(
+            "fedgate_trainer_candidate_metric",
+            "The gate metric (accuracy, mae, ...) of the last evaluated candidate version",
+            ["model", "metric"],
+            registry=registry,
+        )
+        self.serving_metric = Gauge(
+            "fedgate_trainer_serving_metric",
+            "The gate metric of the version the last candidate was gated against",
+            ["model", "metric"],
+            registry=registry,
+        )
         self.epsilon = Gauge(
             "fedgate_trainer_privacy_epsilon",
             "Epsilon spent so far (central DP only)",
@@ -113,6 +127,10 @@ class RoundOutcomes:
             self.candidate.labels(record.model).set(record.accuracy)
         if record.serving_accuracy is not None:
             self.serving.labels(record.model).set(record.serving_accuracy)
+        if record.metric is not None and record.value is not None:
+            self.metric.labels(record.model, record.metric).set(record.value)
+        if record.metric is not None and record.serving_value is not None:
+            self.serving_metric.labels(record.model, record.metric).set(record.serving_value)
         if record.epsilon is not None:
             self.epsilon.labels(record.model).set(record.epsilon)
 

@@ -72,4 +72,5 @@ DIGITS = ModelSpec(
     input_convention=(
         "pixels: FP32 [batch, 64], the 8x8 image row-major, intensities 0..16 divided by 16"
     ),
+    builtin=True,
 )

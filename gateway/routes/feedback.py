@@ -1,6 +1,6 @@
 """``POST /v1/feedback``: a label for a request an edge served, joined on that edge.
 
-Body ``{"model": str, "id": str, "label": int, "weight": float = 1.0}``; ``id`` is the
+Body ``{"model": str, "id": str, "label": ..., "weight": float = 1.0}``; ``id`` is the
 OIP request ``id`` the client sent with its inference request. With the
 ``x-fedgate-feedback-token`` header of that request's response (:mod:`gateway.feedback_token`)
 the label goes to the edge that served it, on ``fedgate.feedback.<model>-<edge>``, which
@@ -11,8 +11,9 @@ evicted it says so (410); nobody is a 404. A label binds to the key that made th
 the edge spooled it as ``<key name>/<id>`` and the gateway asks for the caller's key, so
 another key's label for the same id, or a token minted for another key or model, is the
 same 404 as an unknown id (nothing says whether the id exists). A malformed body is a 422
-naming the field; the label must be a class index of the model. Needs a key of role
-``infer``. The label goes to the edge only: the gateway stores nothing.
+naming the field; the label must be what the model's task takes: a class index of the
+model (``digits``), a number, or a vector as long as the task's output. Needs a key of
+role ``infer``. The label goes to the edge only: the gateway stores nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from fastapi import APIRouter, Depends, Request
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from fedcore import subjects
 from fedcore.errors import ModelSpecError
 from fedcore.models import get_spec
+from fedcore.task import check_label
 from fedcore.wire import REQUEST_ID, FeedbackReply, FeedbackRequest, WireError
 from gateway.errors import GatewayError, NotFound, PayloadTooLarge, Unavailable
 from gateway.feedback_token import HEADER as TOKEN_HEADER
@@ -56,7 +58,19 @@ class FeedbackBody(BaseModel):
     id: str = Field(
         pattern=REQUEST_ID.pattern, description="the OIP request id sent with the inference"
     )
-    label: StrictInt = Field(ge=0, description="class index, below the model's output size")
+    label: JsonValue = Field(
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "number"},
+                {"type": "array", "items": {"type": "number"}},
+            ]
+        },
+        description=(
+            "as the model's task says: a class index below the output's width, a number, "
+            "or a vector (multi-hot: 0/1) as long as the output"
+        ),
+    )
     weight: float = Field(
         default=1.0, gt=0.0, le=1000.0, allow_inf_nan=False, description="sample weight"
     )
@@ -166,16 +180,15 @@ def parse_feedback(body: bytes, key: str | None = None) -> FeedbackRequest:
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise GatewayError(f"{where}: {first['msg']}", 422) from None
     try:
-        classes = int(get_spec(parsed.model).outputs[0].shape[-1])
+        spec = get_spec(parsed.model)
     except ModelSpecError as exc:
         raise NotFound(str(exc)) from None
-    if parsed.label >= classes:
-        raise GatewayError(
-            f"label: {parsed.label} is not a class of model {parsed.model!r} (0..{classes - 1})",
-            422,
-        )
+    try:
+        label = check_label(spec.task, spec.target.width, parsed.label)
+    except ValueError as exc:
+        raise GatewayError(f"label: {exc} (model {parsed.model!r})", 422) from None
     return FeedbackRequest(
-        model=parsed.model, id=parsed.id, label=parsed.label, weight=parsed.weight, key=key
+        model=parsed.model, id=parsed.id, label=label, weight=parsed.weight, key=key
     )
 
 

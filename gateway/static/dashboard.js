@@ -116,23 +116,39 @@ function ticks(lo, hi, n) {
   return out;
 }
 
-// One chart, two y axes: accuracy (left, zoomed to the data) and loss (right, from 0).
+// A round's gate metric (the model's own: accuracy, mae, ...), older records: accuracy.
+function metricOf(rounds) {
+  const last = rounds.filter((r) => r.metric).pop();
+  return last ? { name: last.metric, higher: last.higher_is_better !== false }
+    : { name: "accuracy", higher: true };
+}
+
+function withMetric(r) {
+  return { ...r, accuracy: r.value ?? r.accuracy, serving_accuracy: r.serving_value ?? r.serving_accuracy };
+}
+
+// One chart, two y axes: the gate metric (left, zoomed to the data) and loss (right, from 0).
 function roundsChart(rounds) {
+  const metric = metricOf(rounds);
+  const bounded = metric.name.endsWith("accuracy");  // a share in [0, 1]
+  rounds = rounds.map(withMetric);
   const W = 1100, H = 260, L = 48, R = 52, T = 26, B = 34;
   const xs = rounds.map((r) => r.round);
   const x0 = Math.min(...xs), x1 = Math.max(...xs);
   const values = (keys) => rounds.flatMap((r) => keys.map((k) => r[k]))
     .filter((v) => v !== null && v !== undefined);
   const accs = values(["accuracy", "serving_accuracy"]);
-  const accLo = accs.length ? Math.max(0, Math.floor((Math.min(...accs) - 0.02) * 20) / 20) : 0;
-  const accHi = accs.length ? Math.min(1, Math.ceil((Math.max(...accs) + 0.01) * 20) / 20) : 1;
+  const accLo = !bounded ? 0
+    : accs.length ? Math.max(0, Math.floor((Math.min(...accs) - 0.02) * 20) / 20) : 0;
+  const accHi = !bounded ? niceMax(Math.max(0, ...accs))
+    : accs.length ? Math.min(1, Math.ceil((Math.max(...accs) + 0.01) * 20) / 20) : 1;
   const lossMax = niceMax(Math.max(0, ...values(["loss"])));
   const px = (x) => (x1 === x0 ? (L + W - R) / 2 : L + ((x - x0) * (W - L - R)) / (x1 - x0));
   const py = (f) => T + (1 - f) * (H - T - B);
   const pyAcc = (y) => py((y - accLo) / (accHi - accLo || 1));
   const pyLoss = (y) => py(y / lossMax);
   const g = svg("svg", { class: "chart", id: "rounds-chart", viewBox: `0 0 ${W} ${H}`, role: "img",
-    "aria-label": "accuracy and loss per round" });
+    "aria-label": `${metric.name} and loss per round` });
   for (const f of ticks(0, 1, 4)) {
     g.append(svg("line", { class: "grid", x1: L, x2: W - R, y1: py(f), y2: py(f) }));
     g.append(svg("text", { x: L - 6, y: py(f) + 4, "text-anchor": "end" },
@@ -152,8 +168,8 @@ function roundsChart(rounds) {
   });
   g.append(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "round"));
   const series = [
-    { key: "accuracy", cls: "acc", y: pyAcc, label: "candidate accuracy (left)" },
-    { key: "serving_accuracy", cls: "serving", y: pyAcc, label: "serving accuracy (left)" },
+    { key: "accuracy", cls: "acc", y: pyAcc, label: `candidate ${metric.name} (left)` },
+    { key: "serving_accuracy", cls: "serving", y: pyAcc, label: `serving ${metric.name} (left)` },
     { key: "loss", cls: "loss", y: pyLoss, label: "candidate loss (right)" },
   ];
   series.forEach((s, i) => {
@@ -166,7 +182,7 @@ function roundsChart(rounds) {
       const held = r.outcome !== "released";
       g.append(svg("circle", { class: `pt ${s.cls}${held ? " held" : ""}`, cx: px(r.round),
         cy: s.y(r[s.key]), r: 4, "stroke-width": 2, "data-round": r.round },
-      svg("title", {}, `round ${r.round} ${r.outcome}: ${s.key} ${fmt(r[s.key])}`)));
+      svg("title", {}, `round ${r.round} ${r.outcome}: ${s.label.replace(/ \(.*/, "")} ${fmt(r[s.key])}`)));
     }
     const lx = L + 10 + i * 230;
     g.append(svg("line", { class: `series ${s.cls}`, x1: lx, x2: lx + 22, y1: 12, y2: 12 }));
@@ -287,15 +303,16 @@ function renderVersions(data, edges, routing) {
       l ? l.strategy : "—",
       l ? (l.contributors || []).map((c) => c.edge_id).join(", ") || "—" : "—",
       l ? String(l.samples) : "—",
-      fmt(l && l.accuracy), fmt(l && l.loss),
+      fmt(l && (l.value ?? l.accuracy)), fmt(l && l.loss),
       edgesOf.length ? edgesOf.join(", ") : el("span", { class: "muted" }, "none"),
       l ? clock(l.created_ts) : "—",
       el("span", { class: "mono muted" }, l ? l.digest.slice(0, 12) : ""),
     ];
   });
   setBody("versions", chain, table(
-    ["version", "role", "parent", "round", "strategy", "contributors", "samples", "accuracy",
-      "loss", "served by", "created", "digest"], rows, [6, 7, 8]));
+    ["version", "role", "parent", "round", "strategy", "contributors", "samples",
+      metricOf([...lineage.values()]).name, "loss", "served by", "created", "digest"],
+    rows, [6, 7, 8]));
 }
 
 function outcome(o) {
@@ -313,16 +330,19 @@ function renderRounds(data) {
   const contributors = (r) => r.secure  // securely aggregated: per-edge counts stay on the edges
     ? `${r.survivors ?? "?"} in the sum, ${r.dropped ?? "?"} dropped`
     : (r.contributors || []).map((c) => `${c.edge_id} (${c.samples})`).join(", ") || "—";
-  const rows = rounds.slice().reverse().map((r) => [
+  const metric = metricOf(rounds).name;
+  // which evaluation decided the gate, on how many samples
+  const evaluation = (r) => r.evaluation ? `${r.evaluation} (${r.eval_samples ?? "?"})` : "—";
+  const rows = rounds.slice().reverse().map(withMetric).map((r) => [
     String(r.round), r.secure ? `${r.mode}, secure` : r.mode, outcome(r.outcome), r.reason,
     r.released_version ? `v${r.base_version} → v${r.released_version}` : `v${r.base_version}`,
     contributors(r),
-    fmt(r.accuracy), fmt(r.loss), fmt(r.serving_accuracy), duration(r.closed_ts - r.opened_ts),
-    clock(r.closed_ts),
+    fmt(r.accuracy), fmt(r.loss), fmt(r.serving_accuracy), evaluation(r),
+    duration(r.closed_ts - r.opened_ts), clock(r.closed_ts),
   ]);
   setBody("rounds", roundsChart(rounds), el("div", { class: "rows" }, table(
-    ["round", "mode", "outcome", "reason", "version", "contributors (samples)", "accuracy",
-      "loss", "serving acc.", "took", "closed"], rows, [6, 7, 8])));
+    ["round", "mode", "outcome", "reason", "version", "contributors (samples)", metric,
+      "loss", `serving ${metric}`, "evaluation", "took", "closed"], rows, [6, 7, 8])));
 }
 
 const ACTIVE = new Set(["pending", "staging", "canary"]);
