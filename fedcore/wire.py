@@ -167,7 +167,8 @@ REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 
 class FeedbackRequest(_Message):
     """A label for a served request, sent by the gateway to the fleet on
-    ``fedgate.feedback.<model>``; the edge holding request ``id`` answers (``FeedbackReply``)."""
+    ``fedgate.feedback.<model>`` (or to one edge on ``fedgate.feedback.<model>-<edge>``);
+    the edge holding request ``id`` of key ``key`` answers (``FeedbackReply``)."""
 
     model: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     id: str = Field(pattern=REQUEST_ID.pattern)
@@ -175,6 +176,13 @@ class FeedbackRequest(_Message):
         description="a class index, a number or a vector, as the model's task says"
     )
     weight: float = Field(default=1.0, gt=0.0, le=1000.0, allow_inf_nan=False)
+    key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    """The name of the key that asked: the sample is spooled as ``<key>/<id>``."""
+
+    @property
+    def spool_id(self) -> str:
+        """The id the serving edge spooled the sample under (see ``model.py``'s capture)."""
+        return self.id if self.key is None else f"{self.key}/{self.id}"
 
     @field_validator("label")
     @classmethod
@@ -192,10 +200,10 @@ class FeedbackRequest(_Message):
 class FeedbackReply(_Message):
     """An edge's answer to a :class:`FeedbackRequest`: ``joined`` (the label is attached to
     its captured sample) or ``expired`` (the sample was evicted). Edges that never saw
-    the request stay silent."""
+    the request stay silent on the fleet's subject and answer ``unknown`` on their own."""
 
     edge_id: str
-    status: str = Field(pattern="^(joined|expired)$")
+    status: str = Field(pattern="^(joined|expired|unknown)$")
 
     @field_validator("edge_id")
     @classmethod

@@ -27,6 +27,7 @@ from fedcore.version import package_version
 from gateway.auth import KeyRing, RateLimiter
 from gateway.dataplane import InferPlane, Receive, Scope, Send, split_infer_path
 from gateway.errors import GatewayError
+from gateway.feedback_token import load_tokens
 from gateway.fleet import Edge, Fleet
 from gateway.fleet_feed import FleetFeed
 from gateway.limits import within_limit
@@ -151,6 +152,7 @@ def build_state(settings: GatewaySettings, fleet: Fleet | None = None) -> Gatewa
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst_s),
         metrics=metrics,
         schemas=SchemaCache(upstream),
+        tokens=load_tokens(settings.feedback_secret_file),
     )
     fleet.on_leave = lambda edge: _edge_gone(state, edge)
     return state
