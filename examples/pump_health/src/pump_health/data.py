@@ -23,7 +23,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.spec import DataSplit
-
 from pump_health.model import CHANNELS, CLASSES, MACHINE_TYPES, WINDOW
 
 _ROTATION = (3.0, 4.0, 5.0, 6.0)  # cycles per window, per machine type
