@@ -25,6 +25,9 @@ _OFFSET = (0.0, 60.0, 10.0)
 class PumpNet(nn.Module):
     """logits = mlp(pooled conv(window), embedding(machine_type))."""
 
+    offset: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("offset", torch.tensor(_OFFSET).view(1, CHANNELS, 1))

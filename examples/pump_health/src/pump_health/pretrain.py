@@ -35,7 +35,7 @@ def pretrain() -> dict[str, torch.Tensor]:
     for _ in range(STEPS):
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(net(window, machine), target)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
         opt.step()
     return {k: v.detach().contiguous() for k, v in net.state_dict().items()}
 
