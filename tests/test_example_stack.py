@@ -87,6 +87,8 @@ def test_the_example_package_serves_learns_and_rolls_out(tmp_path: Path) -> None
         line.startswith("round 1: released (") and "(federated: 3 edges)" in line for line in lines
     ), text
     assert "round 1: rollout of v2 promoted" in text, text
+    header = next(line for line in lines if "round  edges" in line)  # the per-round table
+    assert "accuracy" in header.split(), text
     assert (
         code == 0
         and "demo passed: the federated model is better than version 1 on accuracy" in text
