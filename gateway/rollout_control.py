@@ -322,13 +322,13 @@ class RolloutController:
         c, s = cand.since(base.candidate), stable.since(base.stable)
         return Observation(
             candidate=VersionStats(
-                c.requests, c.errors, quantile(c.latency, 0.99), *_labels(tallies, r.version)
+                c.requests, c.errors, quantile(c.latency, 0.99), *label_totals(tallies, r.version)
             ),
             stable=VersionStats(
-                s.requests, s.errors, quantile(s.latency, 0.99), *_labels(tallies, r.stable)
+                s.requests, s.errors, quantile(s.latency, 0.99), *label_totals(tallies, r.stable)
             ),
             elapsed_s=self.clock() - base.started,
-            metric=_metric_of(r.model),
+            metric=model_metric(r.model),
         )
 
     def _local(self, r: Rollout) -> Pair:
@@ -422,7 +422,9 @@ def _commanded(r: Rollout, action: str, actor: str, now: float) -> Rollout:
     return rolled_back(r, now, f"rolled back by {actor}")
 
 
-def _labels(tallies: Sequence[Mapping[int, LabelTally]], version: int) -> tuple[int, int, float]:
+def label_totals(
+    tallies: Sequence[Mapping[int, LabelTally]], version: int
+) -> tuple[int, int, float]:
     """(labelled, correct, summed metric) of ``version`` over the edges' tallies."""
     found = [t[version] for t in tallies if version in t]
     return (
@@ -432,7 +434,7 @@ def _labels(tallies: Sequence[Mapping[int, LabelTally]], version: int) -> tuple[
     )
 
 
-def _metric_of(model: str) -> MetricSpec:
+def model_metric(model: str) -> MetricSpec:
     """The model's metric and its direction (accuracy for a model this gateway lacks)."""
     try:
         return get_spec(model).task.metric_spec

@@ -9,7 +9,7 @@ from fedcore.task import METRICS
 from fedcore.wire import DesiredVersions, LabelTally, ModelState
 from gateway.gate_counts import Counts, version_counts
 from gateway.metrics import LATENCY_BUCKETS, RequestStats
-from gateway.rollout_control import _commanded, quantile
+from gateway.rollout_control import _commanded, label_totals, model_metric, quantile
 from gateway.rollout_store import Conflict
 from gateway.rollouts import (
     Gates,
@@ -106,6 +106,21 @@ def test_accuracy_gate_skipped_without_labels() -> None:
 
 
 MAE = METRICS["mae"]
+
+
+def test_the_gateway_sums_each_versions_tallies_and_reads_the_models_metric() -> None:
+    edges = [
+        {2: LabelTally(total=10, correct=0, score=35.0), 1: LabelTally(total=4, score=8.0)},
+        {2: LabelTally(total=30, correct=0, score=85.0)},
+        {},
+    ]
+    assert label_totals(edges, 2) == (40, 0, 120.0)
+    assert label_totals(edges, 1) == (4, 0, 8.0)
+    assert label_totals(edges, 9) == (0, 0, 0.0)
+    stats = VersionStats(100, 0, 0.004, *label_totals(edges, 2))
+    assert stats.metric(MAE) == 3.0
+    assert model_metric("diabetes") == MAE and model_metric("digits") == METRICS["accuracy"]
+    assert model_metric("no_such_model") == METRICS["accuracy"]
 
 
 def test_label_gates_use_the_models_own_metric_and_direction() -> None:
