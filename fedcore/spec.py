@@ -120,6 +120,7 @@ class ModelSpec:
     ``state_dict``), or for a built-in model without one, from a short training run on
     its ``dataset``. ``dataset`` (built-ins) also gives the trainer its evaluation set;
     ``evaluation_set`` (``.npz`` or safetensors) does the same for a user's model.
+    ``demo_data`` is only the demo's traffic.
     """
 
     name: str
@@ -131,6 +132,10 @@ class ModelSpec:
     initial_weights: Path | None = None
     evaluation_set: Path | None = None
     dataset: Callable[[], DataSplit] | None = field(default=None, repr=False)
+    demo_data: Callable[[], DataSplit] | None = field(default=None, repr=False)
+    """traffic for ``fedgate demo`` (a generator of the package's own): a training split
+    the demo's sites replay and a held-out split it scores; never given to the trainer.
+    Without it the demo replays ``dataset``."""
     preprocess: Callable[[NDArray[Any]], NDArray[Any]] | None = field(default=None, repr=False)
     input_convention: str = ""
     builtin: bool = False

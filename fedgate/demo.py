@@ -1,7 +1,8 @@
 """``fedgate demo``: the whole loop on one machine, seen.
 
-Starts the stack, splits the model's training set (a built-in's: ``digits`` by default,
-``--model diabetes`` for regression) across the edges with a Dirichlet label skew (by
+Starts the stack, splits the model's demo traffic (its spec's ``demo_data`` generator, or
+a built-in's data set: ``digits`` by default, ``--model diabetes`` for regression; any
+number of inputs) across the edges with a Dirichlet label skew (by
 class, or by target quantile for a regression; one "site" per edge, whose clients send to
 their own edge with
 ``x-fedgate-prefer-edge``), and per round: replays the site's traffic through the
@@ -115,6 +116,13 @@ def split_sites(y: NDArray[Any], edges: list[str], alpha: float, seed: int) -> l
     ]
 
 
+def take(x: Any, k: int) -> Any:
+    """Row ``k`` of a batch: an array (one-input models) or inputs by name."""
+    if isinstance(x, dict):
+        return {name: v[k] for name, v in x.items()}
+    return x[k]
+
+
 def label_of(spec: ModelSpec, y: NDArray[Any]) -> Label:
     """One training target as feedback carries it."""
     if spec.task.label is LabelKind.CLASS:
@@ -124,8 +132,7 @@ def label_of(spec: ModelSpec, y: NDArray[Any]) -> Label:
 
 
 class GatewayClient:
-    """The demo's HTTP client of the gateway (one pooled session, infer key), for one
-    single-input model."""
+    """The demo's HTTP client of the gateway (one pooled session, infer key) for one model."""
 
     def __init__(self, url: str, infer_key: str, admin_key: str, spec: ModelSpec) -> None:
         self.spec = spec
@@ -138,20 +145,20 @@ class GatewayClient:
     async def close(self) -> None:
         await self.session.close()
 
-    async def predict(
-        self, row: NDArray[Any], rid: str, prefer: str | None
-    ) -> tuple[NDArray[Any], str]:
-        """The task's output for one row, and the version that served it."""
-        tensor = self.spec.inputs[0]
+    async def predict(self, row: Any, rid: str, prefer: str | None) -> tuple[NDArray[Any], str]:
+        """The task's output for one row (an array, or inputs by name), and the version
+        that served it."""
+        feeds = self.spec.feeds(row)
         body = {
             "id": rid,
             "inputs": [
                 {
-                    "name": tensor.name,
-                    "shape": [1, *tensor.shape],
-                    "datatype": tensor.datatype,
-                    "data": np.asarray(row).reshape(-1).tolist(),
+                    "name": t.name,
+                    "shape": [1, *t.shape],
+                    "datatype": t.datatype,
+                    "data": feeds[t.name].reshape(-1).tolist(),
                 }
+                for t in self.spec.inputs
             ],
         }
         headers = dict(self.infer)
@@ -196,7 +203,7 @@ async def _bounded(limit: int, jobs: list[Callable[[], Awaitable[Any]]]) -> list
 async def replay(
     client: GatewayClient,
     sites: list[Site],
-    x: NDArray[Any],
+    x: Any,
     y: NDArray[Any],
     plan: DemoPlan,
     tag: str,
@@ -212,7 +219,7 @@ async def replay(
         )
     await _bounded(
         plan.concurrency,
-        [partial(client.predict, x[k], rid, e) for rid, k, e in batch],
+        [partial(client.predict, take(x, k), rid, e) for rid, k, e in batch],
     )
     await asyncio.sleep(plan.feedback_delay_s)  # labels arrive later than the requests
     codes = await _bounded(
@@ -223,12 +230,15 @@ async def replay(
 
 
 async def metric_through_gateway(
-    client: GatewayClient, x: NDArray[Any], y: NDArray[Any], concurrency: int
+    client: GatewayClient, x: Any, y: NDArray[Any], concurrency: int
 ) -> tuple[float, set[str]]:
     """The model's metric on (x, y) as served through the gateway, and the versions seen."""
     results = await _bounded(
         concurrency,
-        [partial(client.predict, x[i], f"eval-{time.time_ns()}-{i}", None) for i in range(len(y))],
+        [
+            partial(client.predict, take(x, i), f"eval-{time.time_ns()}-{i}", None)
+            for i in range(len(y))
+        ],
     )
     outputs = np.stack([o for o, _ in results])
     value = metric_value(client.spec.task, outputs, y)
@@ -286,7 +296,7 @@ async def run_round(
     n: int,
     client: GatewayClient,
     sites: list[Site],
-    data: tuple[NDArray[Any], ...],
+    data: tuple[Any, NDArray[Any]],
     plan: DemoPlan,
     out: Out,
 ) -> RoundRow:
@@ -369,11 +379,12 @@ def table(rows: list[RoundRow], metric: str = "accuracy") -> list[str]:
 
 async def drive(stack: Stack, plan: DemoPlan, out: Out, model: str = MODEL) -> int:
     spec = get_spec(model)
-    if spec.dataset is None or len(spec.inputs) != 1:
+    source = spec.demo_data or spec.dataset
+    if source is None:
         raise ModelSpecError(
-            f"the demo replays a one-input built-in's data set; {model} is not one"
+            f"model {model!r} has no demo traffic: give its spec a demo_data generator"
         )
-    x_train, y_train, x_test, y_test = spec.dataset()
+    x_train, y_train, x_test, y_test = source()
     sites = split_sites(strata(spec, y_train), stack.edge_ids, plan.alpha, plan.seed)
     for s in sites:
         out(f"  site {s.edge}: {len(s.pool)} samples, {describe(spec, y_train[s.pool])}")
