@@ -41,6 +41,7 @@ from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
     ROUNDS_BUCKET,
+    ClientRecipe,
 )
 from trainer import checkpoint
 from trainer.bootstrap import ensure_version_one
@@ -137,6 +138,13 @@ def policy_of(settings: TrainerSettings) -> RoundPolicy:
         max_staleness=settings.max_staleness,
         staleness_exponent=settings.staleness_exponent,
         step_backoff=settings.step_backoff,
+        recipe=ClientRecipe(
+            proximal_mu=settings.local_proximal_mu,
+            epochs=settings.local_epochs,
+            lr=settings.local_lr,
+            batch_size=settings.local_batch_size,
+            max_steps=settings.local_max_steps,
+        ),
     )
 
 
