@@ -368,7 +368,7 @@ async def run_round(
 def _contributor(c: dict[str, Any], record: dict[str, Any]) -> str:
     """An edge's number in the table; ``~`` when its update was trained on an older base."""
     stale = int(c.get("base_version", 0)) < int(record.get("base_version", 0))
-    return c["edge_id"].removeprefix("edge-") + ("~" if stale else "")
+    return str(c["edge_id"]).removeprefix("edge-") + ("~" if stale else "")
 
 
 def table(rows: list[RoundRow], metric: str = "accuracy") -> list[str]:
