@@ -11,7 +11,10 @@ goes quiet so the edges see an idle window and fine-tune, waits for the trainer 
 the round and release a version, and drives canary traffic until the gateway promotes or
 rolls the version back. Finally it scores the held-out split through the gateway with the
 model's own metric (accuracy, MAE, ...) and exits 0 only if the federated model beats
-version 1 in that metric's direction.
+version 1 in that metric's direction. ``--async`` runs buffered asynchronous rounds
+instead: a buffer closes when every edge's update is in, or at its timeout with all but
+one; an edge that trains from an older version still sends, and its update joins the
+buffer open then, weighted down (marked ``~`` in the table).
 """
 
 from __future__ import annotations
@@ -73,13 +76,27 @@ class Site:
     labels: dict[int, int] = field(default_factory=dict)
 
 
-def demo_overrides(edges: int, rounds: int) -> dict[str, dict[str, str]]:
+ASYNC_BUFFER_TIMEOUT_S = 30.0
+"""``--async``: a buffer short of every edge closes this long after it opened."""
+
+
+def demo_overrides(
+    edges: int, rounds: int, asynchronous: bool = False
+) -> dict[str, dict[str, str]]:
     """Settings that make a round take seconds, not minutes, on 2 cores."""
     rollout = {"canary": 30.0, "window_s": 2.0, "min_requests": 20, "staging_timeout_s": 90.0}
+    buffered = {
+        "ROUND_MODE": "async",
+        "BUFFER_SIZE": str(edges),
+        "MIN_UPDATES": str(max(1, edges - 1)),
+        "ROUND_DEADLINE_S": str(ASYNC_BUFFER_TIMEOUT_S),
+        "MAX_STALENESS": "2",
+    }
     return {
-        "FEDGATE_TRAINER_": {
-            "MIN_UPDATES": str(edges),
-            "ROUND_DEADLINE_S": "90",
+        "FEDGATE_TRAINER_": (buffered if asynchronous else {})
+        | {
+            "MIN_UPDATES": buffered["MIN_UPDATES"] if asynchronous else str(edges),
+            "ROUND_DEADLINE_S": buffered["ROUND_DEADLINE_S"] if asynchronous else "90",
             "MAX_ROUNDS": str(rounds),
             "ROUND_INTERVAL_S": "0",
             "GATE_MARGIN": "0.02",
@@ -320,7 +337,7 @@ async def run_round(
         f"round {n}: waiting for the edges' updates and the trainer",
     )
     contributors = record.get("contributors", [])
-    row.edges = ",".join(c["edge_id"].removeprefix("edge-") for c in contributors) or "-"
+    row.edges = ",".join(_contributor(c, record) for c in contributors) or "-"
     row.samples = None if record.get("secure") else sum(int(c["samples"]) for c in contributors)
     row.value, row.loss, row.epsilon = (
         record.get("value", record.get("accuracy")),
@@ -356,6 +373,12 @@ async def run_round(
         + (f" ({rollout.get('reason')})" if rollout.get("reason") else "")
     )
     return row
+
+
+def _contributor(c: dict[str, Any], record: dict[str, Any]) -> str:
+    """An edge's number in the table; ``~`` when its update was trained on an older base."""
+    stale = int(c.get("base_version", 0)) < int(record.get("base_version", 0))
+    return str(c["edge_id"]).removeprefix("edge-") + ("~" if stale else "")
 
 
 def table(rows: list[RoundRow], metric: str = "accuracy") -> list[str]:
@@ -427,16 +450,18 @@ def describe(spec: ModelSpec, y: NDArray[Any]) -> str:
     return f"target mean {first.mean():.1f}, quartiles {np.percentile(first, [25, 75]).round(1)}"
 
 
-def run_demo(config: StackConfig, out: Out, rounds: int = 5) -> int:
+def run_demo(config: StackConfig, out: Out, rounds: int = 5, asynchronous: bool = False) -> int:
     """Start the stack, run the rounds of each of its models side by side (each with its
     own rounds, versions and rollouts), print the tables, stop. Returns the exit code:
-    0 only if every model ends better than its version 1."""
-    overrides = demo_overrides(config.edges, rounds)
+    0 only if every model ends better than its version 1. ``asynchronous``: buffered
+    async rounds (``fedgate demo --async``)."""
+    overrides = demo_overrides(config.edges, rounds, asynchronous)
     for prefix, values in config.overrides.items():
         overrides.setdefault(prefix, {}).update(values)
     stack = Stack(StackConfig(**{**config.__dict__, "overrides": overrides}))
     try:
-        out(f"starting fedgate with {config.edges} edge(s) under {config.data_dir}")
+        mode = "buffered async" if asynchronous else "sync"
+        out(f"starting fedgate with {config.edges} edge(s), {mode} rounds, under {config.data_dir}")
         t0 = time.monotonic()
         stack.start()
         out(

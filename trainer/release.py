@@ -204,6 +204,7 @@ async def close_round(
             closed_ts=closed_ts,
             contributors=contributors,
             secure=a.secure,
+            recipe=a.recipe,
             survivors=None if secure is None else len(secure.survivors),
             dropped=None if secure is None else len(secure.dropped),
             **extra,

@@ -42,6 +42,7 @@ from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
     ROUNDS_BUCKET,
+    ClientRecipe,
 )
 from trainer import checkpoint
 from trainer.bootstrap import ensure_version_one
@@ -138,6 +139,13 @@ def policy_of(settings: TrainerSettings) -> RoundPolicy:
         max_staleness=settings.max_staleness,
         staleness_exponent=settings.staleness_exponent,
         step_backoff=settings.step_backoff,
+        recipe=ClientRecipe(
+            proximal_mu=settings.local_proximal_mu,
+            epochs=settings.local_epochs,
+            lr=settings.local_lr,
+            batch_size=settings.local_batch_size,
+            max_steps=settings.local_max_steps,
+        ),
     )
 
 
@@ -166,16 +174,18 @@ def build_strategy(settings: TrainerSettings, model: str) -> Strategy:
 
 def check_quorum(settings: TrainerSettings, strategy: Strategy) -> None:
     """Refuse a round size below what the strategy needs (Krum: ``2f + 3`` updates), so a
-    round never closes with too few updates to aggregate."""
+    round never closes with too few updates to aggregate (an async buffer closes with
+    ``BUFFER_SIZE``, or at its timeout with ``MIN_UPDATES``)."""
     needed = int(getattr(strategy, "min_round_updates", 1))
-    async_ = settings.round_mode == "async"
-    quorum = settings.buffer_size if async_ else settings.min_updates
-    if quorum < needed:
-        name = "BUFFER_SIZE" if async_ else "MIN_UPDATES"
-        raise ConfigError(
-            f"strategy {strategy.name} {strategy.options()} needs {needed} updates per round; "
-            f"FEDGATE_TRAINER_{name} is {quorum}"
-        )
+    sizes = [("MIN_UPDATES", settings.min_updates)]
+    if settings.round_mode == "async":
+        sizes.insert(0, ("BUFFER_SIZE", settings.buffer_size))
+    for name, quorum in sizes:
+        if quorum < needed:
+            raise ConfigError(
+                f"strategy {strategy.name} {strategy.options()} needs {needed} updates per "
+                f"round; FEDGATE_TRAINER_{name} is {quorum}"
+            )
 
 
 def build_book(settings: TrainerSettings, model: str) -> RoundBook:
