@@ -1,0 +1,214 @@
+"""The live loop against the simulation of the same algorithm on the same data.
+
+Live: the real stack (``fedgate.launcher.Stack``: NATS, trainer, gateway, N edges each
+with its own Triton), driven the way ``fedgate demo`` drives it (``fedgate.demo``): each
+round replays ``--per-edge`` labelled requests per site through the gateway, sends the
+labels back, goes quiet so the edges fine-tune, waits for the trainer's round record
+and, when a version is released, drives canary traffic until the rollout settles.
+
+Simulation: the same digits sites (``fedgate.demo.split_sites``, Dirichlet(alpha) label
+skew, the same seed), the same version 1 (``trainer.bootstrap.initial_params`` with the
+trainer's default settings), the same server strategy, per-update bounds and local recipe,
+and the same number of rounds, run in process through the trainer's ``RoundBook`` with
+``benchmarks.fl_quality.train_local``: every edge trains one epoch over its whole site
+per round. No gate, no traffic: the algorithm alone.
+
+Both are scored on the digits test split, the trainer's gate set. It prints, per round,
+the simulated accuracy, the live candidate's accuracy (the trainer's evaluation), the
+live serving version's accuracy and the gap (live serving minus simulated), then the
+final live accuracy measured through the gateway. Goal: live final >= simulated final
+minus 1 point.
+
+Run: ``.venv/bin/python benchmarks/live_loop.py`` (3 edges, 10 rounds: several minutes on
+2 cores). ``--edge KEY=VALUE`` / ``--trainer KEY=VALUE`` override settings
+(``FEDGATE_EDGE_KEY``, ``FEDGATE_TRAINER_KEY``) to compare changes in one run each;
+``--sim-only`` runs the simulation alone (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.fl_quality import accuracy, train_local  # noqa: E402
+from fedcore.models import get_spec  # noqa: E402
+from fedcore.params import flatten, load_flat  # noqa: E402
+from fedcore.process import free_port  # noqa: E402
+from fedgate.demo import (  # noqa: E402
+    DemoPlan,
+    GatewayClient,
+    RoundRow,
+    demo_overrides,
+    metric_through_gateway,
+    run_round,
+    split_sites,
+)
+from fedgate.launcher import Stack, StackConfig, supervised  # noqa: E402
+from trainer.bootstrap import initial_params  # noqa: E402
+from trainer.bounds import UpdateBounds  # noqa: E402
+from trainer.rounds import Contribution, RoundBook, RoundPolicy  # noqa: E402
+from trainer.settings import TrainerSettings  # noqa: E402
+from trainer.strategies.defaults import DEFAULT_LOCAL, default_strategy  # noqa: E402
+
+MODEL = "digits"
+
+
+@dataclass(frozen=True)
+class Args:
+    edges: int
+    rounds: int
+    per_edge: int
+    alpha: float
+    seed: int
+    edge: dict[str, str]
+    trainer: dict[str, str]
+
+
+def version_one() -> npt.NDArray[Any]:
+    """The trainer's version 1 of digits, as it bootstraps it with its default settings."""
+    fields = TrainerSettings.model_fields
+    return initial_params(
+        get_spec(MODEL),
+        float(fields["bootstrap_seed_fraction"].default),
+        int(fields["bootstrap_epochs"].default),
+        int(fields["seed"].default),
+    )
+
+
+def simulate(args: Args) -> tuple[float, list[float]]:
+    """Version 1's test accuracy and the accuracy after each simulated round."""
+    spec = get_spec(MODEL)
+    assert spec.dataset is not None
+    x_tr, y_tr, x_te, y_te = (torch.from_numpy(a) for a in spec.dataset())
+    edges = [f"edge-{i}" for i in range(args.edges)]
+    sites = split_sites(y_tr.numpy(), edges, args.alpha, args.seed)
+    module = spec.build_module()
+    start = version_one()
+    load_flat(module, start)
+    base = accuracy(module, x_te, y_te)
+    book = RoundBook(
+        MODEL,
+        RoundPolicy(min_updates=args.edges, bounds=UpdateBounds()),
+        default_strategy(),
+        version=1,
+        digest="0" * 64,
+        params=start,
+    )
+    history = []
+    for rnd in range(args.rounds):
+        book.open(edges, now=float(rnd))
+        for e, site in enumerate(sites):
+            load_flat(module, book.params)
+            idx = torch.from_numpy(site.pool)
+            train_local(module, x_tr[idx], y_tr[idx], DEFAULT_LOCAL, args.seed * 1000 + rnd)
+            delta = (flatten(module) - book.params).astype(np.float32)
+            book.fold(Contribution(f"{rnd:016x}{e:016x}", site.edge, len(idx), 1, 0.0), delta)
+        book.advance(book.version + 1, "0" * 64, book.finalize())
+        load_flat(module, book.params)
+        history.append(accuracy(module, x_te, y_te))
+    return base, history
+
+
+async def drive_live(stack: Stack, args: Args) -> tuple[float, list[RoundRow], float]:
+    spec = get_spec(MODEL)
+    assert spec.dataset is not None
+    x_tr, y_tr, x_te, y_te = spec.dataset()
+    plan = DemoPlan(rounds=args.rounds, per_edge=args.per_edge, alpha=args.alpha, seed=args.seed)
+    sites = split_sites(y_tr, stack.edge_ids, plan.alpha, plan.seed)
+    client = GatewayClient(stack.gateway_url, stack.api_key("infer"), stack.api_key("admin"), spec)
+    rows: list[RoundRow] = []
+    try:
+        base, _ = await metric_through_gateway(client, x_te, y_te, plan.concurrency)
+        for n in range(1, args.rounds + 1):
+            rows.append(await run_round(n, client, sites, (x_tr, y_tr), plan, _quiet))
+            print(f"  live round {n}: {rows[-1].value} {rows[-1].released}", flush=True)
+        final, _ = await metric_through_gateway(client, x_te, y_te, plan.concurrency)
+    finally:
+        await client.close()
+    return base, rows, final
+
+
+def _quiet(line: str) -> None:
+    if "..." not in line:
+        print(f"    {line}", flush=True)
+
+
+def live(args: Args) -> tuple[float, list[RoundRow], float]:
+    overrides = demo_overrides(args.edges, args.rounds)
+    overrides["FEDGATE_EDGE_"].update(args.edge)
+    overrides["FEDGATE_TRAINER_"].update(args.trainer)
+    with tempfile.TemporaryDirectory(prefix="live-loop-") as tmp:
+        config = StackConfig(
+            data_dir=Path(tmp), edges=args.edges, port=free_port(), overrides=overrides
+        )
+        stack = Stack(config)
+        try:
+            stack.start()
+            return asyncio.run(supervised(stack, drive_live(stack, args)))
+        finally:
+            stack.stop()
+
+
+def report(sim: tuple[float, list[float]], run: tuple[float, list[RoundRow], float]) -> None:
+    sim_base, history = sim
+    base, rows, final = run
+    print(f"\nversion 1: simulated {sim_base:.4f}, live through the gateway {base:.4f}")
+    print(f"{'round':>5}  {'sim':>7}  {'cand':>7}  {'serving':>7}  {'gap':>6}  released")
+    serving = base
+    for r, s in zip(rows, history, strict=False):
+        cand = r.value
+        if r.released.startswith("v") and r.rollout == "promoted" and cand is not None:
+            serving = cand
+        c = "-" if cand is None else f"{cand:.4f}"
+        print(
+            f"{r.round:>5}  {s:>7.4f}  {c:>7}  {serving:>7.4f}  {100 * (serving - s):>+6.1f}  "
+            f"{r.released} {r.rollout}"
+        )
+    gap = 100 * (final - history[-1])
+    print(
+        f"\nfinal: simulated {history[-1]:.4f}, live through the gateway {final:.4f}, "
+        f"gap {gap:+.1f} points (goal >= -1.0): {'met' if gap >= -1.0 else 'NOT met'}"
+    )
+
+
+def pairs(items: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edges", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--per-edge", type=int, default=DemoPlan.per_edge)
+    parser.add_argument("--alpha", type=float, default=DemoPlan.alpha)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--edge", action="append", default=[], help="KEY=VALUE edge setting")
+    parser.add_argument("--trainer", action="append", default=[], help="KEY=VALUE")
+    parser.add_argument("--sim-only", action="store_true")
+    ns = parser.parse_args()
+    torch.set_num_threads(1)
+    args = Args(
+        ns.edges, ns.rounds, ns.per_edge, ns.alpha, ns.seed, pairs(ns.edge), pairs(ns.trainer)
+    )
+    began = time.perf_counter()
+    sim = simulate(args)
+    print(f"simulation: v1 {sim[0]:.4f}, rounds {[round(a, 4) for a in sim[1]]}", flush=True)
+    if not ns.sim_only:
+        report(sim, live(args))
+    print(f"\nwall time {time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
