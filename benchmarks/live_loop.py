@@ -42,11 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.fl_quality import accuracy, train_local  # noqa: E402
-from fedcore.models import get_spec  # noqa: E402
-from fedcore.params import flatten, load_flat  # noqa: E402
-from fedcore.process import free_port  # noqa: E402
-from fedgate.demo import (  # noqa: E402
+from benchmarks.fl_quality import accuracy, train_local
+from fedcore.models import get_spec
+from fedcore.params import flatten, load_flat
+from fedcore.process import free_port
+from fedgate.demo import (
     DemoPlan,
     GatewayClient,
     RoundRow,
@@ -55,12 +55,12 @@ from fedgate.demo import (  # noqa: E402
     run_round,
     split_sites,
 )
-from fedgate.launcher import Stack, StackConfig, supervised  # noqa: E402
-from trainer.bootstrap import initial_params  # noqa: E402
-from trainer.bounds import UpdateBounds  # noqa: E402
-from trainer.rounds import Contribution, RoundBook, RoundPolicy  # noqa: E402
-from trainer.settings import TrainerSettings  # noqa: E402
-from trainer.strategies.defaults import DEFAULT_LOCAL, default_strategy  # noqa: E402
+from fedgate.launcher import Stack, StackConfig, supervised
+from trainer.bootstrap import initial_params
+from trainer.bounds import UpdateBounds
+from trainer.rounds import Contribution, RoundBook, RoundPolicy
+from trainer.settings import TrainerSettings
+from trainer.strategies.defaults import DEFAULT_LOCAL, default_strategy
 
 MODEL = "digits"
 
