@@ -22,7 +22,9 @@ minus 1 point.
 Run: ``.venv/bin/python benchmarks/live_loop.py`` (3 edges, 10 rounds: several minutes on
 2 cores). ``--edge KEY=VALUE`` / ``--trainer KEY=VALUE`` override settings
 (``FEDGATE_EDGE_KEY``, ``FEDGATE_TRAINER_KEY``) to compare changes in one run each;
-``--sim-only`` runs the simulation alone (seconds).
+``--sim-only`` runs the simulation alone (seconds). ``--exposure traffic`` simulates what a
+live edge trains on instead of its whole site (its spool: ``--per-edge`` draws a round, 80%
+kept, the rest its held-out split), ``--max-steps N`` bounds each simulated local run.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ class Args:
     edge: dict[str, str]
     trainer: dict[str, str]
     sim_runs: int = 5
+    exposure: str = "site"
+    """``site``: each edge trains on its whole site every round (the algorithm);
+    ``traffic``: on what a live edge's spool holds, ``per_edge`` draws a round of which
+    ``1 - holdout`` are kept for training"""
+    holdout: float = 0.2
+    max_steps: int | None = None
+    """the most mini-batches of one simulated local run (None: one epoch)"""
 
 
 def version_one() -> npt.NDArray[Any]:
@@ -109,11 +118,13 @@ def simulate(args: Args, run: int = 0) -> tuple[float, list[float]]:
         params=start,
     )
     history = []
+    spools: list[list[int]] = [[] for _ in sites]
     for rnd in range(args.rounds):
         book.open(edges, now=float(rnd))
+        rng = np.random.default_rng(args.seed * 1000 + rnd + 100 * run)
         for e, site in enumerate(sites):
             load_flat(module, book.params)
-            idx = torch.from_numpy(site.pool)
+            idx = local_samples(args, site.pool, spools[e], rng)
             train_local(
                 module, x_tr[idx], y_tr[idx], DEFAULT_LOCAL, args.seed * 1000 + rnd + 100 * run
             )
@@ -123,6 +134,21 @@ def simulate(args: Args, run: int = 0) -> tuple[float, list[float]]:
         load_flat(module, book.params)
         history.append(accuracy(module, x_te, y_te))
     return base, history
+
+
+def local_samples(
+    args: Args, pool: npt.NDArray[Any], spool: list[int], rng: np.random.Generator
+) -> torch.Tensor:
+    """The training indices of one simulated local run (``spool`` grows in place)."""
+    if args.exposure == "site":
+        chosen = pool
+    else:
+        picks = rng.choice(pool, size=args.per_edge, replace=True)
+        spool.extend(picks[rng.random(len(picks)) >= args.holdout].tolist())
+        chosen = np.array(spool, dtype=np.int64)
+    if args.max_steps is not None and len(chosen) > args.max_steps * DEFAULT_LOCAL.batch_size:
+        chosen = rng.permutation(chosen)[: args.max_steps * DEFAULT_LOCAL.batch_size]
+    return torch.from_numpy(np.asarray(chosen, dtype=np.int64))
 
 
 async def drive_live(stack: Stack, args: Args) -> tuple[float, list[RoundRow], float]:
@@ -207,6 +233,8 @@ def main() -> None:
     parser.add_argument("--edge", action="append", default=[], help="KEY=VALUE edge setting")
     parser.add_argument("--trainer", action="append", default=[], help="KEY=VALUE")
     parser.add_argument("--sim-runs", type=int, default=5, help="simulated runs (seeds)")
+    parser.add_argument("--exposure", choices=("site", "traffic"), default="site")
+    parser.add_argument("--max-steps", type=int, default=None, help="simulated local bound")
     parser.add_argument("--sim-only", action="store_true")
     ns = parser.parse_args()
     torch.set_num_threads(1)
@@ -219,11 +247,15 @@ def main() -> None:
         pairs(ns.edge),
         pairs(ns.trainer),
         ns.sim_runs,
+        ns.exposure,
+        max_steps=ns.max_steps,
     )
     began = time.perf_counter()
     sims = [simulate(args, run) for run in range(args.sim_runs)]
     for k, (_, history) in enumerate(sims):
         print(f"simulation run {k}: {[round(a, 4) for a in history]}", flush=True)
+    finals = [h[-1] for _, h in sims]
+    print(f"simulated final: mean {np.mean(finals):.4f}, {min(finals):.4f}-{max(finals):.4f}")
     if not ns.sim_only:
         report(sims, live(args))
     print(f"\nwall time {time.perf_counter() - began:.0f} s")
