@@ -96,3 +96,19 @@ def test_central_gate_still_holds_a_clear_regression(
     assert not decision.release
     ctx = replace(_context(x, y, 0.0, None), margin=1.0)
     assert _gate(ctx, _book(serving), candidate).release  # the fixed margin alone decides
+
+
+def test_demo_table_shows_the_change_against_serving_with_its_paired_error() -> None:
+    from fedgate.demo import RoundRow, table
+
+    rows = [
+        RoundRow(1, "1,2,3", 410, 0.8489, 0.5, None, "v2", "promoted", 0.8289, 0.0071),
+        RoundRow(2, "1,2,3", None, 0.86, 0.46, None, "v3", "promoted", 0.85, None),
+        RoundRow(3, "1,2,3", 400, None, None, None, "failed"),
+    ]
+    header, paired, unpaired, failed = table(rows)
+    assert "vs serving" in header
+    assert "+2.0 ± 0.7" in paired
+    assert paired.split()[4] == "+2.0" and "±" not in unpaired
+    assert unpaired.split()[4] == "+1.0"
+    assert failed.split()[3:5] == ["-", "-"]
