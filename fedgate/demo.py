@@ -83,8 +83,8 @@ def demo_overrides(edges: int, rounds: int) -> dict[str, dict[str, str]]:
             "ROUND_DEADLINE_S": "90",
             "MAX_ROUNDS": str(rounds),
             "ROUND_INTERVAL_S": "0",
-            # hold a candidate more than one paired standard error below serving (about
-            # 0.5-1.2 points on digits' 450 samples), not a fixed 2 points: see the README's
+            # hold a candidate more than one paired standard error below serving (1-2
+            # points on digits' 450 samples), not a fixed 2 points: see the README's
             # live-vs-simulation section
             "GATE_MARGIN": "0.0",
             "GATE_Z": "1.0",
