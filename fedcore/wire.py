@@ -274,6 +274,8 @@ class RoundRecord(_Message):
     evaluation: str | None = None
     """which evaluation decided: ``central`` (the trainer's set)"""
     eval_samples: int | None = Field(default=None, ge=0)
+    paired_se: float | None = Field(default=None, ge=0)
+    """the central gate's paired standard error of ``value - serving_value``"""
     accuracy: float | None = None
     """``value`` when ``metric`` is accuracy (kept for older readers)"""
     loss: float | None = None

@@ -372,6 +372,7 @@ async def _run(
             y_test,
             replicas=settings.nats_replicas,
             federated=federated_runner(settings, nc, signing, registry),
+            gate_z=settings.gate_z,
         )
         for v in released_versions(settings, m):
             driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))

@@ -174,6 +174,12 @@ class TrainerSettings(ServiceSettings):
     gate_margin: float = Field(
         default=0.01, ge=0, description="hold back a candidate this much less accurate"
     )
+    gate_z: float | None = Field(
+        default=None,
+        ge=0,
+        description="central gate: the margin is at least this many paired standard errors "
+        "of candidate minus serving on the evaluation set (None: GATE_MARGIN alone)",
+    )
     round_interval_s: float = Field(default=0.5, ge=0, description="pause between rounds")
     # federated evaluation: the gate of a model the trainer holds no evaluation set for
     fed_eval_min_edges: int = Field(
