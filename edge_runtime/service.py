@@ -60,6 +60,7 @@ class EdgeRuntime:
             http_port=settings.triton_http_port,
             grpc_port=settings.triton_grpc_port,
             metrics_port=settings.triton_metrics_port,
+            metrics_host=settings.triton_metrics_host,
             control_secret=read_secret(settings.triton_control_secret_file),
             exit_timeout_s=settings.exit_timeout_s,
             triton_home=settings.triton_home,
@@ -73,7 +74,10 @@ class EdgeRuntime:
         self.learning = EdgeLearning(
             settings,
             repository=self.repository,
-            metrics_url=f"http://{settings.triton_host}:{settings.triton_metrics_port}/metrics",
+            metrics_url=(
+                f"http://{settings.triton_metrics_host or settings.triton_host}:"
+                f"{settings.triton_metrics_port}/metrics"
+            ),
             read_index=self.triton.index,
             trusted=self.trusted,
             keys=Keys(self.signer, self.trainer_hpke),

@@ -71,6 +71,11 @@ class EdgeSettings(ServiceSettings):
     triton_http_port: int = Field(default=8000, description="Triton's HTTP port")
     triton_grpc_port: int = Field(default=8001, description="Triton's gRPC port")
     triton_metrics_port: int = Field(default=8002, description="Triton's Prometheus port")
+    triton_metrics_host: str | None = Field(
+        default=None,
+        description="address Triton's metrics port binds (unset: TRITON_HOST); compose puts "
+        "inference on a network only the gateway shares and metrics on the fleet network",
+    )
     instance_kind: Literal["auto", "KIND_CPU", "KIND_GPU"] = Field(
         default="auto", description="where Triton runs the model; auto: KIND_GPU when a GPU is seen"
     )

@@ -230,9 +230,25 @@ def test_only_the_front_door_is_published() -> None:
     published = {n for n, s in doc["services"].items() if s.get("ports")}
     assert published == {"ingress", "grafana", "prometheus"}
     assert doc["services"]["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert doc["networks"]["serving"]["internal"] is True
     for name, svc in fedgate_services(doc).items():
-        nets = svc["networks"]
-        assert list(nets) == ["fleet"], f"{name} must live on the internal network only"
+        nets = set(svc["networks"])
+        assert nets <= {"fleet", "serving"}, f"{name} must live on the internal networks only"
+
+
+def test_only_the_gateway_reaches_an_edges_triton() -> None:
+    """#16 finding 7: in compose every container on the fleet network reached every
+    Triton directly, past the gateway's keys. Triton's inference ports now bind the edge's
+    address on `serving`, which only the gateway and the edges join."""
+    doc = compose()
+    on_serving = {n for n, s in doc["services"].items() if "serving" in s.get("networks", [])}
+    edges = {n for n, s in doc["services"].items() if n.startswith("edge-")}
+    assert on_serving == {"gateway", *edges}
+    for name in edges:
+        svc = doc["services"][name]
+        env = env_of(svc)
+        assert env["FEDGATE_EDGE_TRITON_HOST"] == svc["networks"]["serving"]["ipv4_address"]
+        assert env["FEDGATE_EDGE_TRITON_METRICS_HOST"] == svc["networks"]["fleet"]["ipv4_address"]
 
 
 def _port(url: str) -> tuple[str, int]:
@@ -266,12 +282,13 @@ def check_ports(doc: dict[str, Any]) -> list[str]:
         health = " ".join(svc.get("healthcheck", {}).get("test", []))
         if svc["image"].startswith("fedgate-edge"):
             host = env["FEDGATE_EDGE_TRITON_HOST"]
-            if svc["networks"]["fleet"]["ipv4_address"] != host:
-                problems.append(f"{name}: Triton binds {host}, not the edge's fleet address")
+            if svc["networks"]["serving"]["ipv4_address"] != host:
+                problems.append(f"{name}: Triton binds {host}, not the edge's serving address")
             http = env["FEDGATE_EDGE_TRITON_HTTP_PORT"]
             if f"http://{host}:{http}/v2/health/ready" not in health:
                 problems.append(f"{name}: healthcheck does not probe Triton at {host}:{http}")
-            metrics = f"{host}:{env['FEDGATE_EDGE_TRITON_METRICS_PORT']}"
+            metrics_host = env.get("FEDGATE_EDGE_TRITON_METRICS_HOST", host)
+            metrics = f"{metrics_host}:{env['FEDGATE_EDGE_TRITON_METRICS_PORT']}"
             if metrics not in targets["triton"]:
                 problems.append(f"{name}: Prometheus does not scrape Triton at {metrics}")
         if svc["image"].startswith("fedgate-gateway"):
@@ -305,12 +322,12 @@ def test_ports_match_across_the_files() -> None:
 def test_the_port_check_catches_mistakes() -> None:
     doc = compose()
     doc["services"]["edge-2"]["environment"]["FEDGATE_EDGE_TRITON_HTTP_PORT"] = "9000"
-    doc["services"]["edge-1"]["environment"]["FEDGATE_EDGE_TRITON_HOST"] = "172.28.0.99"
+    doc["services"]["edge-1"]["environment"]["FEDGATE_EDGE_TRITON_HOST"] = "172.29.0.99"
     doc["services"]["gateway"]["environment"]["FEDGATE_GATEWAY_PORT"] = "8081"
     doc["services"]["trainer"]["environment"]["FEDGATE_TRAINER_NATS_URL"] = "tls://nats:4223"
     problems = "\n".join(check_ports(doc))
     assert "edge-2: healthcheck" in problems
-    assert "edge-1: Triton binds 172.28.0.99" in problems
+    assert "edge-1: Triton binds 172.29.0.99" in problems
     assert "gateway: healthcheck does not probe port 8081" in problems
     assert "trainer: FEDGATE_TRAINER_NATS_URL" in problems
 
