@@ -231,6 +231,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
         "release": t4 - t3,
         "ingest_rss": ingest_rss,
         "rss": peak_rss_mb(),
+        "export_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / MB,
     }
 
 
@@ -384,7 +385,8 @@ def one_size(millions: float, n_edges: int, root: Path, url: str, password: str)
         f"{mean['seal']:5.2f} {mean['put'] + trainer['get'] / n_edges:8.2f} "
         f"{trainer['aggregate'] / n_edges:9.2f} {trainer['release']:7.1f} "
         f"{rollout['rollout']:7.1f} | {rss(trainer['ingest_rss'])}  {rss(trainer['rss'])}  "
-        f"{rss(trainer2['rss'])} | {rss(edge_rss)}    {rollout['rss']:5.0f} | {floor:5.0f}",
+        f"{rss(trainer2['rss'])} {rss(trainer['export_rss'])} | {rss(edge_rss)}    "
+        f"{rollout['rss']:5.0f} | {floor:5.0f}",
         flush=True,
     )
 
@@ -412,12 +414,12 @@ def main() -> None:
     )
     print(
         "                   |             seconds per update     round  edge    |"
-        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  |"
+        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  export child |"
         " edge peak RSS, MB                 |"
     )
     print(
         "params(M) MB(FP32) | train  seal transfer aggregate release rollout |"
-        "  after ingest   after release   after release |"
+        "  after ingest   after release   after release   (forked)     |"
         "  train+seal+put   rollout         | floor"
     )
     with tempfile.TemporaryDirectory(prefix="fedgate-large-") as tmp:

@@ -9,8 +9,9 @@ version it trained from. Two round states exist:
   which also catches NaN and Inf) and a few in-place vector operations per slice; nothing
   is allocated per update, so memory is about ``8 * dim`` bytes whatever the number of
   updates. The compensated sum carries about twice FP32's precision (``sum - compensation``
-  read in FP64), so the mean matches an FP64 reference to well below FP32's rounding. FedAvg, FedProx, FedAvgM, FedAdam, FedYogi,
-  FedAdagrad, norm clipping and central DP all reduce to a weighted mean and use it.
+  read in FP64), so the mean matches an FP64 reference to well below FP32's rounding.
+  FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, norm clipping and central DP
+  all reduce to a weighted mean and use it.
 - :class:`UpdateBuffer` does not stream. Coordinate-wise median and trimmed mean need
   every value of a coordinate at once, so no constant-size running state computes them
   exactly. The buffer keeps copies of at most ``capacity`` updates (memory
