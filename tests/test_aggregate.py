@@ -277,3 +277,21 @@ def test_a_large_update_is_scaled_a_slice_at_a_time() -> None:
     assert peak < 1 << 20  # no copy of the 8-bytes-a-value sum for the checkpoint
     exact = state["sum"].astype(np.float64) - state["compensation"]
     np.testing.assert_array_equal(exact, acc.weighted_sum())
+
+
+def test_step_onto_is_apply_step_of_the_mean_bit_for_bit() -> None:
+    """The release's step is computed a slice at a time (no whole FP64 mean, twice a
+    large model's size) and equals the whole-vector computation exactly."""
+    from trainer.aggregate import SCRATCH_VALUES
+    from trainer.strategies.base import apply_step
+
+    dim = SCRATCH_VALUES + 1_001  # two slices
+    rng = np.random.default_rng(9)
+    acc = WeightedSum(dim)
+    for w in (3.0, 7.0, 11.0):
+        acc.fold(rng.normal(0, 1e-2, dim).astype(np.float32), w)
+    base = rng.normal(0, 1, dim).astype(np.float32)
+    for lr in (1.0, 0.3):
+        mine = acc.step_onto(base, lr)
+        assert mine.dtype == np.float32
+        np.testing.assert_array_equal(mine, apply_step(base, acc.mean(), lr))

@@ -215,6 +215,25 @@ class WeightedSum:
         total /= self.total_weight
         return total
 
+    def step_onto(self, global_params: F32Array, lr: float = 1.0) -> F32Array:
+        """``global + lr * mean`` as a new FP32 vector, computed in FP64 a slice at a time
+        (the same operations as ``apply_step(global, mean(), lr)``, bit for bit, without
+        the whole FP64 mean: a large model's is twice its size)."""
+        if self.count == 0:
+            raise ValueError("mean of an empty WeightedSum")
+        out = np.empty(self.dim, dtype=np.float32)
+        step = self._scratch.shape[1]
+        for at in range(0, self.dim, step):
+            end = min(at + step, self.dim)
+            part = self._sum[at:end].astype(np.float64)
+            part -= self._comp[at:end]
+            part /= self.total_weight
+            if lr != 1.0:
+                part *= lr
+            part += global_params[at:end]
+            out[at:end] = part
+        return out
+
     def snapshot(self) -> dict[str, npt.NDArray[Any]]:
         """The state as named arrays, for a checkpoint (``np.savez``, no pickle).
         ``sum`` and ``compensation`` are the live FP32 accumulators, not copies: write them
