@@ -12,8 +12,8 @@ and the trainer are separate processes (this script with ``--role``): each peak 
   per-update bounds with their warm-up of 3 held updates, a checkpoint per fold): the
   object store get of each update is timed apart (``get``), the rest of handling it
   (verify, decrypt, decode, bound, fold, checkpoint: ``aggregate``); then the release
-  (finalize, export ONNX, check it against torch with ONNX Runtime, sign, verify,
-  upload to the object store: ``release``);
+  (finalize, export ONNX and check it against torch with ONNX Runtime in a forked
+  child, sign, verify, upload to the object store: ``release``);
 - rollout: a fresh edge process downloads the released version from the object store
   and verifies it (``rollout``; Triton's load is not included).
 
@@ -21,7 +21,8 @@ Printed: seconds per step (edge steps: mean over edges; ``transfer`` = put + get
 update); the trainer's peak RSS after ingesting and after releasing, and after releasing
 a round of twice the updates (the same edges publishing again under other ids: memory
 must not grow with the number of updates); the peak RSS of the edge that trained, sealed
-and published, and of the one that rolled the version out (no torch there: plain MB).
+and published, and of the one that rolled the version out (no torch there: plain MB); the
+peak RSS of the trainer's export child (forked: its RSS counts pages shared with the trainer).
 Each other RSS also as (RSS - floor) over the model's FP32 size, the floor being a process
 that imported torch, onnx, onnxruntime, nats and the trainer's ingest (no model).
 
