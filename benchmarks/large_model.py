@@ -12,8 +12,8 @@ and the trainer are separate processes (this script with ``--role``): each peak 
   per-update bounds with their warm-up of 3 held updates, a checkpoint per fold): the
   object store get of each update is timed apart (``get``), the rest of handling it
   (verify, decrypt, decode, bound, fold, checkpoint: ``aggregate``); then the release
-  (finalize, export ONNX, check it against torch with ONNX Runtime, sign, verify,
-  upload to the object store: ``release``);
+  (finalize, export ONNX and check it against torch with ONNX Runtime in a forked
+  child, sign, verify, upload to the object store: ``release``);
 - rollout: a fresh edge process downloads the released version from the object store
   and verifies it (``rollout``; Triton's load is not included).
 
@@ -21,7 +21,8 @@ Printed: seconds per step (edge steps: mean over edges; ``transfer`` = put + get
 update); the trainer's peak RSS after ingesting and after releasing, and after releasing
 a round of twice the updates (the same edges publishing again under other ids: memory
 must not grow with the number of updates); the peak RSS of the edge that trained, sealed
-and published, and of the one that rolled the version out (no torch there: plain MB).
+and published, and of the one that rolled the version out (no torch there: plain MB); the
+peak RSS of the trainer's export child (forked: its RSS counts pages shared with the trainer).
 Each other RSS also as (RSS - floor) over the model's FP32 size, the floor being a process
 that imported torch, onnx, onnxruntime, nats and the trainer's ingest (no model).
 
@@ -231,6 +232,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
         "release": t4 - t3,
         "ingest_rss": ingest_rss,
         "rss": peak_rss_mb(),
+        "export_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / MB,
     }
 
 
@@ -384,7 +386,8 @@ def one_size(millions: float, n_edges: int, root: Path, url: str, password: str)
         f"{mean['seal']:5.2f} {mean['put'] + trainer['get'] / n_edges:8.2f} "
         f"{trainer['aggregate'] / n_edges:9.2f} {trainer['release']:7.1f} "
         f"{rollout['rollout']:7.1f} | {rss(trainer['ingest_rss'])}  {rss(trainer['rss'])}  "
-        f"{rss(trainer2['rss'])} | {rss(edge_rss)}    {rollout['rss']:5.0f} | {floor:5.0f}",
+        f"{rss(trainer2['rss'])} {rss(trainer['export_rss'])} | {rss(edge_rss)}    "
+        f"{rollout['rss']:5.0f} | {floor:5.0f}",
         flush=True,
     )
 
@@ -412,12 +415,12 @@ def main() -> None:
     )
     print(
         "                   |             seconds per update     round  edge    |"
-        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  |"
+        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  export child |"
         " edge peak RSS, MB                 |"
     )
     print(
         "params(M) MB(FP32) | train  seal transfer aggregate release rollout |"
-        "  after ingest   after release   after release |"
+        "  after ingest   after release   after release   (forked)     |"
         "  train+seal+put   rollout         | floor"
     )
     with tempfile.TemporaryDirectory(prefix="fedgate-large-") as tmp:

@@ -10,7 +10,6 @@ import numpy.typing as npt
 import pytest
 
 from trainer.aggregate import (
-    FLUSH_EVERY,
     UpdateBuffer,
     WeightedSum,
     clip_factor,
@@ -107,6 +106,9 @@ def test_rejected_update_leaves_state_unchanged() -> None:
     assert acc.weighted_sum().tolist() == [1.0, 1.0, 1.0]
 
 
+FLUSH_EVERY = 16  # the old FP32 block size: sums across many such blocks stay exact
+
+
 def test_streaming_equals_batch_across_flushes() -> None:
     rng = np.random.default_rng(7)
     n = 3 * FLUSH_EVERY + 5
@@ -124,6 +126,19 @@ def test_integer_sum_is_exact_across_flushes() -> None:
         acc.fold(f32(i, -i), 1.0)
     n = 2 * FLUSH_EVERY + 3
     assert acc.weighted_sum().tolist() == [n * (n + 1) / 2, -n * (n + 1) / 2]
+
+
+def test_compensated_sum_keeps_what_plain_float32_loses() -> None:
+    """1 + 1000 * 1e-8: each small term is below FP32's half-ulp of 1, so a plain FP32
+    running sum stays 1.0; the compensated sum matches FP64 to about 1e-12."""
+    acc = WeightedSum(3)
+    acc.fold(f32(1, -1, 0), 1.0)
+    for _ in range(1000):
+        acc.fold(f32(1e-8, -1e-8, 1e-8), 1.0)
+    expect = [1.0 + 1000 * float(np.float32(1e-8)), -1.0 - 1000 * float(np.float32(1e-8))]
+    expect.append(1000 * float(np.float32(1e-8)))
+    np.testing.assert_allclose(acc.weighted_sum(), expect, rtol=1e-12, atol=1e-15)
+    assert acc.nbytes < 8 * 3 + 2 * 4 * 3 + 1  # two FP32 vectors and two scratch slices
 
 
 def test_reset_reuses_buffers() -> None:
@@ -215,8 +230,15 @@ def test_snapshot_restore_continues_exactly() -> None:
     for u in updates[10:]:
         resumed.fold(u, 2.0)
     assert (resumed.count, resumed.total_weight, resumed.round_id) == (len(updates), 46.0, "r")
-    # blocks are summed in FP32, so a different flush boundary differs in the last bits
-    np.testing.assert_allclose(resumed.mean(), straight.mean(), rtol=1e-5, atol=1e-6)
+    # the compensated FP32 state is saved whole: resuming folds exactly as going straight on
+    np.testing.assert_array_equal(resumed.mean(), straight.mean())
+
+
+def test_restore_takes_an_older_fp64_sum() -> None:
+    total = np.array([1.0 + 2.0**-40, -3.0])
+    old = {"sum": total, "count": np.array([2.0]), "total_weight": np.array([2.0])}
+    state = WeightedSum.restore(old)
+    np.testing.assert_allclose(state.weighted_sum(), total, rtol=0, atol=1e-15)
 
 
 def test_restore_refuses_bad_snapshots() -> None:
@@ -238,7 +260,7 @@ def test_a_large_update_is_scaled_a_slice_at_a_time() -> None:
     rng = np.random.default_rng(5)
     updates = [rng.normal(0, 1, dim).astype(np.float32) for _ in range(3)]
     acc = WeightedSum(dim)
-    assert acc.nbytes == 12 * dim + 4 * SCRATCH_VALUES  # not 16 bytes a value
+    assert acc.nbytes == 8 * dim + 8 * SCRATCH_VALUES  # not 12 bytes a value
     for u, w in zip(updates, [1.0, 2.0, 3.0], strict=True):
         acc.fold(u, w, max_norm=500.0)
     expected = np.zeros(dim)
@@ -253,4 +275,23 @@ def test_a_large_update_is_scaled_a_slice_at_a_time() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20  # no copy of the 8-bytes-a-value sum for the checkpoint
-    np.testing.assert_array_equal(state["sum"], acc.weighted_sum())
+    exact = state["sum"].astype(np.float64) - state["compensation"]
+    np.testing.assert_array_equal(exact, acc.weighted_sum())
+
+
+def test_step_onto_is_apply_step_of_the_mean_bit_for_bit() -> None:
+    """The release's step is computed a slice at a time (no whole FP64 mean, twice a
+    large model's size) and equals the whole-vector computation exactly."""
+    from trainer.aggregate import SCRATCH_VALUES
+    from trainer.strategies.base import apply_step
+
+    dim = SCRATCH_VALUES + 1_001  # two slices
+    rng = np.random.default_rng(9)
+    acc = WeightedSum(dim)
+    for w in (3.0, 7.0, 11.0):
+        acc.fold(rng.normal(0, 1e-2, dim).astype(np.float32), w)
+    base = rng.normal(0, 1, dim).astype(np.float32)
+    for lr in (1.0, 0.3):
+        mine = acc.step_onto(base, lr)
+        assert mine.dtype == np.float32
+        np.testing.assert_array_equal(mine, apply_step(base, acc.mean(), lr))

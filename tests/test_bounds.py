@@ -201,3 +201,36 @@ def test_colluders_arriving_first_do_not_set_the_medians(strategy: str) -> None:
     assert cosine(step, attack) < 0.5, cosine(step, attack)
     weights = {c.edge_id: c.weight for c in book.current.folded.values()}  # type: ignore[union-attr]
     assert weights["edge-0"] <= 2 * 300 and weights["edge-1"] <= 2 * 300, weights
+
+
+def test_updates_held_for_the_warm_up_wait_on_disk_not_in_memory() -> None:
+    """The warm-up held copies of its first updates in memory (3 model sizes for a
+    large model: failed before with 8 MB traced for two 4 MB updates); they now wait in
+    unlinked temporary files and the round's result is unchanged."""
+    import tracemalloc
+
+    dim = 1_000_000
+    rng = np.random.default_rng(11)
+    deltas = [rng.normal(0, 1e-3, dim).astype(np.float32) for _ in range(3)]
+    book = RoundBook(
+        "wide",
+        RoundPolicy(min_updates=3),
+        get_strategy("fedavg"),
+        version=1,
+        digest=DIGEST,
+        params=np.zeros(dim, np.float32),
+    )
+    book.open(["a", "b", "c"], now=0.0)
+    tracemalloc.start()
+    try:
+        for i, (edge, delta) in enumerate(zip("ab", deltas, strict=False)):
+            book.fold(Contribution(f"{i:032x}", edge, 100, 1, 0.0), delta)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert book.current is not None and len(book.current.held) == 2
+    assert held < 1_000_000, f"{held / 1e6:.1f} MB traced while two updates are held"
+    book.fold(Contribution(f"{2:032x}", "c", 100, 1, 0.0), deltas[2])
+    assert not book.current.held
+    expected = sum(d.astype(np.float64) for d in deltas) / 3
+    np.testing.assert_allclose(book.finalize(), expected, rtol=0, atol=1e-9)

@@ -2,8 +2,9 @@
 number of updates: its own ingestor and round driver (verify, decrypt, decode, bounds,
 fold, checkpoint) over a real nats-server, every update through the object store, peak
 allocations traced with ``tracemalloc`` (numpy reports its buffers to it). Two updates and
-eight must peak alike; the bound is loose (one model size) since the checkpoint and the
-bounds' warm-up copies are there in both."""
+eight must peak alike, and below three model sizes: the update in flight (its envelope
+and its payload) and the candidate of ``finalize``; the running sum (allocated when the
+round opens, before tracing) is 2x the model, the bounds' warm-up waits on disk."""
 
 from __future__ import annotations
 
@@ -127,4 +128,6 @@ async def test_trainer_peak_memory_does_not_grow_with_the_number_of_updates(
     two, eight = peaks
     detail = f"peak {two / 1e6:.0f} MB for 2 updates, {eight / 1e6:.0f} MB for 8"
     assert eight < two + MODEL_BYTES, detail
-    assert eight < 12 * MODEL_BYTES  # the trainer's whole ingest path, bounds and checkpoint
+    # the update in flight (envelope and payload) and the candidate: 9 MB measured, 28 MB
+    # (7.0x) before the warm-up spilled to disk and the sum became compensated FP32
+    assert eight < 3 * MODEL_BYTES, detail

@@ -20,12 +20,12 @@ from numpy.typing import NDArray
 from fedcore.artifact import MANIFEST, sign_version_dir
 from fedcore.errors import ModelSpecError
 from fedcore.modelrun import make_optimizer, target_output, to_tensors
-from fedcore.onnx_export import check_onnx_matches_torch, export_onnx
 from fedcore.params import flatten
 from fedcore.spec import ModelSpec
 from fedcore.task import torch_loss
-from fedcore.triton_model import MODEL_PY, ONNX_FILE, WEIGHTS_FILE, render_model_py
+from fedcore.triton_model import MODEL_PY, WEIGHTS_FILE, render_model_py
 from fedcore.weights import dummy_batch, evaluation_data, load_initial_weights
+from trainer.export_child import export_in_child
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,16 @@ def write_version(
     parent_version: int | None = None,
     round_id: int | None = None,
 ) -> None:
-    """Export, check, render ``model.py`` and sign one version directory."""
-    from fedcore.params import load_flat
-
-    module = spec.build_module()
-    load_flat(module, params)
+    """Write the flat parameters, export and check the ONNX (in a short-lived child
+    process: :mod:`trainer.export_child`), render ``model.py`` and sign one version
+    directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    export_onnx(spec, module, directory / ONNX_FILE)
-    check_onnx_matches_torch(spec, module, directory / ONNX_FILE, _check_batch(spec))
+    # the flat FP32 parameters, for edges that fine-tune from this version (no pickle);
+    # no copy when they are FP32 already
+    np.save(directory / WEIGHTS_FILE, np.asarray(params, dtype="<f4"), allow_pickle=False)
+    child_mb = export_in_child(spec, directory, _check_batch)
+    log.info("%s exported and checked in a child (peak RSS %.0f MB)", spec.name, child_mb)
     (directory / MODEL_PY).write_text(render_model_py(spec))
-    # the flat FP32 parameters, for edges that fine-tune from this version (no pickle)
-    np.save(directory / WEIGHTS_FILE, params.astype("<f4"), allow_pickle=False)
     sign_version_dir(
         directory,
         key,

@@ -12,10 +12,11 @@ likes. So every update of a round is bounded before it is folded:
 
 The medians are over every update of the round so far, the current one included, so one
 edge (or any minority) cannot move them far. Strategies that stream fold each update
-once, so the first ``warmup`` updates of a round are held back (copied) until ``warmup``
-are in, or the round closes, and folded then with the medians of all of them: an edge
-that comes first gains nothing. This costs ``4 * warmup * dim`` bytes while a round
-starts, independent of the number of updates.
+once, so the first ``warmup`` updates of a round are held back until ``warmup`` are in,
+or the round closes, and folded then with the medians of all of them: an edge that
+comes first gains nothing. The held ones wait in unlinked temporary files
+(:func:`trainer.rounds.spill`: ``4 * (warmup - 1) * dim`` bytes of disk, no memory
+until they are folded, one at a time).
 
 Central DP (``dp_fedavg``) keeps only the absolute bounds: its sensitivity analysis
 needs each edge's contribution bounded independently of the others, which a median of

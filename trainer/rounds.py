@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -92,8 +93,9 @@ class OpenRound:
     secure: SecureOutcome | None = None
     held: dict[str, tuple[Contribution, NDArray[np.float32]]] = field(default_factory=dict)
     """Updates accepted but not folded yet: the first ones of a round wait until the
-    medians their bounds need are known (:mod:`trainer.bounds`). Not checkpointed: after
-    a restart the ledger's records bring them back from the stream."""
+    medians their bounds need are known (:mod:`trainer.bounds`). Each waits in an unlinked
+    temporary file (:func:`spill`), not in memory. Not checkpointed: after a restart the
+    ledger's records bring them back from the stream."""
     closing_ts: float | None = None
     """Set when the round stopped taking updates (:meth:`RoundBook.begin_close`); closing
     takes seconds (candidate, gate, export, upload) and nothing may join meanwhile."""
@@ -150,6 +152,17 @@ def staleness_weight(samples: int, staleness: int, exponent: float) -> float:
 
 
 MIN_STEP_SCALE = 0.125
+
+
+def spill(update: NDArray[np.float32]) -> NDArray[np.float32]:
+    """A read-only copy of ``update`` in an unlinked file under the temporary directory
+    (``TMPDIR``), mapped lazily: it takes no memory until it is read, and its pages go
+    when the returned array does. On a tmpfs ``TMPDIR`` the copy is in memory again."""
+    with tempfile.TemporaryFile(prefix="fedgate-held-") as f:
+        np.ascontiguousarray(update, dtype=np.float32).tofile(f)
+        f.flush()
+        # the mapping keeps its own descriptor: closing the file leaves it valid
+        return np.memmap(f, dtype=np.float32, mode="r", shape=(update.size,))
 
 
 class RoundBook:
@@ -260,9 +273,11 @@ class RoundBook:
         arrived = replace(contribution, weight=0.0, norm=norm)
         b = self.policy.bounds
         if b.relative and self.strategy.streams and rnd.count() < b.warmup:
-            rnd.held[arrived.update_id] = (arrived, np.array(update, copy=True))
-            if rnd.count() >= b.warmup:
+            if rnd.count() + 1 >= b.warmup:  # the last of the warm-up folds at once
+                rnd.held[arrived.update_id] = (arrived, update)
                 self.settle()
+            else:
+                rnd.held[arrived.update_id] = (arrived, spill(update))
             return rnd.folded.get(arrived.update_id, arrived)
         return self._fold_bounded(rnd, arrived, update)
 
@@ -281,8 +296,10 @@ class RoundBook:
         rnd = self._require_open()
         everyone = [*self.reference, *rnd.contributions()]
         held, rnd.held = list(rnd.held.values()), {}
-        for arrived, update in held:
+        while held:  # each one's pages are read in and dropped before the next
+            arrived, update = held.pop(0)
             self._fold_bounded(rnd, arrived, update, everyone)
+            del update
 
     def _fold_bounded(
         self,

@@ -17,7 +17,6 @@ from trainer.strategies.base import (
     OptionValue,
     RoundState,
     StatelessMixin,
-    apply_step,
     check_round,
     expect_sum,
     require_positive,
@@ -54,4 +53,4 @@ class NormClipping(StatelessMixin):
     def finalize(self, state: RoundState, global_params: F32Array) -> F32Array:
         acc = expect_sum(state, self.name)
         check_round(acc, global_params, self.name)
-        return apply_step(global_params, acc.mean(), self.server_lr)
+        return acc.step_onto(global_params, self.server_lr)
