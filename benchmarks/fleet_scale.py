@@ -46,7 +46,7 @@ from fedcore.models.wide import hidden_for, parameter_count, wide_spec
 from fedcore.params import layout
 from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET, RoundAnnouncement, RoundRecord, round_key
 from fedgate.keys_cmd import KeyLayout
-from tests.nats_cluster import NatsCluster, start_nats_cluster
+from tests.nats_cluster import start_nats_cluster
 from tests.transport_harness import trainer_env
 
 MODEL = "wide"
@@ -138,18 +138,27 @@ class RoundFigures:
 
 
 def start_trainer(
-    root: Path, keys: KeyLayout, cluster: NatsCluster, hidden: int, n: int, rounds: int
+    root: Path,
+    keys: KeyLayout,
+    nats_url: str,
+    password_file: Path,
+    hidden: int,
+    n: int,
+    rounds: int,
+    replicas: int = 3,
 ) -> subprocess.Popen[bytes]:
+    """The real trainer process on ``wide`` of width ``hidden``: rounds of ``n`` updates,
+    ``rounds`` of them, then idle."""
     env = trainer_env(
         root,
         keys,
-        cluster.url,
-        cluster.password_files["trainer"],
+        nats_url,
+        password_file,
         MODELS=f'["{MODEL}"]',
         MIN_UPDATES=str(n),
         ROUND_DEADLINE_S="3600",
         BOOTSTRAP_EPOCHS="1",
-        NATS_REPLICAS="3",
+        NATS_REPLICAS=str(replicas),
         HEARTBEAT_TTL_S="30",
         MAX_ROUNDS=str(rounds),
     )
@@ -206,7 +215,9 @@ async def measure(root: Path, n: int, hidden: int, rounds: int) -> list[RoundFig
     nc = await nats.connect(cluster.urls, user="edges", password=cluster.users["edges"])
     try:
         fleet.start_heartbeats()
-        trainer = start_trainer(root, keys, cluster, hidden, n, rounds)
+        trainer = start_trainer(
+            root, keys, cluster.url, cluster.password_files["trainer"], hidden, n, rounds
+        )
         sampler = Sampler(trainer.pid)
         sampling = asyncio.create_task(sampler.run())
         out = []

@@ -190,7 +190,8 @@ class SimFleet:
 
         async def one(i: int, path: Path) -> None:
             async with gate:
-                await publishers[i % len(publishers)].publish(path.read_bytes())
+                data = await asyncio.to_thread(path.read_bytes)
+                await publishers[i % len(publishers)].publish(data)
 
         began = time.monotonic()
         await asyncio.gather(*(one(i, p) for i, p in enumerate(files)))
