@@ -166,8 +166,6 @@ class SimFleet:
                 edge_id=edge, url=f"http://127.0.0.1:{20000 + i}", seq=seq, ts=now, models=state
             )
             await self._conn(i).publish(subjects.heartbeat(edge), beat.encode())
-        for nc in self.conns:
-            await nc.flush()
         self.beats_sent += len(self.edges)
 
     async def _beat_forever(self) -> None:
