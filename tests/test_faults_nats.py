@@ -261,7 +261,14 @@ async def round_through_fault(
         restarted_at = time.monotonic()
         await asyncio.gather(*tasks)
 
-        record = await wait_kv(reader, ROUND_LOG_BUCKET, round_key("digits", 1), RoundRecord.decode)
+        try:
+            record = await wait_kv(
+                reader, ROUND_LOG_BUCKET, round_key("digits", 1), RoundRecord.decode
+            )
+        except AssertionError as exc:  # say what the trainer was doing
+            log = stack.config.data_dir / "logs" / "trainer.log"
+            tail = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else []
+            raise AssertionError(f"{exc}; trainer log tail:\n" + "\n".join(tail)) from None
         assert record.outcome == "released" and record.released_version == 2, record.reason
         contributors = [c.edge_id for c in record.contributors]
         assert sorted(contributors) == sorted(stack.edge_ids)  # each exactly once

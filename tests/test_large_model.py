@@ -207,4 +207,4 @@ async def test_a_secure_round_of_a_model_over_max_payload_sends_masked_inputs_in
         await nc.close()
         stop_all([trainer, *edges])
     assert trainer.returncode == 0
-    assert processes_mentioning("tests.secagg_edge") == []
+    assert processes_mentioning(f"{sys.executable} -m tests.secagg_edge") == []

@@ -218,7 +218,7 @@ async def test_a_secure_round_survives_a_killed_edge(
         await nc.close()
         stop_all([trainer, *edges.values()])
     assert trainer.returncode == 0
-    assert processes_mentioning("tests.secagg_edge") == []
+    assert processes_mentioning(f"{sys.executable} -m tests.secagg_edge") == []
 
 
 @pytest.mark.timeout(180)
@@ -264,7 +264,7 @@ async def test_a_secure_round_survives_an_edge_that_spoils_a_share(
     finally:
         await nc.close()
         stop_all([*([trainer] if trainer is not None else []), *edges.values()])
-    assert processes_mentioning("tests.secagg_edge") == []
+    assert processes_mentioning(f"{sys.executable} -m tests.secagg_edge") == []
 
 
 def settings(tmp_path: Path, **extra: Any) -> TrainerSettings:
