@@ -19,7 +19,8 @@ Printed: one row per (size, N) with the medians over the rounds, and the growth 
 trainer's CPU time per update from the smallest N (goal: within 1.5x at N=1,000) and of
 its peak RSS (goal: flat). Run:
 ``.venv/bin/python -m benchmarks.fleet_scale [--edges 10 100 1000] [--params 100000 1000000]``
-(about 12 minutes on 2 cores with the defaults; fewer rounds for big N).
+(about 25 minutes on a busy 2-core machine with the defaults, 15 of them for 1M at
+N=1,000, where every update waits on fsynced writes: ``--params 100000`` takes 3).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script too
 
 from benchmarks.fleet_sim import SimFleet, edge_names, enroll_fleet, seal_round
 from fedcore.compression import sizes_from_layout
