@@ -19,8 +19,8 @@ Printed: one row per (size, N) with the medians over the rounds, and the growth 
 trainer's CPU time per update from the smallest N (goal: within 1.5x at N=1,000) and of
 its peak RSS (goal: flat). Run:
 ``.venv/bin/python -m benchmarks.fleet_scale [--edges 10 100 1000] [--params 100000 1000000]``
-(about 25 minutes on a busy 2-core machine with the defaults, 15 of them for 1M at
-N=1,000, where every update waits on fsynced writes: ``--params 100000`` takes 3).
+(about 16 minutes on a busy 2-core machine with the defaults, 8 of them for 1M at
+N=1,000, where every update waits on fsynced writes; ``--params 100000`` takes 3).
 """
 
 from __future__ import annotations
