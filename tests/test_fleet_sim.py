@@ -29,7 +29,9 @@ async def two_rounds(root: Path, server: NatsServer) -> None:
     keys = enroll_fleet(root / "keys", edges)
     sizes = sizes_from_layout(layout(wide_spec(HIDDEN).build_module()))
     password = server.users["edge-1"]
-    fleet = await SimFleet.connect(server.url, "edge-1", password, edges, "wide", connections=5)
+    fleet = await SimFleet.connect(
+        server.url, "edge-1", password, edges, "wide", connections=5, interval_s=0.2
+    )
     nc = await nats.connect(server.url, user="edge-1", password=password)
     fleet.start_heartbeats()
     trainer = start_trainer(
@@ -41,7 +43,8 @@ async def two_rounds(root: Path, server: NatsServer) -> None:
             a = await wait_open(js, r, 120)
             if r == 2:  # heard every simulated edge's heartbeat: all of them invited
                 assert a.sampled == sorted(edges)
-            files = seal_round(keys, edges, a, sizes, root / "sealed", workers=1)
+            # sealed off the event loop: the edges keep beating meanwhile
+            files = await asyncio.to_thread(seal_round, keys, edges, a, sizes, root / "sealed", 1)
             await fleet.publish(files)
             record = await wait_record(js, r, 120)
             assert record.outcome == "released", record.reason
