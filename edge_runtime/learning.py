@@ -74,7 +74,8 @@ def recipe_for(s: EdgeSettings, spec: ModelSpec) -> Recipe:
         lr=pick(s.train_lr, r.lr),
         momentum=pick(s.train_momentum, r.momentum),
         weight_decay=pick(s.train_weight_decay, r.weight_decay),
-        proximal_mu=s.proximal_mu,
+        proximal_mu=pick(s.proximal_mu, r.proximal_mu),
+        max_steps=pick(s.train_max_steps, r.max_steps),
     )
 
 

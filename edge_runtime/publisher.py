@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from nats.js.api import ObjectMeta, ObjectMetaOptions
 from fedcore.envelope import BytesLike, RecipientPublicKey, read_header_unverified, suite_of
 from fedcore.errors import TransportError
 from fedcore.keys import load_ed25519, read_hpke_public
+from fedcore.loops import Backoff
 from fedcore.transport import (
     INLINE_MAX_BYTES,
     MSG_ID_HEADER,
@@ -95,6 +97,7 @@ class UpdatePublisher:
         backoff_s: float = 0.5,
         stream: str = UPDATES_STREAM,
         object_bucket: str = UPDATES_OBJECT_BUCKET,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         if attempts < 1 or ack_timeout_s <= 0 or backoff_s < 0:
             raise ValueError("need attempts >= 1, ack_timeout_s > 0, backoff_s >= 0")
@@ -105,6 +108,7 @@ class UpdatePublisher:
         self.backoff_s = backoff_s
         self.stream = stream
         self.object_bucket = object_bucket
+        self._rand = rand
 
     @classmethod
     def for_connection(
@@ -187,6 +191,13 @@ class UpdatePublisher:
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]], update_id: str) -> T:
         failure: BaseException | None = None
+        # doubling delays with jitter: after a broker outage a fleet's edges do not all
+        # retry in the same instant
+        delays = (
+            Backoff(self.backoff_s, 64 * self.backoff_s, jitter=0.5, rand=self._rand)
+            if self.backoff_s > 0
+            else None
+        )
         for attempt in range(1, self.attempts + 1):
             try:
                 return await call()
@@ -202,7 +213,7 @@ class UpdatePublisher:
                     what,
                     extra={"update_id": update_id, "attempt": attempt, "error": repr(failure)},
                 )
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(delays.next() if delays is not None else 0.0)
         raise TransportError(
             "publish-failed",
             f"{what} of update {update_id} failed {self.attempts} times: {failure!r}",

@@ -11,8 +11,9 @@ versions this edge serves into a :class:`Plan` or a :class:`Refusal`:
   train on a base it is not serving;
 - ``async``: the edge trains from the newest version it serves that is at most
   ``max_staleness`` versions behind ``base_version``;
-- in both, an open round, before its deadline, that this edge has not yet sent an
-  update for;
+- in both, an open round that this edge has not yet sent an update for; a sync round
+  only before its deadline (an async round's ``deadline_ts`` is the trainer's buffer
+  timeout: the round takes updates until the trainer announces the next one);
 - a securely aggregated round (``secure``) only on an edge with secure aggregation on for
   the model, and, on such an edge, only a securely aggregated round: its update never
   leaves it unmasked (``secure-not-configured``, ``round-not-secure``).
@@ -100,7 +101,7 @@ def _closed(
     """Why this edge cannot send for round ``a`` whatever it serves (None: it can)."""
     if a.state != "open":
         return Refusal("round-closed", f"round {a.round} is closed")
-    if now >= a.deadline_ts:
+    if a.mode == "sync" and now >= a.deadline_ts:
         return Refusal("deadline-passed", f"round {a.round} closed at its deadline")
     if a.round in sent_rounds:
         return Refusal("already-sent", f"an update for round {a.round} was sent")
@@ -161,6 +162,32 @@ def _async_base(a: RoundAnnouncement, served: Mapping[int, ServedVersion]) -> Pl
             loud=True,
         )
     return Plan(a, base)
+
+
+def still_takes(plan: Plan, current: RoundAnnouncement | None, now: float) -> str | None:
+    """Why the update a job trains under ``plan`` would no longer be taken, judged by the
+    ``current`` announcement (None: it would be).
+
+    A sync job needs its own round, open, before its deadline, on its base. An async job
+    goes on while the current round is async and its base is at most ``max_staleness``
+    versions behind the current base: the trainer folds it, weighted down, into whatever
+    buffer is open when it arrives."""
+    announced = plan.announcement
+    if announced.mode == "async" and current is not None and current.mode == "async":
+        lag = current.base_version - plan.base.version
+        checks = [
+            (current.state != "open", "round-closed"),
+            (lag > current.max_staleness, "too-stale"),
+        ]
+    elif current is None or current.round != announced.round:
+        return "round-changed"
+    else:
+        checks = [
+            (current.state != "open", "round-closed"),
+            (now >= current.deadline_ts, "deadline-passed"),
+            (current.base_version != announced.base_version, "base-changed"),
+        ]
+    return next((reason for failed, reason in checks if failed), None)
 
 
 class RoundsView:

@@ -39,6 +39,7 @@ from fedcore import subjects
 from fedcore.errors import FedgateError
 from fedcore.keys import ed25519_public_from_hex, read_secret
 from fedcore.loops import Backoff, loop_failed
+from fedcore.nats_client import close_service, connect_service
 from fedcore.wire import Heartbeat, ModelState
 
 log = logging.getLogger(__name__)
@@ -188,15 +189,7 @@ class EdgeRuntime:
     async def run(self) -> None:
         """Connect to NATS and heartbeat until :meth:`request_stop`."""
         s = self.settings
-        self._nc = await nats.connect(
-            servers=s.nats_url.split(","),
-            user=s.nats_user,
-            password=s.nats_password(),
-            name=f"edge:{s.edge_id}",
-            max_reconnect_attempts=-1,
-            inbox_prefix=s.nats_inbox_prefix(),
-            tls=s.nats_tls_context(),
-        )
+        self._nc = await connect_service(s, f"edge:{s.edge_id}")
         self.publisher = UpdatePublisher.for_connection(
             self._nc, ack_timeout_s=s.update_ack_timeout_s, attempts=s.update_publish_attempts
         )
@@ -248,7 +241,7 @@ class EdgeRuntime:
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._nc.publish(subjects.leave(self.settings.edge_id), b"")
-                await asyncio.wait_for(self._nc.drain(), 5)
+            await close_service(self._nc)
         self.triton.stop()
         self.learning.close()
 

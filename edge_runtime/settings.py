@@ -129,7 +129,8 @@ class EdgeSettings(ServiceSettings):
     # -- local fine-tuning
     learning_enabled: bool = Field(default=True, description="fine-tune in idle windows")
     min_new_labels: int = Field(default=32, ge=1, description="new labels before training")
-    # the local training recipe: each unset (None) field is the model spec's own
+    # the local training recipe: each unset (None) field is the model spec's own; a round
+    # announcement's recipe (the trainer's) wins over both
     train_optimizer: Literal["sgd", "adam"] | None = Field(
         default=None, description="local optimiser, sgd or adam (unset: the model spec's)"
     )
@@ -148,7 +149,12 @@ class EdgeSettings(ServiceSettings):
     train_weight_decay: float | None = Field(
         default=None, ge=0, description="local L2 weight decay (unset: the spec's)"
     )
-    proximal_mu: float = Field(default=0.0, ge=0, description="FedProx term; 0 turns it off")
+    train_max_steps: int | None = Field(
+        default=None, ge=1, description="most mini-batches of one local run (unset: the spec's)"
+    )
+    proximal_mu: float | None = Field(
+        default=None, ge=0, description="FedProx term; 0 turns it off (unset: the spec's)"
+    )
     clip_norm: float | None = Field(
         default=None, gt=0, description="clip the update's L2 norm to this (None: no clipping)"
     )

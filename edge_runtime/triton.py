@@ -182,6 +182,9 @@ class TritonServer:
             f"--grpc-restricted-protocol={restricted}:{CONTROL_HEADER}={control_secret}",
             f"--http-address={host}",
             f"--http-port={http_port}",
+            # the gateway's x-fedgate-key (the key that made a request) reaches model.py as a
+            # request parameter: captured ids are bound to the key
+            "--http-header-forward-pattern=^x-fedgate-key$",
             f"--grpc-address={host}",
             f"--grpc-port={grpc_port}",
             f"--metrics-address={host}",

@@ -88,7 +88,10 @@ class TensorSpec:
 @dataclass(frozen=True)
 class TrainingRecipe:
     """How edges fine-tune a model locally (the spec's default; a deployment may override
-    any field through the edge's ``TRAIN_*`` settings)."""
+    any field through the edge's ``TRAIN_*`` settings, and a round's announcement any of
+    ``proximal_mu``, ``epochs``, ``lr``, ``batch_size``, ``max_steps`` over both).
+    ``proximal_mu`` > 0 adds FedProx's proximal term; ``max_steps`` (None: no bound) is
+    the most mini-batches of one local run."""
 
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.05
@@ -96,6 +99,8 @@ class TrainingRecipe:
     weight_decay: float = 0.0
     epochs: int = 1
     batch_size: int = 32
+    proximal_mu: float = 0.0
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -104,6 +109,8 @@ class TrainingRecipe:
             raise ModelSpecError("recipe: lr must be > 0, momentum in [0, 1), weight_decay >= 0")
         if self.epochs < 1 or self.batch_size < 1:
             raise ModelSpecError("recipe: epochs and batch_size must be at least 1")
+        if self.proximal_mu < 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ModelSpecError("recipe: proximal_mu must be >= 0, max_steps >= 1")
 
 
 Feeds = dict[str, NDArray[Any]]
@@ -120,6 +127,7 @@ class ModelSpec:
     ``state_dict``), or for a built-in model without one, from a short training run on
     its ``dataset``. ``dataset`` (built-ins) also gives the trainer its evaluation set;
     ``evaluation_set`` (``.npz`` or safetensors) does the same for a user's model.
+    ``demo_data`` is only the demo's traffic.
     """
 
     name: str
@@ -131,6 +139,10 @@ class ModelSpec:
     initial_weights: Path | None = None
     evaluation_set: Path | None = None
     dataset: Callable[[], DataSplit] | None = field(default=None, repr=False)
+    demo_data: Callable[[], DataSplit] | None = field(default=None, repr=False)
+    """traffic for ``fedgate demo`` (a generator of the package's own): a training split
+    the demo's sites replay and a held-out split it scores; never given to the trainer.
+    Without it the demo replays ``dataset``."""
     preprocess: Callable[[NDArray[Any]], NDArray[Any]] | None = field(default=None, repr=False)
     input_convention: str = ""
     builtin: bool = False

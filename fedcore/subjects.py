@@ -29,6 +29,14 @@ def feedback(model: str) -> str:
     return f"{FEEDBACK_PREFIX}.{model}"
 
 
+def feedback_to_edge(model: str, edge_id: str) -> str:
+    """Subject the gateway sends a label for ``model`` to one edge on (it always replies).
+
+    One token, ``<model>-<edge>`` (model names have no ``-``), so that the permissions of
+    ``fedgate.feedback.*`` cover it."""
+    return f"{FEEDBACK_PREFIX}.{model}-{edge_id}"
+
+
 SECAGG_PREFIX = "fedgate.secagg"
 
 

@@ -7,14 +7,16 @@ otherwise, and logs the providers it got. Dynamic batches are run as one ONNX ca
 
 Traffic capture: when the edge's ``config.pbtxt`` names a spool (``fedgate_spool_path``)
 and a capture rate above zero, a sampled share of single-row requests that carry an OIP
-``id`` is kept: request id, and the bytes of the inputs and outputs the spec's task
-captures (all by default), each list back to back in declared order. The request path only appends a
-tuple to an in-memory queue (about a microsecond); a writer thread in the stub inserts
-the queue into the edge's SQLite spool (WAL) every ``CAPTURE_FLUSH_S`` in one
-transaction and evicts the oldest samples beyond the capacity, leaving a tombstone per
-evicted request id (so late feedback for it is told "expired"). The capture code is
-:data:`CAPTURE_SOURCE`, rendered verbatim into ``model.py`` (the stub can import only
-what is signed in the version directory); ``edge_runtime.spool`` reads the same schema.
+``id`` is kept: request id (``<key name>/<id>`` when the gateway named the key that made
+the request, so a label binds to that key), and the bytes of the inputs and outputs the
+spec's task captures (all by default), each list back to back in declared order. The
+request path only appends a tuple to an in-memory queue (about a microsecond); a writer
+thread in the stub inserts the queue into the edge's SQLite spool (WAL) every
+``CAPTURE_FLUSH_S`` in one transaction and evicts the oldest samples beyond the capacity,
+leaving a tombstone per evicted request id (so late feedback for it is told "expired").
+The capture code is :data:`CAPTURE_SOURCE`, rendered verbatim into ``model.py`` (the stub
+can import only what is signed in the version directory); ``edge_runtime.spool`` reads the
+same schema.
 """
 
 from __future__ import annotations
@@ -71,6 +73,19 @@ _TOMBSTONE = (
 )
 _EVICT = "DELETE FROM samples WHERE seq <= (SELECT MAX(seq) FROM samples) - ?"
 _EVICT_TOMBSTONES = "DELETE FROM tombstones WHERE rowid <= (SELECT MAX(rowid) FROM tombstones) - ?"
+KEY_PARAM = "x-fedgate-key"
+
+
+def bound_id(request_id, parameters):
+    """The id a request is spooled under: ``<key name>/<id>`` when the gateway named the
+    key that made it (its ``x-fedgate-key`` header, a request parameter here), else ``id``."""
+    if not request_id:
+        return request_id
+    try:
+        key = json.loads(parameters or "{}").get(KEY_PARAM)
+    except (ValueError, AttributeError):
+        key = None
+    return f"{key}/{request_id}" if isinstance(key, str) and key else request_id
 
 
 def open_spool(path, timeout_s=5.0):
@@ -238,7 +253,8 @@ class TritonPythonModel:
             if self.capture is not None and size == 1:
                 inputs = [columns[name][i] for name in CAPTURED_INPUTS]
                 kept = [o for (name, _), o in zip(OUTPUTS, outs) if name in CAPTURED_OUTPUTS]
-                self.capture.offer(request.request_id(), inputs, kept)
+                rid = bound_id(request.request_id(), request.parameters())
+                self.capture.offer(rid, inputs, kept)
             tensors = [pb_utils.Tensor(name, o) for (name, _), o in zip(OUTPUTS, outs)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
@@ -255,8 +271,8 @@ _CAPTURE = Template(CAPTURE_SOURCE).substitute(
     p_capacity=PARAM_SPOOL_CAPACITY,
     p_tombstones=PARAM_SPOOL_TOMBSTONES,
 )
-CAPTURE_IMPORTS = (
-    "import collections\nimport random\nimport sqlite3\nimport threading\nimport time\n"
+CAPTURE_IMPORTS = "".join(
+    f"import {name}\n" for name in ("collections", "json", "random", "sqlite3", "threading", "time")
 )
 
 

@@ -126,6 +126,20 @@ ROUNDS_BUCKET = "fedgate_rounds"
 """KV bucket holding the open round of each model under the key ``<model>``."""
 
 
+class ClientRecipe(_Message):
+    """How the trainer tells the edges of a round to train locally: the client-side
+    parameters of its strategy (FedProx's ``proximal_mu``) and its local recipe. Each
+    field left out (None) falls back to the edge's setting, then to the model spec's
+    recipe. ``max_steps`` bounds the mini-batches of one local run, so an update does not
+    grow with the edge's spool."""
+
+    proximal_mu: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    epochs: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    batch_size: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+
+
 class RoundAnnouncement(_Message):
     """The trainer's word on a model's open round, written to KV ``fedgate_rounds/<model>``.
 
@@ -137,6 +151,10 @@ class RoundAnnouncement(_Message):
     ``secure``: the round is securely aggregated (``docs/secagg.md``): invited edges take
     part in the protocol on ``fedgate.secagg.<model>.*`` and send their update masked
     there, never as a sealed envelope (absent in older messages: False).
+    ``deadline_ts``: in a sync round, when edges stop sending; in an async round, when the
+    trainer closes a buffer that is not full but holds ``min_updates`` (edges keep sending
+    to an async round past it, until the trainer writes the next one).
+    ``recipe``: what edges train with (:class:`ClientRecipe`; absent in older messages).
     """
 
     model: str
@@ -152,6 +170,7 @@ class RoundAnnouncement(_Message):
     max_staleness: int = Field(default=0, ge=0)
     state: str = Field(default="open", pattern="^(open|closed)$")
     secure: bool = False
+    recipe: ClientRecipe | None = None
 
     def invites(self, edge_id: str) -> bool:
         """True when ``edge_id`` may send an update for this round."""
@@ -167,7 +186,8 @@ REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 
 class FeedbackRequest(_Message):
     """A label for a served request, sent by the gateway to the fleet on
-    ``fedgate.feedback.<model>``; the edge holding request ``id`` answers (``FeedbackReply``)."""
+    ``fedgate.feedback.<model>`` (or to one edge on ``fedgate.feedback.<model>-<edge>``);
+    the edge holding request ``id`` of key ``key`` answers (``FeedbackReply``)."""
 
     model: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     id: str = Field(pattern=REQUEST_ID.pattern)
@@ -175,6 +195,13 @@ class FeedbackRequest(_Message):
         description="a class index, a number or a vector, as the model's task says"
     )
     weight: float = Field(default=1.0, gt=0.0, le=1000.0, allow_inf_nan=False)
+    key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    """The name of the key that asked: the sample is spooled as ``<key>/<id>``."""
+
+    @property
+    def spool_id(self) -> str:
+        """The id the serving edge spooled the sample under (see ``model.py``'s capture)."""
+        return self.id if self.key is None else f"{self.key}/{self.id}"
 
     @field_validator("label")
     @classmethod
@@ -192,10 +219,10 @@ class FeedbackRequest(_Message):
 class FeedbackReply(_Message):
     """An edge's answer to a :class:`FeedbackRequest`: ``joined`` (the label is attached to
     its captured sample) or ``expired`` (the sample was evicted). Edges that never saw
-    the request stay silent."""
+    the request stay silent on the fleet's subject and answer ``unknown`` on their own."""
 
     edge_id: str
-    status: str = Field(pattern="^(joined|expired)$")
+    status: str = Field(pattern="^(joined|expired|unknown)$")
 
     @field_validator("edge_id")
     @classmethod
@@ -247,6 +274,8 @@ class RoundRecord(_Message):
     evaluation: str | None = None
     """which evaluation decided: ``central`` (the trainer's set)"""
     eval_samples: int | None = Field(default=None, ge=0)
+    paired_se: float | None = Field(default=None, ge=0)
+    """the central gate's paired standard error of ``value - serving_value``"""
     accuracy: float | None = None
     """``value`` when ``metric`` is accuracy (kept for older readers)"""
     loss: float | None = None
@@ -257,6 +286,9 @@ class RoundRecord(_Message):
     survivors: int | None = Field(default=None, ge=0)
     dropped: int | None = Field(default=None, ge=0)
     step_scale: float | None = Field(default=None, gt=0, le=1)
+    recipe: ClientRecipe | None = None
+    """what the round's announcement told edges to train with (each contributor's
+    ``metrics`` say what it used: ``recipe_mu``, ``recipe_lr``, ...)"""
 
 
 class Lineage(_Message):

@@ -241,7 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.rounds < 1:
         raise FedgateError("--rounds must be at least 1")
-    return run_demo(_stack_config(args), _out, rounds=args.rounds)
+    return run_demo(_stack_config(args), _out, rounds=args.rounds, asynchronous=args.asynchronous)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -273,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_args(demo, ".fedgate/demo")
     demo.set_defaults(edges=3)
     demo.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    demo.add_argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="buffered async rounds: a buffer closes when every edge's update is in, or "
+        "at its timeout with all but one; a straggler's stale update joins a later one",
+    )
     demo.set_defaults(func=cmd_demo)
     status = sub.add_parser(
         "status", help="print fleet, versions, rounds and rollouts of a running gateway"

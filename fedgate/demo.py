@@ -1,7 +1,8 @@
 """``fedgate demo``: the whole loop on one machine, seen.
 
-Starts the stack, splits the model's training set (a built-in's: ``digits`` by default,
-``--model diabetes`` for regression) across the edges with a Dirichlet label skew (by
+Starts the stack, splits the model's demo traffic (its spec's ``demo_data`` generator, or
+a built-in's data set: ``digits`` by default, ``--model diabetes`` for regression; any
+number of inputs) across the edges with a Dirichlet label skew (by
 class, or by target quantile for a regression; one "site" per edge, whose clients send to
 their own edge with
 ``x-fedgate-prefer-edge``), and per round: replays the site's traffic through the
@@ -10,7 +11,10 @@ goes quiet so the edges see an idle window and fine-tune, waits for the trainer 
 the round and release a version, and drives canary traffic until the gateway promotes or
 rolls the version back. Finally it scores the held-out split through the gateway with the
 model's own metric (accuracy, MAE, ...) and exits 0 only if the federated model beats
-version 1 in that metric's direction.
+version 1 in that metric's direction. ``--async`` runs buffered asynchronous rounds
+instead: a buffer closes when every edge's update is in, or at its timeout with all but
+one; an edge that trains from an older version still sends, and its update joins the
+buffer open then, weighted down (marked ``~`` in the table).
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class RoundRow:
     epsilon: float | None = None
     released: str = "-"
     rollout: str = "-"
+    serving: float | None = None  # the serving version's metric on the same evaluation
+    se: float | None = None  # the paired standard error of value - serving (central gate)
 
 
 @dataclass
@@ -72,16 +78,34 @@ class Site:
     labels: dict[int, int] = field(default_factory=dict)
 
 
-def demo_overrides(edges: int, rounds: int) -> dict[str, dict[str, str]]:
+ASYNC_BUFFER_TIMEOUT_S = 30.0
+"""``--async``: a buffer short of every edge closes this long after it opened."""
+
+
+def demo_overrides(
+    edges: int, rounds: int, asynchronous: bool = False
+) -> dict[str, dict[str, str]]:
     """Settings that make a round take seconds, not minutes, on 2 cores."""
     rollout = {"canary": 30.0, "window_s": 2.0, "min_requests": 20, "staging_timeout_s": 90.0}
+    buffered = {
+        "ROUND_MODE": "async",
+        "BUFFER_SIZE": str(edges),
+        "MIN_UPDATES": str(max(1, edges - 1)),
+        "ROUND_DEADLINE_S": str(ASYNC_BUFFER_TIMEOUT_S),
+        "MAX_STALENESS": "2",
+    }
     return {
-        "FEDGATE_TRAINER_": {
-            "MIN_UPDATES": str(edges),
-            "ROUND_DEADLINE_S": "90",
+        "FEDGATE_TRAINER_": (buffered if asynchronous else {})
+        | {
+            "MIN_UPDATES": buffered["MIN_UPDATES"] if asynchronous else str(edges),
+            "ROUND_DEADLINE_S": buffered["ROUND_DEADLINE_S"] if asynchronous else "90",
             "MAX_ROUNDS": str(rounds),
             "ROUND_INTERVAL_S": "0",
-            "GATE_MARGIN": "0.02",
+            # hold a candidate more than one paired standard error below serving (1-2
+            # points on digits' 450 samples), not a fixed 2 points: see the README's
+            # live-vs-simulation section
+            "GATE_MARGIN": "0.0",
+            "GATE_Z": "1.0",
             "ROLLOUT_OPTIONS": json.dumps(rollout),
         },
         "FEDGATE_EDGE_": {
@@ -115,6 +139,13 @@ def split_sites(y: NDArray[Any], edges: list[str], alpha: float, seed: int) -> l
     ]
 
 
+def take(x: Any, k: int) -> Any:
+    """Row ``k`` of a batch: an array (one-input models) or inputs by name."""
+    if isinstance(x, dict):
+        return {name: v[k] for name, v in x.items()}
+    return x[k]
+
+
 def label_of(spec: ModelSpec, y: NDArray[Any]) -> Label:
     """One training target as feedback carries it."""
     if spec.task.label is LabelKind.CLASS:
@@ -124,8 +155,7 @@ def label_of(spec: ModelSpec, y: NDArray[Any]) -> Label:
 
 
 class GatewayClient:
-    """The demo's HTTP client of the gateway (one pooled session, infer key), for one
-    single-input model."""
+    """The demo's HTTP client of the gateway (one pooled session, infer key) for one model."""
 
     def __init__(self, url: str, infer_key: str, admin_key: str, spec: ModelSpec) -> None:
         self.spec = spec
@@ -138,20 +168,20 @@ class GatewayClient:
     async def close(self) -> None:
         await self.session.close()
 
-    async def predict(
-        self, row: NDArray[Any], rid: str, prefer: str | None
-    ) -> tuple[NDArray[Any], str]:
-        """The task's output for one row, and the version that served it."""
-        tensor = self.spec.inputs[0]
+    async def predict(self, row: Any, rid: str, prefer: str | None) -> tuple[NDArray[Any], str]:
+        """The task's output for one row (an array, or inputs by name), and the version
+        that served it."""
+        feeds = self.spec.feeds(row)
         body = {
             "id": rid,
             "inputs": [
                 {
-                    "name": tensor.name,
-                    "shape": [1, *tensor.shape],
-                    "datatype": tensor.datatype,
-                    "data": np.asarray(row).reshape(-1).tolist(),
+                    "name": t.name,
+                    "shape": [1, *t.shape],
+                    "datatype": t.datatype,
+                    "data": feeds[t.name].reshape(-1).tolist(),
                 }
+                for t in self.spec.inputs
             ],
         }
         headers = dict(self.infer)
@@ -196,7 +226,7 @@ async def _bounded(limit: int, jobs: list[Callable[[], Awaitable[Any]]]) -> list
 async def replay(
     client: GatewayClient,
     sites: list[Site],
-    x: NDArray[Any],
+    x: Any,
     y: NDArray[Any],
     plan: DemoPlan,
     tag: str,
@@ -212,7 +242,7 @@ async def replay(
         )
     await _bounded(
         plan.concurrency,
-        [partial(client.predict, x[k], rid, e) for rid, k, e in batch],
+        [partial(client.predict, take(x, k), rid, e) for rid, k, e in batch],
     )
     await asyncio.sleep(plan.feedback_delay_s)  # labels arrive later than the requests
     codes = await _bounded(
@@ -223,12 +253,15 @@ async def replay(
 
 
 async def metric_through_gateway(
-    client: GatewayClient, x: NDArray[Any], y: NDArray[Any], concurrency: int
+    client: GatewayClient, x: Any, y: NDArray[Any], concurrency: int
 ) -> tuple[float, set[str]]:
     """The model's metric on (x, y) as served through the gateway, and the versions seen."""
     results = await _bounded(
         concurrency,
-        [partial(client.predict, x[i], f"eval-{time.time_ns()}-{i}", None) for i in range(len(y))],
+        [
+            partial(client.predict, take(x, i), f"eval-{time.time_ns()}-{i}", None)
+            for i in range(len(y))
+        ],
     )
     outputs = np.stack([o for o, _ in results])
     value = metric_value(client.spec.task, outputs, y)
@@ -286,7 +319,7 @@ async def run_round(
     n: int,
     client: GatewayClient,
     sites: list[Site],
-    data: tuple[NDArray[Any], ...],
+    data: tuple[Any, NDArray[Any]],
     plan: DemoPlan,
     out: Out,
 ) -> RoundRow:
@@ -310,13 +343,14 @@ async def run_round(
         f"round {n}: waiting for the edges' updates and the trainer",
     )
     contributors = record.get("contributors", [])
-    row.edges = ",".join(c["edge_id"].removeprefix("edge-") for c in contributors) or "-"
+    row.edges = ",".join(_contributor(c, record) for c in contributors) or "-"
     row.samples = None if record.get("secure") else sum(int(c["samples"]) for c in contributors)
     row.value, row.loss, row.epsilon = (
         record.get("value", record.get("accuracy")),
         record.get("loss"),
         record.get("epsilon"),
     )
+    row.serving, row.se = record.get("serving_value"), record.get("paired_se")
     version = record.get("released_version")
     secure = (
         f"; secure aggregation: {record.get('survivors')} edges in the sum, "
@@ -348,6 +382,12 @@ async def run_round(
     return row
 
 
+def _contributor(c: dict[str, Any], record: dict[str, Any]) -> str:
+    """An edge's number in the table; ``~`` when its update was trained on an older base."""
+    stale = int(c.get("base_version", 0)) < int(record.get("base_version", 0))
+    return str(c["edge_id"]).removeprefix("edge-") + ("~" if stale else "")
+
+
 def table(rows: list[RoundRow], metric: str = "accuracy") -> list[str]:
     """The per-round table; the metric column is named after the model's metric."""
 
@@ -355,25 +395,36 @@ def table(rows: list[RoundRow], metric: str = "accuracy") -> list[str]:
         return "-" if v is None else f"{v:.{d}f}"
 
     lines = [
-        f"{'round':>5}  {'edges':<8} {'samples':>7}  {metric:>8}  {'loss':>8}  {'epsilon':>7}  "
-        f"{'released':<8}  rollout"
+        f"{'round':>5}  {'edges':<8} {'samples':>7}  {metric:>8}  {'vs serving':>12}  "
+        f"{'loss':>8}  {'epsilon':>7}  {'released':<8}  rollout"
     ]
     for r in rows:
         lines.append(
             f"{r.round:>5}  {r.edges:<8} {'-' if r.samples is None else r.samples:>7}  "
-            f"{f(r.value):>8}  {f(r.loss):>8}  "
+            f"{f(r.value):>8}  {change(r):>12}  {f(r.loss):>8}  "
             f"{f(r.epsilon, 2):>7}  {r.released:<8}  {r.rollout}"
         )
     return lines
 
 
+def change(r: RoundRow) -> str:
+    """The candidate against the serving version in points of the metric (x100), with the
+    paired standard error when the trainer's gate measured one: a change inside one or
+    two of them is noise of the evaluation set, not learning or forgetting."""
+    if r.value is None or r.serving is None:
+        return "-"
+    diff = f"{100 * (r.value - r.serving):+.1f}"
+    return diff if r.se is None else f"{diff} ± {100 * r.se:.1f}"
+
+
 async def drive(stack: Stack, plan: DemoPlan, out: Out, model: str = MODEL) -> int:
     spec = get_spec(model)
-    if spec.dataset is None or len(spec.inputs) != 1:
+    source = spec.demo_data or spec.dataset
+    if source is None:
         raise ModelSpecError(
-            f"the demo replays a one-input built-in's data set; {model} is not one"
+            f"model {model!r} has no demo traffic: give its spec a demo_data generator"
         )
-    x_train, y_train, x_test, y_test = spec.dataset()
+    x_train, y_train, x_test, y_test = source()
     sites = split_sites(strata(spec, y_train), stack.edge_ids, plan.alpha, plan.seed)
     for s in sites:
         out(f"  site {s.edge}: {len(s.pool)} samples, {describe(spec, y_train[s.pool])}")
@@ -416,16 +467,18 @@ def describe(spec: ModelSpec, y: NDArray[Any]) -> str:
     return f"target mean {first.mean():.1f}, quartiles {np.percentile(first, [25, 75]).round(1)}"
 
 
-def run_demo(config: StackConfig, out: Out, rounds: int = 5) -> int:
+def run_demo(config: StackConfig, out: Out, rounds: int = 5, asynchronous: bool = False) -> int:
     """Start the stack, run the rounds of each of its models side by side (each with its
     own rounds, versions and rollouts), print the tables, stop. Returns the exit code:
-    0 only if every model ends better than its version 1."""
-    overrides = demo_overrides(config.edges, rounds)
+    0 only if every model ends better than its version 1. ``asynchronous``: buffered
+    async rounds (``fedgate demo --async``)."""
+    overrides = demo_overrides(config.edges, rounds, asynchronous)
     for prefix, values in config.overrides.items():
         overrides.setdefault(prefix, {}).update(values)
     stack = Stack(StackConfig(**{**config.__dict__, "overrides": overrides}))
     try:
-        out(f"starting fedgate with {config.edges} edge(s) under {config.data_dir}")
+        mode = "buffered async" if asynchronous else "sync"
+        out(f"starting fedgate with {config.edges} edge(s), {mode} rounds, under {config.data_dir}")
         t0 = time.monotonic()
         stack.start()
         out(

@@ -323,6 +323,8 @@ class Stack:
             "HOST": self.config.host,
             "PORT": str(self.config.port + index),
             "API_KEYS_FILE": str(self._gateway_keys()),
+            # one secret for every replica: a token minted by one is honoured by all
+            "FEEDBACK_SECRET_FILE": str(self._secret("gateway-feedback")),
             "NATS_REPLICAS": str(self.nats_replicas),
             "INSTANCE_ID": f"gateway-{index + 1}",
         }

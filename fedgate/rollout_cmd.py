@@ -62,7 +62,15 @@ def spec_of(args: argparse.Namespace) -> dict[str, Any]:
             spec[name] = getattr(args, name)
     gates = {
         name: getattr(args, name)
-        for name in ("max_error_rate", "max_p99_ratio", "min_accuracy", "min_labels")
+        for name in (
+            "max_error_rate",
+            "max_p99_ratio",
+            "min_accuracy",
+            "min_metric",
+            "max_metric",
+            "metric_margin",
+            "min_labels",
+        )
         if getattr(args, name) is not None
     }
     if gates:
@@ -134,6 +142,11 @@ def _start_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], out:
     p.add_argument("--max-error-rate", type=float, default=None)
     p.add_argument("--max-p99-ratio", type=float, default=None)
     p.add_argument("--min-accuracy", type=float, default=None, help="from feedback labels")
+    p.add_argument("--min-metric", type=float, default=None, help="model's metric, from labels")
+    p.add_argument("--max-metric", type=float, default=None, help="(lower-is-better metrics)")
+    p.add_argument(
+        "--metric-margin", type=float, default=None, help="worse than stable's label metric by"
+    )
     p.add_argument("--min-labels", type=int, default=None)
     p.add_argument("--no-auto-promote", action="store_true", help="wait for 'promote'")
     p.add_argument("--wait", action="store_true", help="follow it; exit 0 only if promoted")

@@ -61,7 +61,7 @@ COMMON_MANAGED = frozenset(
     }
 )
 MANAGED: dict[str, frozenset[str]] = {
-    "gateway": COMMON_MANAGED | {"host", "port", "api_keys_file"},
+    "gateway": COMMON_MANAGED | {"host", "port", "api_keys_file", "feedback_secret_file"},
     "trainer": COMMON_MANAGED
     | {
         "data_dir",

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,10 +22,12 @@ from nats.errors import Error as NatsError
 from starlette.exceptions import HTTPException
 
 from fedcore.loops import Backoff
+from fedcore.nats_client import close_service, connect_service
 from fedcore.version import package_version
 from gateway.auth import KeyRing, RateLimiter
 from gateway.dataplane import InferPlane, Receive, Scope, Send, split_infer_path
 from gateway.errors import GatewayError
+from gateway.feedback_token import load_tokens
 from gateway.fleet import Edge, Fleet
 from gateway.fleet_feed import FleetFeed
 from gateway.limits import within_limit
@@ -151,6 +152,7 @@ def build_state(settings: GatewaySettings, fleet: Fleet | None = None) -> Gatewa
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst_s),
         metrics=metrics,
         schemas=SchemaCache(upstream),
+        tokens=load_tokens(settings.feedback_secret_file),
     )
     fleet.on_leave = lambda edge: _edge_gone(state, edge)
     return state
@@ -215,15 +217,7 @@ def create_app(
         await state.upstream.open()
         nc: NATS | None = None
         if bus:
-            nc = await nats.connect(
-                servers=settings.nats_url.split(","),
-                user=settings.nats_user,
-                password=settings.nats_password(),
-                name="gateway",
-                max_reconnect_attempts=-1,
-                inbox_prefix=settings.nats_inbox_prefix(),
-                tls=settings.nats_tls_context(),
-            )
+            nc = await connect_service(settings, "gateway")
             await feed.start(nc)
             relay.bind(nc)
             # applies recorded splits first (retried: a young cluster answers slowly)
@@ -242,8 +236,7 @@ def create_app(
                 await prober
             if nc is not None:
                 await feed.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(nc.drain(), 5)
+                await close_service(nc)
             await state.upstream.close()
 
     # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, which

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, Unavailable
+from gateway.feedback_token import HEADER_BYTES as TOKEN_HEADER
 from gateway.fleet import Edge
 from gateway.guard import check_request, repeated_header
 from gateway.metrics import UNKNOWN
@@ -88,7 +89,15 @@ class _Request:
     encoding: bytes | None
     forward: list[tuple[bytes, bytes]]
     prefer: str | None = None
+    key: str = ""  # the name of the key that made the request
 
+
+KEY_HEADER = b"x-fedgate-key"
+"""Header the gateway adds to every request it forwards: the name of the key that made it.
+The edge's Triton hands it to ``model.py`` as a request parameter, which captures the
+request's id as ``<key name>/<id>``: a label binds to the key, and another key's
+request with the same id is another sample (a client's own header of that name is never
+forwarded: only :data:`gateway.upstream.FORWARD_HEADERS` are)."""
 
 PREFER_EDGE = b"x-fedgate-prefer-edge"
 """Request header naming the edge a client would like to be served by, when it can."""
@@ -187,7 +196,8 @@ class InferPlane:
     def precheck(self, headers: list[tuple[bytes, bytes]]) -> _Request:
         """Key, role, rate and repeated framing headers: all that needs no body (4xx)."""
         req = _scan(headers)
-        self.state.admit(req.authorization, "infer")
+        req.key = self.state.admit(req.authorization, "infer").name
+        req.forward.append((KEY_HEADER, req.key.encode()))
         repeated = repeated_header(headers)
         if repeated is not None:
             raise BadRequest(f"the request repeats the {repeated} header: send it once")
@@ -254,15 +264,15 @@ class InferPlane:
                 resp = await self._explain(resp, model, served, edge, checked)
             out.status = resp.status
             out.started = True
-            await reply(
-                resp.status,
-                resp.body,
-                [
-                    *resp.headers,
-                    (b"x-fedgate-edge", edge.edge_id.encode()),
-                    (b"x-fedgate-model-version", out.version.encode()),
-                ],
-            )
+            headers = [
+                *resp.headers,
+                (b"x-fedgate-edge", edge.edge_id.encode()),
+                (b"x-fedgate-model-version", out.version.encode()),
+            ]
+            if state.tokens is not None and resp.status == 200:
+                token = state.tokens.mint(model, edge.edge_id, req.key)
+                headers.append((TOKEN_HEADER, token))
+            await reply(resp.status, resp.body, headers)
         finally:
             if out.model:  # counted in flight once routed
                 inflight[model] -= 1

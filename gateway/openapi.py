@@ -15,7 +15,9 @@ _INFER_DOC = {
         "Forwarded unchanged to an edge serving the model (version). With the binary tensor "
         "extension send `Inference-Header-Content-Length: <JSON header bytes>` and the raw "
         "tensors after the JSON header. Unversioned requests follow the model's traffic split. "
-        "Response headers `x-fedgate-edge` and `x-fedgate-model-version` name who served it. "
+        "Response headers `x-fedgate-edge` and `x-fedgate-model-version` name who served it; "
+        "`x-fedgate-feedback-token` (when the gateway has a feedback secret) goes back with "
+        "`POST /v1/feedback` for this request, to send the label to that edge alone. "
         "Needs `Authorization: Bearer <key>` (role infer or admin)."
     ),
     "requestBody": {

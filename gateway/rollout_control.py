@@ -23,14 +23,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nats.errors import Error as NatsError
 from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Gauge
 
-from fedcore.wire import ModelState
+from fedcore.errors import ModelSpecError
+from fedcore.models import get_spec
+from fedcore.task import METRICS, MetricSpec
+from fedcore.wire import LabelTally, ModelState
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.gate_counts import Baseline, Pair, SharedCounts, version_counts
 from gateway.metrics import LATENCY_BUCKETS
@@ -315,18 +318,17 @@ class RolloutController:
         base = self._baselines.get(key)
         if base is None:
             base = self._baselines[key] = Baseline(self.clock(), cand, stable)
-        labelled = correct = 0
-        for edge_state in self.edges(r.model).values():
-            tally = edge_state.labels.get(r.version)
-            if tally is not None:
-                labelled, correct = labelled + tally.total, correct + tally.correct
+        tallies = [e.labels for e in self.edges(r.model).values()]
         c, s = cand.since(base.candidate), stable.since(base.stable)
         return Observation(
             candidate=VersionStats(
-                c.requests, c.errors, quantile(c.latency, 0.99), labelled, correct
+                c.requests, c.errors, quantile(c.latency, 0.99), *label_totals(tallies, r.version)
             ),
-            stable=VersionStats(s.requests, s.errors, quantile(s.latency, 0.99)),
+            stable=VersionStats(
+                s.requests, s.errors, quantile(s.latency, 0.99), *label_totals(tallies, r.stable)
+            ),
             elapsed_s=self.clock() - base.started,
+            metric=model_metric(r.model),
         )
 
     def _local(self, r: Rollout) -> Pair:
@@ -418,3 +420,23 @@ def _commanded(r: Rollout, action: str, actor: str, now: float) -> Rollout:
     if not r.active:
         raise Conflict(f"rollout {r.id} is {r.state}; only an active rollout can be rolled back")
     return rolled_back(r, now, f"rolled back by {actor}")
+
+
+def label_totals(
+    tallies: Sequence[Mapping[int, LabelTally]], version: int
+) -> tuple[int, int, float]:
+    """(labelled, correct, summed metric) of ``version`` over the edges' tallies."""
+    found = [t[version] for t in tallies if version in t]
+    return (
+        sum(t.total for t in found),
+        sum(t.correct for t in found),
+        float(sum(t.score for t in found)),
+    )
+
+
+def model_metric(model: str) -> MetricSpec:
+    """The model's metric and its direction (accuracy for a model this gateway lacks)."""
+    try:
+        return get_spec(model).task.metric_spec
+    except ModelSpecError:
+        return METRICS["accuracy"]

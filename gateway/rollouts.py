@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedcore.task import METRICS, MetricSpec
 from fedcore.wire import ROLLOUT_ID, DesiredVersions, ModelState
 from gateway.routing import TrafficSplit
 
@@ -55,9 +56,33 @@ class Gates(BaseModel):
     min_accuracy: float | None = Field(
         default=None, ge=0, le=1, description="share of feedback labels the candidate got right"
     )
-    min_labels: int = Field(
-        default=20, ge=1, description="labels needed before the accuracy gate decides"
+    min_metric: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="the candidate's mean label metric (the model's own) is below this",
     )
+    max_metric: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="the candidate's mean label metric is above this (MAE, MSE: lower wins)",
+    )
+    metric_margin: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="the candidate's label metric is worse than the stable version's by more "
+        "than this, in the metric's direction",
+    )
+    min_labels: int = Field(
+        default=20, ge=1, description="labels (per version compared) before a label gate decides"
+    )
+
+    @property
+    def label_gated(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.min_accuracy, self.min_metric, self.max_metric, self.metric_margin)
+        )
 
 
 class RolloutSpec(BaseModel):
@@ -202,6 +227,8 @@ class VersionStats:
     p99_s: float | None = None
     labelled: int = 0
     correct: int = 0
+    score: float = 0.0
+    """the sum of the model's per-sample metric over the labelled samples"""
 
     @property
     def error_rate(self) -> float:
@@ -211,12 +238,21 @@ class VersionStats:
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
 
+    def metric(self, m: MetricSpec) -> float | None:
+        """Metric ``m`` over the labelled samples (their mean; accuracy from the exact
+        count of right answers)."""
+        if m.name == "accuracy":
+            return self.accuracy
+        return self.score / self.labelled if self.labelled else None
+
 
 @dataclass(frozen=True)
 class Observation:
     candidate: VersionStats
     stable: VersionStats
     elapsed_s: float
+    metric: MetricSpec = METRICS["accuracy"]
+    """the model's metric and its direction (the label tallies' ``score``)"""
 
 
 @dataclass(frozen=True)
@@ -249,17 +285,35 @@ def _gate_failures(spec: RolloutSpec, obs: Observation) -> list[str]:
             f"p99 latency {c.p99_s * 1000:.1f} ms > {g.max_p99_ratio:g} x stable "
             f"{s.p99_s * 1000:.1f} ms"
         )
-    accuracy = c.accuracy
-    if (
-        g.min_accuracy is not None
-        and c.labelled >= g.min_labels
-        and accuracy is not None
-        and accuracy < g.min_accuracy
-    ):
+    return out + _label_failures(g, obs)
+
+
+def _label_failures(g: Gates, obs: Observation) -> list[str]:
+    """The label gates, on the candidate's feedback labels (and the stable version's for
+    ``metric_margin``), each once ``min_labels`` labels were joined."""
+    c, s, m = obs.candidate, obs.stable, obs.metric
+    value, accuracy = c.metric(m), c.accuracy
+    if c.labelled < g.min_labels or value is None or accuracy is None:
+        return []
+    out = []
+    of = f"({c.labelled} labels)"
+    if g.min_accuracy is not None and accuracy < g.min_accuracy:
         out.append(
             f"label accuracy {accuracy:.3f} < {g.min_accuracy:g} "
             f"({c.correct} of {c.labelled} labels)"
         )
+    if g.min_metric is not None and value < g.min_metric:
+        out.append(f"label {m.name} {value:.3f} < {g.min_metric:g} {of}")
+    if g.max_metric is not None and value > g.max_metric:
+        out.append(f"label {m.name} {value:.3f} > {g.max_metric:g} {of}")
+    stable = s.metric(m)
+    if g.metric_margin is not None and s.labelled >= g.min_labels and stable is not None:
+        worse = m.worse_by(stable, value)
+        if worse > g.metric_margin:
+            out.append(
+                f"label {m.name} {value:.3f} is {worse:.3f} worse than the stable version's "
+                f"{stable:.3f} (margin {g.metric_margin:g}, {m.direction} is better) {of}"
+            )
     return out
 
 
@@ -277,11 +331,13 @@ def evaluate(spec: RolloutSpec, obs: Observation) -> Verdict:
     parts = [f"{c.requests} requests", f"error rate {c.error_rate:.3f}"]
     if c.p99_s is not None:
         parts.append(f"p99 {c.p99_s * 1000:.1f} ms")
-    if g.min_accuracy is not None:
-        if c.labelled >= g.min_labels and c.accuracy is not None:
-            parts.append(f"label accuracy {c.accuracy:.3f}")
+    if g.label_gated:
+        m = obs.metric
+        value = c.metric(m)
+        if c.labelled >= g.min_labels and value is not None:
+            parts.append(f"label {m.name} {value:.3f} on {c.labelled} labels")
         else:
-            parts.append(f"accuracy gate skipped ({c.labelled} of {g.min_labels} labels)")
+            parts.append(f"label gates skipped ({c.labelled} of {g.min_labels} labels)")
     return Verdict("pass", ", ".join(parts))
 
 

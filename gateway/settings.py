@@ -82,4 +82,9 @@ class GatewaySettings(ServiceSettings):
     )
     eject_base_s: float = Field(default=5.0, gt=0, description="first ejection time, then x2")
     eject_max_s: float = Field(default=60.0, gt=0, description="longest ejection time")
+    feedback_secret_file: Path | None = Field(
+        default=None,
+        description="file holding the secret (16+ bytes, mode 0600, the same on every replica) "
+        "that signs feedback tokens; unset: no tokens, feedback is sent to the whole fleet",
+    )
     probe_interval_s: float = Field(default=0.5, gt=0, description="how often ejections are due")

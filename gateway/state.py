@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from gateway.auth import KeyRing, Principal, RateLimiter, Role, require
 from gateway.errors import GatewayError
+from gateway.feedback_token import FeedbackTokens
 from gateway.fleet import Fleet
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Router
@@ -29,6 +30,8 @@ class GatewayState:
     limiter: RateLimiter
     metrics: GatewayMetrics
     schemas: SchemaCache
+    tokens: FeedbackTokens | None = None
+    """Mints and checks feedback tokens; None without ``feedback_secret_file``."""
 
     def admit(self, authorization: bytes | None, role: Role) -> Principal:
         """Authenticate, authorize and rate-limit one request (401, 403, 429)."""

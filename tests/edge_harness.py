@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from fedcore.transport import StreamSpec
 from fedcore.wire import ROUNDS_BUCKET, RoundAnnouncement
 from fedgate.keys_cmd import init_keys
 from gateway.app import create_app
+from gateway.feedback_token import HEADER as TOKEN_HEADER
 from gateway.settings import GatewaySettings
 from tests.conftest import NatsServer, SignedArtifacts
 from trainer.bus import ensure_transport
@@ -103,6 +105,7 @@ class Stack:
     gateway_url: str
     http: httpx.AsyncClient
     digest: str
+    tokens: dict[str, str] = field(default_factory=dict)  # request id -> feedback token
 
     async def announce(self, a: RoundAnnouncement) -> None:
         kv = await self.trainer_nc.jetstream().key_value(ROUNDS_BUCKET)
@@ -118,11 +121,16 @@ class Stack:
             body["id"] = request_id
         resp = await self.http.post(f"{self.gateway_url}/v2/models/{MODEL}/infer", json=body)
         assert resp.status_code == 200, resp.text
+        if request_id is not None and TOKEN_HEADER in resp.headers:
+            self.tokens[request_id] = resp.headers[TOKEN_HEADER]
         out: dict[str, Any] = resp.json()
         return out
 
     async def feedback(self, body: dict[str, Any]) -> httpx.Response:
-        return await self.http.post(f"{self.gateway_url}/v1/feedback", json=body)
+        """Post a label, with the feedback token of its request when there was one."""
+        token = self.tokens.get(str(body.get("id")))
+        headers = {TOKEN_HEADER: token} if token else None
+        return await self.http.post(f"{self.gateway_url}/v1/feedback", json=body, headers=headers)
 
 
 def edge_settings(
@@ -179,15 +187,18 @@ async def _trainer_side(
     return nc, ingestor, folded, rounds
 
 
-async def _gateway(server: NatsServer) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+async def _gateway(
+    server: NatsServer, **overrides: Any
+) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
     port = free_port()
     settings = GatewaySettings(
         port=port,
-        dev_mode=True,
+        dev_mode=not overrides.get("api_keys"),
         nats_url=server.url,
         nats_user="gateway",
         nats_password_file=server.password_files["gateway"],
         log_json=False,
+        **overrides,
     )
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
@@ -212,9 +223,17 @@ async def wait_until_routed(stack: Stack, timeout_s: float = 15.0) -> None:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    root: Path, server: NatsServer, signed: SignedArtifacts, **overrides: Any
+    root: Path,
+    server: NatsServer,
+    signed: SignedArtifacts,
+    gateway: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Stack]:
-    """Edge (Triton + runtime), gateway and a trainer-side ingestor; all stopped after."""
+    """Edge (Triton + runtime), gateway and a trainer-side ingestor; all stopped after.
+
+    ``gateway``: settings of the gateway (dev mode without ``api_keys``); ``headers``: sent
+    with every request of ``Stack.http`` (e.g. an admin key's authorization)."""
     settings = edge_settings(root, server, signed, **overrides)
     keys = init_keys(root / "keys", ["edge-1"])
     sniffer = Sniffer()
@@ -222,9 +241,12 @@ async def running_stack(
     sniff_sub = await trainer_nc.subscribe(">", cb=sniffer.on_msg)
     runtime = EdgeRuntime(settings)
     runtime.start_triton()  # main thread: the death signal follows the forking thread
-    gateway, gateway_task, url = await _gateway(server)
+    secret = root / "secrets" / "gateway-feedback"
+    write_secret(secret, "feedback-token-secret-" + os.urandom(8).hex())
+    gateway = {"feedback_secret_file": secret, **(gateway or {})}
+    gateway_server, gateway_task, url = await _gateway(server, **gateway)
     edge_task = asyncio.create_task(runtime.run())
-    http = httpx.AsyncClient(timeout=30)
+    http = httpx.AsyncClient(timeout=30, headers=headers)
     stack = Stack(
         runtime, trainer_nc, ingestor, folded, rounds, sniffer, url, http, v1_digest(signed)
     )
@@ -237,7 +259,7 @@ async def running_stack(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(edge_task, 15)
         await runtime.shutdown()
-        gateway.should_exit = True
+        gateway_server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(gateway_task, 10)
         await sniff_sub.unsubscribe()

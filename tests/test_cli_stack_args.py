@@ -10,7 +10,7 @@ import pytest
 from fedcore.errors import FedgateError
 from fedcore.secagg import SecAggConfig
 from fedgate.cli import _stack_config, build_parser
-from fedgate.demo import RoundRow, table
+from fedgate.demo import RoundRow, _contributor, demo_overrides, table
 
 
 def config(*argv: str):
@@ -48,3 +48,21 @@ def test_demo_table_shows_no_sample_count_for_secure_rounds() -> None:
     assert header.split()[:3] == ["round", "edges", "samples"]
     assert plain.split()[:3] == ["1", "1,2,3", "410"]
     assert secure.split()[:3] == ["2", "1,2,3", "-"]
+
+
+def test_demo_async_runs_buffered_rounds() -> None:
+    """``fedgate demo --async`` (DESIGN.md names it): the trainer runs buffered async
+    rounds that close when every edge is in or, at the timeout, with all but one."""
+    args = build_parser().parse_args(["demo", "--async", "--edges", "3"])
+    assert args.asynchronous is True
+    assert build_parser().parse_args(["demo"]).asynchronous is False
+    trainer = demo_overrides(3, 4, asynchronous=True)["FEDGATE_TRAINER_"]
+    assert trainer["ROUND_MODE"] == "async" and trainer["BUFFER_SIZE"] == "3"
+    assert trainer["MIN_UPDATES"] == "2" and trainer["MAX_ROUNDS"] == "4"
+    assert "ROUND_MODE" not in demo_overrides(3, 4)["FEDGATE_TRAINER_"]
+
+
+def test_demo_table_marks_stale_contributors() -> None:
+    record = {"base_version": 3}
+    assert _contributor({"edge_id": "edge-2", "base_version": 3}, record) == "2"
+    assert _contributor({"edge_id": "edge-3", "base_version": 2}, record) == "3~"

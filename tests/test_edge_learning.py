@@ -66,6 +66,9 @@ async def serve_labelled(stack: Stack, x: NDArray[Any], y: NDArray[Any]) -> None
     for i in range(len(y)):
         out = await stack.infer(x[i], f"req-{i}")
         assert out["id"] == f"req-{i}"
+    # labels go with their responses' feedback tokens: to the edge that served, no 0.5 s
+    # fleet window for a loaded edge to miss (req-26 got a 404 that way)
+    assert len(stack.tokens) == len(y)
     await asyncio.sleep(0.2)  # the capture writer flushes every 50 ms
     slots = asyncio.Semaphore(16)
 

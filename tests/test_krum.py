@@ -176,4 +176,9 @@ def test_trainer_refuses_a_quorum_below_the_bound(tmp_path: Path) -> None:
         build_strategy(settings(tmp_path, min_updates=4), "digits")
     with pytest.raises(ConfigError, match="FEDGATE_TRAINER_BUFFER_SIZE is 3"):
         build_strategy(settings(tmp_path, round_mode="async", min_updates=5), "digits")
+    # an async buffer also closes at its timeout with MIN_UPDATES: that must be enough too
+    with pytest.raises(ConfigError, match="FEDGATE_TRAINER_MIN_UPDATES is 2"):
+        build_strategy(
+            settings(tmp_path, round_mode="async", buffer_size=5, min_updates=2), "digits"
+        )
     assert isinstance(build_strategy(settings(tmp_path, min_updates=5), "digits"), MultiKrum)

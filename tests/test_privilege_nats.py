@@ -345,12 +345,16 @@ async def test_gateway_and_trainer_cannot_speak_for_edges_nor_the_trainer_read_l
         await msg.respond(b"ok")
 
     await conns["edge-2"].subscribe(subjects.feedback("digits"), cb=answer)
+    # and to one edge, on a subject the same permissions cover (a token's edge)
+    await conns["edge-2"].subscribe(subjects.feedback_to_edge("digits", "edge-2"), cb=answer)
     await conns["edge-2"].flush()
-    for _ in range(5):  # core NATS is at most once: a fresh subscription may miss one
-        with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            reply = await conns["gateway"].request(subjects.feedback("digits"), b"label", timeout=1)
-            break
-    assert reply.data == b"ok"
+    for subject in (subjects.feedback("digits"), subjects.feedback_to_edge("digits", "edge-2")):
+        reply = None
+        for _ in range(5):  # core NATS is at most once: a fresh subscription may miss one
+            with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                reply = await conns["gateway"].request(subject, b"label", timeout=1)
+                break
+        assert reply is not None and reply.data == b"ok"
     await conns["edge-1"].publish(subjects.feedback("digits"), json.dumps({}).encode())
     await local_nats.violation(conns["edge-1"], "edge-1", 'publish to "fedgate.feedback.digits')
 

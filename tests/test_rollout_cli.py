@@ -148,5 +148,9 @@ def test_spec_from_options() -> None:
         ["rollout", "start", MODEL, "3", "--stages", "10,50", "--min-accuracy", "0.9"]
     )
     assert spec_of(args) == {"version": 3, "stages": [10.0, 50.0], "gates": {"min_accuracy": 0.9}}
+    args = build_parser().parse_args(
+        ["rollout", "start", MODEL, "3", "--max-metric", "40", "--metric-margin", "2.5"]
+    )
+    assert spec_of(args) == {"version": 3, "gates": {"max_metric": 40.0, "metric_margin": 2.5}}
     args = build_parser().parse_args(["rollout", "start", MODEL, "3", "--no-auto-promote"])
     assert spec_of(args) == {"version": 3, "auto_promote": False}

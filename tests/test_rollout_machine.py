@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from fedcore.task import METRICS
 from fedcore.wire import DesiredVersions, LabelTally, ModelState
 from gateway.gate_counts import Counts, version_counts
 from gateway.metrics import LATENCY_BUCKETS, RequestStats
-from gateway.rollout_control import _commanded, quantile
+from gateway.rollout_control import _commanded, label_totals, model_metric, quantile
 from gateway.rollout_store import Conflict
 from gateway.rollouts import (
     Gates,
@@ -96,12 +97,68 @@ def test_accuracy_gate_skipped_without_labels() -> None:
     spec = RolloutSpec(version=2, gates=Gates(min_accuracy=0.8, min_labels=20))
     few = evaluate(spec, obs(VersionStats(100, 0, 0.004, labelled=5, correct=0)))
     assert few.outcome == "pass"
-    assert "accuracy gate skipped (5 of 20 labels)" in few.message
+    assert "label gates skipped (5 of 20 labels)" in few.message
     bad = evaluate(spec, obs(VersionStats(100, 0, 0.004, labelled=40, correct=8), elapsed=1))
     assert bad.outcome == "fail"
     assert bad.message == "label accuracy 0.200 < 0.8 (8 of 40 labels)"
     good = evaluate(spec, obs(VersionStats(100, 0, 0.004, labelled=40, correct=36)))
-    assert good.outcome == "pass" and "label accuracy 0.900" in good.message
+    assert good.outcome == "pass" and "label accuracy 0.900 on 40 labels" in good.message
+
+
+MAE = METRICS["mae"]
+
+
+def test_the_gateway_sums_each_versions_tallies_and_reads_the_models_metric() -> None:
+    edges = [
+        {2: LabelTally(total=10, correct=0, score=35.0), 1: LabelTally(total=4, score=8.0)},
+        {2: LabelTally(total=30, correct=0, score=85.0)},
+        {},
+    ]
+    assert label_totals(edges, 2) == (40, 0, 120.0)
+    assert label_totals(edges, 1) == (4, 0, 8.0)
+    assert label_totals(edges, 9) == (0, 0, 0.0)
+    stats = VersionStats(100, 0, 0.004, *label_totals(edges, 2))
+    assert stats.metric(MAE) == 3.0
+    assert model_metric("diabetes") == MAE and model_metric("digits") == METRICS["accuracy"]
+    assert model_metric("no_such_model") == METRICS["accuracy"]
+
+
+def test_label_gates_use_the_models_own_metric_and_direction() -> None:
+    """A regression's tallies carry the summed MAE (lower is better): ``max_metric`` caps
+    it, ``metric_margin`` compares it with the stable version's in the metric's direction,
+    ``min_accuracy`` keeps reading the right-answer count."""
+
+    def labels(n: int, mae: float, correct: int = 0) -> VersionStats:
+        return VersionStats(100, 0, 0.004, labelled=n, correct=correct, score=mae * n)
+
+    def run(gates: Gates, cand: VersionStats, stable: VersionStats, metric=MAE) -> str:
+        spec = RolloutSpec(version=2, gates=gates)
+        o = Observation(candidate=cand, stable=stable, elapsed_s=60, metric=metric)
+        v = evaluate(spec, o)
+        return f"{v.outcome}: {v.message}"
+
+    stable = labels(40, 10.0)
+    capped = Gates(max_metric=12.0, min_labels=20)
+    assert run(capped, labels(40, 15.0), stable) == "fail: label mae 15.000 > 12 (40 labels)"
+    assert run(capped, labels(40, 11.0), stable).startswith("pass: ")
+    assert "label mae 11.000 on 40 labels" in run(capped, labels(40, 11.0), stable)
+    margin = Gates(metric_margin=1.0, min_labels=20)
+    worse = run(margin, labels(40, 12.0), stable)
+    assert worse == (
+        "fail: label mae 12.000 is 2.000 worse than the stable version's 10.000 "
+        "(margin 1, lower is better) (40 labels)"
+    )
+    assert run(margin, labels(40, 10.5), stable).startswith("pass: ")  # within the margin
+    assert run(margin, labels(40, 4.0), stable).startswith("pass: ")  # lower MAE is better
+    assert run(margin, labels(40, 12.0), labels(5, 1.0)).startswith("pass: ")  # stable: 5 labels
+    assert "label gates skipped (10 of 20 labels)" in run(margin, labels(10, 99.0), stable)
+    # a higher-is-better metric: a lower candidate fails the margin and min_metric
+    acc = METRICS["accuracy"]
+    hi = Gates(metric_margin=0.05, min_metric=0.7, min_labels=20)
+    low = run(hi, labels(40, 0.0, correct=24), labels(40, 0.0, correct=36), acc)
+    assert "label accuracy 0.600 < 0.7 (40 labels)" in low
+    assert "is 0.300 worse than the stable version's 0.900" in low and "higher is better" in low
+    assert run(hi, labels(40, 0.0, correct=36), labels(40, 0.0, correct=36), acc).startswith("pass")
 
 
 def test_pass_needs_window_and_requests() -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.modelrun import predict
 from fedcore.params import load_flat
 from fedcore.spec import ModelSpec
-from fedcore.task import METRICS, MetricSpec, metric_value
+from fedcore.task import METRICS, MetricSpec, sample_scores
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ class GateDecision:
 
 def evaluate(spec: ModelSpec, params: NDArray[Any], x: Any, y: NDArray[Any]) -> Metrics:
     """The task's metric and mean loss of ``params`` on (x, y)."""
+    return evaluate_scores(spec, params, x, y)[0]
+
+
+def evaluate_scores(
+    spec: ModelSpec, params: NDArray[Any], x: Any, y: NDArray[Any]
+) -> tuple[Metrics, NDArray[Any]]:
+    """:func:`evaluate`, and each sample's score (its term of the metric's mean)."""
     import torch
 
     from fedcore.task import torch_loss
@@ -54,8 +62,21 @@ def evaluate(spec: ModelSpec, params: NDArray[Any], x: Any, y: NDArray[Any]) -> 
     out = predict(spec, module, spec.feeds(x))[spec.target.name]
     target = torch.from_numpy(y)
     loss = float(torch_loss(spec.task, torch.from_numpy(out), target).mean().item())
-    value = metric_value(spec.task, out, y)
-    return Metrics(spec.task.metric, 0.0 if value is None else value, loss, len(y))
+    scores = sample_scores(spec.task, out, y) if len(y) else np.zeros(0)
+    value = float(scores.mean()) if len(y) else 0.0
+    return Metrics(spec.task.metric, value, loss, len(y)), np.asarray(scores, dtype=np.float64)
+
+
+def paired_standard_error(candidate: NDArray[Any], serving: NDArray[Any]) -> float:
+    """The standard error of the difference of two versions' metric on the same samples.
+
+    Paired: only the samples the versions score differently add to it, so two close
+    versions are told apart far more finely than either's own error on the set allows
+    (about 1.7 points on 450 samples at 85% accuracy)."""
+    diff = np.asarray(candidate, dtype=np.float64) - np.asarray(serving, dtype=np.float64)
+    if diff.size < 2:
+        return 0.0
+    return float(diff.std(ddof=1) / np.sqrt(diff.size))
 
 
 def weighted_edge_metric(reports: dict[str, tuple[float, int]]) -> float | None:
@@ -73,16 +94,19 @@ def gate(
     margin: float,
     edge_value: float | None = None,
     serving_edge_value: float | None = None,
+    noise: float = 0.0,
 ) -> GateDecision:
-    """Release unless the candidate is worse than serving by more than ``margin``."""
+    """Release unless the candidate is worse than serving by more than ``margin``, or by
+    more than ``noise`` (z times the paired standard error) when that is larger."""
     m = candidate.spec
     name, side = m.name, "below" if m.higher_is_better else "above"
     drop = m.worse_by(serving.value, candidate.value)
-    if drop > margin:
+    held_out = max(margin, noise)
+    if drop > held_out:
         return GateDecision(
             False,
             f"held-out {name} {candidate.value:.4f} is {drop:.4f} {side} serving "
-            f"{serving.value:.4f} ({m.direction} is better, margin {margin})",
+            f"{serving.value:.4f} ({m.direction} is better, margin {held_out:.4g})",
         )
     if edge_value is not None and serving_edge_value is not None:
         edge_drop = m.worse_by(serving_edge_value, edge_value)

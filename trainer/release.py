@@ -40,7 +40,13 @@ from fedcore.wire import (
     version_key,
 )
 from trainer.bootstrap import write_version
-from trainer.evaluate import Metrics, evaluate, gate, weighted_edge_metric
+from trainer.evaluate import (
+    Metrics,
+    evaluate_scores,
+    gate,
+    paired_standard_error,
+    weighted_edge_metric,
+)
 from trainer.retry import retry_transient
 from trainer.rounds import RoundBook
 
@@ -60,6 +66,8 @@ class Decision:
     reason: str
     evaluation: str
     samples: int
+    paired_se: float | None = None
+    """the central gate's standard error of candidate minus serving"""
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,9 @@ class ReleaseContext:
     """of the buckets a release writes (``nats_replicas``), should one be missing"""
     federated: FederatedEval | None = None
     """asks the edges to score (model, round, candidate, serving) on their held-out splits"""
+    gate_z: float | None = None
+    """the central gate's margin is at least this many paired standard errors of the
+    candidate-minus-serving difference (None: the fixed ``margin`` alone)"""
 
 
 def epsilon_spent(book: RoundBook) -> float | None:
@@ -114,15 +125,22 @@ def _gate(ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any]) -> Deci
     """The gate on the trainer's own evaluation set (blocking: torch)."""
     if ctx.eval_y is None:
         raise RuntimeError("central gate without an evaluation set")
-    cand = evaluate(ctx.spec, candidate, ctx.eval_x, ctx.eval_y)
-    serving = evaluate(ctx.spec, book.params, ctx.eval_x, ctx.eval_y)
+    cand, cand_scores = evaluate_scores(ctx.spec, candidate, ctx.eval_x, ctx.eval_y)
+    serving, serving_scores = evaluate_scores(ctx.spec, book.params, ctx.eval_x, ctx.eval_y)
+    se = paired_standard_error(cand_scores, serving_scores)
     folded = book.current.folded.values() if book.current else []
     name = ctx.spec.task.metric
     reports = {  # weighted as folded: a claimed sample count is capped (trainer.bounds)
         c.edge_id: (c.metrics[name], round(c.weight)) for c in folded if name in c.metrics
     }
-    decision = gate(cand, serving, margin=ctx.margin, edge_value=weighted_edge_metric(reports))
-    return Decision(cand, serving, decision.release, decision.reason, "central", cand.samples)
+    decision = gate(
+        cand,
+        serving,
+        margin=ctx.margin,
+        edge_value=weighted_edge_metric(reports),
+        noise=0.0 if ctx.gate_z is None else ctx.gate_z * se,
+    )
+    return Decision(cand, serving, decision.release, decision.reason, "central", cand.samples, se)
 
 
 async def _federated_gate(
@@ -145,6 +163,8 @@ async def _federated_gate(
 def record_metrics(d: Decision) -> dict[str, Any]:
     """A round record's metric fields (``accuracy`` too when the metric is accuracy)."""
     out: dict[str, Any] = {"evaluation": d.evaluation, "eval_samples": d.samples}
+    if d.paired_se is not None:
+        out["paired_se"] = d.paired_se
     cand, serving = d.candidate, d.serving
     if cand is None or serving is None:
         return out
@@ -204,6 +224,7 @@ async def close_round(
             closed_ts=closed_ts,
             contributors=contributors,
             secure=a.secure,
+            recipe=a.recipe,
             survivors=None if secure is None else len(secure.survivors),
             dropped=None if secure is None else len(secure.dropped),
             **extra,

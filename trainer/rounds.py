@@ -4,8 +4,11 @@ Synchronous rounds sample edges, wait for ``min_updates`` until a deadline (clos
 once every sampled edge has reported) and fold each update weighted by its sample count.
 Asynchronous (buffered) aggregation accepts updates from any edge trained on a version at
 most ``max_staleness`` behind the current one (one update per edge per buffer), weighs
-them by samples times ``(1 + staleness) ** -staleness_exponent`` and closes every
-``buffer_size`` updates.
+them by samples times ``(1 + staleness) ** -staleness_exponent`` and closes a buffer
+when it holds ``buffer_size`` updates, or when ``deadline_s`` (the buffer timeout) has
+passed and it holds at least ``min_updates``; short of that it keeps waiting.
+Every announcement carries the client recipe (:func:`told_recipe`): the strategy's
+client-side parameters (FedProx's ``mu``) and the trainer's local recipe settings.
 The service (``trainer.service``) does the I/O: announcing, ingesting, releasing.
 """
 
@@ -20,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcore.wire import RoundAnnouncement
+from fedcore.wire import ClientRecipe, RoundAnnouncement
 from trainer.aggregate import WeightedSum, update_norm
 from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError, UpdateRejected
@@ -44,6 +47,8 @@ class RoundPolicy:
     the full step. 1.0 turns it off."""
     bounds: UpdateBounds = field(default_factory=UpdateBounds)
     """What one update may weigh and how long it may be (:mod:`trainer.bounds`)."""
+    recipe: ClientRecipe = field(default_factory=ClientRecipe)
+    """The local recipe the trainer tells edges (unset fields: the edge's own)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.step_backoff <= 1.0:
@@ -121,6 +126,24 @@ def sample_edges(
     return sorted(rng.sample(sorted(edges), k))
 
 
+CLIENT_OPTIONS: dict[str, dict[str, str]] = {"fedprox": {"mu": "proximal_mu"}}
+"""Per strategy: which of its options are client-side, and the recipe field each sets."""
+
+
+def told_recipe(strategy: Strategy, recipe: ClientRecipe) -> ClientRecipe | None:
+    """What a round's edges are told to train with: ``recipe``, its unset fields filled
+    from the strategy's client-side options (:data:`CLIENT_OPTIONS`); None when it says
+    nothing."""
+    options = strategy.options()
+    fields = {
+        name: options[option]
+        for option, name in CLIENT_OPTIONS.get(strategy.name, {}).items()
+        if option in options and getattr(recipe, name) is None
+    }
+    told = recipe.model_copy(update=fields) if fields else recipe
+    return told if told.model_dump(exclude_none=True) else None
+
+
 def staleness_weight(samples: int, staleness: int, exponent: float) -> float:
     """``samples * (1 + staleness) ** -exponent``: older bases count less."""
     return float(samples) * float((1.0 + staleness) ** (-exponent))
@@ -191,10 +214,11 @@ class RoundBook:
             opened_ts=t,
             deadline_ts=t + p.deadline_s,
             sampled=sampled,
-            min_updates=p.min_updates if sync else p.buffer_size,
+            min_updates=p.min_updates if sync else min(p.min_updates, p.buffer_size),
             buffer_size=1 if sync else p.buffer_size,
             max_staleness=0 if sync else p.max_staleness,
             secure=secure,
+            recipe=told_recipe(self.strategy, p.recipe),
         )
         state = self.strategy.start(self.params.size, round_id=f"{self.model}-{self.next_round}")
         self.current = OpenRound(announcement, state)
@@ -304,13 +328,17 @@ class RoundBook:
             rnd.folded[update_id] = Contribution(update_id, edge, 0, self.version, 1.0)
 
     def verdict(self, now: float | None = None) -> Literal["wait", "close", "fail"]:
-        """``close`` when enough updates are in, ``fail`` past the deadline without them."""
+        """``close`` when enough updates are in, ``fail`` past the deadline without them.
+
+        An async buffer closes when full, or past its timeout (``deadline_ts``) with at
+        least ``min_updates``; it never fails: short of that it waits for more."""
         rnd = self._require_open()
         t = time.time() if now is None else now
         a = rnd.announcement
         count = rnd.count()
         if self.policy.mode == "async":
-            return "close" if count >= self.policy.buffer_size else "wait"
+            full = count >= a.buffer_size
+            return "close" if full or (t >= a.deadline_ts and count >= a.min_updates) else "wait"
         # invited edges all in, or no fleet known at opening: quorum is enough
         everyone = a.sampled is None or set(a.sampled) <= rnd.edges()
         if count >= a.min_updates and (everyone or t >= a.deadline_ts):

@@ -33,6 +33,7 @@ from fedcore.fed_eval import FedEvalPolicy, FedEvalResult
 from fedcore.keys import load_ed25519, load_hpke_key
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
+from fedcore.nats_client import close_service, connect_service
 from fedcore.params import layout, load_weights_file
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.transport import INLINE_MAX_BYTES, StreamSpec
@@ -41,6 +42,7 @@ from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
     ROUNDS_BUCKET,
+    ClientRecipe,
 )
 from trainer import checkpoint
 from trainer.bootstrap import ensure_version_one
@@ -137,6 +139,13 @@ def policy_of(settings: TrainerSettings) -> RoundPolicy:
         max_staleness=settings.max_staleness,
         staleness_exponent=settings.staleness_exponent,
         step_backoff=settings.step_backoff,
+        recipe=ClientRecipe(
+            proximal_mu=settings.local_proximal_mu,
+            epochs=settings.local_epochs,
+            lr=settings.local_lr,
+            batch_size=settings.local_batch_size,
+            max_steps=settings.local_max_steps,
+        ),
     )
 
 
@@ -165,16 +174,18 @@ def build_strategy(settings: TrainerSettings, model: str) -> Strategy:
 
 def check_quorum(settings: TrainerSettings, strategy: Strategy) -> None:
     """Refuse a round size below what the strategy needs (Krum: ``2f + 3`` updates), so a
-    round never closes with too few updates to aggregate."""
+    round never closes with too few updates to aggregate (an async buffer closes with
+    ``BUFFER_SIZE``, or at its timeout with ``MIN_UPDATES``)."""
     needed = int(getattr(strategy, "min_round_updates", 1))
-    async_ = settings.round_mode == "async"
-    quorum = settings.buffer_size if async_ else settings.min_updates
-    if quorum < needed:
-        name = "BUFFER_SIZE" if async_ else "MIN_UPDATES"
-        raise ConfigError(
-            f"strategy {strategy.name} {strategy.options()} needs {needed} updates per round; "
-            f"FEDGATE_TRAINER_{name} is {quorum}"
-        )
+    sizes = [("MIN_UPDATES", settings.min_updates)]
+    if settings.round_mode == "async":
+        sizes.insert(0, ("BUFFER_SIZE", settings.buffer_size))
+    for name, quorum in sizes:
+        if quorum < needed:
+            raise ConfigError(
+                f"strategy {strategy.name} {strategy.options()} needs {needed} updates per "
+                f"round; FEDGATE_TRAINER_{name} is {quorum}"
+            )
 
 
 def build_book(settings: TrainerSettings, model: str) -> RoundBook:
@@ -322,27 +333,14 @@ async def serve(settings: TrainerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    nc = await nats.connect(
-        servers=settings.nats_url.split(","),
-        user=settings.nats_user,
-        password=settings.nats_password(),
-        name="trainer",
-        max_reconnect_attempts=-1,
-        inbox_prefix=settings.nats_inbox_prefix(),
-        tls=settings.nats_tls_context(),
-    )
+    nc = await connect_service(settings, "trainer")
     try:
         await prepare_transport(nc, settings, registry)
         await _run(settings, nc, recipient, signing, registry, stop)
     finally:
-        # Close, not drain: every update the trainer acknowledged is folded and
-        # checkpointed, and the unacknowledged ones are redelivered. A drain waited for the
-        # pending queues of the pull and watch subscriptions, which nothing reads once the
-        # loops stopped, and ran into its timeout on every stop.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.flush(), 2)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), 5)
+        # every update the trainer acknowledged is folded and checkpointed, and the
+        # unacknowledged ones are redelivered (fedcore.nats_client: close, not drain)
+        await close_service(nc)
 
 
 async def _run(
@@ -374,6 +372,7 @@ async def _run(
             y_test,
             replicas=settings.nats_replicas,
             federated=federated_runner(settings, nc, signing, registry),
+            gate_z=settings.gate_z,
         )
         for v in released_versions(settings, m):
             driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))

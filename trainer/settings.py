@@ -96,11 +96,38 @@ class TrainerSettings(ServiceSettings):
         description="sync: a round closes at quorum or deadline; async: a buffer of updates "
         "closes when full, stale updates weighted down",
     )
-    min_updates: int = Field(default=1, ge=1, description="sync: updates needed to close")
-    round_deadline_s: float = Field(default=60.0, gt=0, description="sync: round deadline")
+    min_updates: int = Field(
+        default=1,
+        ge=1,
+        description="sync: updates needed to close; async: updates a buffer needs to close "
+        "at its timeout",
+    )
+    round_deadline_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="sync: round deadline; async: buffer timeout (closes with MIN_UPDATES)",
+    )
     sample_fraction: float = Field(default=1.0, gt=0, le=1, description="sync: edges invited")
     buffer_size: int = Field(default=3, ge=1, description="async: updates per aggregation")
     max_staleness: int = Field(default=2, ge=0, description="async: oldest base accepted")
+    # the local recipe every round announcement tells edges (unset: the edge's own)
+    local_epochs: int | None = Field(
+        default=None, ge=1, description="edges' local epochs per round (unset: the edge's)"
+    )
+    local_lr: float | None = Field(
+        default=None, gt=0, description="edges' local learning rate (unset: the edge's)"
+    )
+    local_batch_size: int | None = Field(
+        default=None, ge=1, description="edges' local mini-batch size (unset: the edge's)"
+    )
+    local_max_steps: int | None = Field(
+        default=None, ge=1, description="most mini-batches of one local run (unset: the edge's)"
+    )
+    local_proximal_mu: float | None = Field(
+        default=None,
+        ge=0,
+        description="FedProx term edges add (unset: strategy fedprox's mu, else the edge's)",
+    )
     staleness_exponent: float = Field(
         default=0.5, ge=0, description="async: an update s rounds stale weighs (1 + s)^-exponent"
     )
@@ -146,6 +173,12 @@ class TrainerSettings(ServiceSettings):
     )
     gate_margin: float = Field(
         default=0.01, ge=0, description="hold back a candidate this much less accurate"
+    )
+    gate_z: float | None = Field(
+        default=None,
+        ge=0,
+        description="central gate: the margin is at least this many paired standard errors "
+        "of candidate minus serving on the evaluation set (None: GATE_MARGIN alone)",
     )
     round_interval_s: float = Field(default=0.5, ge=0, description="pause between rounds")
     # federated evaluation: the gate of a model the trainer holds no evaluation set for

@@ -64,6 +64,7 @@ def view(controller: RolloutController, r: Rollout, *, live: bool = False) -> di
                 "elapsed_s": round(obs.elapsed_s, 3),
                 "candidate": vars(obs.candidate),
                 "stable": vars(obs.stable),
+                "metric": {"name": obs.metric.name, "direction": obs.metric.direction},
                 "verdict": evaluate(r.spec, obs).message,
             }
     return out

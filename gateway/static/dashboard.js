@@ -375,9 +375,24 @@ function gateTable(r) {
     ["p99 latency", g.max_p99_ratio === null ? off : `≤ ${g.max_p99_ratio}× stable (ignored below ${g.p99_floor_ms} ms)`, p99(c), p99(s)],
     ["label accuracy", g.min_accuracy === null ? off : `≥ ${pct(g.min_accuracy)} after ${g.min_labels} labels`,
       c && c.labelled ? `${pct(c.correct / c.labelled)} (${c.correct} of ${c.labelled})` : "—", "—"],
+    metricRow(g, obs),
     ["requests per stage", `≥ ${r.spec.min_requests} in ${r.spec.window_s} s`, c ? String(c.requests) : "—", s ? String(s.requests) : "—"],
   ];
   return table(["gate", "threshold", `candidate v${r.version}`, `stable v${r.stable}`], rows);
+}
+
+function metricRow(g, obs) {
+  // the label gates on the model's own metric (tallies carry its sum: score / labelled)
+  const name = obs && obs.metric ? obs.metric.name : "metric";
+  const parts = [];
+  if (g.min_metric !== null && g.min_metric !== undefined) parts.push(`≥ ${g.min_metric}`);
+  if (g.max_metric !== null && g.max_metric !== undefined) parts.push(`≤ ${g.max_metric}`);
+  if (g.metric_margin !== null && g.metric_margin !== undefined) {
+    parts.push(`at most ${g.metric_margin} worse than stable (${obs && obs.metric ? obs.metric.direction : "?"} is better)`);
+  }
+  const value = (v) => (v && v.labelled ? `${(v.score / v.labelled).toFixed(3)} (${v.labelled} labels)` : "—");
+  const c = obs ? obs.candidate : null, s = obs ? obs.stable : null;
+  return [`label ${name}`, parts.length ? `${parts.join(", ")} after ${g.min_labels} labels` : el("span", { class: "muted" }, "off"), value(c), value(s)];
 }
 
 function renderSplit(routing) {

@@ -1,0 +1,1 @@
+"""An example fedgate model package: pump fault classification (see README.md)."""
