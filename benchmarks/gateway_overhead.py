@@ -156,10 +156,12 @@ def start_nats(bench: Bench) -> tuple[str, dict[str, Path]]:
     return f"nats://127.0.0.1:{port}", files
 
 
-def heartbeat(bench: Bench, nats_url: str, password: str, edge_url: str) -> None:
-    """Publish edge-1's heartbeat every second from a thread, as its edge runtime would.
+def heartbeat(bench: Bench, nats_url: str, password: str, edge_url: str, fleet: int = 1) -> None:
+    """Publish edge-1's heartbeat every second from a thread, as its edge runtime would,
+    and those of ``fleet - 1`` simulated edges (serving another model, at URLs nothing
+    listens on: they fill the gateway's fleet without taking digits requests).
 
-    edge-1 is enrolled first (the registry mirrored into KV, as the trainer does): the
+    Every edge is enrolled first (the registry mirrored into KV, as the trainer does): the
     gateway accepts heartbeats only from active enrolled edges.
     """
     import nats
@@ -170,8 +172,13 @@ def heartbeat(bench: Bench, nats_url: str, password: str, edge_url: str) -> None
     from fedcore.wire import Heartbeat, ModelState
     from trainer.registry import mirror_registry
 
-    public = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
-    registry = EdgeRegistry().enroll("edge-1", public)
+    def public() -> str:
+        return ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+
+    sims = [f"sim-{i:04d}" for i in range(fleet - 1)]
+    registry = EdgeRegistry().enroll("edge-1", public())
+    for sim in sims:
+        registry = registry.enroll(sim, public())
 
     async def beat() -> None:
         nc = await nats.connect(nats_url, user="bench", password=password)
@@ -187,6 +194,11 @@ def heartbeat(bench: Bench, nats_url: str, password: str, edge_url: str) -> None
                 models={"digits": ModelState(ready=[1])},
             )
             await nc.publish(subjects.heartbeat("edge-1"), msg.encode())
+            for i, sim in enumerate(sims):
+                other = {"wide": ModelState(ready=[1])}
+                beat = Heartbeat(edge_id=sim, url=f"http://127.0.0.1:{20000 + i}", seq=seq,
+                                 ts=time.time(), models=other)  # fmt: skip
+                await nc.publish(subjects.heartbeat(sim), beat.encode())
             for _ in range(10):
                 if bench._beats.is_set():
                     break
@@ -428,6 +440,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy reference")
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s")
+    parser.add_argument("--fleet", type=int, default=1, help="edges in the gateway's fleet")
     parser.add_argument(
         "--baseline", type=Path, help="source tree of a gateway to measure beside this one"
     )
@@ -453,7 +466,7 @@ def run(bench: Bench, args: argparse.Namespace) -> int:
     print("starting tritonserver, nats-server and the gateway ...", file=sys.stderr)
     triton_url = start_triton(bench)
     nats_url, files = start_nats(bench)
-    heartbeat(bench, nats_url, files["bench"].read_text().strip(), triton_url)
+    heartbeat(bench, nats_url, files["bench"].read_text().strip(), triton_url, args.fleet)
     start_gateway(bench, nats_url, files)
     if args.baseline is not None:
         start_gateway(bench, nats_url, files, "baseline", args.baseline.resolve())
@@ -475,6 +488,7 @@ def run(bench: Bench, args: argparse.Namespace) -> int:
         + ("; haproxy: 1 thread, keep-alive, as reference" if "haproxy" in bench.urls else "")
     )
     print(f"{args.rounds} interleaved round(s) of {args.duration:g} s per cell; medians")
+    print(f"fleet: edge-1 and {args.fleet - 1} simulated edges heartbeating every second")
     runs = measure(bench, args)
     met = report(runs, args, list(bench.urls))
     load = os.getloadavg()[0]

@@ -65,18 +65,27 @@ class Fleet:
     on_eject: Callable[[Edge], None] | None = None
     on_leave: Callable[[Edge], None] | None = None
     """Called with an edge that left, expired, or was replaced (a new URL) after the fact."""
+    by_model: dict[str, dict[str, Edge]] = field(default_factory=dict, repr=False)
+    """The edges whose last heartbeat lists a model, by model: a request looks only at the
+    edges of its model, not the whole fleet (issue #17: with 1,000 edges, scanning all of
+    them cost every request about 0.1 ms)."""
 
     def observe(self, beat: Heartbeat) -> None:
         now = self.clock()
         edge = self.edges.get(beat.edge_id)
         if edge is None or edge.url != beat.url:
-            self.edges[beat.edge_id] = Edge(
+            fresh = Edge(
                 beat.edge_id, beat.url, beat.models, now, beat.device, pending=beat.inflight
             )
+            self.edges[beat.edge_id] = fresh
             if edge is not None:
                 self._gone(edge)
+            self._index(fresh, ())
             return
-        edge.models = beat.models
+        old, edge.models = edge.models, beat.models
+        if old.keys() != beat.models.keys():
+            self._unindex(edge, old.keys() - beat.models.keys())
+            self._index(edge, old.keys())
         edge.last_seen = now
         edge.device = beat.device
         edge.pending = beat.inflight
@@ -87,8 +96,23 @@ class Fleet:
             self._gone(edge)
 
     def _gone(self, edge: Edge) -> None:
+        self._unindex(edge, edge.models)
         if self.on_leave is not None:
             self.on_leave(edge)
+
+    def _index(self, edge: Edge, known: Iterable[str]) -> None:
+        """List ``edge`` under the models of its last heartbeat it is not listed under yet
+        (``known``: those it is)."""
+        for model in edge.models.keys() - set(known):
+            self.by_model.setdefault(model, {})[edge.edge_id] = edge
+
+    def _unindex(self, edge: Edge, models: Iterable[str]) -> None:
+        for model in models:
+            listed = self.by_model.get(model)
+            if listed is not None and listed.get(edge.edge_id) is edge:
+                del listed[edge.edge_id]
+                if not listed:
+                    del self.by_model[model]
 
     def fresh(self) -> list[Edge]:
         """Edges heard from within ``ttl`` (ejected ones included); expired ones are dropped."""
@@ -130,7 +154,7 @@ class Fleet:
         now = self.clock()
         skip = exclude if isinstance(exclude, (list, set, tuple)) else list(exclude)
         best: Edge | None = None
-        for e in self.edges.values():
+        for e in self.by_model.get(model, {}).values():
             if (
                 e.ejected_until is not None
                 or now - e.last_seen > self.ttl
@@ -154,7 +178,7 @@ class Fleet:
         now = self.clock()
         best: Edge | None = None
         newest = -1
-        for e in self.edges.values():
+        for e in self.by_model.get(model, {}).values():
             state = e.models.get(model)
             if (
                 state is None

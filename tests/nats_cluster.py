@@ -23,6 +23,7 @@ class NatsCluster:
     users: dict[str, str]  # user -> password
     password_files: dict[str, Path]
     processes: list[ManagedProcess]
+    monitors: tuple[int, ...] = ()  # one HTTP monitoring port per server (/varz, /jsz)
 
     @property
     def url(self) -> str:
@@ -91,4 +92,6 @@ def start_nats_cluster(
         for proc in processes:
             proc.stop()
         raise
-    return NatsCluster([f"nats://127.0.0.1:{p}" for p in ports], passwords, files, processes)
+    return NatsCluster(
+        [f"nats://127.0.0.1:{p}" for p in ports], passwords, files, processes, tuple(monitors)
+    )

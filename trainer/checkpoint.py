@@ -31,6 +31,26 @@ from trainer.rounds import Contribution, OpenRound, RoundBook
 
 META = "meta.json"
 
+_encoded: dict[Path, dict[str, tuple[Contribution, str]]] = {}
+"""By checkpoint directory: each folded contribution's JSON by update id, with the object
+it was made from. A round's checkpoint is written after every update, and encoding all N
+contributions each time made a round of N updates cost O(N^2) (issue #17: 1,000 edges)."""
+
+
+def _folded_json(directory: Path, folded: dict[str, Contribution]) -> str:
+    """The JSON list of ``folded``, encoding only contributions not encoded before (a
+    contribution replaced under the same update id, as settling held updates does, is
+    encoded again); entries of other rounds are dropped."""
+    known = _encoded.get(directory, {})
+    kept: dict[str, tuple[Contribution, str]] = {}
+    for update_id, c in folded.items():
+        cached = known.get(update_id)
+        if cached is None or cached[0] is not c:
+            cached = (c, json.dumps(asdict(c), sort_keys=True))
+        kept[update_id] = cached
+    _encoded[directory] = kept
+    return "[" + ",".join(text for _, text in kept.values()) + "]"
+
 
 @dataclass(frozen=True)
 class Restored:
@@ -71,11 +91,12 @@ def save(directory: Path, book: RoundBook) -> None:
         "version": book.version,
         "digest": book.digest,
         "announcement": rnd.announcement.model_dump() if rnd else None,
-        "folded": [asdict(c) for c in rnd.folded.values()] if rnd else [],
         "round_state_saved": bool(rnd and isinstance(rnd.state, WeightedSum)),
         "step_scale": book.step_scale,
     }
-    write_atomic(directory / META, json.dumps(meta, sort_keys=True).encode(), sync_dir=True)
+    folded = _folded_json(directory, rnd.folded if rnd else {})
+    text = json.dumps(meta, sort_keys=True)[:-1] + ', "folded": ' + folded + "}"
+    write_atomic(directory / META, text.encode(), sync_dir=True)
     for stale in directory.glob("arrays-*.npz"):
         if stale != arrays_path:
             stale.unlink(missing_ok=True)
