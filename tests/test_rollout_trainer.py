@@ -120,3 +120,29 @@ def test_configured_only_with_url_and_key(tmp_path: Path) -> None:
     )
     assert made is not None and made.url == "http://gw"
     assert made.options == {"stages": [10, 50], "window_s": 60}
+
+
+async def test_a_restarted_trainer_asks_again_for_its_current_versions(
+    gateway: tuple[FakeGateway, str], tmp_path: Path
+) -> None:
+    """Found by the chaos test on a fresh clone: the trainer was killed after releasing
+    version 4 and before asking the gateway to roll it out. Restarted, it based every round
+    on version 4, which no edge served; the edges refused every round, for ever. Now it asks
+    again at start for each model's current version (a repeat is harmless)."""
+    fake, url = gateway
+    fake.answers = [
+        (201, {"id": "r-4"}),
+        (409, {"error": "version 1 ... already the serving version"}),
+    ]
+    requester = RolloutRequester(url, key(tmp_path), retry_s=0.05)
+    requester.request_current({"digits": 4, "diabetes": 1})  # version 1 needs no rollout
+    stop = asyncio.Event()
+    task = asyncio.create_task(requester.run(stop))
+    for _ in range(100):
+        if requester.accepted:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert requester.accepted == {"digits": "r-4"}
+    assert [(s[0], s[2]) for s in fake.seen] == [("/v1/models/digits/rollouts", {"version": 4})]

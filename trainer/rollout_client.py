@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,16 @@ class RolloutRequester:
         if version > self.pending.get(model, 0):
             self.pending[model] = version
             self._wake.set()
+
+    def request_current(self, versions: Mapping[str, int]) -> None:
+        """At start: ask again for every model's current version past the first. A trainer
+        killed between releasing a version and handing it to the gateway would otherwise
+        base every later round on a version no edge serves (edges refuse such rounds), for
+        ever; asking again is harmless (the gateway returns the rollout it has, or answers
+        that the version already serves)."""
+        for model, version in versions.items():
+            if version > 1:
+                self.request(model, version)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send what is pending until ``stop``."""

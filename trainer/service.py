@@ -399,6 +399,8 @@ async def _run(
     secure = await start_secure(settings, nc, registry, sizes, fleet.alive, telemetry.registry)
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
     rollouts = rollout_requester(settings)
+    if rollouts is not None:  # a release the last run may have died before handing over
+        rollouts.request_current({m: b.version for m, b in driver.books.items()})
     try:
         await asyncio.gather(
             ingestor.run(stop),
