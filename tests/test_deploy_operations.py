@@ -371,3 +371,24 @@ def test_every_setting_the_guide_names_exists() -> None:
     assert named - compose_variables - fields == set()
     settings_doc = (ROOT / "docs" / "settings.md").read_text()
     assert all(f"`{n}`" in settings_doc for n in named - compose_variables)
+
+
+def test_feedback_tokens_are_signed_with_a_shared_secret_in_compose_and_k8s(
+    tmp_path: Path,
+) -> None:
+    """Without the secret the gateway mints no feedback token and every label goes to the
+    whole fleet: both deployments give every gateway replica the same secret file."""
+    doc = rendered(tmp_path)
+    gw = doc["services"]["gateway"]
+    path = gw["environment"]["FEDGATE_GATEWAY_FEEDBACK_SECRET_FILE"]
+    mounted = {s["target"]: s["source"] for s in gw["secrets"]}
+    assert path == "/run/secrets/feedback-secret" and "feedback-secret" in mounted
+    secret = load_yaml(COMPOSE_DIR / "compose.yaml")["secrets"][mounted["feedback-secret"]]
+    assert secret["environment"] in example_env() and secret["environment"] in GUIDE.read_text()
+    docs = manifests()
+    k8s = main_container(docs, "Deployment", "gateway")
+    env = {e["name"]: e.get("value") for e in k8s["env"]}
+    assert env["FEDGATE_GATEWAY_FEEDBACK_SECRET_FILE"] == "/run/fedgate/feedback-secret"
+    (init,) = pod_spec(by_kind(docs, "Deployment", "gateway"))["initContainers"]
+    assert "/run/fedgate-ro/feedback-secret" in init["command"]
+    assert "feedback-secret=" in GUIDE.read_text()
