@@ -499,5 +499,8 @@ def test_every_client_connect_uses_its_own_inbox_prefix() -> None:
                 ):
                     keywords = {k.arg for k in node.keywords}
                     calls.append((f"{path.relative_to(root)}:{node.lineno}", keywords))
-    assert len(calls) >= 3  # gateway, trainer, edge runtime
+    # the services connect through fedcore.nats_client.connect_service (one call)
+    assert any(where.startswith("fedcore/nats_client.py") for where, _ in calls), calls
     assert [where for where, kw in calls if "inbox_prefix" not in kw] == []
+    for service in ("gateway/app.py", "trainer/service.py", "edge_runtime/service.py"):
+        assert "connect_service(" in (root / service).read_text(), service

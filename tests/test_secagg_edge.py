@@ -293,7 +293,7 @@ async def test_the_learner_hands_a_secure_rounds_update_over_unsealed(tmp_path: 
     job_dir.mkdir()
     np.save(job_dir / "local.npy", local)
     plan = Plan(announcement(), ServedVersion(1, DIGEST, job_dir / "base.npy"))
-    job = Job(plan, Worker(), base, job_dir, {"samples": 40, "upto": 7, "loss": 0.5})  # type: ignore[arg-type]
+    job = Job(plan, Worker(), base, job_dir, result={"samples": 40, "upto": 7, "loss": 0.5})  # type: ignore[arg-type]
     await learner._finish(job)
     try:
         assert published == []  # no envelope at all
