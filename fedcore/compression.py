@@ -173,9 +173,21 @@ def decode_update(
         out = np.frombuffer(raw, dtype=_F32)
     else:
         out = _DECODERS[mode](raw, n, sizes)
-    if not np.isfinite(out).all():
+    if not _all_finite(out):
         raise CodecError("non-finite", f"{mode} payload decodes to NaN or infinite values")
     return out
+
+
+_FINITE_SLICE = 1 << 18
+
+
+def _all_finite(x: Vector) -> bool:
+    """``np.isfinite(x).all()`` a slice at a time: no mask of the vector's length (a
+    quarter of a large FP32 update) is allocated."""
+    return all(
+        bool(np.isfinite(x[at : at + _FINITE_SLICE]).all())
+        for at in range(0, x.size, _FINITE_SLICE)
+    )
 
 
 def _total(sizes: Sequence[int]) -> int:

@@ -16,7 +16,10 @@ The body digest runs beside the cipher: ``hashlib``'s ``update`` releases the GI
 more than one core a digest thread hashes chunk ``i`` while AES-GCM (which holds the GIL)
 seals chunk ``i + 1``, and on open hashes the whole body while the chunks are decrypted.
 The signature is still checked before anything is returned: a body whose signature fails
-is reported as ``bad-signature`` even when a chunk also fails to decrypt.
+is reported as ``bad-signature`` even when a chunk also fails to decrypt. A receiver that
+owns a writable envelope buffer (the trainer, for an update read from the object store)
+opens it in place: each chunk's plaintext is written over ciphertext the digest has
+consumed, so a large update is in memory once, not as envelope plus payload.
 
 Wire layout::
 
@@ -105,6 +108,8 @@ _NONCE_PREFIX_LEN = 7
 _HEADER_CONTEXT = b"fedgate/update/v1/header\x00"
 _KEY_CONTEXT = b"fedgate/update/v1/content-key\x00"
 _SIG_CONTEXT = b"fedgate/update/v1/signature\x00"
+_ALIGN = 16
+"""A payload opened in place starts at a multiple of this in the envelope's buffer."""
 _BACKGROUND_MIN = 256 * 1024
 """Bodies from this size on are hashed in the digest thread, beside the cipher."""
 
@@ -195,10 +200,15 @@ def open_update(
     recipient: RecipientPrivateKey,
     edge_keys: EdgeKeyLookup,
     max_payload: int,
-) -> tuple[UpdateHeader, bytearray]:
+    in_place: bool = False,
+) -> tuple[UpdateHeader, bytearray | memoryview]:
     """Verify and decrypt an envelope; returns its header and the plaintext payload.
 
     ``edge_keys`` maps an edge id to its Ed25519 public key (``None``: unknown edge).
+    ``in_place``: ``data`` is a writable buffer the caller hands over; each chunk is
+    decrypted into it, over ciphertext already hashed for the signature, and the payload
+    is a view of ``data`` (no second buffer of the payload's size). Afterwards ``data``
+    no longer holds the envelope, whatever the outcome.
     Raises ``EnvelopeError`` with the reason: ``malformed``, ``truncated``, ``oversize``,
     ``unsupported-suite``, ``unknown-edge``, ``bad-signature`` or ``decrypt-failed``.
     """
@@ -215,13 +225,21 @@ def open_update(
         raise EnvelopeError("unknown-edge", f"no public key for edge {header.edge_id!r}")
     body = view[body_at:]
     digest = _BodyDigest(background=len(body) >= _BACKGROUND_MIN)
-    digest.update(body)
-    payload = bytearray(header.payload_len)
+    payload: bytearray | memoryview
     failure: EnvelopeError | None = None
-    try:  # beside the digest thread; nothing leaves before the signature verifies
-        _decrypt_body(recipient, header, header_digest, body, payload)
-    except EnvelopeError as exc:
-        failure = exc
+    if in_place:
+        if view.readonly:
+            raise ValueError("in_place needs a writable buffer")
+        start = -(-body_at // _ALIGN) * _ALIGN  # within the wrapped key: aligned for numpy
+        payload = view[start : start + header.payload_len]
+        failure = _decrypt_in_place(recipient, header, header_digest, body, payload, digest)
+    else:
+        digest.update(body)
+        payload = bytearray(header.payload_len)
+        try:  # beside the digest thread; nothing leaves before the signature verifies
+            _decrypt_body(recipient, header, header_digest, body, payload)
+        except EnvelopeError as exc:
+            failure = exc
     try:
         public.verify(
             bytes(view[body_at - _SIG_LEN : body_at]),
@@ -283,10 +301,28 @@ class _BodyDigest:
         self._pending.append(self._pool.submit(_update_started, self._hasher, data, started))
         started.wait()
 
-    def digest(self) -> bytes:
+    def flush(self) -> None:
+        """Wait until every piece given so far is hashed."""
         for update in self._pending:
             update.result()
+
+    def digest(self) -> bytes:
+        self.flush()
         return self._hasher.digest()
+
+
+def _unwrap(
+    recipient: RecipientPrivateKey, header: UpdateHeader, header_digest: bytes, body: memoryview
+) -> AESGCM:
+    """The chunk cipher, from the wrapped content key at the start of ``body``."""
+    wrapped_len = _ENC_LEN[header.suite] + _WRAPPED_EXTRA
+    try:
+        content_key = _HPKE[header.suite].decrypt(
+            body[:wrapped_len], recipient, info=_KEY_CONTEXT + header_digest
+        )
+    except InvalidTag:
+        raise EnvelopeError("decrypt-failed", "content key does not unwrap") from None
+    return AESGCM(content_key)
 
 
 def _decrypt_body(
@@ -296,14 +332,51 @@ def _decrypt_body(
     body: memoryview,
     out: bytearray,
 ) -> None:
+    aead = _unwrap(recipient, header, header_digest, body)
     wrapped_len = _ENC_LEN[header.suite] + _WRAPPED_EXTRA
+    _decrypt_chunks(aead, header, header_digest, body[wrapped_len:], out)
+
+
+def _decrypt_in_place(
+    recipient: RecipientPrivateKey,
+    header: UpdateHeader,
+    header_digest: bytes,
+    body: memoryview,
+    out: memoryview,
+    digest: _BodyDigest,
+) -> EnvelopeError | None:
+    """Hash ``body`` into ``digest`` and decrypt its chunks into ``out``, a view of the
+    same buffer that starts within the wrapped key (hashed and unwrapped before any chunk
+    is written): plaintext ``i`` ends before ciphertext ``i + 1`` starts, so only bytes
+    hashed already are overwritten. Returns the first failure, the body still hashed."""
+    wrapped_len = _ENC_LEN[header.suite] + _WRAPPED_EXTRA
+    area, size, n = body[wrapped_len:], header.chunk_size, header.chunk_count
+    sealed = [area[i * (size + _TAG_LEN) : (i + 1) * (size + _TAG_LEN)] for i in range(n)]
+    digest.update(body[:wrapped_len])
     try:
-        content_key = _HPKE[header.suite].decrypt(
-            body[:wrapped_len], recipient, info=_KEY_CONTEXT + header_digest
-        )
-    except InvalidTag:
-        raise EnvelopeError("decrypt-failed", "content key does not unwrap") from None
-    _decrypt_chunks(AESGCM(content_key), header, header_digest, body[wrapped_len:], out)
+        aead = _unwrap(recipient, header, header_digest, body)
+    except EnvelopeError as exc:
+        for piece in sealed:
+            digest.update(piece)
+        return exc
+    scratch = memoryview(bytearray(min(size, header.payload_len)))
+    for i, piece in enumerate(sealed):
+        if i == 0:
+            digest.update(piece)
+        plain = scratch[: len(piece) - _TAG_LEN]
+        nonce, ad = _chunk_params(header_digest, i, i == n - 1)
+        try:  # the digest thread hashes this chunk meanwhile
+            aead.decrypt_into(nonce, piece, ad, plain)
+        except InvalidTag:
+            for rest in sealed[i + 1 :]:
+                digest.update(rest)
+            return EnvelopeError("decrypt-failed", f"chunk {i} of {n} fails authentication")
+        if i + 1 < n:  # the thread takes chunk i + 1 only once chunk i is hashed
+            digest.update(sealed[i + 1])
+        else:
+            digest.flush()
+        out[i * size : i * size + len(plain)] = plain
+    return None
 
 
 def _header_digest(header_bytes: bytes) -> bytes:

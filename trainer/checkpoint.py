@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -67,6 +68,25 @@ class Restored:
     step_scale: float = 1.0
 
 
+_WRITE_SLICE = 1 << 20
+
+
+def _write_npz(f: BinaryIO, arrays: dict[str, NDArray[Any]]) -> None:
+    """What ``np.savez`` writes (uncompressed ``.npy`` members, read by ``np.load``), a
+    1 MiB slice at a time from each array's own memory: ``np.savez`` copies 16 MiB
+    blocks (a whole array up to that size), at every fold of a large model."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            array = np.ascontiguousarray(value)
+            with zf.open(f"{name}.npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(
+                    member, np.lib.format.header_data_from_array_1_0(array)
+                )
+                raw = memoryview(array.reshape(-1).view(np.uint8))
+                for at in range(0, len(raw), _WRITE_SLICE):
+                    member.write(raw[at : at + _WRITE_SLICE])
+
+
 def save(directory: Path, book: RoundBook) -> None:
     """Write a checkpoint of ``book`` atomically."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -81,7 +101,7 @@ def save(directory: Path, book: RoundBook) -> None:
             arrays[f"round.{key}"] = value
     arrays_path = directory / f"arrays-{gen}.npz"
     with arrays_path.open("wb") as f:
-        np.savez(f, **arrays)
+        _write_npz(f, arrays)
         f.flush()
         os.fsync(f.fileno())
     meta = {

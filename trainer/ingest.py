@@ -315,11 +315,11 @@ class UpdateIngestor:
         self.metrics.wire_bytes.labels(path=path).observe(len(envelope))
         target = self._rounds.target(model)
         registry = self._edges.current()
+        digest = sha256_hex(envelope)  # before _verify: it decrypts a bytearray in place
         header, vector = await asyncio.to_thread(
             self._verify, envelope, model, edge_id, registry, target
         )
-        digest = sha256_hex(envelope)
-        del envelope  # not held while folding: a large model's envelope is its size again
+        del envelope  # an object's buffer now holds the payload the vector views
         return await self._record_and_fold(AcceptedUpdate(header, vector, digest, seq))
 
     async def _resolve(self, data: bytes) -> tuple[BytesLike, str]:
@@ -384,6 +384,7 @@ class UpdateIngestor:
             recipient=self._recipient,
             edge_keys=registry.lookup_any if accepted_before else registry.lookup,
             max_payload=self.options.max_update_bytes,
+            in_place=isinstance(envelope, bytearray),  # an object's buffer, ours alone
         )
         if (header.model, header.edge_id) != (model, edge_id):
             raise Refused(
