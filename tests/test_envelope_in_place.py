@@ -147,7 +147,10 @@ def test_a_payload_opened_in_place_is_aligned_for_float32() -> None:
     for edge_id in (f"e{'x' * n}" for n in range(16)):  # every header length modulo 16
         data = bytearray(seal(PAYLOAD[:192], edge_id=edge_id))
         _, payload = open_update(
-            data, recipient=TRAINER, edge_keys=lambda _: EDGE.public_key(), max_payload=MAX,
+            data,
+            recipient=TRAINER,
+            edge_keys=lambda _: EDGE.public_key(),
+            max_payload=MAX,
             in_place=True,
         )
         vector = np.frombuffer(payload, dtype="<f4")

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -69,6 +70,10 @@ class Restored:
 
 
 _WRITE_SLICE = 1 << 20
+_npy_header: Callable[[NDArray[Any]], dict[str, Any]] = np.lib.format.header_data_from_array_1_0
+_write_npy_header: Callable[[IO[bytes], dict[str, Any]], None] = (
+    np.lib.format.write_array_header_1_0
+)
 
 
 def _write_npz(f: BinaryIO, arrays: dict[str, NDArray[Any]]) -> None:
@@ -79,10 +84,8 @@ def _write_npz(f: BinaryIO, arrays: dict[str, NDArray[Any]]) -> None:
         for name, value in arrays.items():
             array = np.ascontiguousarray(value)
             with zf.open(f"{name}.npy", mode="w", force_zip64=True) as member:
-                np.lib.format.write_array_header_1_0(
-                    member, np.lib.format.header_data_from_array_1_0(array)
-                )
-                raw = memoryview(array.reshape(-1).view(np.uint8))
+                _write_npy_header(member, _npy_header(array))
+                raw = array.reshape(-1).view(np.uint8).data
                 for at in range(0, len(raw), _WRITE_SLICE):
                     member.write(raw[at : at + _WRITE_SLICE])
 
