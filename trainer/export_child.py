@@ -6,8 +6,10 @@ each hold several copies of the model at once (measured at 25M parameters: +4.3x
 trainer they set its peak resident memory for good; in a forked child they are given
 back to the system when it exits. The child inherits the spec and the module's code
 (fork: nothing is pickled), reads the parameters from the version's ``weights.npy``
-(memory-mapped) and answers over a pipe in JSON. What it costs is real memory while it
-runs: :func:`export_in_child` returns the child's peak resident set.
+(memory-mapped), refuses an ONNX file that refers to external data (so the trainer's
+verification of the signed directory need not parse the file again) and answers over a
+pipe in JSON. What it costs is real memory while it runs: :func:`export_in_child`
+returns the child's peak resident set.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcore.errors import ModelSpecError
+from fedcore.errors import ArtifactError, ModelSpecError
 from fedcore.spec import ModelSpec
 from fedcore.triton_model import ONNX_FILE, WEIGHTS_FILE
 from trainer.errors import TrainerError
@@ -66,6 +68,7 @@ def _run(spec: ModelSpec, directory: Path, batch: Batch, answer: Connection) -> 
     try:
         import torch
 
+        from fedcore.artifact import check_self_contained
         from fedcore.onnx_export import check_onnx_matches_torch, export_onnx
         from fedcore.params import load_flat
 
@@ -76,9 +79,10 @@ def _run(spec: ModelSpec, directory: Path, batch: Batch, answer: Connection) -> 
         del params
         export_onnx(spec, module, directory / ONNX_FILE)
         check_onnx_matches_torch(spec, module, directory / ONNX_FILE, batch(spec))
+        check_self_contained(directory / ONNX_FILE)  # here, not in the trainer: see verify
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
         out = {"ok": True, "rss_mb": peak, "pid": os.getpid()}
-    except ModelSpecError as exc:
+    except (ModelSpecError, ArtifactError) as exc:  # the candidate cannot be served
         out = {"ok": False, "kind": "spec", "error": str(exc)}
     except Exception as exc:  # reported to the parent, which raises
         out = {"ok": False, "kind": "other", "error": f"{type(exc).__name__}: {exc}"}
