@@ -6,8 +6,8 @@ the trainer as before (``ModelSpecError``: the candidate is held), other failure
 from __future__ import annotations
 
 import resource
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort

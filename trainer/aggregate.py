@@ -26,6 +26,7 @@ exactly as it was.
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -65,23 +66,63 @@ def decode_update(data: bytes | bytearray | memoryview, dim: int) -> F32Array:
     return np.frombuffer(data, dtype=UPDATE_DTYPE)
 
 
-def update_norm(update: npt.NDArray[Any], dim: int) -> float:
+def update_norm(update: npt.NDArray[Any], dim: int, pages: FilePages | None = None) -> float:
     """Validate one update and return its L2 norm.
 
     Rejects (:class:`UpdateRejected`) a vector that is not 1-D FP32 of length ``dim``
     (``wrong-dtype``, ``wrong-size``) or holds NaN or Inf (``non-finite``; also when its
-    squared norm overflows FP32, i.e. some value beyond about 1.8e19).
+    squared norm overflows FP32, i.e. some value beyond about 1.8e19). With ``pages``
+    (``update`` maps a file) it is read a slice at a time, each slice's pages dropped.
     """
     if update.dtype != np.float32:
         raise UpdateRejected("wrong-dtype", f"update dtype is {update.dtype}, expected float32")
     if update.ndim != 1 or update.size != dim:
         raise UpdateRejected("wrong-size", f"update has shape {update.shape}, expected ({dim},)")
-    squared = float(np.dot(update, update))
+    if pages is None:
+        squared = float(np.dot(update, update))
+    else:
+        squared = 0.0
+        for at in range(0, dim, SCRATCH_VALUES):
+            part = update[at : at + SCRATCH_VALUES]
+            squared += float(np.dot(part, part))
+            pages.drop(at + part.size)
+        squared = squared if squared <= FLOAT32_MAX else math.inf
     if not math.isfinite(squared):
         raise UpdateRejected(
             "non-finite", "update holds NaN or Inf, or its squared norm overflows float32"
         )
     return math.sqrt(squared)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class FilePages:
+    """The file mapping under an update held on disk (:func:`file_pages`), for one pass
+    over it: its pages are dropped from the process as the pass reads past them (the
+    kernel reads them again from the file if they are touched again), so folding it does
+    not map the whole update into the trainer's resident set."""
+
+    def __init__(self, mapping: mmap.mmap, itemsize: int) -> None:
+        self._mapping = mapping
+        self._itemsize = itemsize
+        self._done = 0
+
+    def drop(self, values: int) -> None:
+        """The first ``values`` values are read: give back their whole pages."""
+        end = values * self._itemsize // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > self._done:
+            self._mapping.madvise(mmap.MADV_DONTNEED, self._done, end - self._done)
+            self._done = end
+
+
+def file_pages(update: npt.NDArray[Any]) -> FilePages | None:
+    """The mapping of a vector that is a whole file mapped read-only from offset 0 (a
+    :class:`numpy.memmap` over ``mmap``, as a spilled update is), else ``None``."""
+    base = update.base
+    if isinstance(update, np.memmap) and isinstance(base, mmap.mmap) and len(base) == update.nbytes:
+        return FilePages(base, update.itemsize)
+    return None
 
 
 def check_weight(weight: float) -> float:
@@ -149,7 +190,8 @@ class WeightedSum:
         updates stays a weighted mean. Raises :class:`UpdateRejected` and leaves the
         state unchanged when the update or weight is invalid.
         """
-        norm = update_norm(update, self.dim)
+        norm = update_norm(update, self.dim, file_pages(update))
+        pages = file_pages(update)  # a second pass over a spilled update: dropped again
         w = check_weight(weight)
         coeff = np.float32(w * clip_factor(norm, max_norm))
         step = self._scratch.shape[1]
@@ -164,6 +206,8 @@ class WeightedSum:
             np.subtract(t, s, out=c)
             np.subtract(c, y, out=c)
             s[:] = t
+            if pages is not None:
+                pages.drop(end)
         self.count += 1
         self.total_weight += w
         return norm
