@@ -169,7 +169,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     from fedcore.artifact_store import upload_version
     from fedcore.compression import sizes_from_layout
     from fedcore.models.wide import wide_spec
-    from fedcore.params import flatten, layout
+    from fedcore.params import flatten, layout, load_weights_file
     from fedcore.transport import UpdatePointer, is_pointer
     from trainer.bootstrap import write_version
     from trainer.driver import RoundDriver
@@ -182,17 +182,19 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     keys = load_keys(Path(a.keys))
     module = base_module(a.hidden)
     sizes = tuple(sizes_from_layout(layout(module)))
+    state = Path(a.workdir) / f"trainer-{os.getpid()}"
+    state.mkdir()
+    np.save(state / "weights.npy", flatten(module), allow_pickle=False)
+    del module
     book = RoundBook(
         "wide",
         RoundPolicy(min_updates=a.updates),
         get_strategy("fedavg"),
         version=1,
         digest="0" * 64,
-        params=flatten(module),
+        params=load_weights_file(state / "weights.npy", mapped=True),  # as build_book does
     )
-    del module
     book.open(sorted(keys["edges"]))
-    state = Path(a.workdir) / f"trainer-{os.getpid()}"
     driver = RoundDriver({"wide": book}, state, {"wide": sizes})
     nc = await nats.connect(a.url, user="bench", password=a.password)
     js = nc.jetstream()

@@ -60,9 +60,14 @@ def load_flat(module: torch.nn.Module, vector: NDArray[Any]) -> None:
             offset += n
 
 
-def load_weights_file(path: Path, expected: int | None = None) -> NDArray[Any]:
-    """Read a flat FP32 ``weights.npy`` without pickle; check its size when given."""
-    vector = np.load(path, allow_pickle=False)
+def load_weights_file(
+    path: Path, expected: int | None = None, *, mapped: bool = False
+) -> NDArray[Any]:
+    """Read a flat FP32 ``weights.npy`` without pickle; check its size when given.
+
+    ``mapped``: map the file read-only instead of reading it (its pages are read when
+    used, and a reader may give them back: the file must not change while mapped)."""
+    vector = np.load(path, allow_pickle=False, mmap_mode="r" if mapped else None)
     if vector.dtype != np.dtype("<f4") or vector.ndim != 1:
         raise ModelSpecError(f"{path}: expected a flat little-endian FP32 vector")
     if expected is not None and vector.size != expected:

@@ -98,31 +98,40 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class FilePages:
-    """The file mapping under an update held on disk (:func:`file_pages`), for one pass
-    over it: its pages are dropped from the process as the pass reads past them (the
-    kernel reads them again from the file if they are touched again), so folding it does
-    not map the whole update into the trainer's resident set."""
+    """The file mapping under a vector read from disk (:func:`file_pages`), for one pass
+    over it: the pages are dropped from the process as the pass reads past them (the
+    kernel reads them again from the file if they are touched again), so a pass over a
+    held update or the current parameters does not map the whole file into the trainer's
+    resident set."""
 
-    def __init__(self, mapping: mmap.mmap, itemsize: int) -> None:
+    def __init__(self, mapping: mmap.mmap, start: int, itemsize: int) -> None:
         self._mapping = mapping
+        self._start = start
         self._itemsize = itemsize
-        self._done = 0
+        self._done = start // mmap.PAGESIZE * mmap.PAGESIZE
 
     def drop(self, values: int) -> None:
         """The first ``values`` values are read: give back their whole pages."""
-        end = values * self._itemsize // mmap.PAGESIZE * mmap.PAGESIZE
+        end = (self._start + values * self._itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
         if end > self._done:
             self._mapping.madvise(mmap.MADV_DONTNEED, self._done, end - self._done)
             self._done = end
 
 
-def file_pages(update: npt.NDArray[Any]) -> FilePages | None:
-    """The mapping of a vector that is a whole file mapped read-only from offset 0 (a
-    :class:`numpy.memmap` over ``mmap``, as a spilled update is), else ``None``."""
-    base = update.base
-    if isinstance(update, np.memmap) and isinstance(base, mmap.mmap) and len(base) == update.nbytes:
-        return FilePages(base, update.itemsize)
-    return None
+def file_pages(vector: npt.NDArray[Any]) -> FilePages | None:
+    """The mapping of a vector that is a file mapped read-only (a :class:`numpy.memmap`
+    of mode ``r`` over ``mmap``: a spilled update, or ``np.load(..., mmap_mode="r")``),
+    else ``None``. Only such a mapping may drop its pages: nothing in it is lost."""
+    base = vector.base
+    if not (
+        isinstance(vector, np.memmap)
+        and vector.mode == "r"
+        and isinstance(base, mmap.mmap)
+        and vector.flags.c_contiguous
+    ):
+        return None
+    start = vector.ctypes.data - np.frombuffer(base, dtype=np.uint8).ctypes.data
+    return FilePages(base, start, vector.itemsize)
 
 
 def check_weight(weight: float) -> float:
@@ -266,6 +275,7 @@ class WeightedSum:
         if self.count == 0:
             raise ValueError("mean of an empty WeightedSum")
         out = np.empty(self.dim, dtype=np.float32)
+        pages = file_pages(global_params)  # parameters read from disk stay there
         step = self._scratch.shape[1]
         for at in range(0, self.dim, step):
             end = min(at + step, self.dim)
@@ -276,6 +286,8 @@ class WeightedSum:
                 part *= lr
             part += global_params[at:end]
             out[at:end] = part
+            if pages is not None:
+                pages.drop(end)
         return out
 
     def snapshot(self) -> dict[str, npt.NDArray[Any]]:

@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from fedcore.files import write_atomic
 from fedcore.wire import RoundAnnouncement
-from trainer.aggregate import WeightedSum
+from trainer.aggregate import WeightedSum, file_pages
 from trainer.errors import TrainerError
 from trainer.rounds import Contribution, OpenRound, RoundBook
 
@@ -82,12 +82,15 @@ def _write_npz(f: BinaryIO, arrays: dict[str, NDArray[Any]]) -> None:
     blocks (a whole array up to that size), at every fold of a large model."""
     with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, value in arrays.items():
+            pages = file_pages(value)  # parameters mapped from disk: not kept resident
             array = np.ascontiguousarray(value)
             with zf.open(f"{name}.npy", mode="w", force_zip64=True) as member:
                 _write_npy_header(member, _npy_header(array))
                 raw = array.reshape(-1).view(np.uint8).data
                 for at in range(0, len(raw), _WRITE_SLICE):
                     member.write(raw[at : at + _WRITE_SLICE])
+                    if pages is not None:
+                        pages.drop((at + _WRITE_SLICE) // array.itemsize)
 
 
 def save(directory: Path, book: RoundBook) -> None:
@@ -95,7 +98,10 @@ def save(directory: Path, book: RoundBook) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     old = _read_meta(directory)
     gen = int(old["generation"]) + 1 if old else 1
-    arrays: dict[str, NDArray[Any]] = {"params": np.asarray(book.params, dtype=np.float32)}
+    params = book.params  # as it is when FP32 already: a mapped file stays one
+    arrays: dict[str, NDArray[Any]] = {
+        "params": params if params.dtype == np.float32 else params.astype(np.float32)
+    }
     for key, value in book.strategy.server_state().items():
         arrays[f"server.{key}"] = value
     rnd = book.current

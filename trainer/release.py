@@ -28,8 +28,9 @@ from fedcore.artifact_store import upload_version
 from fedcore.errors import ModelSpecError
 from fedcore.fed_eval import FedEvalResult
 from fedcore.kv import kv_bucket
+from fedcore.params import load_weights_file
 from fedcore.spec import ModelSpec
-from fedcore.triton_model import ONNX_FILE
+from fedcore.triton_model import ONNX_FILE, WEIGHTS_FILE
 from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
@@ -315,7 +316,9 @@ async def _release_or_hold(
     await retry_transient(
         lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
     )
-    book.advance(version, digest, candidate)
+    # the new base from its file, mapped: folds do not keep it resident (the candidate goes)
+    mapped = await asyncio.to_thread(load_weights_file, directory / WEIGHTS_FILE, mapped=True)
+    book.advance(version, digest, mapped)
     book.after_release()
     released: RoundRecord = record("released", reason, released_version=version, **metrics)
     return released

@@ -193,7 +193,7 @@ def build_book(settings: TrainerSettings, model: str) -> RoundBook:
     strategy = build_strategy(settings, model)
     newest = released_versions(settings, model)[-1]
     directory = settings.artifacts_dir / model / str(newest)
-    params = load_weights_file(directory / "weights.npy")
+    params = load_weights_file(directory / "weights.npy", mapped=True)  # read when used
     book = RoundBook(
         model,
         policy_of(settings),
