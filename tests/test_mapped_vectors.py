@@ -1,13 +1,19 @@
-"""A held update spilled to disk (the bounds' warm-up, :func:`trainer.rounds.spill`) is
-folded without mapping the whole of it into the trainer: the fold gives back each
-slice's pages as it passes them, and sums exactly what the in-memory update sums."""
+"""Vectors the trainer reads from disk stay there: a held update spilled to disk (the
+bounds' warm-up, :func:`trainer.rounds.spill`) is folded, and the current parameters
+mapped from their ``weights.npy`` are stepped onto and checkpointed, each a slice at a
+time with the slice's pages given back; the results are those of in-memory vectors."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from pathlib import Path
+
+from fedcore.params import load_weights_file
+from trainer import checkpoint
 from trainer.aggregate import WeightedSum, file_pages, update_norm
-from trainer.rounds import spill
+from trainer.rounds import RoundBook, RoundPolicy, spill
+from trainer.strategies import get_strategy
 
 DIM = 10_000_000  # 40 MB
 
@@ -69,3 +75,35 @@ def test_a_spilled_update_with_non_finite_values_is_refused() -> None:
     with pytest.raises(UpdateRejected):
         acc.fold(spill(huge), 1.0)
     assert acc.count == 0
+
+
+def mapped_params(tmp_path: Path, dim: int = DIM) -> tuple[np.ndarray, np.ndarray]:
+    params = np.random.default_rng(3).normal(0, 1, dim).astype(np.float32)
+    np.save(tmp_path / "weights.npy", params, allow_pickle=False)
+    return params, load_weights_file(tmp_path / "weights.npy", mapped=True)
+
+
+def test_stepping_onto_mapped_parameters_does_not_keep_their_pages(tmp_path: Path) -> None:
+    params, mapped = mapped_params(tmp_path)
+    acc = WeightedSum(DIM)
+    acc.fold(np.full(DIM, 1e-3, dtype=np.float32), 1.0)
+    expected = acc.step_onto(params)
+    del params
+    before = rss_bytes()
+    candidate = acc.step_onto(mapped)
+    grown = rss_bytes() - before - candidate.nbytes  # the candidate itself is new memory
+    assert np.array_equal(candidate, expected)
+    assert grown < 0.25 * mapped.nbytes, f"{grown / 1e6:.1f} MB of parameters resident"
+
+
+def test_a_checkpoint_of_mapped_parameters_does_not_keep_their_pages(tmp_path: Path) -> None:
+    params, mapped = mapped_params(tmp_path)
+    book = RoundBook(
+        "wide", RoundPolicy(), get_strategy("fedavg"), version=1, digest="0" * 64, params=mapped
+    )
+    before = rss_bytes()
+    checkpoint.save(tmp_path / "ckpt", book)
+    grown = rss_bytes() - before
+    assert grown < 0.25 * mapped.nbytes, f"{grown / 1e6:.1f} MB of parameters resident"
+    restored = checkpoint.load(tmp_path / "ckpt")
+    assert restored is not None and np.array_equal(restored.params, params)
