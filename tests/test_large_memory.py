@@ -133,9 +133,11 @@ async def test_trainer_peak_memory_does_not_grow_with_the_number_of_updates(
         f"ingesting {two_in / 1e6:.1f} MB and {eight_in / 1e6:.1f} MB"
     )
     assert eight < two + MODEL_BYTES, detail
-    # ingesting holds the update in flight once: its object's buffer, opened in place
-    # (4.0 MB) and what the object store client queued meanwhile; 9 MB (2.3x) before:
-    # the envelope, the payload, a finiteness mask and np.savez's copy at each checkpoint
-    assert eight_in < 2 * MODEL_BYTES, detail
+    # ingesting holds the update in flight once: the buffer its object is read into and
+    # opened in place (4.0 MB), and the chunks the object store client has queued but not
+    # yet written there (up to the object's size when the client lags: at most 2.0x);
+    # measured 6.7-7.3 MB (1.7-1.8x). Before: 9.0-9.1 MB (2.3x), the envelope, the
+    # payload and a finiteness mask at once (and np.savez's copy at each checkpoint)
+    assert eight_in < 2.15 * MODEL_BYTES, detail
     # finalizing adds the candidate (and a copy of an update clipped at settling)
     assert eight < 2.5 * MODEL_BYTES, detail
