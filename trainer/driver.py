@@ -15,7 +15,8 @@ from pathlib import Path
 from fedcore.envelope import UpdateHeader
 from fedcore.errors import EnvelopeError
 from trainer import checkpoint
-from trainer.ingest import AcceptedUpdate, RoundTarget
+from trainer.ingest import AcceptedUpdate
+from trainer.opener import RoundTarget
 from trainer.rounds import Contribution, RoundBook
 
 log = logging.getLogger(__name__)
