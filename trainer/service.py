@@ -191,17 +191,19 @@ def check_quorum(settings: TrainerSettings, strategy: Strategy) -> None:
 def build_book(settings: TrainerSettings, model: str) -> RoundBook:
     """The model's round book: from its checkpoint, else from its newest version."""
     strategy = build_strategy(settings, model)
-    newest = released_versions(settings, model)[-1]
-    directory = settings.artifacts_dir / model / str(newest)
-    params = load_weights_file(directory / "weights.npy")
+    versions = released_versions(settings, model)
+    history = {v: version_digest(settings.artifacts_dir / model / str(v)) for v in versions}
+    newest = versions[-1]
+    params = load_weights_file(settings.artifacts_dir / model / str(newest) / "weights.npy")
     book = RoundBook(
         model,
         policy_of(settings),
         strategy,
         version=newest,
-        digest=version_digest(directory),
+        digest=history[newest],
         params=params,
         seed=settings.seed,
+        history=history,
     )
     restored = checkpoint.load(settings.state_dir / "checkpoints" / model)
     if restored is not None and restored.version <= newest:
@@ -313,7 +315,6 @@ async def run_rounds(
                 outcomes.observe(record)
             if rollouts is not None and record.released_version is not None:
                 rollouts.request(model, record.released_version)
-            driver.digests[model][book.version] = book.digest
             driver.save(model)
             closed[model] += 1
             await asyncio.sleep(settings.round_interval_s)
@@ -375,7 +376,6 @@ async def _run(
             gate_z=settings.gate_z,
         )
         for v in released_versions(settings, m):
-            driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))
             await upload_version(
                 js, m, v, settings.artifacts_dir / m / str(v), replicas=settings.nats_replicas
             )
