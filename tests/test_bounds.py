@@ -9,10 +9,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from trainer.books import policy_of
 from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError
 from trainer.rounds import Contribution, RoundBook, RoundPolicy
-from trainer.service import policy_of
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 

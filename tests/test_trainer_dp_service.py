@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fedcore.errors import ConfigError
+from trainer.books import build_strategy
 from trainer.errors import PrivacyBudgetExceeded, StrategyConfigError
 from trainer.rounds import Contribution, RoundBook, RoundPolicy
-from trainer.service import build_strategy
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 

@@ -282,7 +282,26 @@ async def _release_or_hold(
         lambda: upload_version(js, book.model, version, directory, replicas=ctx.replicas),
         "version upload",
     )
-    lineage = Lineage(
+    lineage = _lineage(book, version, digest, round_id, contributors, cand)
+    key = version_key(book.model, version)
+    await retry_transient(
+        lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
+    )
+    book.release(version, digest, candidate)
+    released: RoundRecord = record("released", reason, released_version=version, **metrics)
+    return released
+
+
+def _lineage(
+    book: RoundBook,
+    version: int,
+    digest: str,
+    round_id: int,
+    contributors: list[Contributor],
+    cand: Metrics,
+) -> Lineage:
+    """The lineage record of ``book``'s candidate released as ``version``."""
+    return Lineage(
         model=book.model,
         version=version,
         parent_version=book.version,
@@ -298,13 +317,6 @@ async def _release_or_hold(
         epsilon=book.strategy.epsilon_spent(),
         created_ts=time.time(),
     )
-    key = version_key(book.model, version)
-    await retry_transient(
-        lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
-    )
-    book.release(version, digest, candidate)
-    released: RoundRecord = record("released", reason, released_version=version, **metrics)
-    return released
 
 
 async def _put(js: JetStreamContext, bucket: str, key: str, value: bytes, replicas: int) -> None:
