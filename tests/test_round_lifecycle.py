@@ -14,9 +14,10 @@ import pytest
 
 from fedcore.envelope import UpdateHeader
 from fedcore.errors import EnvelopeError
+from fedcore.wire import within_staleness
 from trainer.driver import AsyncTarget, RoundDriver
 from trainer.errors import TrainerError
-from trainer.rounds import MIN_STEP_SCALE, Contribution, RoundBook, RoundPolicy, within_staleness
+from trainer.rounds import MIN_STEP_SCALE, Contribution, RoundBook, RoundPolicy
 from trainer.strategies import get_strategy
 
 DIM = 6

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from fedcore.envelope import UpdateHeader
 from fedcore.errors import EnvelopeError
+from fedcore.wire import within_staleness
 from trainer import checkpoint
 from trainer.ingest import AcceptedUpdate
 from trainer.opener import RoundTarget
-from trainer.rounds import Contribution, RoundBook, within_staleness
+from trainer.rounds import Contribution, RoundBook
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AsyncTarget(RoundTarget):
     """Buffered asynchronous aggregation: a base up to ``max_staleness`` versions old is
-    welcome (:func:`trainer.rounds.within_staleness`), as long as its digest is the one
+    welcome (:func:`fedcore.wire.within_staleness`), as long as its digest is the one
     that version was released with (the book's ``history``)."""
 
     max_staleness: int = 0

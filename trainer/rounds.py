@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcore.wire import ClientRecipe, RoundAnnouncement
+from fedcore.wire import ClientRecipe, RoundAnnouncement, within_staleness
 from trainer.aggregate import WeightedSum, update_norm
 from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError, UpdateRejected
@@ -150,13 +150,6 @@ def told_recipe(strategy: Strategy, recipe: ClientRecipe) -> ClientRecipe | None
     return told if told.model_dump(exclude_none=True) else None
 
 
-def within_staleness(current: int, base: int, max_staleness: int) -> bool:
-    """The staleness rule: an update trained from version ``base`` may count while the
-    current version is ``current`` when it is at most ``max_staleness`` versions behind
-    (and not ahead). Synchronous rounds allow 0; asynchronous ones announce theirs."""
-    return 0 <= current - base <= max_staleness
-
-
 def staleness_weight(samples: int, staleness: int, exponent: float) -> float:
     """``samples * (1 + staleness) ** -exponent``: older bases count less."""
     return float(samples) * float((1.0 + staleness) ** (-exponent))
@@ -211,8 +204,9 @@ class RoundBook:
         self.step_scale = 1.0
         self.history: dict[int, str] = {**(history or {}), version: digest}
         """Digest of each version released (those before this book's from ``history``):
-        an asynchronous round takes updates based on a recent one (:func:`within_staleness`)
-        whose digest is the one it was released with."""
+        an asynchronous round takes updates based on a recent one
+        (:func:`fedcore.wire.within_staleness`) whose digest is the one it was released
+        with."""
         self.current: OpenRound | None = None
         self.reference: list[Contribution] = []
         """The last closed round's contributions: their claims and norms join every median
