@@ -36,6 +36,7 @@ from gateway.errors import GatewayError
 from gateway.upstream import RetryReason, UpstreamError
 from trainer.errors import AggregationError, LedgerError, TrainerError, UpdateRejected
 from trainer.ingest import Refused
+from trainer.ingest_metrics import INGEST_REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedcore", "trainer", "edge_runtime", "gateway", "fedgate")
@@ -164,6 +165,13 @@ def test_retry_reasons_are_declared_upstream_reasons() -> None:
 
 def test_heartbeat_refusal_labels_are_its_declared_reasons() -> None:
     assert set(REFUSALS) == HeartbeatRefused.REASONS
+
+
+def test_the_ingest_rejection_labels_are_declared_reasons() -> None:
+    """The labels the ingestor's counter starts with (``duplicate`` is not an error: the
+    update is acked, not refused)."""
+    declared = Refused.REASONS | EnvelopeError.REASONS | TransportError.REASONS
+    assert set(INGEST_REASONS) - declared == {"duplicate"}
 
 
 def test_no_caller_reads_a_reason_through_getattr_or_reimplements_the_shape() -> None:
