@@ -32,7 +32,7 @@ from nats.js.api import ConsumerConfig
 
 from fedcore.compression import Vector
 from fedcore.envelope import RecipientPrivateKey, UpdateHeader
-from fedcore.errors import EnvelopeError, FedgateError, TransportError
+from fedcore.errors import EnvelopeError, FedgateError, ReasonedError
 from fedcore.transport import (
     TRAINER_CONSUMER,
     UPDATES_OBJECT_BUCKET,
@@ -41,6 +41,7 @@ from fedcore.transport import (
     sha256_hex,
 )
 from trainer.bus import updates_consumer_config
+from trainer.errors import TrainerError
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import Claim, LedgerRecord, UpdateLedger
 from trainer.opener import (
@@ -70,10 +71,11 @@ class AcceptedUpdate:
 class Aggregator(Protocol):
     """Folds accepted updates into the running round state.
 
-    ``fold`` may refuse by raising an exception with a ``reason`` attribute; the round
-    state must then be unchanged (the ledger record is released again). Folding an update
-    id the open round holds already must change nothing: an update whose ledger claim was
-    in doubt (its reply lost) is folded when it comes again.
+    ``fold`` may refuse by raising a :class:`trainer.errors.TrainerError`, whose reason
+    becomes the rejection's; the round state must then be unchanged (the ledger record is
+    released again). Folding an update id the open round holds already must change
+    nothing: an update whose ledger claim was in doubt (its reply lost) is folded when it
+    comes again.
     """
 
     def fold(self, update: AcceptedUpdate) -> None: ...
@@ -221,7 +223,7 @@ class UpdateIngestor:
         context = {"subject": msg.subject, "seq": seq, "delivered": delivered}
         try:
             header = await self._accept(msg.subject, msg.data, seq)
-        except (Refused, EnvelopeError, TransportError) as exc:
+        except ReasonedError as exc:  # Refused, EnvelopeError, TransportError
             return self._rejected(exc.reason, exc.detail, context)
         except _TRANSIENT as exc:
             return self._retry(repr(exc), context)
@@ -286,13 +288,13 @@ class UpdateIngestor:
             )
         try:
             self._aggregator.fold(update)
-        except Exception as exc:
-            reason = getattr(exc, "reason", None)
+        except TrainerError as exc:
             await self._release(h, claim.revision)
-            if not isinstance(reason, str):
-                log.exception("fold failed", extra={"update_id": h.update_id})
-                reason = "fold-failed"
-            raise Refused(reason, f"aggregator refused the update: {exc}") from None
+            raise Refused(exc.reason, f"aggregator refused the update: {exc}") from None
+        except Exception as exc:
+            await self._release(h, claim.revision)
+            log.exception("fold failed", extra={"update_id": h.update_id})
+            raise Refused("fold-failed", f"aggregator refused the update: {exc}") from None
         return h
 
     async def _claim(self, h: UpdateHeader, record: LedgerRecord) -> Claim:

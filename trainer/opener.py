@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -40,7 +40,7 @@ from fedcore.envelope import (
     open_update,
     read_header_unverified,
 )
-from fedcore.errors import FedgateError
+from fedcore.errors import ReasonedError
 from fedcore.transport import (
     UPDATES_OBJECT_BUCKET,
     UpdatePointer,
@@ -48,15 +48,23 @@ from fedcore.transport import (
     parse_update_subject,
     sha256_hex,
 )
+from trainer.errors import TrainerReason
+
+RefusedReason = Literal[
+    "oversize",
+    "bad-pointer",
+    "object-missing",
+    "revoked-edge",
+    "subject-mismatch",
+    "no-open-round",
+    "second-update",  # the consumer's: the ledger holds another update of the edge
+    "fold-failed",  # the consumer's: the aggregator failed
+    TrainerReason,  # the consumer's: the aggregator's refusal, passed on
+]
 
 
-class Refused(FedgateError):
+class Refused(ReasonedError[RefusedReason]):
     """An update is refused for ``reason`` (besides ``EnvelopeError``/``TransportError``)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
 
 
 @dataclass(frozen=True)
