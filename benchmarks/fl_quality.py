@@ -56,11 +56,12 @@ from fedcore.compression import (
     encode_update,
     sizes_from_layout,
 )
+from fedcore.modelrun import proximal_term
 from fedcore.models.digits import DIGITS, train_test_split_digits
 from fedcore.params import flatten, layout, load_flat
 from trainer.bounds import UpdateBounds
 from trainer.rounds import Contribution, RoundBook, RoundPolicy
-from trainer.strategies import get_strategy, proximal_term
+from trainer.strategies import get_strategy
 from trainer.strategies.accountant import gaussian_epsilon
 from trainer.strategies.defaults import (
     DEFAULT_LOCAL,

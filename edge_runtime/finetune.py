@@ -28,7 +28,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.spool import LabelledSet, Spool
-from fedcore.modelrun import make_optimizer, target_output, to_tensors
+from fedcore.modelrun import make_optimizer, proximal_term, target_output, to_tensors
 from fedcore.models import get_spec, use_models
 from fedcore.params import flatten, load_flat, load_weights_file
 from fedcore.spec import Feeds, ModelSpec, TrainingRecipe
@@ -164,19 +164,6 @@ def select_device(preference: Device = "auto") -> torch.device:
         extra={"device": str(device)},
     )
     return device
-
-
-def proximal_term(
-    local: Iterable[torch.Tensor], global_: Iterable[torch.Tensor], mu: float
-) -> torch.Tensor:
-    """FedProx: ``mu / 2 * sum_k ||local_k - global_k||^2`` (a copy of the trainer's)."""
-    total: torch.Tensor | None = None
-    for w, g in zip(local, global_, strict=True):
-        sq = (w - g.detach()).pow(2).sum()
-        total = sq if total is None else total + sq
-    if total is None:
-        raise ValueError("proximal_term needs at least one tensor pair")
-    return total * (mu / 2.0)
 
 
 @dataclass(frozen=True)

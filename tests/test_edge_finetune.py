@@ -16,12 +16,12 @@ from edge_runtime.finetune import (
     Control,
     JobSpec,
     Recipe,
-    proximal_term,
     run_job,
     select_device,
 )
 from edge_runtime.spool import Spool, spool_path
 from edge_runtime.worker import FinetuneWorker
+from fedcore.modelrun import proximal_term
 from fedcore.models import get_spec
 from fedcore.params import load_weights_file
 from tests.conftest import SignedArtifacts, processes_mentioning
