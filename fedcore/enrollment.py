@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedcore.errors import EnrollmentError
 from fedcore.files import write_atomic
-from fedcore.strict_json import no_duplicates
+from fedcore.strict_json import loads_strict
 
 _EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -184,7 +184,7 @@ class EdgeRegistry(Mapping[str, EdgeRecord]):
         if len(data) > MAX_REGISTRY_BYTES:
             raise _malformed(f"registry is {len(data)} bytes, over {MAX_REGISTRY_BYTES}")
         try:
-            raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+            raw = loads_strict(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise _malformed(f"registry is not JSON: {exc}") from None
         if not isinstance(raw, dict):
@@ -203,7 +203,7 @@ def decode_record(data: bytes) -> EdgeRecord:
     if len(data) > 4096:
         raise _malformed(f"edge record is {len(data)} bytes, over 4096")
     try:
-        fields = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+        fields = loads_strict(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _malformed(f"edge record is not JSON: {exc}") from None
     if not isinstance(fields, dict) or set(fields) != _FIELDS:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from fedcore.errors import EnvelopeError
-from fedcore.strict_json import no_duplicates
+from fedcore.strict_json import loads_strict
 
 FORMAT_VERSION = 1
 MIN_CHUNK_SIZE = 16
@@ -143,7 +143,7 @@ class UpdateHeader:
         if len(data) > MAX_HEADER_BYTES:
             raise _malformed(f"header is {len(data)} bytes, more than {MAX_HEADER_BYTES}")
         try:
-            raw = json.loads(data.decode("ascii"), object_pairs_hook=no_duplicates)
+            raw = loads_strict(data.decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise _malformed(f"header is not ASCII JSON: {exc}") from None
         if not isinstance(raw, dict):

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 from fedcore.errors import TransportError
+from fedcore.strict_json import loads_strict
 
 UPDATES_STREAM = "FEDGATE_UPDATES"
 UPDATES_PREFIX = "fedgate.updates"
@@ -150,7 +151,7 @@ class UpdatePointer:
         if not raw.startswith(POINTER_MAGIC):
             raise _bad("not a pointer message (bad magic)")
         try:
-            fields = json.loads(raw[len(POINTER_MAGIC) :].decode("ascii"))
+            fields = loads_strict(raw[len(POINTER_MAGIC) :].decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise _bad(f"pointer is not ASCII JSON: {exc}") from None
         if not isinstance(fields, dict) or set(fields) != {"bucket", "name", "sha256", "size"}:

@@ -26,10 +26,10 @@ Repeated framing headers are refused before any body is read (:func:`repeated_he
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
+from fedcore.strict_json import RepeatedKey, strict_decoder
 from gateway.schemas import ModelSchema, TensorSchema
 from gateway.validate import (
     DTYPE_SIZES,
@@ -53,26 +53,9 @@ SINGLE_HEADERS = frozenset(
 SHARED_MEMORY = "shared memory is not available through the gateway: send 'data' or binary data"
 
 
-class _RepeatedKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _RepeatedKey(key)
-            seen.add(key)
-    return doc
-
-
 # Element values are never looked at, only counted: a float becomes its length (a small
 # cached int, no float object made).
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique, parse_float=len)
+_DECODER = strict_decoder(parse_float=len)
 
 
 def repeated_header(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -117,7 +100,7 @@ def _check(body: bytes, header_length: int | None, schema: ModelSchema) -> str |
         where = f" in the first {header_length} bytes (Inference-Header-Content-Length)"
     try:
         doc = _DECODER.decode(header.decode())  # UTF-8 only, as Triton reads it
-    except _RepeatedKey as exc:
+    except RepeatedKey as exc:
         return f"request JSON repeats the key {exc.key!r} in one object"
     except RecursionError:
         return f"malformed request JSON{where}: nested too deeply"
