@@ -57,39 +57,23 @@ _PAUSE_POLL_S = 0.01
 Device = Literal["auto", "cpu", "cuda"]
 
 
-class Recipe(BaseModel):
-    """How the edge fine-tunes: the model spec's recipe, as the edge's settings override it
-    (``edge_runtime.learning.learner_config``)."""
+def told(recipe: TrainingRecipe, announced: ClientRecipe | None) -> TrainingRecipe:
+    """``recipe`` (the spec's, with the edge's settings over it) with what a round's
+    announcement set over it."""
+    return recipe if announced is None else recipe.overridden(**announced.model_dump())
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=0.05, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    proximal_mu: float = Field(default=0.0, ge=0)
-    max_steps: int | None = Field(default=None, ge=1)
-
-    def told(self, announced: ClientRecipe | None) -> Recipe:
-        """This recipe with what a round announcement set over it (its other fields:
-        these, i.e. the edge's settings over the spec's)."""
-        if announced is None:
-            return self
-        return self.model_copy(update=announced.model_dump(exclude_none=True))
-
-    def used(self) -> dict[str, float]:
-        """What a run with this recipe reports in its update's signed metrics."""
-        out = {
-            "recipe_mu": self.proximal_mu,
-            "recipe_lr": self.lr,
-            "recipe_epochs": float(self.epochs),
-            "recipe_batch_size": float(self.batch_size),
-        }
-        if self.max_steps is not None:
-            out["recipe_max_steps"] = float(self.max_steps)
-        return out
+def recipe_metrics(recipe: TrainingRecipe) -> dict[str, float]:
+    """What a run with ``recipe`` reports in its update's signed metrics."""
+    out = {
+        "recipe_mu": recipe.proximal_mu,
+        "recipe_lr": recipe.lr,
+        "recipe_epochs": float(recipe.epochs),
+        "recipe_batch_size": float(recipe.batch_size),
+    }
+    if recipe.max_steps is not None:
+        out["recipe_max_steps"] = float(recipe.max_steps)
+    return out
 
 
 class JobSpec(BaseModel):
@@ -104,7 +88,8 @@ class JobSpec(BaseModel):
     base_weights: Path
     output: Path
     control: Path
-    recipe: Recipe = Recipe()
+    recipe: TrainingRecipe
+    """what to train with: :func:`told` over the edge's recipe"""
     holdout_fraction: float = Field(default=0.2, ge=0, lt=1)
     device: Device = "auto"
     threads: int = Field(default=1, ge=1)
@@ -234,12 +219,7 @@ class Trainer:
         y = torch.from_numpy(data.y_train).to(device)
         w = torch.from_numpy(data.w_train).to(device)
         anchor = [p.detach().clone() for p in module.parameters()]
-        opt = make_optimizer(
-            TrainingRecipe(
-                optimizer=r.optimizer, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
-            ),
-            module,
-        )
+        opt = make_optimizer(r, module)
         opt.zero_grad()
         generator = torch.Generator().manual_seed(self.job.seed)
         done = 0

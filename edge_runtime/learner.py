@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from edge_runtime.budget import TrainingBudget
 from edge_runtime.errors import EdgeError
 from edge_runtime.events import EventLog
-from edge_runtime.finetune import Device, JobSpec, Recipe
+from edge_runtime.finetune import Device, JobSpec, recipe_metrics, told
 from edge_runtime.idle import IdleDetector, IdleThresholds, IdleVerdict
 from edge_runtime.metrics_poll import TritonLoad
 from edge_runtime.rounds_watch import (
@@ -52,6 +52,7 @@ from fedcore.compression import CompressionSettings
 from fedcore.errors import FedgateError
 from fedcore.models import ref_of
 from fedcore.params import load_weights_file
+from fedcore.spec import TrainingRecipe
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ class LearnerConfig:
     poll_interval_s: float = 0.25
     thresholds: IdleThresholds = field(default_factory=IdleThresholds)
     min_new_labels: int = 32
-    recipe: Recipe = field(default_factory=Recipe)
     holdout_fraction: float = 0.2
     device: Device = "auto"
     threads: int = 1
@@ -97,6 +97,8 @@ class LearnerConfig:
     window_budget_s: float = 60.0
     daily_budget_s: float = 3600.0
     spool_max_age_s: float = 7 * 24 * 3600.0
+    recipe: TrainingRecipe = field(kw_only=True)
+    """the spec's recipe with the edge's ``TRAIN_*`` settings over it"""
 
 
 @dataclass
@@ -107,7 +109,7 @@ class Job:
     worker: FinetuneWorker
     base: NDArray[Any]
     job_dir: Path
-    recipe: Recipe = field(default_factory=Recipe)
+    recipe: TrainingRecipe
     """what the job trains with: the announcement's recipe over the edge's"""
     result: dict[str, Any] | None = None
     started: bool = False
@@ -246,7 +248,7 @@ class Learner:
         base_file = job_dir / "base.npy"
         shutil.copyfile(plan.base.weights, base_file)
         base = load_weights_file(base_file, expected=sum(c.sizes))
-        recipe = c.recipe.told(plan.announcement.recipe)
+        recipe = told(c.recipe, plan.announcement.recipe)
         spec = JobSpec(
             model=c.model,
             model_ref=ref_of(c.model),
@@ -363,7 +365,7 @@ class Learner:
         c, plan, result = self.config, job.plan, job.result or {}
         local = load_weights_file(job.job_dir / "local.npy", expected=job.base.size)
         delta, norm = clip_delta(local - job.base, c.clip_norm)
-        metrics = local_metrics(result, norm) | job.recipe.used()
+        metrics = local_metrics(result, norm) | recipe_metrics(job.recipe)
         if plan.announcement.secure:
             await self._submit_secure(job, delta)
             self._sent(job, "update-masked", metrics)

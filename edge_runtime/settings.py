@@ -196,6 +196,20 @@ class EdgeSettings(ServiceSettings):
         default=0.01, gt=0, le=1, description="topk compression: share of coordinates sent"
     )
 
+    def recipe_overrides(self) -> dict[str, Any]:
+        """The training recipe's fields these settings override (None: the spec's), by
+        :class:`fedcore.spec.TrainingRecipe` field name."""
+        return {
+            "optimizer": self.train_optimizer,
+            "epochs": self.train_epochs,
+            "batch_size": self.train_batch_size,
+            "lr": self.train_lr,
+            "momentum": self.train_momentum,
+            "weight_decay": self.train_weight_decay,
+            "proximal_mu": self.proximal_mu,
+            "max_steps": self.train_max_steps,
+        }
+
     @field_validator("models")
     @classmethod
     def _models(cls, v: list[str]) -> list[str]:

@@ -15,7 +15,6 @@ from edge_runtime.finetune import (
     PAUSE,
     Control,
     JobSpec,
-    Recipe,
     run_job,
     select_device,
 )
@@ -24,6 +23,7 @@ from edge_runtime.worker import FinetuneWorker
 from fedcore.modelrun import proximal_term
 from fedcore.models import get_spec
 from fedcore.params import load_weights_file
+from fedcore.spec import TrainingRecipe
 from tests.conftest import SignedArtifacts, processes_mentioning
 from tests.test_edge_spool import capture_module
 
@@ -53,7 +53,7 @@ def job(root: Path, signed: SignedArtifacts, **recipe: Any) -> JobSpec:
         base_weights=base,
         output=root / "local.npy",
         control=root / "control.bin",
-        recipe=Recipe(**recipe),
+        recipe=TrainingRecipe(**recipe),
         device="cpu",
         nice=0,  # normal priority: the test asserts behaviour, not scheduling
         sched_idle=False,

@@ -76,14 +76,16 @@ def bootstrap(settings: TrainerSettings) -> None:
     """Make sure version 1 of every configured model exists and is signed."""
     key = load_ed25519(settings.signing_key_file)
     for name in settings.models:
+        spec = get_spec(name)
         ensure_version_one(
-            get_spec(name),
+            spec,
             settings.artifacts_dir,
             settings.state_dir,
             key,
             fraction=settings.bootstrap_seed_fraction,
             epochs=settings.bootstrap_epochs,
             seed=settings.seed,
+            recipe=spec.recipe.overridden(**settings.recipe_overrides()),
         )
 
 
@@ -139,13 +141,7 @@ def policy_of(settings: TrainerSettings) -> RoundPolicy:
         max_staleness=settings.max_staleness,
         staleness_exponent=settings.staleness_exponent,
         step_backoff=settings.step_backoff,
-        recipe=ClientRecipe(
-            proximal_mu=settings.local_proximal_mu,
-            epochs=settings.local_epochs,
-            lr=settings.local_lr,
-            batch_size=settings.local_batch_size,
-            max_steps=settings.local_max_steps,
-        ),
+        recipe=ClientRecipe(**settings.recipe_overrides()),
     )
 
 
