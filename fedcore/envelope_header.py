@@ -19,6 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from fedcore.edge_id import EDGE_ID
 from fedcore.errors import EnvelopeError
 from fedcore.strict_json import loads_strict
 
@@ -28,7 +29,6 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 4096
 MAX_INT = 2**63 - 1
 
-_EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _MODEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -40,7 +40,7 @@ _OPTIONAL = frozenset({"metrics"})
 _STRING_FIELDS = {
     "suite": _TOKEN,
     "model": _MODEL,
-    "edge_id": _EDGE_ID,
+    "edge_id": EDGE_ID,
     "base_digest": _HEX64,
     "update_id": _HEX32,
     "compression": _TOKEN,
