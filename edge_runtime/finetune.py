@@ -10,17 +10,16 @@ mini-batches. Before every mini-batch it reads a 16-byte
 control file mapped in both processes: ``run``, ``pause`` (it waits there, holding no
 lock, until ``run`` again) or ``stop``; after each mini-batch it writes how many it has
 done. So traffic returning pauses training within one mini-batch. It reports on stdout,
-one JSON object a line: ``started``, ``paused``, ``resumed``, ``finished`` (with loss
-and the model's metric on the local held-out split, before and after, under the metric's
-name: ``accuracy``/``base_accuracy``, ``mae``/``base_mae``, ...) or ``stopped``; the new
-flat weights go to ``output`` (``np.save``, no pickle).
+one typed report a line (:mod:`edge_runtime.worker_reports`): ``started``, ``paused``,
+``resumed``, ``finished`` (with loss and the model's metric on the local held-out split,
+before and after) or ``stopped`` (``failed`` when it raised); the new flat weights go to
+``output`` (``np.save``, no pickle).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import mmap
 import os
@@ -38,6 +37,16 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.spool import LabelledSet, Spool
+from edge_runtime.worker_reports import (
+    Failed,
+    Finished,
+    Paused,
+    Resumed,
+    Started,
+    Stopped,
+    WorkerReport,
+    encode_report,
+)
 from fedcore.modelrun import make_optimizer, proximal_term, target_output, to_tensors
 from fedcore.models import get_spec, use_models
 from fedcore.params import flatten, load_flat, load_weights_file
@@ -177,7 +186,7 @@ def evaluate(
     return Evaluation(loss, value, len(y))
 
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[WorkerReport], None]
 
 
 @dataclass
@@ -195,17 +204,17 @@ class Trainer:
         if command == RUN:
             return True
         if command == PAUSE:
-            self.emit({"event": "paused", "batch": done})
+            self.emit(Paused(batch=done))
             while (command := self.control.command()) == PAUSE:
                 time.sleep(_PAUSE_POLL_S)
             if command == RUN:
-                self.emit({"event": "resumed", "batch": done})
+                self.emit(Resumed(batch=done))
                 return True
-        self.emit({"event": "stopped", "batch": done})
+        self.emit(Stopped(batch=done))
         return False
 
     def fit(
-        self, module: torch.nn.Module, data: LabelledSet, device: Any, started: dict[str, Any]
+        self, module: torch.nn.Module, data: LabelledSet, device: Any, started: Started
     ) -> int | None:
         """Train ``module`` in place; the number of mini-batches, or None if stopped.
 
@@ -266,42 +275,38 @@ def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
     load_flat(module, base)
     module.to(device).train()
     before = evaluate(spec, module, data.x_holdout, data.y_holdout, device)
-    started = {
-        "event": "started",
-        "batch": 0,
-        "samples": len(data.y_train),
-        "holdout": len(data.y_holdout),
-        "upto": data.upto,
-        "device": str(device),
-    }
+    started = Started(
+        samples=len(data.y_train),
+        holdout=len(data.y_holdout),
+        upto=data.upto,
+        device=str(device),
+    )
     if len(data.y_train) == 0:
         emit(started)
-        emit({"event": "stopped", "batch": 0, "reason": "no training samples"})
+        emit(Stopped(batch=0, reason="no training samples"))
         return
     batches = Trainer(job, control, emit, spec).fit(module, data, device, started)
     if batches is None:
         return
     after = evaluate(spec, module, data.x_holdout, data.y_holdout, device)
     np.save(job.output, flatten(module).astype("<f4"), allow_pickle=False)
-    metric = spec.task.metric
     emit(
-        {
-            "event": "finished",
-            "batch": batches,
-            "samples": len(data.y_train),
-            "holdout": after.count,
-            "upto": data.upto,
-            "loss": after.loss,
-            "base_loss": before.loss,
-            "metric": metric,
-            metric: after.value,
-            f"base_{metric}": before.value,
-        }
+        Finished(
+            batch=batches,
+            samples=len(data.y_train),
+            holdout=after.count,
+            upto=data.upto,
+            loss=after.loss,
+            base_loss=before.loss,
+            metric=spec.task.metric,
+            value=after.value,
+            base_value=before.value,
+        )
     )
 
 
-def _emit_line(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
+def _emit_line(report: WorkerReport) -> None:
+    sys.stdout.write(encode_report(report) + "\n")
     sys.stdout.flush()
 
 
@@ -336,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         run_job(job, control, _emit_line)
     except Exception as exc:
         log.exception("fine-tuning failed")
-        _emit_line({"event": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+        _emit_line(Failed(reason=f"{type(exc).__name__}: {exc}"))
         return 1
     finally:
         control.close()

@@ -14,6 +14,7 @@ from edge_runtime.finetune import Control, recipe_metrics, run_job, told
 from edge_runtime.learning import recipe_for
 from edge_runtime.rounds_watch import Plan, ServedVersion, decide, still_takes
 from edge_runtime.settings import EdgeSettings
+from edge_runtime.worker_reports import Finished, WorkerReport
 from fedcore.models import get_spec
 from fedcore.params import load_weights_file
 from fedcore.spec import TrainingRecipe
@@ -124,11 +125,11 @@ def test_precedence_announcement_over_edge_setting_over_spec() -> None:
 def _delta_norm(root: Path, signed: SignedArtifacts, recipe: TrainingRecipe) -> tuple[float, int]:
     root.mkdir()
     spec = job(root, signed, **dataclasses.asdict(recipe))
-    reports: list[dict[str, Any]] = []
+    reports: list[WorkerReport] = []
     run_job(spec, Control.create(spec.control), reports.append)
-    assert reports[-1]["event"] == "finished", reports[-1]
+    assert isinstance(reports[-1], Finished), reports[-1]
     local = load_weights_file(spec.output, expected=signed.params.size)
-    return float(np.linalg.norm(local - signed.params)), int(reports[-1]["batch"])
+    return float(np.linalg.norm(local - signed.params)), reports[-1].batch
 
 
 def test_the_trainers_mu_and_step_bound_change_what_the_edge_computes(

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from edge_runtime.finetune import Control, JobSpec, run_job
 from edge_runtime.learning import learner_config
 from edge_runtime.settings import EdgeSettings
+from edge_runtime.worker_reports import Finished, Started, WorkerReport
 from fedcore.errors import ModelSpecError
 from fedcore.keys import generate_ed25519
 from fedcore.models import get_spec
@@ -58,11 +59,11 @@ def test_an_edge_env_override_reaches_the_worker(
     job_spec = job(tmp_path, signed_v1, **dataclasses.asdict(recipe))
     # what the worker reads back from the job file it is given
     assert JobSpec.model_validate_json(job_spec.model_dump_json()).recipe == recipe
-    reports: list[dict[str, Any]] = []
+    reports: list[WorkerReport] = []
     run_job(job_spec, Control.create(job_spec.control), reports.append)
     started, finished = reports[0], reports[-1]
-    assert finished["event"] == "finished", finished
-    assert finished["batch"] == math.ceil(started["samples"] / 8) * recipe.epochs
+    assert isinstance(started, Started) and isinstance(finished, Finished), reports
+    assert finished.batch == math.ceil(started.samples / 8) * recipe.epochs
 
 
 def test_the_worker_refuses_a_job_with_an_unknown_recipe_field(

@@ -19,6 +19,7 @@ from edge_runtime.learner import Job, Keys, Learner, LearnerConfig
 from edge_runtime.rounds_watch import Plan, Refusal, RoundsView, ServedVersion, decide
 from edge_runtime.secure_round import SecureParticipant, SecureRoundError
 from edge_runtime.spool import Spool
+from edge_runtime.worker_reports import Finished
 from fedcore import subjects
 from fedcore.models import get_spec
 from fedcore.secagg import (
@@ -296,9 +297,18 @@ async def test_the_learner_hands_a_secure_rounds_update_over_unsealed(tmp_path: 
     job_dir.mkdir()
     np.save(job_dir / "local.npy", local)
     plan = Plan(announcement(), ServedVersion(1, DIGEST, job_dir / "base.npy"))
-    job = Job(
-        plan, Worker(), base, job_dir, config.recipe, result={"samples": 40, "upto": 7, "loss": 0.5}
-    )  # type: ignore[arg-type]
+    result = Finished(
+        batch=2,
+        samples=40,
+        holdout=0,
+        upto=7,
+        loss=0.5,
+        base_loss=None,
+        metric="accuracy",
+        value=None,
+        base_value=None,
+    )
+    job = Job(plan, Worker(), base, job_dir, config.recipe, result=result)  # type: ignore[arg-type]
     await learner._finish(job)
     try:
         assert published == []  # no envelope at all
