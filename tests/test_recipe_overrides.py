@@ -26,8 +26,8 @@ from tests.conftest import SignedArtifacts
 from tests.test_edge_finetune import job
 from tests.test_edge_identity import required
 from trainer import service
+from trainer.books import policy_of
 from trainer.bootstrap import train_seed_model
-from trainer.service import policy_of
 from trainer.settings import TrainerSettings
 
 
