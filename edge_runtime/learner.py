@@ -46,6 +46,7 @@ from edge_runtime.rounds_watch import (
     still_takes,
 )
 from edge_runtime.sealer import Keys, UpdateFor, UpdateSealer
+from edge_runtime.settings import edge_default
 from edge_runtime.spool import Spool
 from edge_runtime.worker import FinetuneWorker
 from edge_runtime.worker_reports import (
@@ -86,26 +87,32 @@ _KEEP_SENT = 64
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """One model's learning settings (from the edge settings)."""
+    """One model's learning settings (from the edge settings: :func:`learner_config` in
+    :mod:`edge_runtime.learning`; the defaults here are those settings' defaults)."""
 
     edge_id: str
     model: str
     work_dir: Path
     sizes: tuple[int, ...]
-    poll_interval_s: float = 0.25
+    poll_interval_s: float = edge_default("idle_poll_interval_s")
     thresholds: IdleThresholds = field(default_factory=IdleThresholds)
-    min_new_labels: int = 32
-    holdout_fraction: float = 0.2
-    device: Device = "auto"
-    threads: int = 1
-    nice: int = 19
-    sched_idle: bool = True
-    clip_norm: float | None = None
+    min_new_labels: int = edge_default("min_new_labels")
+    holdout_fraction: float = edge_default("holdout_fraction")
+    device: Device = edge_default("train_device")
+    threads: int = edge_default("train_threads")
+    nice: int = edge_default("train_nice")
+    sched_idle: bool = edge_default("train_sched_idle")
+    clip_norm: float | None = edge_default("clip_norm")
     secure: bool = False
-    compression: CompressionSettings = field(default_factory=CompressionSettings)
-    window_budget_s: float = 60.0
-    daily_budget_s: float = 3600.0
-    spool_max_age_s: float = 7 * 24 * 3600.0
+    compression: CompressionSettings = field(
+        default_factory=lambda: CompressionSettings(
+            mode=edge_default("update_compression"),
+            topk_fraction=edge_default("update_topk_fraction"),
+        )
+    )
+    window_budget_s: float = edge_default("train_window_budget_s")
+    daily_budget_s: float = edge_default("train_daily_budget_s")
+    spool_max_age_s: float = edge_default("spool_max_age_s")
     recipe: TrainingRecipe = field(kw_only=True)
     """the spec's recipe with the edge's ``TRAIN_*`` settings over it"""
 

@@ -12,7 +12,7 @@ from fedcore.compression import Mode
 from fedcore.edge_id import check_edge_id, edge_id_from_node_name
 from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
-from fedcore.settings import ServiceSettings
+from fedcore.settings import ServiceSettings, setting_default
 
 
 class EdgeSettings(ServiceSettings):
@@ -254,3 +254,9 @@ class EdgeSettings(ServiceSettings):
                 "keys verify the peers' key adverts (the trainer is not trusted with them)"
             )
         return self
+
+
+def edge_default(name: str) -> Any:
+    """The default of the setting ``name``: what a component built without the settings
+    (tests, benchmarks) uses, so that it runs with the value production runs with."""
+    return setting_default(EdgeSettings, name)

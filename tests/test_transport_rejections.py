@@ -131,7 +131,7 @@ async def test_an_async_buffer_takes_one_update_per_edge(
     open one, and the ledger's key is (model, round, edge), so edge-1's updates for rounds
     0 to 3 all went into one buffer (4 of the 3 updates it closes on). One edge, one
     update per buffer: the others are refused as ``second-update``."""
-    policy = RoundPolicy(mode="async", buffer_size=3, max_staleness=2)
+    policy = RoundPolicy(mode="async", buffer_size=3, max_staleness=2, min_updates=2)
     book = RoundBook(
         "digits",
         policy,

@@ -52,6 +52,7 @@ from trainer.opener import (
     StoreObjects,
     UpdateOpener,
 )
+from trainer.settings import trainer_default
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,13 @@ class Outcome:
 class IngestOptions:
     """Limits and timings of the ingestor."""
 
-    max_update_bytes: int = 64 * 1024 * 1024
+    max_update_bytes: int = trainer_default("max_update_bytes")
     batch: int = 16
     fetch_timeout_s: float = 1.0
     ack_timeout_s: float = 5.0
     object_timeout_s: float = 60.0
     retry_delay_s: float = 2.0
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = trainer_default("updates_ack_wait_s")
     durable: str = TRAINER_CONSUMER
     stream: str = UPDATES_STREAM
     object_bucket: str = UPDATES_OBJECT_BUCKET

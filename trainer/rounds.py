@@ -29,21 +29,23 @@ from fedcore.wire import ClientRecipe, RoundAnnouncement, within_staleness
 from trainer.aggregate import WeightedSum, update_norm
 from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError, UpdateRejected
+from trainer.settings import trainer_default
 from trainer.strategies.base import RoundState, ServerState, Strategy
 
 
 @dataclass(frozen=True)
 class RoundPolicy:
-    """How rounds of a model run (from the trainer's settings)."""
+    """How rounds of a model run (from the trainer's settings: ``policy_of`` in
+    :mod:`trainer.books`; the defaults here are those settings' defaults)."""
 
-    mode: Literal["sync", "async"] = "sync"
-    min_updates: int = 2
-    deadline_s: float = 60.0
-    sample_fraction: float = 1.0
-    buffer_size: int = 3
-    max_staleness: int = 2
-    staleness_exponent: float = 0.5
-    step_backoff: float = 0.5
+    mode: Literal["sync", "async"] = trainer_default("round_mode")
+    min_updates: int = trainer_default("min_updates")
+    deadline_s: float = trainer_default("round_deadline_s")
+    sample_fraction: float = trainer_default("sample_fraction")
+    buffer_size: int = trainer_default("buffer_size")
+    max_staleness: int = trainer_default("max_staleness")
+    staleness_exponent: float = trainer_default("staleness_exponent")
+    step_backoff: float = trainer_default("step_backoff")
     """After a held round the next candidate takes this share of its server step (again
     after each hold, down to :data:`MIN_STEP_SCALE`); each release doubles it back up to
     the full step. 1.0 turns it off."""

@@ -10,7 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
-from fedcore.settings import NatsReplicas, ServiceSettings
+from fedcore.settings import NatsReplicas, ServiceSettings, setting_default
 from fedcore.transport import StreamSpec
 
 
@@ -244,3 +244,9 @@ class TrainerSettings(ServiceSettings):
     @property
     def state_dir(self) -> Path:
         return self.data_dir / "state"
+
+
+def trainer_default(name: str) -> Any:
+    """The default of the setting ``name``: what a component built without the settings
+    (tests, benchmarks) uses, so that it runs with the value production runs with."""
+    return setting_default(TrainerSettings, name)
