@@ -146,8 +146,9 @@ class Waits:
 
     def __enter__(self) -> Waits:
         if self.progress is not None:
-            self.progress.start()
-            self._logs_above()
+            streams = (sys.stdout, sys.stderr)
+            self.progress.start()  # replaces sys.stdout and sys.stderr on a terminal
+            self._logs_above(*streams)
         return self
 
     def __exit__(
@@ -162,14 +163,17 @@ class Waits:
             self._saved.clear()
             self.progress.stop()
 
-    def _logs_above(self) -> None:
-        """Log handlers that write to the terminal write through the live display (it
-        redirects ``sys.stdout``/``sys.stderr`` now), so their lines print above it."""
-        redirected = {id(sys.__stderr__): sys.stderr, id(sys.__stdout__): sys.stdout}
+    def _logs_above(self, stdout: Any, stderr: Any) -> None:
+        """Log handlers that wrote to ``stdout``/``stderr`` write where the live display
+        redirected them, so that their lines print above it."""
+        redirected = {id(stdout): sys.stdout, id(stderr): sys.stderr}
         for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in redirected:
+            if not isinstance(handler, logging.StreamHandler):
+                continue
+            target = redirected.get(id(handler.stream))
+            if target is not None and target is not handler.stream:
                 self._saved.append((handler, handler.stream))
-                handler.setStream(redirected[id(handler.stream)])
+                handler.setStream(target)
 
     def prefixed(self, prefix: str, out: Out) -> Waits:
         """The same display, for waits whose names start with ``prefix`` and whose lines
