@@ -70,8 +70,8 @@ def table(
     lines = render_table(columns(name), cells, fancy=fancy, right=right)
     if isinstance(metric, MetricSpec):
         lines.append(
-            f"({name}: {metric.direction} is better; vs serving: the candidate's change "
-            "against the serving version in points, x100, ± one paired standard error)"
+            f"({name}: {metric.direction} is better; vs serving: candidate minus serving, "
+            "x100, ± one paired standard error)"
         )
     return lines
 

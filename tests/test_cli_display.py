@@ -39,8 +39,8 @@ def test_demo_table_plain_columns_values_and_the_metrics_direction() -> None:
         "------ ------ -------- --------- ----------- ------ -------- --------- --------",
         "    1  1,2,3      289     0.856  +2.7 ± 1.9  0.513        -  v2        promoted",
         "    2  1,2~         -     0.842        -1.4  0.400     1.25  held      -",
-        "(accuracy: higher is better; vs serving: the candidate's change against the serving "
-        "version in points, x100, ± one paired standard error)",
+        "(accuracy: higher is better; vs serving: candidate minus serving, x100, ± one paired "
+        "standard error)",
     ]
     regression = table([RoundRow(1, "1,2", 400, 46.78, 3000.0)], METRICS["mae"])
     assert regression[0].split()[3] == "mae" and regression[2].split()[3] == "46.780"
