@@ -253,8 +253,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedgate.status import print_status
+    from fedgate.status import print_status, status_document
 
+    if args.output == "json":
+        options = {"model": args.model, "rounds": args.rounds, "data_dir": args.data_dir}
+        doc = status_document(args.url, args.key_file, cacert=args.cacert, **options)
+        _out(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
     return print_status(
         args.url,
         _out,
@@ -303,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and their restarts are shown first",
     )
     status.add_argument("--rounds", type=int, default=10, help="closed rounds to list")
+    status.add_argument(
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table (default: drawn on a terminal, plain text in a pipe) or json (the "
+        "gateway's answers and the launcher's status, for scripts)",
+    )
     status.set_defaults(func=cmd_status)
     add_rollout_parser(sub, _out)
     add_config_parser(sub, _out)

@@ -316,6 +316,39 @@ def print_processes(data_dir: Path, out: Out, fancy: bool = False) -> bool:
     return True
 
 
+def status_document(
+    url: str,
+    key_file: Path | None = None,
+    *,
+    model: str | None = None,
+    rounds: int = 10,
+    data_dir: Path | None = None,
+    cacert: Path | None = None,
+) -> dict[str, Any]:
+    """What ``fedgate status --output json`` prints: the launcher's status file (None when
+    no ``fedgate up`` runs on ``data_dir``), the gateway's fleet, and per model the
+    gateway's answers for its versions, rounds and rollouts (``{"error", "status"}`` for a
+    section it refused)."""
+    gw = Gateway(url, api_key(key_file), cacert=cacert)
+    edges: list[dict[str, Any]] = gw.get("/v1/edges")["edges"]
+    models: dict[str, dict[str, Any]] = {}
+    for name in [model] if model else sorted({m for e in edges for m in e["models"]}):
+        base = f"/v1/models/{quote(name, safe='')}"
+        paths = {
+            "versions": f"{base}/versions",
+            "rounds": f"{base}/rounds?limit={rounds}",
+            "rollouts": f"{base}/rollouts",
+        }
+        models[name] = {}
+        for section, path in paths.items():
+            try:
+                models[name][section] = gw.get(path)
+            except ApiError as exc:
+                models[name][section] = {"error": exc.detail, "status": exc.status}
+    processes = read_status(data_dir) if data_dir is not None else None
+    return {"gateway": gw.url, "processes": processes, "edges": edges, "models": models}
+
+
 def print_status(
     url: str,
     out: Out,

@@ -7,6 +7,7 @@ its exit codes unchanged."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -144,3 +145,20 @@ def test_status_exit_codes_are_unchanged(gateway: str, tmp_path: Path) -> None: 
     assert main([*base, "--url", f"http://127.0.0.1:{free_port()}"]) == 3  # unreachable
     write_secret(key_file, "fgk_wrong")
     assert main([*base, "--url", gateway]) == 1  # refused
+
+
+def test_status_output_json_for_scripts(gateway: str, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """``--output json``: the gateway's answers as they are, a refused section named."""
+    key_file = tmp_path / "key"
+    write_secret(key_file, KEY)
+    argv = ["status", "--url", gateway, "--key-file", str(key_file), "--output", "json"]
+    assert main([*argv, "--data-dir", str(tmp_path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["processes"] is None  # no fedgate up runs there
+    assert [e["edge_id"] for e in doc["edges"]] == ["edge-1", "edge-2"]
+    digits = doc["models"]["digits"]
+    assert digits["versions"]["versions"][0]["version"] == 2
+    assert digits["rounds"]["rounds"][0]["outcome"] == "released"
+    assert digits["rounds"]["open"]["round"] == 4
+    assert digits["rollouts"]["status"] == 403 and "needs 'admin'" in digits["rollouts"]["error"]
+    assert main([*argv, "--url", f"http://127.0.0.1:{free_port()}"]) == 3
