@@ -124,6 +124,7 @@ class Waits:
         self.out = out
         self.prefix = ""
         self.progress: Progress | None = None
+        self._owner = live  # starts and stops the display (a prefixed view does not)
         self._saved: list[tuple[logging.StreamHandler[Any], Any]] = []
         if live:
             self.progress = Progress(
@@ -145,7 +146,7 @@ class Waits:
         return self.progress is not None
 
     def __enter__(self) -> Waits:
-        if self.progress is not None:
+        if self.progress is not None and self._owner:
             streams = (sys.stdout, sys.stderr)
             self.progress.start()  # replaces sys.stdout and sys.stderr on a terminal
             self._logs_above(*streams)
@@ -157,7 +158,7 @@ class Waits:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self._owner:
             for handler, stream in self._saved:
                 handler.setStream(stream)
             self._saved.clear()

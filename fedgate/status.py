@@ -10,6 +10,10 @@ else the local stack's admin key (``.fedgate/secrets/gateway-admin.key``, which 
 rollouts), else its infer key. A section the gateway cannot answer (no NATS, no rollout
 API, a key without the role) prints why instead of its table; only an unreachable
 gateway or a refused key fail the command.
+
+Tables are rich tables (:mod:`fedgate.display`): drawn on a terminal, plain text in a
+pipe; each metric column names the model's metric, with its direction under the table.
+``--output json`` prints the same data as the gateway answers it (:func:`status_document`).
 """
 
 from __future__ import annotations
