@@ -7,9 +7,10 @@ refused); subjects, streams and buckets come from :mod:`fedcore` so they are spe
 - An edge publishes only its own heartbeat, leave and update subjects (updates: one
   subject per known model, so the stream's per-subject limit bounds its share), may store large
   updates in the updates object store, reads the round announcements, the signed model
-  versions and the desired versions (rollouts), receives the feedback of its models and
-  the trainer's federated-evaluation requests and answers them (``allow_responses``). In
-  secure rounds it reads only ``fedgate.secagg.<model>.to.<itself>`` and writes only
+  versions and the desired versions (rollouts), receives the feedback of its models (each
+  model's broadcast and the labels addressed to itself, never another edge's) and the
+  trainer's federated-evaluation requests and answers them (``allow_responses``). In secure
+  rounds it reads only ``fedgate.secagg.<model>.to.<itself>`` and writes only
   ``...from.<itself>``: that is how the trainer knows which edge sent a secure-aggregation
   message.
 - The gateway reads heartbeats, sends feedback requests and reads the rounds, round log,
@@ -116,7 +117,13 @@ def edge_permissions(edge_id: str) -> tuple[list[str], list[str]]:
         subjects.secagg_from_edge("*", edge_id),
     ]
     own = subjects.inbox_all(edge_id)
-    subscribe = [own, f"{FEEDBACK_PREFIX}.*", f"{EVAL_PREFIX}.*"]
+    # feedback: a model's broadcast, and the labels the gateway addresses to this edge alone
+    feedback = [
+        subject
+        for model in sorted(MODELS)
+        for subject in (subjects.feedback(model), subjects.feedback_to_edge(model, edge_id))
+    ]
+    subscribe = [own, *feedback, f"{EVAL_PREFIX}.*"]
     return publish, [*subscribe, subjects.secagg_to_edge("*", edge_id)]
 
 

@@ -28,7 +28,7 @@ from fedcore.kv import kv_keys
 from fedcore.process import ManagedProcess, free_port
 from fedcore.transport import UPDATES_OBJECT_BUCKET, UPDATES_STREAM, update_subject, updates_filter
 from fedcore.wire import ROUND_LOG_BUCKET, ROUNDS_BUCKET
-from fedgate.nats_accounts import render_accounts
+from fedgate.nats_accounts import edge_permissions, render_accounts
 from fedgate.tls_cmd import TlsPlan, create_tls
 from tests.deploy_support import COMPOSE_DIR, USERS, nats_binary, password_var
 
@@ -274,10 +274,14 @@ async def test_large_updates_go_through_the_object_store(clients: dict[str, NATS
         await trainer_js.delete_object_store(UPDATES_OBJECT_BUCKET)
 
 
-def test_the_feedback_subject_matches_fedcore() -> None:
-    if not hasattr(subjects, "feedback"):
-        pytest.skip("fedcore.subjects has no feedback subject yet")
-    assert subjects.feedback("digits") == subjects.feedback("digits")
+def test_an_edge_reads_only_its_own_per_edge_feedback() -> None:
+    """The gateway sends a label for one edge on ``fedgate.feedback.<model>-<edge>``: no other
+    edge may subscribe to it (a wildcard over ``fedgate.feedback.*`` let any edge read every
+    other edge's labels)."""
+    _, subscribe = edge_permissions("edge-1")
+    assert subjects.feedback_to_edge("digits", "edge-1") in subscribe
+    assert subjects.feedback("digits") in subscribe
+    assert not [s for s in subscribe if s.startswith(subjects.FEEDBACK_PREFIX + ".") and "*" in s]
 
 
 def test_the_committed_accounts_are_the_rendered_ones() -> None:
@@ -357,6 +361,23 @@ async def test_feedback_reaches_edges_and_not_the_trainer(
     await clients["gateway"].publish(update_subject("digits", "edge-1"), b"forged")
     await compose_nats.violation(clients["edge-1"], "edge-1", 'publish to "fedgate.feedback.digits')
     await compose_nats.violation(clients["gateway"], "gateway", 'publish to "fedgate.updates')
+
+
+async def test_an_edge_cannot_subscribe_to_another_edges_feedback(
+    compose_nats: ComposeNats, clients: dict[str, NATS]
+) -> None:
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b"ok:" + msg.data)
+
+    own = subjects.feedback_to_edge("digits", "edge-1")
+    await clients["edge-1"].subscribe(own, cb=answer)
+    await clients["edge-1"].flush()
+    reply = await clients["gateway"].request(own, b"label", timeout=2)
+    assert reply.data == b"ok:label"
+    assert await compose_nats.violations(clients["edge-1"], "edge-1", expect=False) == []
+    other = subjects.feedback_to_edge("digits", "edge-2")
+    await clients["edge-1"].subscribe(other)
+    await compose_nats.violation(clients["edge-1"], "edge-1", f'subscription to "{other}"')
 
 
 async def test_a_client_certificate_logs_in_only_as_its_own_user(
