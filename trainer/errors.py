@@ -50,7 +50,8 @@ class UpdateRejected(TrainerError):
 
     ``reason`` is one of ``wrong-size``, ``wrong-dtype``, ``non-finite``, ``bad-weight``,
     ``buffer-full``, ``second-update``, ``round-closed`` (it came while its round was
-    being closed).
+    being closed), ``stale-round`` (its base is no longer one the rounds take: they were
+    rebased meanwhile, :mod:`trainer.serving_watch`).
     """
 
 

@@ -63,6 +63,7 @@ from trainer.rounds import RoundBook, RoundPolicy
 from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
 from trainer.secure_setup import secure_configs
+from trainer.serving_watch import ServingWatch
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 from trainer.strategies.accountant import PrivacyLedger
@@ -276,16 +277,19 @@ async def run_rounds(
     secure: SecureCoordinator | None = None,
     outcomes: RoundOutcomes | None = None,
     backlog: Callable[[], Awaitable[int]] | None = None,
+    follow: ServingWatch | None = None,
 ) -> None:
     """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds`` of
     each model); each released version is handed to ``rollouts`` (the gateway rolls it
     out); secure rounds run through ``secure``; ``outcomes`` counts how rounds ended;
     ``backlog`` (the ingestor's) holds a round past its deadline while updates wait in the
-    stream."""
+    stream; ``follow`` rebases a model's rounds on the version its fleet went back to."""
     closed = dict.fromkeys(driver.books, 0)  # per model: one model's rounds are its own
     exhausted: set[str] = set()
     while not stop.is_set():
         for model, book in driver.books.items():
+            if follow is not None:
+                await follow.apply(model)
             if book.current is None:
                 if settings.max_rounds is not None and closed[model] >= settings.max_rounds:
                     continue
@@ -393,14 +397,25 @@ async def _run(
         ),
     )
     await ingestor.bind()
+    rollouts = rollout_requester(settings)
+    follow = ServingWatch(
+        js,
+        driver,
+        settings.artifacts_dir,
+        signing.public_key(),
+        replicas=settings.nats_replicas,
+        rollouts=rollouts,
+    )
+    await follow.start()  # a rollback while the trainer was down: rebased before recovery
     await recover(settings, driver, ingestor, js)
     fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
     secure = await start_secure(settings, nc, registry, sizes, fleet.alive, telemetry.registry)
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
-    rollouts = rollout_requester(settings)
     if rollouts is not None:  # a release the last run may have died before handing over
-        rollouts.request_current({m: b.version for m, b in driver.books.items()})
+        rollouts.request_current(
+            {m: b.version for m, b in driver.books.items() if follow.serving(m) != b.version}
+        )
     try:
         await asyncio.gather(
             ingestor.run(stop),
@@ -416,7 +431,9 @@ async def _run(
                 secure,
                 telemetry.outcomes,
                 ingestor.backlog,
+                follow,
             ),
+            follow.run(stop),
             *([rollouts.run(stop)] if rollouts is not None else []),
         )
     finally:
