@@ -398,14 +398,7 @@ async def _run(
     )
     await ingestor.bind()
     rollouts = rollout_requester(settings)
-    follow = ServingWatch(
-        js,
-        driver,
-        settings.artifacts_dir,
-        signing.public_key(),
-        replicas=settings.nats_replicas,
-        rollouts=rollouts,
-    )
+    follow = ServingWatch.for_trainer(settings, js, driver, signing, rollouts)
     await follow.start()  # a rollback while the trainer was down: rebased before recovery
     await recover(settings, driver, ingestor, js)
     fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)

@@ -59,6 +59,7 @@ from trainer.release import version_digest
 from trainer.retry import retry_transient
 from trainer.rollout_client import RolloutRequester
 from trainer.rounds import OpenRound, RoundBook
+from trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,25 @@ class ServingWatch:
         self.latest: dict[str, DesiredVersions] = {}
         self.ready: dict[str, Rebase] = {}
         self._moved: dict[tuple[str, str], int] = {}
+
+    @classmethod
+    def for_trainer(
+        cls,
+        settings: TrainerSettings,
+        js: JetStreamContext,
+        driver: RoundDriver,
+        signing: ed25519.Ed25519PrivateKey,
+        rollouts: RolloutRequester | None,
+    ) -> ServingWatch:
+        """The trainer's watch: its artifacts, checked against its own signing key."""
+        return cls(
+            js,
+            driver,
+            settings.artifacts_dir,
+            signing.public_key(),
+            replicas=settings.nats_replicas,
+            rollouts=rollouts,
+        )
 
     # -- reading ---------------------------------------------------------------------------
     async def start(self) -> None:
