@@ -26,7 +26,7 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Literal, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -44,7 +44,7 @@ from fedcore.envelope import (
     open_update,
     read_header_unverified,
 )
-from fedcore.errors import EnvelopeError, FedgateError, TransportError
+from fedcore.errors import EnvelopeError, FedgateError, ReasonedError
 from fedcore.transport import (
     TRAINER_CONSUMER,
     UPDATES_OBJECT_BUCKET,
@@ -55,6 +55,7 @@ from fedcore.transport import (
     sha256_hex,
 )
 from trainer.bus import updates_consumer_config
+from trainer.errors import TrainerError, TrainerReason
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import Claim, LedgerRecord, UpdateLedger
 
@@ -108,10 +109,11 @@ class AcceptedUpdate:
 class Aggregator(Protocol):
     """Folds accepted updates into the running round state.
 
-    ``fold`` may refuse by raising an exception with a ``reason`` attribute; the round
-    state must then be unchanged (the ledger record is released again). Folding an update
-    id the open round holds already must change nothing: an update whose ledger claim was
-    in doubt (its reply lost) is folded when it comes again.
+    ``fold`` may refuse by raising a :class:`trainer.errors.TrainerError`, whose reason
+    becomes the rejection's; the round state must then be unchanged (the ledger record is
+    released again). Folding an update id the open round holds already must change
+    nothing: an update whose ledger claim was in doubt (its reply lost) is folded when it
+    comes again.
     """
 
     def fold(self, update: AcceptedUpdate) -> None: ...
@@ -156,13 +158,21 @@ class IngestOptions:
     model: str | None = None  # consume one model's updates only
 
 
-class Refused(FedgateError):
-    """An update is rejected for ``reason`` (internal to the ingestor)."""
+RefusedReason = Literal[
+    "oversize",
+    "bad-pointer",
+    "object-missing",
+    "revoked-edge",
+    "subject-mismatch",
+    "no-open-round",
+    "second-update",
+    "fold-failed",
+    TrainerReason,  # the aggregator's refusal, passed on
+]
 
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
+
+class Refused(ReasonedError[RefusedReason]):
+    """An update is rejected for ``reason`` (internal to the ingestor)."""
 
 
 class RecoveryError(FedgateError):
@@ -268,7 +278,7 @@ class UpdateIngestor:
         context = {"subject": msg.subject, "seq": seq, "delivered": delivered}
         try:
             header = await self._accept(msg.subject, msg.data, seq)
-        except (Refused, EnvelopeError, TransportError) as exc:
+        except ReasonedError as exc:  # Refused, EnvelopeError, TransportError
             return self._rejected(exc.reason, exc.detail, context)
         except _TRANSIENT as exc:
             return self._retry(repr(exc), context)
@@ -414,13 +424,13 @@ class UpdateIngestor:
             )
         try:
             self._aggregator.fold(update)
-        except Exception as exc:
-            reason = getattr(exc, "reason", None)
+        except TrainerError as exc:
             await self._release(h, claim.revision)
-            if not isinstance(reason, str):
-                log.exception("fold failed", extra={"update_id": h.update_id})
-                reason = "fold-failed"
-            raise Refused(reason, f"aggregator refused the update: {exc}") from None
+            raise Refused(exc.reason, f"aggregator refused the update: {exc}") from None
+        except Exception as exc:
+            await self._release(h, claim.revision)
+            log.exception("fold failed", extra={"update_id": h.update_id})
+            raise Refused("fold-failed", f"aggregator refused the update: {exc}") from None
         return h
 
     async def _claim(self, h: UpdateHeader, record: LedgerRecord) -> Claim:
