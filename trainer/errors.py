@@ -20,6 +20,7 @@ UpdateRejectedReason = Literal[
     "buffer-full",
     "second-update",
     "round-closed",
+    "stale-round",
 ]
 AggregationReason = Literal["empty-round", "too-few-updates", "wrong-size", "wrong-state"]
 LedgerReason = Literal["ledger-corrupt", "ledger-io", "duplicate-release"]
@@ -32,6 +33,7 @@ TrainerReason = Literal[
     "unknown-strategy",
     "bad-strategy-option",
     "privacy-budget-exhausted",
+    "bad-rebase",
     UpdateRejectedReason,
     AggregationReason,
     LedgerReason,
