@@ -204,11 +204,12 @@ class ServingWatch:
         """Watch ``fedgate_desired`` until ``stop``; each model is considered on every
         change and again every ``retry_s`` (a rebase waits for a release to finish)."""
         while not stop.is_set():
-            try:
-                kv = await kv_bucket(self.js, DESIRED_BUCKET, self.replicas)
+            try:  # the gateway's bucket: not created here (absent until its first rollout)
+                kv = await self.js.key_value(DESIRED_BUCKET)
                 watcher = await kv.watchall()
             except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("desired versions not watched yet: %r", exc)
+                if not isinstance(exc, BucketNotFoundError):
+                    log.warning("desired versions not watched yet: %r", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.retry_s)
                 continue
