@@ -32,22 +32,23 @@ def chain(version: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("version", "newest", "stable", "moved", "expected"),
+    ("version", "newest", "stable", "dropped", "expected"),
     [
         (3, 3, 2, 3, 2),  # version 3's canary failed: back to 2
         (4, 4, 2, 3, 2),  # 4 was built on 3 while 3's canary ran: back to 2
+        (3, 3, 1, 3, 1),  # version 1 promoted by hand over 3: back to 1
         (5, 5, 2, 3, None),  # already rebased, 5 is built on 2: its rollout may be waiting
-        (3, 3, 2, 2, None),  # 2 was promoted; 3 not handed to the gateway yet
+        (3, 3, 2, 1, None),  # 2 was promoted over 1; 3 not handed to the gateway yet
         (3, 3, 2, None, None),  # the rollout's record is unreadable: change nothing
-        (3, 3, 3, 3, None),  # the fleet serves the base
-        (2, 4, 4, 4, 4),  # 4 promoted after a rebase to 2: follow it forward
-        (2, 4, 6, 6, None),  # a version this trainer never released
+        (3, 3, 3, 2, None),  # the fleet serves the base
+        (2, 4, 4, 2, 4),  # 4 promoted after a rebase to 2: follow it forward
+        (2, 4, 6, 2, None),  # a version this trainer never released
     ],
 )
 def test_follow_target(
-    version: int, newest: int, stable: int, moved: int | None, expected: int | None
+    version: int, newest: int, stable: int, dropped: int | None, expected: int | None
 ) -> None:
-    assert follow_target(version, newest, Settled(stable, "r-1", moved), chain) == expected
+    assert follow_target(version, newest, Settled(stable, "r-1", dropped), chain) == expected
 
 
 def write_manifests(model_dir: Path, parents: dict[int, int | None]) -> None:

@@ -12,13 +12,15 @@ does it): its parameters and digest come from the trainer's own signed artifacts
 verified first; the open round is abandoned (recorded ``failed``), its updates are not
 folded, and the next release still gets a fresh version number.
 
-Which version a rollout moved is read from the gateway's rollout record
-(``fedgate_rollouts``, key ``<model>.<rollout id>``: its ``version`` field, as the rollout
-API shows it). A settled record whose rollout promoted its candidate, or whose rollout
-cannot be read, changes nothing: the book's newest release may simply not have been handed
-to the gateway yet. The rebase itself runs in the round loop (:meth:`ServingWatch.apply`),
-between rounds or in an open round that is neither closing nor securely aggregated, so it
-never races a release.
+Which version a rollout dropped is read from the gateway's rollout record
+(``fedgate_rollouts``, key ``<model>.<rollout id>``: its ``version`` and ``stable`` fields,
+as the rollout API shows them): the one of the two the fleet no longer serves. The fleet
+went back when it dropped a newer version than the one it serves (a rollback, a failed
+rollout, or an older version promoted by hand). A settled record that moved the fleet
+forward, or whose rollout cannot be read, changes nothing: the book's newest release may
+simply not have been handed to the gateway yet. The rebase itself runs in the round loop
+(:meth:`ServingWatch.apply`), between rounds or in an open round that is neither closing
+nor securely aggregated, so it never races a release.
 """
 
 from __future__ import annotations
@@ -68,12 +70,12 @@ MAX_LINEAGE = 100_000
 
 @dataclass(frozen=True)
 class Settled:
-    """A model's desired versions with no candidate, and the version its rollout moved
-    (``moved``: the rollout's candidate; None when its record could not be read)."""
+    """A model's desired versions with no candidate, and the version the rollout that
+    wrote them dropped (``dropped``: None when its record could not be read)."""
 
     stable: int
     rollout: str
-    moved: int | None
+    dropped: int | None
 
 
 def follow_target(
@@ -83,17 +85,17 @@ def follow_target(
 
     - the fleet serves ``version``, or a version this trainer never released: nothing;
     - it serves a newer release than ``version`` (promoted after an earlier rebase): that;
-    - it serves an older one because its rollout dropped ``version`` or an ancestor of it
-      (``lineage(version)``: the version, its parent, ...): the older one;
-    - otherwise (a promotion, an unknown rollout): nothing; the release may still be on
-      its way to the gateway."""
+    - it serves an older one because its rollout went back from ``version`` or from an
+      ancestor of it (``lineage(version)``: the version, its parent, ...): the older one;
+    - otherwise (a rollout that moved forward, an unknown rollout): nothing; the release
+      may still be on its way to the gateway."""
     stable = settled.stable
     if stable == version or stable > newest:
         return None
     if stable > version:
         return stable
-    moved = settled.moved
-    if moved is None or moved == stable or moved not in lineage(version):
+    dropped = settled.dropped
+    if dropped is None or dropped <= stable or dropped not in lineage(version):
         return None
     return stable
 
@@ -149,7 +151,9 @@ class ServingWatch:
         self.retry_s = retry_s
         self.latest: dict[str, DesiredVersions] = {}
         self.ready: dict[str, Rebase] = {}
-        self._moved: dict[tuple[str, str], int] = {}
+        self._unloadable: set[tuple[str, int, int]] = set()
+        self._rollouts: dict[tuple[str, str], tuple[int, int]] = {}
+        """(model, rollout id) -> the rollout's (version, stable), once read"""
 
     @classmethod
     def for_trainer(
@@ -235,14 +239,15 @@ class ServingWatch:
         ready = self.ready.get(model)
         if ready is not None and ready.from_version == book.version:
             return
-        settled = Settled(desired.stable, desired.rollout, await self._moved_by(desired))
+        settled = Settled(desired.stable, desired.rollout, await self._dropped_by(desired))
         model_dir = self.artifacts_dir / model
         target = follow_target(book.version, book.newest, settled, lambda v: lineage(model_dir, v))
-        if target is None:
+        if target is None or (model, book.version, target) in self._unloadable:
             return
         try:
             digest, params = await asyncio.to_thread(self._load, model, target)
         except (OSError, ValueError, FedgateError) as exc:
+            self._unloadable.add((model, book.version, target))  # said once, not every second
             log.error(
                 "the fleet serves version %d of %s, which cannot be loaded here: %s",
                 target,
@@ -252,13 +257,14 @@ class ServingWatch:
             )
             return
         self.ready[model] = Rebase(
-            model, book.version, target, digest, params, desired.rollout, settled.moved
+            model, book.version, target, digest, params, desired.rollout, settled.dropped
         )
 
-    async def _moved_by(self, desired: DesiredVersions) -> int | None:
-        """The version the rollout that wrote ``desired`` moved (its candidate)."""
+    async def _dropped_by(self, desired: DesiredVersions) -> int | None:
+        """The version the rollout that wrote ``desired`` dropped: of its candidate
+        (``version``) and the version it replaced (``stable``), the one not served."""
         key = (desired.model, desired.rollout)
-        if key not in self._moved:
+        if key not in self._rollouts:
             try:
                 kv = await self.js.key_value(ROLLOUTS_BUCKET)
                 entry = await kv.get(f"{desired.model}.{desired.rollout}")
@@ -268,11 +274,15 @@ class ServingWatch:
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("rollout %s not read: %r", desired.rollout, exc)
                 return None
-            version = doc.get("version") if isinstance(doc, dict) else None
-            if not isinstance(version, int) or isinstance(version, bool):
+            pair = [doc.get(k) for k in ("version", "stable")] if isinstance(doc, dict) else []
+            ints = [v for v in pair if type(v) is int]
+            if len(ints) != 2:
                 return None
-            self._moved[key] = version
-        return self._moved[key]
+            self._rollouts[key] = (ints[0], ints[1])
+        version, replaced = self._rollouts[key]
+        if desired.stable not in (version, replaced):
+            return None
+        return replaced if desired.stable == version else version
 
     def _load(self, model: str, version: int) -> tuple[str, NDArray[Any]]:
         """A released version's digest and parameters, its signature and files checked."""
