@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
 
+from edge_runtime.rounds_watch import Plan, Refusal, ServedVersion, decide
 from fedcore.wire import DesiredVersions, RoundAnnouncement
 from fedgate.keys_cmd import KeyLayout, init_keys
 from gateway.rollout_store import RolloutStore
@@ -98,6 +99,12 @@ async def test_a_rolled_back_version_is_not_the_base_of_later_rounds(
 
         a4 = await wait_open(js, 4, trainer)
         assert (a4.base_version, a4.base_digest) == (2, version_digest(artifacts(tmp_path, 2)))
+        # what an edge that serves version 2 alone (after the rollback) makes of the rounds
+        v2 = ServedVersion(2, a4.base_digest, artifacts(tmp_path, 2) / "weights.npy")
+        refused = decide(a3, "edge-1", {2: v2}, [], time.time())
+        assert isinstance(refused, Refusal) and refused.reason == "base-not-served"
+        plan = decide(a4, "edge-1", {2: v2}, [], time.time())
+        assert isinstance(plan, Plan) and plan.base == v2
         abandoned = await wait_record(js, 3, trainer)
         assert abandoned.outcome == "failed" and r3.id in abandoned.reason
         # an update trained on the dropped version is refused, one from version 2 counts
