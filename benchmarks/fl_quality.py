@@ -227,7 +227,7 @@ def federated(
             book.fold(
                 Contribution(f"{rnd:016x}{e:016x}", edges[e], len(idx), book.version, 0.0), delta
             )
-        book.advance(book.version + 1, "0" * 64, book.finalize())
+        book.release(book.version + 1, "0" * 64, book.finalize())
         load_flat(module, book.params)
         history.append(accuracy(module, x_te, y_te))
     return Run(history, sent / ROUNDS)

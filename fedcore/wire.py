@@ -140,6 +140,14 @@ class ClientRecipe(_Message):
     max_steps: int | None = Field(default=None, ge=1)
 
 
+def within_staleness(current: int, base: int, max_staleness: int) -> bool:
+    """The staleness rule, for trainer and edges alike: an update trained from version
+    ``base`` counts while the current base version is ``current`` when it is at most
+    ``max_staleness`` versions behind, and not ahead. Sync rounds allow 0; async ones
+    announce theirs (:attr:`RoundAnnouncement.max_staleness`)."""
+    return 0 <= current - base <= max_staleness
+
+
 class RoundAnnouncement(_Message):
     """The trainer's word on a model's open round, written to KV ``fedgate_rounds/<model>``.
 

@@ -35,8 +35,8 @@ from gateway.dataplane import RETRY_REASONS
 from gateway.errors import GatewayError
 from gateway.upstream import RetryReason, UpstreamError
 from trainer.errors import AggregationError, LedgerError, TrainerError, UpdateRejected
-from trainer.ingest import Refused
 from trainer.ingest_metrics import INGEST_REASONS
+from trainer.opener import Refused
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedcore", "trainer", "edge_runtime", "gateway", "fedgate")
@@ -206,7 +206,7 @@ SNIPPET = """
 from fedcore.errors import ArtifactError, CodecError, ProcessError, SecAggError
 from gateway.upstream import UpstreamError
 from trainer.errors import TrainerError, UpdateRejected
-from trainer.ingest import Refused
+from trainer.opener import Refused
 
 ArtifactError("malformed", "ok")
 CodecError("non-finite", "ok")

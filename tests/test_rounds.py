@@ -114,7 +114,7 @@ def test_checkpoint_resume_gives_the_same_result(tmp_path: Path, strategy: str) 
         b = book(RoundPolicy(min_updates=1), strategy)
         b.open(["edge-1", "edge-2"], now=0.0)
         b.fold(contrib("a", "edge-1", 10), updates[0])
-        b.advance(4, DIGEST, b.finalize())  # one round done: optimiser state exists
+        b.release(4, DIGEST, b.finalize())  # one round done: optimiser state exists
         b.open(["edge-1", "edge-2"], now=1.0)
         b.fold(contrib("b", "edge-1", 10), updates[1])
         b.fold(contrib("c", "edge-2", 20), updates[2])

@@ -67,12 +67,11 @@ def test_lineage_follows_the_manifests_parents(tmp_path: Path) -> None:
     assert lineage(tmp_path, 7) == [7, 8]
 
 
-def book(mode: str = "sync", strategy: str = "fedadam") -> RoundBook:
-    policy = RoundPolicy(mode="async" if mode == "async" else "sync", min_updates=1)
+def book() -> RoundBook:
     return RoundBook(
         "digits",
-        policy,
-        get_strategy(strategy),
+        RoundPolicy(min_updates=1),
+        get_strategy("fedadam"),
         version=3,
         digest="33" * 32,
         params=np.full(3, 3.0, np.float32),
@@ -84,7 +83,7 @@ def test_rebase_abandons_the_round_resets_the_optimiser_and_keeps_the_number() -
     b = book()
     b.open(["edge-1"], now=0.0)
     b.fold(Contribution("a" * 32, "edge-1", 10, 3, 0.0), np.ones(3, np.float32))
-    b.advance(4, "44" * 32, b.finalize())  # FedAdam now carries moments
+    b.release(4, "44" * 32, b.finalize())  # FedAdam now carries moments
     assert b.strategy.server_state() and b.newest == 4
     before = b.reference
     opened = b.open(["edge-1"], now=1.0)
@@ -125,11 +124,16 @@ async def test_async_rounds_after_a_rebase_take_its_ancestors_not_the_dropped(
     based on 2 or 1 count, those based on 3 or 4 (the dropped line) are refused."""
     artifacts = tmp_path / "artifacts"
     write_manifests(artifacts / "digits", {1: None, 2: 1, 3: 2, 4: 3})
-    b = book("async", "fedavg")
-    b.policy = RoundPolicy(mode="async", min_updates=1, max_staleness=2)
-    b.advance(4, "44" * 32, np.full(3, 4.0, np.float32))
+    b = RoundBook(
+        "digits",
+        RoundPolicy(mode="async", min_updates=1, max_staleness=2),
+        get_strategy("fedavg"),
+        version=4,
+        digest="44" * 32,
+        params=np.full(3, 4.0, np.float32),
+        history={v: f"{v}{v}" * 32 for v in (1, 2, 3)},
+    )
     driver = RoundDriver({"digits": b}, tmp_path / "state", {"digits": (3,)})
-    driver.digests["digits"] = {v: f"{v}{v}" * 32 for v in (1, 2, 3, 4)}
     watch = ServingWatch(None, driver, artifacts, None)  # type: ignore[arg-type]
     watch.ready["digits"] = Rebase("digits", 4, 2, "22" * 32, np.full(3, 2.0), "r-3", 3)
     assert await watch.apply("digits")

@@ -21,8 +21,9 @@ from fedcore.transport import (
 from tests.conftest import NatsServer
 from tests.transport_harness import DIM, TARGET, Bus, open_bus, seal
 from trainer.driver import RoundDriver
-from trainer.ingest import IngestOptions, RoundTarget, UpdateIngestor, Verdict
+from trainer.ingest import IngestOptions, UpdateIngestor, Verdict
 from trainer.ingest_metrics import REJECTION_REASONS, IngestMetrics
+from trainer.opener import RoundTarget
 from trainer.registry import RegistryFile
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.strategies import get_strategy

@@ -23,14 +23,10 @@ from fedgate.keys_cmd import KeyLayout, init_keys, revoke_edge
 from tests.conftest import NatsServer
 from trainer.bus import ensure_transport
 from trainer.errors import UpdateRejected, UpdateRejectedReason
-from trainer.ingest import (
-    AcceptedUpdate,
-    IngestOptions,
-    RoundTarget,
-    UpdateIngestor,
-)
+from trainer.ingest import AcceptedUpdate, IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
+from trainer.opener import RoundTarget
 from trainer.registry import RegistryFile
 
 SIZES = (40, 24)

@@ -330,9 +330,9 @@ class ServingWatch:
 
     def _prune(self, model: str) -> None:
         """Async bases: only the book's version and its ancestors."""
-        keep = set(lineage(self.artifacts_dir / model, self.driver.books[model].version))
-        digests = self.driver.digests[model]
-        self.driver.digests[model] = {v: d for v, d in digests.items() if v in keep}
+        book = self.driver.books[model]
+        keep = set(lineage(self.artifacts_dir / model, book.version))
+        book.history = {v: d for v, d in book.history.items() if v in keep}
 
     async def _record(self, book: RoundBook, rnd: OpenRound, ready: Rebase) -> None:
         """The abandoned round: closed in ``fedgate_rounds``, ``failed`` in the round log."""
