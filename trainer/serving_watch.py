@@ -179,10 +179,14 @@ class ServingWatch:
         """At start: read every model's desired versions and rebase where they call for
         it; versions off each book's lineage no longer count as async bases."""
         for model in self.driver.books:
-            with contextlib.suppress(BucketNotFoundError, KeyNotFoundError):
+            try:
                 kv = await self.js.key_value(DESIRED_BUCKET)
                 entry = await kv.get(model)
                 self.offer(model, entry.value)
+            except (BucketNotFoundError, KeyNotFoundError):
+                pass  # no rollout yet
+            except (nats.errors.Error, TimeoutError) as exc:  # the watch reads it later
+                log.warning("desired versions of %s not read at start: %r", model, exc)
             await self.consider(model)
             await self.apply(model)
             self._prune(model)
