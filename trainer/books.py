@@ -50,13 +50,7 @@ def policy_of(settings: TrainerSettings) -> RoundPolicy:
         max_staleness=settings.max_staleness,
         staleness_exponent=settings.staleness_exponent,
         step_backoff=settings.step_backoff,
-        recipe=ClientRecipe(
-            proximal_mu=settings.local_proximal_mu,
-            epochs=settings.local_epochs,
-            lr=settings.local_lr,
-            batch_size=settings.local_batch_size,
-            max_steps=settings.local_max_steps,
-        ),
+        recipe=ClientRecipe(**settings.recipe_overrides()),
     )
 
 

@@ -71,14 +71,16 @@ def bootstrap(settings: TrainerSettings) -> None:
     """Make sure version 1 of every configured model exists and is signed."""
     key = load_ed25519(settings.signing_key_file)
     for name in settings.models:
+        spec = get_spec(name)
         ensure_version_one(
-            get_spec(name),
+            spec,
             settings.artifacts_dir,
             settings.state_dir,
             key,
             fraction=settings.bootstrap_seed_fraction,
             epochs=settings.bootstrap_epochs,
             seed=settings.seed,
+            recipe=spec.recipe.overridden(**settings.recipe_overrides()),
         )
 
 
