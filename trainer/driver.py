@@ -16,6 +16,7 @@ from fedcore.envelope import UpdateHeader
 from fedcore.errors import EnvelopeError
 from fedcore.wire import within_staleness
 from trainer import checkpoint
+from trainer.errors import UpdateRejected
 from trainer.ingest import AcceptedUpdate
 from trainer.opener import RoundTarget
 from trainer.rounds import Contribution, RoundBook
@@ -101,6 +102,10 @@ class RoundDriver:
     def fold(self, update: AcceptedUpdate) -> None:
         h = update.header
         book = self.books[h.model]
+        if not book.accepts_base(h.base_version):  # checked against a round since rebased
+            raise UpdateRejected(
+                "stale-round", f"update is based on version {h.base_version}, now {book.version}"
+            )
         contribution = Contribution(
             h.update_id, h.edge_id, h.num_samples, h.base_version, 0.0, dict(h.metrics or {})
         )

@@ -20,6 +20,7 @@ UpdateRejectedReason = Literal[
     "buffer-full",
     "second-update",
     "round-closed",
+    "stale-round",
 ]
 AggregationReason = Literal["empty-round", "too-few-updates", "wrong-size", "wrong-state"]
 LedgerReason = Literal["ledger-corrupt", "ledger-io", "duplicate-release"]
@@ -32,6 +33,7 @@ TrainerReason = Literal[
     "unknown-strategy",
     "bad-strategy-option",
     "privacy-budget-exhausted",
+    "bad-rebase",
     UpdateRejectedReason,
     AggregationReason,
     LedgerReason,
@@ -74,7 +76,8 @@ class UpdateRejected(TrainerError):
 
     ``reason`` is one of ``wrong-size``, ``wrong-dtype``, ``non-finite``, ``bad-weight``,
     ``buffer-full``, ``second-update``, ``round-closed`` (it came while its round was
-    being closed).
+    being closed), ``stale-round`` (its base is no longer one the rounds take: they were
+    rebased meanwhile, :mod:`trainer.serving_watch`).
     """
 
     reason: UpdateRejectedReason

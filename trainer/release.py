@@ -270,7 +270,7 @@ async def _release_or_hold(
     reason, cand = decision.reason, decision.candidate
     if not decision.release or cand is None:
         return hold(reason)
-    version = book.version + 1
+    version = book.newest + 1  # after a rebase, newer numbers than the base are taken
     try:
         directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
     except ModelSpecError as exc:  # the candidate cannot be served: held, the trainer goes on

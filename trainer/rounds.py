@@ -202,6 +202,10 @@ class RoundBook:
         self.version = version
         self.digest = digest
         self.params = params
+        self.newest = version
+        """The highest version number released so far: the next release is ``newest + 1``
+        even after :meth:`rebase` went back to an older base (numbers are signed and
+        published; one is never given twice)."""
         self.next_round = next_round
         self.step_scale = 1.0
         self.history: dict[int, str] = {**(history or {}), version: digest}
@@ -400,6 +404,7 @@ class RoundBook:
         self._require_open()
         self.history[version] = digest
         self.version, self.digest, self.params = version, digest, params
+        self.newest = max(self.newest, version)
         self.step_scale = min(1.0, self.step_scale / self.policy.step_backoff)
         self._close()
 
@@ -411,6 +416,22 @@ class RoundBook:
         self._restore_server_state()
         self.step_scale = max(MIN_STEP_SCALE, self.step_scale * self.policy.step_backoff)
         self._close()
+
+    def rebase(self, version: int, digest: str, params: NDArray[Any]) -> OpenRound | None:
+        """Base the next rounds on ``version``, a version released before (the one the
+        fleet serves after a rollback); returns the open round, abandoned.
+
+        The strategy's server state (momentum, moments) is reset: it carries the steps
+        that led to the dropped version. The step shrinks as after a held candidate.
+        :attr:`newest` is kept: the next release still gets a fresh number."""
+        if version > self.newest:
+            raise TrainerError("bad-rebase", f"{self.model}: version {version} was never released")
+        abandoned = self.current
+        self.version, self.digest, self.params = version, digest, params
+        self.strategy.load_server_state({})
+        self.step_scale = max(MIN_STEP_SCALE, self.step_scale * self.policy.step_backoff)
+        self.current = None  # its updates came from the dropped version: not a reference
+        return abandoned
 
     def abandon(self) -> None:
         """Close the open round without a new version (it failed: the step is kept; a

@@ -60,6 +60,7 @@ from trainer.rounds import RoundBook
 from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
 from trainer.secure_setup import secure_configs
+from trainer.serving_watch import ServingWatch
 from trainer.settings import TrainerSettings
 from trainer.telemetry import RoundOutcomes, start_metrics
 
@@ -177,16 +178,19 @@ async def run_rounds(
     secure: SecureCoordinator | None = None,
     outcomes: RoundOutcomes | None = None,
     backlog: Callable[[], Awaitable[int]] | None = None,
+    follow: ServingWatch | None = None,
 ) -> None:
     """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds`` of
     each model); each released version is handed to ``rollouts`` (the gateway rolls it
     out); secure rounds run through ``secure``; ``outcomes`` counts how rounds ended;
     ``backlog`` (the ingestor's) holds a round past its deadline while updates wait in the
-    stream."""
+    stream; ``follow`` rebases a model's rounds on the version its fleet went back to."""
     closed = dict.fromkeys(driver.books, 0)  # per model: one model's rounds are its own
     exhausted: set[str] = set()
     while not stop.is_set():
         for model, book in driver.books.items():
+            if follow is not None:
+                await follow.apply(model)
             if book.current is None:
                 if settings.max_rounds is not None and closed[model] >= settings.max_rounds:
                     continue
@@ -260,6 +264,9 @@ async def _run(
     await upload_released(js, settings)
     telemetry = start_metrics(settings, books)
     ingestor = await start_ingestor(settings, js, recipient, registry, driver, telemetry.registry)
+    rollouts = rollout_requester(settings)
+    follow = ServingWatch.for_trainer(settings, js, driver, signing, rollouts)
+    await follow.start()  # a rollback while the trainer was down: rebased before recovery
     await recover(settings, driver, ingestor, js)
     fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
@@ -267,9 +274,10 @@ async def _run(
         settings, nc, registry, driver.sizes, fleet.alive, telemetry.registry
     )
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
-    rollouts = rollout_requester(settings)
     if rollouts is not None:  # a release the last run may have died before handing over
-        rollouts.request_current({m: b.version for m, b in books.items()})
+        rollouts.request_current(
+            {m: b.version for m, b in books.items() if follow.serving(m) != b.version}
+        )
     try:
         await asyncio.gather(
             ingestor.run(stop),
@@ -285,7 +293,9 @@ async def _run(
                 secure,
                 telemetry.outcomes,
                 ingestor.backlog,
+                follow,
             ),
+            follow.run(stop),
             *([rollouts.run(stop)] if rollouts is not None else []),
         )
     finally:
