@@ -116,7 +116,7 @@ def run_sync(fleet: Fleet, seed: int, rng: np.random.Generator) -> Trace:
             uid = f"{b.next_round:016x}{e:016x}"
             b.fold(Contribution(uid, f"edge-{e}", len(fleet.parts[e]), b.version, 0.0), delta)
         t += took
-        b.advance(b.version + 1, "0" * 64, b.finalize())
+        b.release(b.version + 1, "0" * 64, b.finalize())
         points.append((t, fleet.score(b.params)))
     return Trace(points)
 
@@ -160,7 +160,7 @@ def run_async(fleet: Fleet, seed: int, rng: np.random.Generator) -> Trace:
         return True
 
     def close(t: float) -> None:
-        b.advance(b.version + 1, "0" * 64, b.finalize())
+        b.release(b.version + 1, "0" * 64, b.finalize())
         versions[b.version] = b.params
         points.append((t, fleet.score(b.params)))
         b.open([], now=t)

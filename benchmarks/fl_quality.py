@@ -56,24 +56,25 @@ from fedcore.compression import (
     encode_update,
     sizes_from_layout,
 )
+from fedcore.modelrun import proximal_term
 from fedcore.models.digits import DIGITS, train_test_split_digits
 from fedcore.params import flatten, layout, load_flat
+from fedcore.spec import TrainingRecipe
 from trainer.bounds import UpdateBounds
 from trainer.rounds import Contribution, RoundBook, RoundPolicy
-from trainer.strategies import get_strategy, proximal_term
+from trainer.strategies import get_strategy
 from trainer.strategies.accountant import gaussian_epsilon
 from trainer.strategies.defaults import (
     DEFAULT_LOCAL,
     DEFAULT_STRATEGY,
     DEFAULT_STRATEGY_OPTIONS,
-    LocalRecipe,
 )
 
 EDGES = 5
 ALPHA = 0.3
 ROUNDS = 20
 SEEDS = (0, 1, 2)
-REFERENCE_LOCAL = LocalRecipe(epochs=1, batch_size=32, lr=0.05, momentum=0.9)
+REFERENCE_LOCAL = TrainingRecipe(epochs=1, batch_size=32, lr=0.05, momentum=0.9)
 
 
 NO_BOUNDS = UpdateBounds(max_samples=10**9, sample_ratio=None, norm_ratio=None, warmup=1)
@@ -87,7 +88,7 @@ class Recipe:
     label: str
     strategy: str
     options: dict[str, object]
-    local: LocalRecipe
+    local: TrainingRecipe
     bounds: UpdateBounds = field(default_factory=UpdateBounds)
 
 
@@ -126,7 +127,7 @@ def dirichlet_split(
 
 
 def train_local(
-    module: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: LocalRecipe, seed: int
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainingRecipe, seed: int
 ) -> None:
     opt = torch.optim.SGD(
         module.parameters(),
@@ -227,7 +228,7 @@ def federated(
             book.fold(
                 Contribution(f"{rnd:016x}{e:016x}", edges[e], len(idx), book.version, 0.0), delta
             )
-        book.advance(book.version + 1, "0" * 64, book.finalize())
+        book.release(book.version + 1, "0" * 64, book.finalize())
         load_flat(module, book.params)
         history.append(accuracy(module, x_te, y_te))
     return Run(history, sent / ROUNDS)

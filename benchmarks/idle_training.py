@@ -228,9 +228,10 @@ def label_spool(root: Path, port: int, samples: int) -> None:
 # -- the training side of each condition ----------------------------------------------------
 async def start_worker(root: Path, nice: int, sched_idle: bool, tag: str) -> Any:
     """The learner's fine-tuning worker on the labelled spool, training until stopped."""
-    from edge_runtime.finetune import JobSpec, Recipe
+    from edge_runtime.finetune import JobSpec
     from edge_runtime.spool import spool_path
     from edge_runtime.worker import FinetuneWorker
+    from fedcore.models import get_spec
     from fedcore.triton_model import WEIGHTS_FILE
 
     job_dir = root / "jobs" / tag
@@ -240,7 +241,7 @@ async def start_worker(root: Path, nice: int, sched_idle: bool, tag: str) -> Any
         base_weights=root / "artifacts" / "digits" / "1" / WEIGHTS_FILE,
         output=job_dir / "local.npy",
         control=job_dir / "control.bin",
-        recipe=Recipe(epochs=10**6),
+        recipe=get_spec("digits").recipe.overridden(epochs=10**6),
         nice=nice,
         sched_idle=sched_idle,
     )
@@ -259,7 +260,6 @@ def make_learner(root: Path, server: Any) -> Any:
     """The edge's learner as the runtime builds it, for a round on the served version."""
     from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-    from edge_runtime.finetune import Recipe
     from edge_runtime.idle import IdleThresholds
     from edge_runtime.learner import Learner, LearnerConfig
     from edge_runtime.metrics_poll import MetricsPoller
@@ -306,7 +306,7 @@ def make_learner(root: Path, server: Any) -> Any:
         poll_interval_s=0.1,
         thresholds=IdleThresholds(quiet_s=0.3, window_s=0.5),
         min_new_labels=1,
-        recipe=Recipe(epochs=10**6),
+        recipe=get_spec("digits").recipe.overridden(epochs=10**6),
         window_budget_s=3600.0,
     )
     keys = Keys(

@@ -130,7 +130,7 @@ def simulate(args: Args, run: int = 0) -> tuple[float, list[float]]:
             )
             delta = (flatten(module) - book.params).astype(np.float32)
             book.fold(Contribution(f"{rnd:016x}{e:016x}", site.edge, len(idx), 1, 0.0), delta)
-        book.advance(book.version + 1, "0" * 64, book.finalize())
+        book.release(book.version + 1, "0" * 64, book.finalize())
         load_flat(module, book.params)
         history.append(accuracy(module, x_te, y_te))
     return base, history

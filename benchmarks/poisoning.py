@@ -133,7 +133,7 @@ def run(
             book.fold(
                 Contribution(f"{rnd:016x}{e:016x}", edges[e], samples, book.version, 0.0), delta
             )
-        book.advance(book.version + 1, "0" * 64, book.finalize())
+        book.release(book.version + 1, "0" * 64, book.finalize())
     load_flat(module, book.params)
     others = y_te != TARGET
     with torch.no_grad():

@@ -10,17 +10,16 @@ mini-batches. Before every mini-batch it reads a 16-byte
 control file mapped in both processes: ``run``, ``pause`` (it waits there, holding no
 lock, until ``run`` again) or ``stop``; after each mini-batch it writes how many it has
 done. So traffic returning pauses training within one mini-batch. It reports on stdout,
-one JSON object a line: ``started``, ``paused``, ``resumed``, ``finished`` (with loss
-and the model's metric on the local held-out split, before and after, under the metric's
-name: ``accuracy``/``base_accuracy``, ``mae``/``base_mae``, ...) or ``stopped``; the new
-flat weights go to ``output`` (``np.save``, no pickle).
+one typed report a line (:mod:`edge_runtime.worker_reports`): ``started``, ``paused``,
+``resumed``, ``finished`` (with loss and the model's metric on the local held-out split,
+before and after) or ``stopped`` (``failed`` when it raised); the new flat weights go to
+``output`` (``np.save``, no pickle).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import mmap
 import os
@@ -28,7 +27,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,7 +37,17 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.spool import LabelledSet, Spool
-from fedcore.modelrun import make_optimizer, target_output, to_tensors
+from edge_runtime.worker_reports import (
+    Failed,
+    Finished,
+    Paused,
+    Resumed,
+    Started,
+    Stopped,
+    WorkerReport,
+    encode_report,
+)
+from fedcore.modelrun import make_optimizer, proximal_term, target_output, to_tensors
 from fedcore.models import get_spec, use_models
 from fedcore.params import flatten, load_flat, load_weights_file
 from fedcore.spec import Feeds, ModelSpec, TrainingRecipe
@@ -57,39 +66,23 @@ _PAUSE_POLL_S = 0.01
 Device = Literal["auto", "cpu", "cuda"]
 
 
-class Recipe(BaseModel):
-    """How the edge fine-tunes: the model spec's recipe, as the edge's settings override it
-    (``edge_runtime.learning.learner_config``)."""
+def told(recipe: TrainingRecipe, announced: ClientRecipe | None) -> TrainingRecipe:
+    """``recipe`` (the spec's, with the edge's settings over it) with what a round's
+    announcement set over it."""
+    return recipe if announced is None else recipe.overridden(**announced.model_dump())
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=0.05, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    proximal_mu: float = Field(default=0.0, ge=0)
-    max_steps: int | None = Field(default=None, ge=1)
-
-    def told(self, announced: ClientRecipe | None) -> Recipe:
-        """This recipe with what a round announcement set over it (its other fields:
-        these, i.e. the edge's settings over the spec's)."""
-        if announced is None:
-            return self
-        return self.model_copy(update=announced.model_dump(exclude_none=True))
-
-    def used(self) -> dict[str, float]:
-        """What a run with this recipe reports in its update's signed metrics."""
-        out = {
-            "recipe_mu": self.proximal_mu,
-            "recipe_lr": self.lr,
-            "recipe_epochs": float(self.epochs),
-            "recipe_batch_size": float(self.batch_size),
-        }
-        if self.max_steps is not None:
-            out["recipe_max_steps"] = float(self.max_steps)
-        return out
+def recipe_metrics(recipe: TrainingRecipe) -> dict[str, float]:
+    """What a run with ``recipe`` reports in its update's signed metrics."""
+    out = {
+        "recipe_mu": recipe.proximal_mu,
+        "recipe_lr": recipe.lr,
+        "recipe_epochs": float(recipe.epochs),
+        "recipe_batch_size": float(recipe.batch_size),
+    }
+    if recipe.max_steps is not None:
+        out["recipe_max_steps"] = float(recipe.max_steps)
+    return out
 
 
 class JobSpec(BaseModel):
@@ -104,7 +97,8 @@ class JobSpec(BaseModel):
     base_weights: Path
     output: Path
     control: Path
-    recipe: Recipe = Recipe()
+    recipe: TrainingRecipe
+    """what to train with: :func:`told` over the edge's recipe"""
     holdout_fraction: float = Field(default=0.2, ge=0, lt=1)
     device: Device = "auto"
     threads: int = Field(default=1, ge=1)
@@ -166,19 +160,6 @@ def select_device(preference: Device = "auto") -> torch.device:
     return device
 
 
-def proximal_term(
-    local: Iterable[torch.Tensor], global_: Iterable[torch.Tensor], mu: float
-) -> torch.Tensor:
-    """FedProx: ``mu / 2 * sum_k ||local_k - global_k||^2`` (a copy of the trainer's)."""
-    total: torch.Tensor | None = None
-    for w, g in zip(local, global_, strict=True):
-        sq = (w - g.detach()).pow(2).sum()
-        total = sq if total is None else total + sq
-    if total is None:
-        raise ValueError("proximal_term needs at least one tensor pair")
-    return total * (mu / 2.0)
-
-
 @dataclass(frozen=True)
 class Evaluation:
     """Loss and the model's metric on the held-out split (None without held-out samples)."""
@@ -205,7 +186,7 @@ def evaluate(
     return Evaluation(loss, value, len(y))
 
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[WorkerReport], None]
 
 
 @dataclass
@@ -223,17 +204,17 @@ class Trainer:
         if command == RUN:
             return True
         if command == PAUSE:
-            self.emit({"event": "paused", "batch": done})
+            self.emit(Paused(batch=done))
             while (command := self.control.command()) == PAUSE:
                 time.sleep(_PAUSE_POLL_S)
             if command == RUN:
-                self.emit({"event": "resumed", "batch": done})
+                self.emit(Resumed(batch=done))
                 return True
-        self.emit({"event": "stopped", "batch": done})
+        self.emit(Stopped(batch=done))
         return False
 
     def fit(
-        self, module: torch.nn.Module, data: LabelledSet, device: Any, started: dict[str, Any]
+        self, module: torch.nn.Module, data: LabelledSet, device: Any, started: Started
     ) -> int | None:
         """Train ``module`` in place; the number of mini-batches, or None if stopped.
 
@@ -247,12 +228,7 @@ class Trainer:
         y = torch.from_numpy(data.y_train).to(device)
         w = torch.from_numpy(data.w_train).to(device)
         anchor = [p.detach().clone() for p in module.parameters()]
-        opt = make_optimizer(
-            TrainingRecipe(
-                optimizer=r.optimizer, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
-            ),
-            module,
-        )
+        opt = make_optimizer(r, module)
         opt.zero_grad()
         generator = torch.Generator().manual_seed(self.job.seed)
         done = 0
@@ -299,42 +275,38 @@ def run_job(job: JobSpec, control: Control, emit: Emit) -> None:
     load_flat(module, base)
     module.to(device).train()
     before = evaluate(spec, module, data.x_holdout, data.y_holdout, device)
-    started = {
-        "event": "started",
-        "batch": 0,
-        "samples": len(data.y_train),
-        "holdout": len(data.y_holdout),
-        "upto": data.upto,
-        "device": str(device),
-    }
+    started = Started(
+        samples=len(data.y_train),
+        holdout=len(data.y_holdout),
+        upto=data.upto,
+        device=str(device),
+    )
     if len(data.y_train) == 0:
         emit(started)
-        emit({"event": "stopped", "batch": 0, "reason": "no training samples"})
+        emit(Stopped(batch=0, reason="no training samples"))
         return
     batches = Trainer(job, control, emit, spec).fit(module, data, device, started)
     if batches is None:
         return
     after = evaluate(spec, module, data.x_holdout, data.y_holdout, device)
     np.save(job.output, flatten(module).astype("<f4"), allow_pickle=False)
-    metric = spec.task.metric
     emit(
-        {
-            "event": "finished",
-            "batch": batches,
-            "samples": len(data.y_train),
-            "holdout": after.count,
-            "upto": data.upto,
-            "loss": after.loss,
-            "base_loss": before.loss,
-            "metric": metric,
-            metric: after.value,
-            f"base_{metric}": before.value,
-        }
+        Finished(
+            batch=batches,
+            samples=len(data.y_train),
+            holdout=after.count,
+            upto=data.upto,
+            loss=after.loss,
+            base_loss=before.loss,
+            metric=spec.task.metric,
+            value=after.value,
+            base_value=before.value,
+        )
     )
 
 
-def _emit_line(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
+def _emit_line(report: WorkerReport) -> None:
+    sys.stdout.write(encode_report(report) + "\n")
     sys.stdout.flush()
 
 
@@ -369,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         run_job(job, control, _emit_line)
     except Exception as exc:
         log.exception("fine-tuning failed")
-        _emit_line({"event": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+        _emit_line(Failed(reason=f"{type(exc).__name__}: {exc}"))
         return 1
     finally:
         control.close()

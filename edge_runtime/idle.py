@@ -15,17 +15,19 @@ from collections import deque
 from dataclasses import dataclass
 
 from edge_runtime.metrics_poll import TritonLoad
+from edge_runtime.settings import edge_default
 
 
 @dataclass(frozen=True)
 class IdleThresholds:
-    """When the edge counts as idle (the edge settings ``idle_*`` fill these)."""
+    """When the edge counts as idle (the edge settings ``idle_*`` fill these; the defaults
+    here are those settings' defaults)."""
 
-    max_pending: int = 0
-    max_request_rate: float = 2.0
-    max_queue_us: float = 5000.0
-    quiet_s: float = 2.0
-    window_s: float = 2.0
+    max_pending: int = edge_default("idle_max_pending")
+    max_request_rate: float = edge_default("idle_max_request_rate")
+    max_queue_us: float = edge_default("idle_max_queue_us")
+    quiet_s: float = edge_default("idle_quiet_s")
+    window_s: float = edge_default("idle_window_s")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from edge_runtime.budget import TrainingBudget
 from edge_runtime.errors import EdgeError
 from edge_runtime.events import EventLog
-from edge_runtime.finetune import Device, JobSpec, Recipe
+from edge_runtime.finetune import Device, JobSpec, recipe_metrics, told
 from edge_runtime.idle import IdleDetector, IdleThresholds, IdleVerdict
 from edge_runtime.metrics_poll import TritonLoad
 from edge_runtime.rounds_watch import (
@@ -46,12 +46,23 @@ from edge_runtime.rounds_watch import (
     still_takes,
 )
 from edge_runtime.sealer import Keys, UpdateFor, UpdateSealer
+from edge_runtime.settings import edge_default
 from edge_runtime.spool import Spool
 from edge_runtime.worker import FinetuneWorker
+from edge_runtime.worker_reports import (
+    Failed,
+    Finished,
+    Paused,
+    Resumed,
+    Started,
+    Stopped,
+    WorkerReport,
+)
 from fedcore.compression import CompressionSettings
 from fedcore.errors import FedgateError
 from fedcore.models import ref_of
 from fedcore.params import load_weights_file
+from fedcore.spec import TrainingRecipe
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +87,34 @@ _KEEP_SENT = 64
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """One model's learning settings (from the edge settings)."""
+    """One model's learning settings (from the edge settings: :func:`learner_config` in
+    :mod:`edge_runtime.learning`; the defaults here are those settings' defaults)."""
 
     edge_id: str
     model: str
     work_dir: Path
     sizes: tuple[int, ...]
-    poll_interval_s: float = 0.25
+    poll_interval_s: float = edge_default("idle_poll_interval_s")
     thresholds: IdleThresholds = field(default_factory=IdleThresholds)
-    min_new_labels: int = 32
-    recipe: Recipe = field(default_factory=Recipe)
-    holdout_fraction: float = 0.2
-    device: Device = "auto"
-    threads: int = 1
-    nice: int = 19
-    sched_idle: bool = True
-    clip_norm: float | None = None
+    min_new_labels: int = edge_default("min_new_labels")
+    holdout_fraction: float = edge_default("holdout_fraction")
+    device: Device = edge_default("train_device")
+    threads: int = edge_default("train_threads")
+    nice: int = edge_default("train_nice")
+    sched_idle: bool = edge_default("train_sched_idle")
+    clip_norm: float | None = edge_default("clip_norm")
     secure: bool = False
-    compression: CompressionSettings = field(default_factory=CompressionSettings)
-    window_budget_s: float = 60.0
-    daily_budget_s: float = 3600.0
-    spool_max_age_s: float = 7 * 24 * 3600.0
+    compression: CompressionSettings = field(
+        default_factory=lambda: CompressionSettings(
+            mode=edge_default("update_compression"),
+            topk_fraction=edge_default("update_topk_fraction"),
+        )
+    )
+    window_budget_s: float = edge_default("train_window_budget_s")
+    daily_budget_s: float = edge_default("train_daily_budget_s")
+    spool_max_age_s: float = edge_default("spool_max_age_s")
+    recipe: TrainingRecipe = field(kw_only=True)
+    """the spec's recipe with the edge's ``TRAIN_*`` settings over it"""
 
 
 @dataclass
@@ -107,9 +125,10 @@ class Job:
     worker: FinetuneWorker
     base: NDArray[Any]
     job_dir: Path
-    recipe: Recipe = field(default_factory=Recipe)
+    recipe: TrainingRecipe
     """what the job trains with: the announcement's recipe over the edge's"""
-    result: dict[str, Any] | None = None
+    result: Finished | None = None
+    """the worker's report once it has finished"""
     started: bool = False
 
 
@@ -246,7 +265,7 @@ class Learner:
         base_file = job_dir / "base.npy"
         shutil.copyfile(plan.base.weights, base_file)
         base = load_weights_file(base_file, expected=sum(c.sizes))
-        recipe = c.recipe.told(plan.announcement.recipe)
+        recipe = told(c.recipe, plan.announcement.recipe)
         spec = JobSpec(
             model=c.model,
             model_ref=ref_of(c.model),
@@ -287,39 +306,39 @@ class Learner:
         elif job.worker.paused:
             job.worker.resume()
 
-    def _on_report(self, job: Job, report: dict[str, Any]) -> str | None:
+    def _on_report(self, job: Job, report: WorkerReport) -> str | None:
         """Turn a worker report into an event; the reason when the job has ended early."""
-        kind, model = report.get("event"), self.config.model
-        batch = report.get("batch")
-        batch = int(batch) if isinstance(batch, int) else None
-        if kind == "started":
+        model, round_no = self.config.model, job.plan.round
+        if isinstance(report, Started):
             job.started = True
             self.events.emit(
                 "train-started",
                 model,
                 batch=0,
-                round=job.plan.round,
+                round=round_no,
                 base_version=job.plan.base.version,
-                num_samples=int(report.get("samples", 0)),
-                device=str(report.get("device", "")),
+                num_samples=report.samples,
+                device=report.device,
             )
-        elif kind == "paused":
-            self.events.emit("train-paused", model, batch=batch, round=job.plan.round)
-        elif kind == "resumed":
-            self.events.emit("train-resumed", model, batch=batch, round=job.plan.round)
-        elif kind == "finished":
+        elif isinstance(report, Paused | Resumed):
+            kind = f"train-{report.event}"
+            self.events.emit(kind, model, batch=report.batch, round=round_no)
+        elif isinstance(report, Finished):
             job.result = report
+            figures = report.figures()
             self.events.emit(
                 "train-finished",
                 model,
-                batch=batch,
-                round=job.plan.round,
-                loss=_opt_float(report.get("loss")),
-                accuracy=_opt_float(report.get("accuracy")),
-                **_metric(report, report),
+                batch=report.batch,
+                round=round_no,
+                loss=report.loss,
+                accuracy=figures.get("accuracy"),
+                **_metric(report, figures),
             )
-        elif kind in ("stopped", "failed") or (kind == "exited" and job.result is None):
-            return str(report.get("reason") or f"worker {kind}")
+        elif isinstance(report, Stopped | Failed):
+            return report.reason or f"worker {report.event}"
+        elif job.result is None:  # exited without finishing
+            return f"worker exited ({report.code})"
         return None
 
     def _still_valid(self, job: Job) -> str | None:
@@ -360,10 +379,10 @@ class Learner:
             self.spool.set_meta(_BUDGET, self.budget.state())
 
     async def _publish(self, job: Job) -> None:
-        c, plan, result = self.config, job.plan, job.result or {}
+        c, plan, result = self.config, job.plan, _finished(job)
         local = load_weights_file(job.job_dir / "local.npy", expected=job.base.size)
         delta, norm = clip_delta(local - job.base, c.clip_norm)
-        metrics = local_metrics(result, norm) | job.recipe.used()
+        metrics = local_metrics(result, norm) | recipe_metrics(job.recipe)
         if plan.announcement.secure:
             await self._submit_secure(job, delta)
             self._sent(job, "update-masked", metrics)
@@ -374,7 +393,7 @@ class Learner:
             self.sealer.seal,
             delta,
             target,
-            num_samples=int(result.get("samples", 0)),
+            num_samples=result.samples,
             metrics=metrics,
         )
         await self.publish(sealed.envelope)
@@ -401,17 +420,17 @@ class Learner:
 
     def _sent(self, job: Job, kind: str, metrics: Mapping[str, float], **extra: Any) -> None:
         """The update left (or was handed over): its samples are trained, its round sent."""
-        plan, result = job.plan, job.result or {}
-        self.spool.mark_trained(int(result.get("upto", 0)))
+        plan, result = job.plan, _finished(job)
+        self.spool.mark_trained(result.upto)
         self._remember_sent(plan.round)
         self.events.emit(
             kind,
             self.config.model,
-            batch=_opt_int(result.get("batch")),
+            batch=result.batch,
             round=plan.round,
             base_version=plan.base.version,
             **extra,
-            num_samples=int(result.get("samples", 0)),
+            num_samples=result.samples,
             loss=metrics.get("loss"),
             accuracy=metrics.get("accuracy"),
             **_metric(result, metrics),
@@ -439,31 +458,26 @@ def clip_delta(delta: NDArray[Any], clip_norm: float | None) -> tuple[NDArray[An
     return vector, norm
 
 
-def local_metrics(result: Mapping[str, Any], delta_norm: float) -> dict[str, float]:
-    """The aggregate figures that travel (signed) with an update: no sample leaves."""
-    metrics = {"delta_norm": delta_norm, "holdout": float(result.get("holdout", 0))}
-    metric = result.get("metric")
-    names = ["loss", "base_loss"]
-    if isinstance(metric, str) and metric.isidentifier():
-        names += [metric, f"base_{metric}"]  # the model's own metric, by its name
-    for name in names:
-        value = _opt_float(result.get(name))
+def local_metrics(result: Finished, delta_norm: float) -> dict[str, float]:
+    """The aggregate figures that travel (signed) with an update: no sample leaves. The
+    model's own metric goes by its name (``accuracy``, ``base_accuracy``, ...)."""
+    metrics = {"delta_norm": delta_norm, "holdout": float(result.holdout)}
+    for name, value in result.figures().items():
         if value is not None:
             metrics[name] = value
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _metric(result: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+def _finished(job: Job) -> Finished:
+    if job.result is None:
+        raise EdgeError(f"round {job.plan.round}: the worker has not finished")
+    return job.result
+
+
+def _metric(result: Finished, values: Mapping[str, Any]) -> dict[str, Any]:
     """The event fields of the model's own metric: its name (from the worker) and value."""
-    name = result.get("metric")
-    if not isinstance(name, str):
-        return {}
-    return {"metric": name, "value": _opt_float(values.get(name))}
+    return {"metric": result.metric, "value": _opt_float(values.get(result.metric))}
 
 
 def _opt_float(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _opt_int(value: object) -> int | None:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None

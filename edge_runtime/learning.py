@@ -14,7 +14,6 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client as NATS
@@ -22,7 +21,6 @@ from nats.aio.client import Client as NATS
 from edge_runtime.events import EventLog
 from edge_runtime.fed_eval import EvalResponder
 from edge_runtime.feedback import FeedbackResponder
-from edge_runtime.finetune import Recipe
 from edge_runtime.idle import IdleThresholds
 from edge_runtime.learner import Learner, LearnerConfig, Publish
 from edge_runtime.metrics_poll import MetricsPoller
@@ -42,7 +40,7 @@ from fedcore.compression import CompressionSettings, sizes_from_layout
 from fedcore.enrollment import load_registry
 from fedcore.models import get_spec
 from fedcore.params import layout
-from fedcore.spec import ModelSpec
+from fedcore.spec import ModelSpec, TrainingRecipe
 from fedcore.triton_config import CaptureParams
 
 log = logging.getLogger(__name__)
@@ -60,23 +58,9 @@ def capture_params(settings: EdgeSettings, model: str) -> CaptureParams:
     )
 
 
-def recipe_for(s: EdgeSettings, spec: ModelSpec) -> Recipe:
+def recipe_for(s: EdgeSettings, spec: ModelSpec) -> TrainingRecipe:
     """The spec's training recipe with every ``TRAIN_*`` setting the deployment set."""
-    r = spec.recipe
-
-    def pick(mine: Any, default: Any) -> Any:
-        return default if mine is None else mine
-
-    return Recipe(
-        optimizer=pick(s.train_optimizer, r.optimizer),
-        epochs=pick(s.train_epochs, r.epochs),
-        batch_size=pick(s.train_batch_size, r.batch_size),
-        lr=pick(s.train_lr, r.lr),
-        momentum=pick(s.train_momentum, r.momentum),
-        weight_decay=pick(s.train_weight_decay, r.weight_decay),
-        proximal_mu=pick(s.proximal_mu, r.proximal_mu),
-        max_steps=pick(s.train_max_steps, r.max_steps),
-    )
+    return spec.recipe.overridden(**s.recipe_overrides())
 
 
 def learner_config(settings: EdgeSettings, model: str) -> LearnerConfig:

@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 from fedcore.artifact import MANIFEST, SAFE_NAME, Manifest, verify_version_dir
 from fedcore.errors import ArtifactError
 from fedcore.triton_model import ONNX_FILE, WEIGHTS_FILE
-from fedcore.wire import ROUNDS_BUCKET, RoundAnnouncement, WireError
+from fedcore.wire import ROUNDS_BUCKET, RoundAnnouncement, WireError, within_staleness
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _sync_base(a: RoundAnnouncement, served: Mapping[int, ServedVersion]) -> Pla
 
 
 def _async_base(a: RoundAnnouncement, served: Mapping[int, ServedVersion]) -> Plan | Refusal:
-    fresh = [v for v in served if 0 <= a.base_version - v <= a.max_staleness]
+    fresh = [v for v in served if within_staleness(a.base_version, v, a.max_staleness)]
     if not fresh:
         return Refusal(
             "too-stale",
@@ -174,10 +174,10 @@ def still_takes(plan: Plan, current: RoundAnnouncement | None, now: float) -> st
     buffer is open when it arrives."""
     announced = plan.announcement
     if announced.mode == "async" and current is not None and current.mode == "async":
-        lag = current.base_version - plan.base.version
+        fresh = within_staleness(current.base_version, plan.base.version, current.max_staleness)
         checks = [
             (current.state != "open", "round-closed"),
-            (lag > current.max_staleness, "too-stale"),
+            (not fresh, "too-stale"),
         ]
     elif current is None or current.round != announced.round:
         return "round-changed"

@@ -9,10 +9,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from fedcore.compression import Mode
+from fedcore.edge_id import check_edge_id, edge_id_from_node_name
 from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
-from fedcore.settings import ServiceSettings
-from fedcore.wire import check_edge_id, edge_id_from_node_name
+from fedcore.settings import ServiceSettings, setting_default
 
 
 class EdgeSettings(ServiceSettings):
@@ -196,6 +196,20 @@ class EdgeSettings(ServiceSettings):
         default=0.01, gt=0, le=1, description="topk compression: share of coordinates sent"
     )
 
+    def recipe_overrides(self) -> dict[str, Any]:
+        """The training recipe's fields these settings override (None: the spec's), by
+        :class:`fedcore.spec.TrainingRecipe` field name."""
+        return {
+            "optimizer": self.train_optimizer,
+            "epochs": self.train_epochs,
+            "batch_size": self.train_batch_size,
+            "lr": self.train_lr,
+            "momentum": self.train_momentum,
+            "weight_decay": self.train_weight_decay,
+            "proximal_mu": self.proximal_mu,
+            "max_steps": self.train_max_steps,
+        }
+
     @field_validator("models")
     @classmethod
     def _models(cls, v: list[str]) -> list[str]:
@@ -205,11 +219,12 @@ class EdgeSettings(ServiceSettings):
     @model_validator(mode="before")
     @classmethod
     def _resolve_edge_id(cls, data: Any) -> Any:
-        """edge_id, else the contents of edge_id_file (if it exists), else from node_name;
-        the NATS user defaults to the edge id."""
+        """edge_id, else the contents of edge_id_file (if it exists, surrounding blanks
+        dropped), else from node_name; the NATS user defaults to the edge id. An edge_id
+        given is taken as it is: one with blanks is refused, as at every other entrance."""
         if not isinstance(data, dict):
             return data
-        edge_id = str(data.get("edge_id") or "").strip()
+        edge_id = str(data.get("edge_id") or "")
         id_file = data.get("edge_id_file")
         if not edge_id and id_file and Path(id_file).is_file():
             edge_id = Path(id_file).read_text().strip()
@@ -239,3 +254,9 @@ class EdgeSettings(ServiceSettings):
                 "keys verify the peers' key adverts (the trainer is not trusted with them)"
             )
         return self
+
+
+def edge_default(name: str) -> Any:
+    """The default of the setting ``name``: what a component built without the settings
+    (tests, benchmarks) uses, so that it runs with the value production runs with."""
+    return setting_default(EdgeSettings, name)

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edge_runtime.errors import ModelLoadError
+from edge_runtime.settings import edge_default
 from edge_runtime.triton import TritonFailure, TritonServer
 from fedcore.artifact import verify_version_dir
 from fedcore.errors import ArtifactError, ProcessError
@@ -53,12 +54,12 @@ REASONS = ("exited", "hung")
 class SupervisionPolicy:
     """How often to probe, when to call Triton hung, how to back off restarts."""
 
-    probe_interval_s: float = 1.0
-    probe_timeout_s: float = 2.0
-    probe_failures: int = 3
-    restart_base_s: float = 0.5
-    restart_max_s: float = 30.0
-    ready_timeout_s: float = 120.0
+    probe_interval_s: float = edge_default("triton_probe_interval_s")
+    probe_timeout_s: float = edge_default("triton_probe_timeout_s")
+    probe_failures: int = edge_default("triton_probe_failures")
+    restart_base_s: float = edge_default("triton_restart_base_s")
+    restart_max_s: float = edge_default("triton_restart_max_s")
+    ready_timeout_s: float = edge_default("ready_timeout_s")
 
 
 @dataclass

@@ -1,23 +1,23 @@
 """The learner's handle on one fine-tuning worker process (``edge_runtime.finetune``).
 
 Starts the worker with the job written as JSON, shares the 16-byte control block with
-it through a mapped file (pause, resume, stop; mini-batches done), reads its JSON-line
-reports into a queue, and stops it with a deadline (SIGKILL after), leaving nothing
-behind. The worker's stderr (its logs) goes to the edge's own.
+it through a mapped file (pause, resume, stop; mini-batches done), reads its typed
+reports (:mod:`edge_runtime.worker_reports`, one JSON line each, decoded strictly) into a
+queue, and stops it with a deadline (SIGKILL after), leaving nothing behind. The
+worker's stderr (its logs) goes to the edge's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from edge_runtime.finetune import PAUSE, RUN, STOP, Control, JobSpec
+from edge_runtime.worker_reports import Exited, WorkerReport, decode_report
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class FinetuneWorker:
         self.job = job
         self.proc = proc
         self.control = control
-        self.reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.reports: asyncio.Queue[WorkerReport] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
         self._closed = False
 
@@ -73,16 +73,15 @@ class FinetuneWorker:
             return
         while line := await stream.readline():
             try:
-                report = json.loads(line)
-            except ValueError:
-                log.warning("fine-tuning worker wrote a line that is not JSON")
+                report = decode_report(line)
+            except ValueError as exc:
+                log.warning("fine-tuning worker wrote a line that is no report: %s", exc)
                 continue
-            if isinstance(report, dict) and isinstance(report.get("event"), str):
-                self.reports.put_nowait(report)
+            self.reports.put_nowait(report)
         code = await self.proc.wait()
-        self.reports.put_nowait({"event": "exited", "code": code})
+        self.reports.put_nowait(Exited(code=code))
 
-    def drain(self) -> list[dict[str, Any]]:
+    def drain(self) -> list[WorkerReport]:
         """Reports received so far, oldest first."""
         out = []
         while not self.reports.empty():

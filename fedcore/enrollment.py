@@ -26,11 +26,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedcore.edge_id import EDGE_ID_PATTERN, is_edge_id
 from fedcore.errors import EnrollmentError
 from fedcore.files import write_atomic
-from fedcore.strict_json import no_duplicates
+from fedcore.strict_json import loads_strict
 
-_EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 _FIELDS = {"public_key", "revoked", "enrolled_at", "revoked_at"}
@@ -96,8 +96,8 @@ class EdgeRegistry(Mapping[str, EdgeRecord]):
         self._revoked_keys: dict[str, ed25519.Ed25519PublicKey] = {}
         owners: dict[str, str] = {}
         for edge_id, record in self._edges.items():
-            if type(edge_id) is not str or not _EDGE_ID.fullmatch(edge_id):
-                raise _malformed(f"edge id {edge_id!r} does not match {_EDGE_ID.pattern}")
+            if not is_edge_id(edge_id):
+                raise _malformed(f"edge id {edge_id!r} does not match {EDGE_ID_PATTERN}")
             if record.public_key in owners:
                 raise _malformed(
                     f"public key of {edge_id!r} is also enrolled as {owners[record.public_key]!r}"
@@ -184,7 +184,7 @@ class EdgeRegistry(Mapping[str, EdgeRecord]):
         if len(data) > MAX_REGISTRY_BYTES:
             raise _malformed(f"registry is {len(data)} bytes, over {MAX_REGISTRY_BYTES}")
         try:
-            raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+            raw = loads_strict(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise _malformed(f"registry is not JSON: {exc}") from None
         if not isinstance(raw, dict):
@@ -203,7 +203,7 @@ def decode_record(data: bytes) -> EdgeRecord:
     if len(data) > 4096:
         raise _malformed(f"edge record is {len(data)} bytes, over 4096")
     try:
-        fields = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+        fields = loads_strict(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _malformed(f"edge record is not JSON: {exc}") from None
     if not isinstance(fields, dict) or set(fields) != _FIELDS:

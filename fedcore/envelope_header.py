@@ -19,8 +19,9 @@ import math
 import re
 from dataclasses import dataclass
 
+from fedcore.edge_id import EDGE_ID
 from fedcore.errors import EnvelopeError
-from fedcore.strict_json import no_duplicates
+from fedcore.strict_json import loads_strict
 
 FORMAT_VERSION = 1
 MIN_CHUNK_SIZE = 16
@@ -28,7 +29,6 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 4096
 MAX_INT = 2**63 - 1
 
-_EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _MODEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -40,7 +40,7 @@ _OPTIONAL = frozenset({"metrics"})
 _STRING_FIELDS = {
     "suite": _TOKEN,
     "model": _MODEL,
-    "edge_id": _EDGE_ID,
+    "edge_id": EDGE_ID,
     "base_digest": _HEX64,
     "update_id": _HEX32,
     "compression": _TOKEN,
@@ -143,7 +143,7 @@ class UpdateHeader:
         if len(data) > MAX_HEADER_BYTES:
             raise _malformed(f"header is {len(data)} bytes, more than {MAX_HEADER_BYTES}")
         try:
-            raw = json.loads(data.decode("ascii"), object_pairs_hook=no_duplicates)
+            raw = loads_strict(data.decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise _malformed(f"header is not ASCII JSON: {exc}") from None
         if not isinstance(raw, dict):

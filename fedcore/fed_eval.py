@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
-from fedcore.wire import _Message, check_edge_id
+from fedcore.edge_id import check_edge_id
+from fedcore.wire import _Message
 
 EVAL_PREFIX = "fedgate.evaluate"
 REQUEST_DOMAIN = b"fedgate-eval-request-v1\0"

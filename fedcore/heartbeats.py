@@ -11,22 +11,19 @@ active is a phantom or a revoked edge: both are refused with a reason the servic
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 from fedcore import subjects
-from fedcore.errors import FedgateError
+from fedcore.errors import ReasonedError
 from fedcore.wire import Heartbeat, WireError, decode_heartbeat
 
-REFUSALS = ("malformed", "subject-mismatch", "not-enrolled")
+HeartbeatRefusal = Literal["malformed", "subject-mismatch", "not-enrolled"]
+REFUSALS: tuple[HeartbeatRefusal, ...] = get_args(HeartbeatRefusal)
 """Why a heartbeat is refused (the ``reason`` label of the services' refusal counters)."""
 
 
-class HeartbeatRefused(FedgateError):
+class HeartbeatRefused(ReasonedError[HeartbeatRefusal]):
     """A heartbeat was refused; ``reason`` is one of :data:`REFUSALS`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
 
 
 def subject_edge(subject: str) -> str | None:

@@ -7,7 +7,7 @@ name. Torch is imported lazily.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,3 +84,23 @@ def make_optimizer(
     return torch.optim.SGD(
         module.parameters(), lr=rate, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
+
+
+def proximal_term(
+    local: Iterable[torch.Tensor], global_: Iterable[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's proximal term ``mu / 2 * sum_k ||local_k - global_k||^2`` over paired
+    tensors (differentiable): the one definition, for the edge's worker and the trainer's
+    strategy alike.
+
+    ``local`` are the trainable parameters, ``global_`` copies of the base version's, in
+    the same order (detached here). Its gradient w.r.t. ``local_k`` is
+    ``mu * (local_k - global_k)``.
+    """
+    total: torch.Tensor | None = None
+    for w, g in zip(local, global_, strict=True):
+        sq = (w - g.detach()).pow(2).sum()
+        total = sq if total is None else total + sq
+    if total is None:
+        raise ValueError("proximal_term needs at least one tensor pair")
+    return total * (mu / 2.0)

@@ -14,7 +14,7 @@ import ssl
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,6 +108,19 @@ class ServiceSettings(BaseSettings):
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def setting_default(cls: type[BaseSettings], name: str) -> Any:
+    """The default of the setting ``name`` of ``cls``. Component configs built from the
+    settings take their own defaults from here, so a component used without the settings
+    (tests, benchmarks) runs with the values production runs with; a setting without a
+    default (a required one) is a :class:`ConfigError`."""
+    field = cls.model_fields[name]
+    if field.default_factory is not None:
+        return field.default_factory()  # type: ignore[call-arg]
+    if field.is_required():
+        raise ConfigError(f"{cls.__name__}.{name} has no default")
+    return field.default
 
 
 def env_prefix(cls: type[BaseSettings]) -> str:

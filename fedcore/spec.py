@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import ConfigDict
 
 from fedcore.errors import ModelSpecError
 from fedcore.task import Task
@@ -87,11 +88,18 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class TrainingRecipe:
-    """How edges fine-tune a model locally (the spec's default; a deployment may override
-    any field through the edge's ``TRAIN_*`` settings, and a round's announcement any of
-    ``proximal_mu``, ``epochs``, ``lr``, ``batch_size``, ``max_steps`` over both).
-    ``proximal_mu`` > 0 adds FedProx's proximal term; ``max_steps`` (None: no bound) is
-    the most mini-batches of one local run."""
+    """How a model is trained locally: the one definition of the recipe and its defaults.
+
+    A model's spec holds its recipe; everything else only overrides fields of it
+    (:meth:`overridden`): the edge's ``TRAIN_*`` settings, the trainer's ``LOCAL_*``
+    settings (its bootstrap and, through a round's announcement, the edges: any of
+    ``proximal_mu``, ``epochs``, ``lr``, ``batch_size``, ``max_steps``, over the edge's).
+    ``proximal_mu`` > 0 adds FedProx's proximal term
+    (:func:`fedcore.modelrun.proximal_term`); ``max_steps`` (None: no bound) is the most
+    mini-batches of one local run. Decoded by pydantic (the worker's job file), unknown
+    fields are refused."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")
 
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.05
@@ -111,6 +119,14 @@ class TrainingRecipe:
             raise ModelSpecError("recipe: epochs and batch_size must be at least 1")
         if self.proximal_mu < 0 or (self.max_steps is not None and self.max_steps < 1):
             raise ModelSpecError("recipe: proximal_mu must be >= 0, max_steps >= 1")
+
+    def overridden(self, **overrides: Any) -> TrainingRecipe:
+        """This recipe with every field given a value (not None) replaced, checked again."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
+        if unknown:
+            raise ModelSpecError(f"recipe: no field {', '.join(unknown)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **given) if given else self
 
 
 Feeds = dict[str, NDArray[Any]]

@@ -23,7 +23,9 @@ import json
 import re
 from dataclasses import dataclass
 
+from fedcore.edge_id import EDGE_ID_PATTERN, is_edge_id
 from fedcore.errors import TransportError
+from fedcore.strict_json import loads_strict
 
 UPDATES_STREAM = "FEDGATE_UPDATES"
 UPDATES_PREFIX = "fedgate.updates"
@@ -46,9 +48,8 @@ MAX_POINTER_BYTES = 1024
 MAX_OBJECT_SIZE = 2**40
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _BUCKET = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_OBJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}/[a-z0-9][a-z0-9-]{0,62}/[0-9a-f]{32}")
+_OBJECT_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,128}}/{EDGE_ID_PATTERN}/[0-9a-f]{{32}}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -62,7 +63,7 @@ def _model_token(model: str) -> str:
 
 def update_subject(model: str, edge_id: str) -> str:
     """The subject ``edge_id`` publishes its updates for ``model`` on."""
-    if not _EDGE_ID.fullmatch(edge_id):
+    if not is_edge_id(edge_id):
         raise TransportError("bad-subject", f"edge id {edge_id!r} is not a valid edge id")
     return f"{UPDATES_PREFIX}.{_model_token(model)}.{edge_id}"
 
@@ -81,7 +82,7 @@ def parse_update_subject(subject: str) -> tuple[str, str]:
         len(parts) != 4
         or ".".join(parts[:2]) != UPDATES_PREFIX
         or not _TOKEN.fullmatch(parts[2])
-        or not _EDGE_ID.fullmatch(parts[3])
+        or not is_edge_id(parts[3])
     ):
         raise TransportError("bad-subject", f"{subject!r} is not {UPDATES_PREFIX}.<model>.<edge>")
     return parts[2], parts[3]
@@ -150,7 +151,7 @@ class UpdatePointer:
         if not raw.startswith(POINTER_MAGIC):
             raise _bad("not a pointer message (bad magic)")
         try:
-            fields = json.loads(raw[len(POINTER_MAGIC) :].decode("ascii"))
+            fields = loads_strict(raw[len(POINTER_MAGIC) :].decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise _bad(f"pointer is not ASCII JSON: {exc}") from None
         if not isinstance(fields, dict) or set(fields) != {"bucket", "name", "sha256", "size"}:

@@ -6,16 +6,14 @@ Messages are compact JSON validated strictly on decode; a malformed message rais
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedcore.edge_id import check_edge_id
 from fedcore.errors import FedgateError
-
-EDGE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 class WireError(FedgateError):
@@ -25,31 +23,6 @@ class WireError(FedgateError):
         self.message_type = message_type
         self.detail = detail
         super().__init__(f"malformed {message_type}: {detail}")
-
-
-def check_edge_id(value: str) -> str:
-    """Edge ids are lowercase DNS-label-like names (they appear in NATS subjects)."""
-    if not EDGE_ID.match(value):
-        raise ValueError(f"edge id {value!r} must match {EDGE_ID.pattern}")
-    return value
-
-
-def edge_id_from_node_name(name: str) -> str:
-    """A valid edge id derived from a machine's name (Kubernetes: the node name).
-
-    Lowercase; every run of characters other than letters and digits becomes one ``-``;
-    no ``-`` at either end: ``ip-10-0-1-2.ec2.internal`` is ``ip-10-0-1-2-ec2-internal``.
-    A result over 63 characters keeps its first 54 and ends in ``-`` and 8 hex digits of
-    the name's SHA-256, so two long names stay two ids. The same name always gives the same
-    id: compute it to enrol the machine (its NATS user and certificate are the id).
-    """
-    base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if not base:
-        raise ValueError(f"node name {name!r} has no letter or digit to make an edge id of")
-    if len(base) > 63:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-        base = base[:54].rstrip("-") + "-" + digest
-    return check_edge_id(base)
 
 
 class _Message(BaseModel):
@@ -138,6 +111,14 @@ class ClientRecipe(_Message):
     lr: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     batch_size: int | None = Field(default=None, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
+
+
+def within_staleness(current: int, base: int, max_staleness: int) -> bool:
+    """The staleness rule, for trainer and edges alike: an update trained from version
+    ``base`` counts while the current base version is ``current`` when it is at most
+    ``max_staleness`` versions behind, and not ahead. Sync rounds allow 0; async ones
+    announce theirs (:attr:`RoundAnnouncement.max_staleness`)."""
+    return 0 <= current - base <= max_staleness
 
 
 class RoundAnnouncement(_Message):

@@ -23,8 +23,10 @@ from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.settings import LOG_LEVELS
 from fedcore.version import package_version
 from fedgate.config_cmd import add_config_parser
+from fedgate.display import is_terminal
 from fedgate.keys_cmd import add_keys_commands
 from fedgate.launcher import Stack, StackConfig
+from fedgate.progress import Waits, is_interactive
 from fedgate.restarts import STATUS_FILE, CrashLoop
 from fedgate.rollout_cmd import add_rollout_parser
 from fedgate.stack_settings import StackSettings, collect
@@ -200,7 +202,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(_stack_config(args))
     try:
         _out(f"starting {args.edges} edge(s); logs under {stack.config.data_dir / 'logs'}")
-        stack.start()
+        with (
+            Waits(_out, live=is_interactive()) as waits,
+            waits.wait("the stack to start", steps=stack.start_steps - 1) as wait,
+        ):
+            stack.start(wait.stepper())
         for url in stack.gateway_urls:
             _out(f"gateway:  {url}  (Open Inference Protocol v2 under /v2)")
         _out(f"fleet:    {stack.gateway_url}/v1/edges")
@@ -241,12 +247,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.rounds < 1:
         raise FedgateError("--rounds must be at least 1")
-    return run_demo(_stack_config(args), _out, rounds=args.rounds, asynchronous=args.asynchronous)
+    config = _stack_config(args)
+    live = is_interactive()
+    return run_demo(config, _out, rounds=args.rounds, asynchronous=args.asynchronous, live=live)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedgate.status import print_status
+    from fedgate.status import print_status, status_document
 
+    if args.output == "json":
+        options = {"model": args.model, "rounds": args.rounds, "data_dir": args.data_dir}
+        doc = status_document(args.url, args.key_file, cacert=args.cacert, **options)
+        _out(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
     return print_status(
         args.url,
         _out,
@@ -255,6 +268,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         data_dir=args.data_dir,
         cacert=args.cacert,
+        fancy=is_terminal(),
     )
 
 
@@ -294,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and their restarts are shown first",
     )
     status.add_argument("--rounds", type=int, default=10, help="closed rounds to list")
+    status.add_argument(
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table (default: drawn on a terminal, plain text in a pipe) or json (the "
+        "gateway's answers and the launcher's status, for scripts)",
+    )
     status.set_defaults(func=cmd_status)
     add_rollout_parser(sub, _out)
     add_config_parser(sub, _out)

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from fedcore.settings import env_prefix
+from fedgate.display import render_table
 from fedgate.stack_settings import MANAGED, SERVICES, collect, masked
-from fedgate.status import render_table
 
 Out = Callable[[str], None]
 

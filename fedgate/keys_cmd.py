@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcore.edge_id import check_edge_id
 from fedcore.enrollment import EdgeRegistry, load_registry, save_registry
 from fedcore.errors import FedgateError
 from fedcore.keys import (
@@ -33,7 +34,6 @@ from fedcore.keys import (
     public_hex,
     write_public,
 )
-from fedcore.wire import check_edge_id
 
 DEFAULT_DIR = Path(".fedgate/keys")
 

@@ -333,8 +333,16 @@ class Stack:
             name, [sys.executable, "-m", "gateway"], env, {"http": self.config.port + index}
         )
 
-    def start(self) -> None:
-        """Start everything and wait until the gateway routes to every edge."""
+    @property
+    def start_steps(self) -> int:
+        """How many times :meth:`start` reports a step: NATS, version 1, the edges'
+        Tritons one by one, each gateway seeing every edge, then ``ready``."""
+        return 3 + self.config.edges + self.config.gateways
+
+    def start(self, step: Callable[[str], None] | None = None) -> None:
+        """Start everything and wait until the gateway routes to every edge. ``step``
+        hears what is waited for next (a progress display), :attr:`start_steps` times."""
+        say = step or (lambda _what: None)
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self._signing_key()
         if self.config.tls:
@@ -343,16 +351,21 @@ class Stack:
                 ["trainer", "gateway", *self.edge_ids],
                 hosts=[self.config.host],
             )
+        say("nats-server healthy")
         self._start_nats()
+        say("version 1 of the models (the first start trains it)")
         self._start_trainer()
         edges = [self._start_edge(e) for e in self.edge_ids]
         gateways = [self._start_gateway(i) for i in range(self.config.gateways)]
         deadline = time.monotonic() + self.config.ready_timeout_s
         for proc in edges:
+            say(f"{proc.name}: its Triton ready")
             proc.wait_ready(self._edge_probe(proc.name), max(1.0, deadline - time.monotonic()))
         for url, proc in zip(self.gateway_urls, gateways, strict=True):
+            say(f"{proc.name} routing to every edge")
             sees_all = functools.partial(self._gateway_sees_all, url)
             proc.wait_ready(sees_all, max(1.0, deadline - time.monotonic()))
+        say("ready")
 
     def _edge_probe(self, edge_id: str) -> Callable[[], bool]:
         url = f"http://{self.config.host}:{self.edge_ports[edge_id].http}/v2/health/ready"

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from fedcore import subjects, transport
 from fedcore.artifact_store import MODELS_BUCKET
+from fedcore.edge_id import check_edge_id
 from fedcore.fed_eval import EVAL_PREFIX
 from fedcore.models import REGISTRY as MODELS
 from fedcore.subjects import FEEDBACK_PREFIX
@@ -48,7 +49,6 @@ from fedcore.wire import (
     ROLLOUTS_BUCKET,
     ROUND_LOG_BUCKET,
     ROUNDS_BUCKET,
-    check_edge_id,
 )
 from fedgate.tls_cmd import ORG
 

@@ -2,7 +2,8 @@
 
 The key is an admin key: ``--key-file``, else ``$FEDGATE_API_KEY``, else the local
 stack's ``.fedgate/secrets/gateway-admin.key``. ``start --wait`` follows the rollout,
-printing each event, and exits 0 only if it is promoted.
+printing each event and each change of its state (live on a terminal), and exits 0 only
+if it is promoted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from fedgate.status import Gateway, api_key, client_options, render_table, rollout_rows
+from fedgate.display import is_terminal, render_table
+from fedgate.progress import Wait, Waits, is_interactive
+from fedgate.status import Gateway, api_key, client_options, rollout_rows
 
 Out = Callable[[str], None]
 ACTIVE = frozenset({"pending", "staging", "canary"})
@@ -100,12 +103,24 @@ def cmd_start(args: argparse.Namespace, out: Out) -> int:
     out(f"rollout {r['id']} of {r['model']}: {versions} ({r['state']})")
     if not args.wait:
         return 0
+    with (
+        Waits(out, live=is_interactive()) as waits,
+        waits.wait(f"rollout {r['id']} of v{r['version']}") as wait,
+    ):
+        return follow(args, r["id"], wait, out)
+
+
+def follow(args: argparse.Namespace, rollout_id: str, wait: Wait, out: Out) -> int:
+    """Print each new event of a rollout, report its state to ``wait``, until it ends:
+    0 if it was promoted, else 1."""
     seen = 0
     while True:
-        r = call(args, "GET", _path(args.model, r["id"]))
+        r = call(args, "GET", _path(args.model, rollout_id))
         for e in r["events"][seen:]:
             out(f"  {e['kind']}: {e['message']}")
         seen = len(r["events"])
+        weight = f" at {r['weight'] * 100:g}% of traffic" if r["state"] == "canary" else ""
+        wait.state(f"{r['state']}{weight}")
         if r["state"] not in ACTIVE:
             return 0 if r["state"] == "promoted" else 1
         time.sleep(args.poll_s)
@@ -117,7 +132,8 @@ def cmd_status(args: argparse.Namespace, out: Out) -> int:
         return 0
     rollouts = call(args, "GET", _path(args.model))["rollouts"]
     headers = ("rollout", "version", "stable", "state", "canary", "started", "reason")
-    for line in render_table(headers, rollout_rows(rollouts)) if rollouts else ["(no rollout)"]:
+    rows = rollout_rows(rollouts)
+    for line in render_table(headers, rows, fancy=is_terminal()) if rows else ["(no rollout)"]:
         out(line)
     return 0
 

@@ -10,24 +10,33 @@ else the local stack's admin key (``.fedgate/secrets/gateway-admin.key``, which 
 rollouts), else its infer key. A section the gateway cannot answer (no NATS, no rollout
 API, a key without the role) prints why instead of its table; only an unreachable
 gateway or a refused key fail the command.
+
+Tables are rich tables (:mod:`fedgate.display`): drawn on a terminal, plain text in a
+pipe; each metric column names the model's metric, with its direction under the table.
+``--output json`` prints the same data as the gateway answers it (:func:`status_document`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from rich.text import Text
+
 from fedcore.errors import FedgateError, UnreachableError
 from fedcore.keys import read_secret
+from fedcore.task import METRICS
+from fedgate.display import render, render_table
 from fedgate.restarts import read_status, status_rows
 
 DEFAULT_KEY_FILES = (
@@ -121,38 +130,13 @@ def client_options(p: argparse.ArgumentParser, role: str) -> None:
     )
 
 
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    """Aligned text columns; numbers right-aligned, ``None`` shown as ``-``."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    numeric = [
-        bool(rows) and all(isinstance(r[i], int | float) or r[i] is None for r in rows)
-        for i in range(len(headers))
-    ]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(w) if num else v.ljust(w)
-            for v, w, num in zip(values, widths, numeric, strict=True)
-        ]
-        return "  ".join(parts).rstrip()
-
-    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)]
+def _title(out: Out, title: str, fancy: bool) -> None:
+    out(render(Text(title, style="bold"), fancy=True)[0] if fancy else title)
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _emit(out: Out, title: str, lines: list[str]) -> None:
+def _emit(out: Out, title: str, lines: list[str], fancy: bool = False) -> None:
     out("")
-    out(title)
+    _title(out, title, fancy)
     for text in lines:
         out("  " + text)
 
@@ -208,6 +192,13 @@ def metric_name(records: list[dict[str, Any]]) -> str:
     return str(named[-1]) if named else "accuracy"
 
 
+def better(metric: str) -> list[str]:
+    """The line under a table with ``metric`` that says which way it is better (none for
+    a metric this CLI does not know)."""
+    spec = METRICS.get(metric)
+    return [f"({metric}: {spec.direction} is better)"] if spec is not None else []
+
+
 def round_rows(rounds: list[dict[str, Any]]) -> list[list[object]]:
     rows: list[list[object]] = []
     for r in reversed(rounds):
@@ -242,7 +233,7 @@ def rollout_rows(rollouts: list[dict[str, Any]]) -> list[list[object]]:
     return rows
 
 
-def _section(out: Out, title: str, fetch: Callable[[], list[str]]) -> None:
+def _section(out: Out, title: str, fetch: Callable[[], list[str]], fancy: bool) -> None:
     try:
         lines = fetch()
     except ApiError as exc:
@@ -252,18 +243,21 @@ def _section(out: Out, title: str, fetch: Callable[[], list[str]]) -> None:
             lines = [f"(needs an admin key: {exc.detail})"]
         else:
             lines = [f"(unavailable: {exc.status} {exc.detail})"]
-    _emit(out, title, lines)
+    _emit(out, title, lines, fancy)
 
 
-def _model_sections(gw: Gateway, out: Out, model: str, edges: list[Any], limit: int) -> None:
+def _model_sections(
+    gw: Gateway, out: Out, model: str, edges: list[Any], limit: int, fancy: bool
+) -> None:
     base = f"/v1/models/{quote(model, safe='')}"
+    table = functools.partial(render_table, fancy=fancy, margin=2)
 
     def versions() -> list[str]:
         listed = gw.get(f"{base}/versions")["versions"]
         rows = version_rows(listed, edges, model)
         metric = metric_name(listed)
         headers = ("version", "parent", "round", "strategy", "samples", metric, "served by")
-        return render_table(headers, rows) if rows else ["(no version)"]
+        return [*table(headers, rows), *better(metric)] if rows else ["(no version)"]
 
     def rounds() -> list[str]:
         data = gw.get(f"{base}/rounds?limit={limit}")
@@ -276,16 +270,17 @@ def _model_sections(gw: Gateway, out: Out, model: str, edges: list[Any], limit: 
         rows = round_rows(data["rounds"])
         metric = metric_name(data["rounds"])
         headers = ("round", "mode", "outcome", "versions", "edges", metric, "loss", "reason")
-        return [*(render_table(headers, rows) if rows else ["(no closed round)"]), note]
+        listed = [*table(headers, rows), *better(metric)] if rows else ["(no closed round)"]
+        return [*listed, note]
 
     def rollouts() -> list[str]:
         rows = rollout_rows(gw.get(f"{base}/rollouts")["rollouts"])
         headers = ("rollout", "version", "stable", "state", "canary", "started", "reason")
-        return render_table(headers, rows) if rows else ["(no rollout)"]
+        return table(headers, rows) if rows else ["(no rollout)"]
 
-    _section(out, f"Versions of {model}", versions)
-    _section(out, f"Rounds of {model} (last {limit})", rounds)
-    _section(out, f"Rollouts of {model}", rollouts)
+    _section(out, f"Versions of {model}", versions, fancy)
+    _section(out, f"Rounds of {model} (last {limit})", rounds, fancy)
+    _section(out, f"Rollouts of {model}", rollouts, fancy)
 
 
 def triton_restarts(metrics_url: str | None, timeout_s: float = 2.0) -> int | None:
@@ -306,8 +301,9 @@ def triton_restarts(metrics_url: str | None, timeout_s: float = 2.0) -> int | No
     return int(sum(found)) if found else None
 
 
-def print_processes(data_dir: Path, out: Out) -> bool:
-    """The processes of the ``fedgate up`` running on ``data_dir``; False if none runs."""
+def print_processes(data_dir: Path, out: Out, fancy: bool = False) -> bool:
+    """The processes of the ``fedgate up`` running on ``data_dir``; False if none runs.
+    ``fancy``: drawn for a terminal (:mod:`fedgate.display`)."""
     status = read_status(data_dir)
     if status is None:
         return False
@@ -317,11 +313,44 @@ def print_processes(data_dir: Path, out: Out) -> bool:
         for p in status["processes"]
     ]
     headers = ("process", "state", "pid", "restarts", "triton restarts", "last exit")
-    out(f"Processes (fedgate up, pid {status['launcher_pid']}, {data_dir})")
-    for text in render_table(headers, status_rows(status, tritons)):
+    _title(out, f"Processes (fedgate up, pid {status['launcher_pid']}, {data_dir})", fancy)
+    for text in render_table(headers, status_rows(status, tritons), fancy=fancy, margin=2):
         out("  " + text)
     out("")
     return True
+
+
+def status_document(
+    url: str,
+    key_file: Path | None = None,
+    *,
+    model: str | None = None,
+    rounds: int = 10,
+    data_dir: Path | None = None,
+    cacert: Path | None = None,
+) -> dict[str, Any]:
+    """What ``fedgate status --output json`` prints: the launcher's status file (None when
+    no ``fedgate up`` runs on ``data_dir``), the gateway's fleet, and per model the
+    gateway's answers for its versions, rounds and rollouts (``{"error", "status"}`` for a
+    section it refused)."""
+    gw = Gateway(url, api_key(key_file), cacert=cacert)
+    edges: list[dict[str, Any]] = gw.get("/v1/edges")["edges"]
+    models: dict[str, dict[str, Any]] = {}
+    for name in [model] if model else sorted({m for e in edges for m in e["models"]}):
+        base = f"/v1/models/{quote(name, safe='')}"
+        paths = {
+            "versions": f"{base}/versions",
+            "rounds": f"{base}/rounds?limit={rounds}",
+            "rollouts": f"{base}/rollouts",
+        }
+        models[name] = {}
+        for section, path in paths.items():
+            try:
+                models[name][section] = gw.get(path)
+            except ApiError as exc:
+                models[name][section] = {"error": exc.detail, "status": exc.status}
+    processes = read_status(data_dir) if data_dir is not None else None
+    return {"gateway": gw.url, "processes": processes, "edges": edges, "models": models}
 
 
 def print_status(
@@ -333,19 +362,21 @@ def print_status(
     rounds: int = 10,
     data_dir: Path | None = None,
     cacert: Path | None = None,
+    fancy: bool = False,
 ) -> int:
     """Print the local stack's processes (when one runs on ``data_dir``), the fleet, then
-    versions, rounds and rollouts of each model. Exit code."""
+    versions, rounds and rollouts of each model. Exit code. ``fancy``: tables drawn for
+    a terminal; else plain text (:mod:`fedgate.display`)."""
     if data_dir is not None:
-        print_processes(data_dir, out)
+        print_processes(data_dir, out, fancy)
     gw = Gateway(url, api_key(key_file), cacert=cacert)
     edges: list[dict[str, Any]] = gw.get("/v1/edges")["edges"]
     headers = ("edge", "device", "health", "models (ready versions)", "outstanding", "served")
-    out("Fleet")
-    for text in render_table((*headers, "seen"), fleet_rows(edges)):
+    _title(out, "Fleet", fancy)
+    for text in render_table((*headers, "seen"), fleet_rows(edges), fancy=fancy, margin=2):
         out("  " + text)
     out(f"  {len(edges)} edge(s)")
     models = [model] if model else sorted({m for e in edges for m in e["models"]})
     for name in models:
-        _model_sections(gw, out, name, edges, rounds)
+        _model_sections(gw, out, name, edges, rounds, fancy)
     return 0

@@ -27,7 +27,6 @@ import datetime as dt
 import functools
 import ipaddress
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedcore.edge_id import is_edge_id
 from fedcore.errors import FedgateError
 from fedcore.files import write_atomic
 
@@ -46,7 +46,6 @@ ORG = "fedgate"
 CA_DAYS = 5 * 365
 LEAF_DAYS = 397
 NATS_CLUSTER_PODS = 3
-_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 SAN = x509.DNSName | x509.IPAddress
 
 
@@ -231,7 +230,7 @@ def _save(
 def create_tls(plan: TlsPlan) -> list[Issued]:
     """Issue every certificate of ``plan`` (see the module docstring). Returns what it wrote."""
     for name in plan.edges:
-        if not _NAME.fullmatch(name) or name in {"trainer", "gateway"}:
+        if not is_edge_id(name) or name in {"trainer", "gateway"}:
             raise FedgateError(f"edge id {name!r} is not a valid edge id")
     ca = load_or_create_ca(plan.directory)
     extra = list(plan.hosts)

@@ -20,6 +20,7 @@ from time import perf_counter
 from typing import Any
 from urllib.parse import quote
 
+from fedcore.errors import reasons_of
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, Unavailable
 from gateway.feedback_token import HEADER_BYTES as TOKEN_HEADER
 from gateway.fleet import Edge
@@ -28,7 +29,7 @@ from gateway.metrics import UNKNOWN
 from gateway.request_ids import generated_id, request_id
 from gateway.routing import parse_version
 from gateway.state import GatewayState
-from gateway.upstream import FORWARD_HEADER_BYTES, UpstreamError, UpstreamResponse
+from gateway.upstream import FORWARD_HEADER_BYTES, RetryReason, UpstreamError, UpstreamResponse
 from gateway.validate import (
     check_depth,
     check_framing,
@@ -46,7 +47,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 JSON = b"application/json"
-RETRY_REASONS = frozenset({"connect", "reset", "protocol"})
+RETRY_REASONS = reasons_of(RetryReason)
 EXPLAINED_STATUSES = frozenset({400, 500})
 
 

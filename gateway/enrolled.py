@@ -20,6 +20,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
+from fedcore.edge_id import is_edge_id
 from fedcore.enrollment import decode_record
 from fedcore.errors import EnrollmentError
 from fedcore.transport import EDGES_BUCKET
@@ -44,9 +45,12 @@ class EnrolledEdges:
         return set(self._active)
 
     def apply(self, key: str, value: bytes | None, deleted: bool) -> None:
-        """One entry of the mirror: a record (active or revoked) or a deletion."""
+        """One entry of the mirror: a record (active or revoked) or a deletion; a key that
+        is no edge id never makes an edge active."""
         active = False
-        if not deleted and value is not None:
+        if not is_edge_id(key):
+            log.warning("edge registry mirror key %r is not an edge id: ignored", key)
+        elif not deleted and value is not None:
             try:
                 active = not decode_record(value).revoked
             except EnrollmentError as exc:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fedcore.wire import Heartbeat, ModelState
+from gateway.settings import gateway_default
 
 
 @dataclass(slots=True)
@@ -59,9 +60,9 @@ class Fleet:
     ttl: float
     clock: Callable[[], float] = time.monotonic
     edges: dict[str, Edge] = field(default_factory=dict)
-    eject_after: int = 3
-    eject_base_s: float = 5.0
-    eject_max_s: float = 60.0
+    eject_after: int = gateway_default("eject_after_failures")
+    eject_base_s: float = gateway_default("eject_base_s")
+    eject_max_s: float = gateway_default("eject_max_s")
     on_eject: Callable[[Edge], None] | None = None
     on_leave: Callable[[Edge], None] | None = None
     """Called with an edge that left, expired, or was replaced (a new URL) after the fact."""

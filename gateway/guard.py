@@ -17,26 +17,23 @@ from Triton's metadata and configuration, fetched once per version) before forwa
   gateway client's);
 - outputs named by the model, with well-typed parameters.
 
-Elements are counted, not decoded: their values are Triton's business (a bad one is an
-ordinary 400 from the edge, which :mod:`gateway.validate` explains). The check costs one
-``json.loads`` of the request's JSON and a few comparisons per input.
+A request that fits goes through in one straight pass (:func:`_fits`); any other gets
+the checks that say what is wrong (:func:`gateway.validate.problem_of`, the one
+implementation, which the explainer of an edge's refusal runs too). Elements are counted,
+not decoded: their values are Triton's business (a bad one is an ordinary 400 from the
+edge, which :func:`gateway.validate.explain` explains). The check costs one ``json.loads``
+of the request's JSON and a few comparisons per input.
 
 Repeated framing headers are refused before any body is read (:func:`repeated_header`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from typing import Any
 
+from fedcore.strict_json import strict_decoder
 from gateway.schemas import ModelSchema, TensorSchema
-from gateway.validate import (
-    DTYPE_SIZES,
-    flatten,
-    outputs_problems,
-    request_problems,
-)
+from gateway.validate import DTYPE_SIZES, flatten, parse_request, problem_of
 
 SINGLE_HEADERS = frozenset(
     {
@@ -50,29 +47,14 @@ SINGLE_HEADERS = frozenset(
     }
 )
 """Headers an inference request may carry at most once (lowercase names)."""
-SHARED_MEMORY = "shared memory is not available through the gateway: send 'data' or binary data"
-
-
-class _RepeatedKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _RepeatedKey(key)
-            seen.add(key)
-    return doc
 
 
 # Element values are never looked at, only counted: a float becomes its length (a small
 # cached int, no float object made).
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique, parse_float=len)
+_DECODER = strict_decoder(parse_float=len)
+# A request the straight pass does not take is parsed again with its floats, so that a
+# message quoting a value (a float binary_data_size, say) quotes what the client sent.
+_FULL_DECODER = strict_decoder()
 
 
 def repeated_header(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -112,33 +94,14 @@ _VERDICTS: dict[tuple[str, int, bytes, int], str | None] = {}
 
 def _check(body: bytes, header_length: int | None, schema: ModelSchema) -> str | None:
     header = body if header_length is None else body[:header_length]
-    where = ""
-    if header_length is not None:
-        where = f" in the first {header_length} bytes (Inference-Header-Content-Length)"
-    try:
-        doc = _DECODER.decode(header.decode())  # UTF-8 only, as Triton reads it
-    except _RepeatedKey as exc:
-        return f"request JSON repeats the key {exc.key!r} in one object"
-    except RecursionError:
-        return f"malformed request JSON{where}: nested too deeply"
-    except (ValueError, UnicodeDecodeError) as exc:
-        return f"malformed request JSON{where}: {exc}"
-    if _fits(doc, schema, len(body), len(body) - len(header)):
+    doc, malformed = parse_request(header, header_length, _DECODER)
+    if malformed:
+        return malformed
+    payload = len(body) - len(header)
+    if _fits(doc, schema, len(body), payload):
         return None  # the usual case, checked in one straight pass
-    return problem_of(doc, schema, len(body), len(body) - len(header))
-
-
-def problem_of(doc: Any, schema: ModelSchema, limit: int, payload: int) -> str | None:
-    """The first problem of a parsed request (``limit``: the body's size, ``payload``: the
-    bytes after its JSON header), in order; None if there is none."""
-    if not isinstance(doc, dict):
-        return "the request must be a JSON object with an 'inputs' list"
-    problem = next(request_problems(doc), None)
-    if problem is None:
-        problem = _inputs_problem(doc.get("inputs"), schema, limit, payload)
-    if problem is None:
-        problem = _outputs_problem(doc.get("outputs"), schema)
-    return problem
+    doc, _ = parse_request(header, header_length, _FULL_DECODER)
+    return problem_of(doc, schema, len(body), payload)
 
 
 def _fits(doc: Any, schema: ModelSchema, limit: int, payload: int) -> bool:
@@ -206,103 +169,3 @@ def _fitting_outputs(outputs: Any, schema: ModelSchema) -> bool:
         if type(params.get("binary_data", False)) is not bool:
             return False
     return True
-
-
-def _inputs_problem(inputs: Any, schema: ModelSchema, limit: int, payload: int) -> str | None:
-    return next(_inputs_problems(inputs, schema, limit, payload), None)
-
-
-def _inputs_problems(inputs: Any, schema: ModelSchema, limit: int, payload: int) -> Iterator[str]:
-    """Problems in order; only the first is taken, so later checks see a sound request."""
-    if not isinstance(inputs, list) or not inputs:
-        yield "'inputs' must be a non-empty list of tensors"
-    known = {t.name: t for t in schema.inputs}
-    seen: set[str] = set()
-    binary_total = 0
-    for index, item in enumerate(inputs):
-        if not isinstance(item, dict):
-            yield f"inputs[{index}] must be an object"
-        name = item.get("name")
-        if not isinstance(name, str) or name not in known:
-            expected = ", ".join(repr(n) for n in known)
-            yield f"unknown input {name!r} for model '{schema.name}' (it takes {expected})"
-        if name in seen:
-            yield f"input '{name}' is given twice"
-        seen.add(name)
-        for problem in _tensor_problems(item, known[name], schema.max_batch_size, limit):
-            yield f"input '{name}': {problem}"
-        binary_total += item.get("parameters", {}).get("binary_data_size", 0)
-    missing = [n for n in known if n not in seen]
-    if missing:
-        yield f"missing input '{missing[0]}' for model '{schema.name}'"
-    if binary_total != payload:
-        yield (
-            f"binary tensor data is {payload} bytes after the JSON header, but the inputs' "
-            f"binary_data_size add up to {binary_total}"
-        )
-
-
-def _tensor_problems(
-    item: dict[str, Any], spec: TensorSchema, max_batch: int, limit: int
-) -> Iterator[str]:
-    datatype = item.get("datatype")
-    if not isinstance(datatype, str) or datatype not in DTYPE_SIZES:
-        yield f"unknown datatype {datatype!r}"
-    if datatype != spec.datatype:
-        yield f"datatype {datatype} does not match the model's {spec.datatype}"
-    shape: Any = item.get("shape")
-    yield from _shape_problems(shape, spec, max_batch, limit)
-    count = 1
-    for dim in shape:
-        count = min(count * dim, limit + 1)  # saturates: a larger count fits nothing anyway
-    params = item.get("parameters", {})
-    if not isinstance(params, dict):
-        yield "'parameters' must be an object"
-    if "shared_memory_region" in params:
-        yield SHARED_MEMORY
-    size = params.get("binary_data_size")
-    if size is None and "data" not in item:
-        yield "no 'data' and no parameters.binary_data_size"
-    if size is None:
-        elements = flatten(item["data"])
-        if elements is None:
-            yield f"'data' must be a list, got {type(item['data']).__name__}"
-        elif len(elements) != count:
-            yield f"'data' has {len(elements)} elements, but shape {shape} needs {count}"
-        return
-    if "data" in item:
-        yield "give either 'data' or parameters.binary_data_size, not both"
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        yield f"binary_data_size must be a non-negative integer, got {size!r}"
-    element = DTYPE_SIZES.get(spec.datatype)
-    need = count * (element or 4)  # a BYTES element is at least its 4-byte length
-    if (element is not None and size != need) or size < need:
-        yield f"binary_data_size is {size} bytes, but shape {shape} of {datatype} needs {need}"
-
-
-def _shape_problems(shape: Any, spec: TensorSchema, max_batch: int, limit: int) -> Iterator[str]:
-    """Rank, fixed dimensions, no dimension beyond ``limit`` (the body's size), batch."""
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        yield f"'shape' must be a list of non-negative integers, got {shape!r}"
-    model = list(spec.shape)
-    if len(shape) != len(model):
-        yield f"shape {shape} does not match the model's {model} (-1: any): rank {len(shape)}"
-    for position, (want, got) in enumerate(zip(model, shape, strict=True)):
-        if want not in (-1, got):
-            yield f"shape {shape} does not match the model's {model} (-1: any) at {position}"
-        if got > limit:
-            yield f"shape {shape}: dimension {position} is larger than the {limit}-byte body"
-    if max_batch > 0 and shape[0] > max_batch:
-        yield f"shape {shape}: batch-size must be <= {max_batch} (the model's max_batch_size)"
-
-
-def _outputs_problem(outputs: Any, schema: ModelSchema) -> str | None:
-    problem = next(outputs_problems(outputs, schema), None)
-    if problem is not None or outputs is None:
-        return problem
-    for item in outputs:
-        if "shared_memory_region" in item.get("parameters", {}):
-            return f"output '{item['name']}': {SHARED_MEMORY}"
-    return None

@@ -6,12 +6,13 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from fedcore.models import models_setting
-from fedcore.settings import NatsReplicas, ServiceSettings
+from fedcore.settings import NatsReplicas, ServiceSettings, setting_default
 
 
 def default_instance_id() -> str:
@@ -88,3 +89,9 @@ class GatewaySettings(ServiceSettings):
         "that signs feedback tokens; unset: no tokens, feedback is sent to the whole fleet",
     )
     probe_interval_s: float = Field(default=0.5, gt=0, description="how often ejections are due")
+
+
+def gateway_default(name: str) -> Any:
+    """The default of the setting ``name``: what a component built without the settings
+    (tests, benchmarks) uses, so that it runs with the value production runs with."""
+    return setting_default(GatewaySettings, name)

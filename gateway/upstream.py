@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import collections
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 from urllib.parse import urlsplit
 
 import httptools
 
+from fedcore.errors import ReasonedError
 from gateway.errors import GatewayError
 
 # Framing and encoding headers pass both ways unchanged; compressed bodies stay compressed.
@@ -34,15 +35,16 @@ FORWARD_HEADER_BYTES = frozenset(h.encode() for h in FORWARD_HEADERS)
 _MAX_IDLE_PER_EDGE = 64
 
 
-class UpstreamError(GatewayError):
-    """An edge could not be reached or did not answer properly."""
+RetryReason = Literal["connect", "reset", "protocol"]
+"""Failures that say nothing about the model: the data plane tries another edge."""
+UpstreamReason = Literal[RetryReason, "timeout", "too-large"]
+
+
+class UpstreamError(ReasonedError[UpstreamReason], GatewayError):
+    """An edge could not be reached or did not answer properly (``reason``: one of
+    :data:`UpstreamReason`); ``message`` is ``"<reason>: <detail>"``."""
 
     status = 502
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
 
 
 @dataclass(slots=True)

@@ -1,10 +1,13 @@
-"""Verdicts on inference requests: a cheap framing check, and an explainer for refusals.
+"""Verdicts on inference requests: framing checks, the structural checks, an explainer.
 
-The hot path checks only the binary framing header (one integer against the body length);
-tensors are never decoded on the way through. When an edge refuses a request (400, or the
-500 Triton 2.51 answers for some bad JSON), :func:`explain` parses the request against the
-model's metadata and says which input is wrong and how; a 500 that is one of Triton's
-request-parsing errors becomes a 400 even when the explainer finds nothing more precise.
+The hot path checks the binary framing header (one integer against the body length) and
+the nesting depth. :func:`problem_of` is the one implementation of the structural checks
+of a parsed request against the model's tensors: the pre-forward check
+(:mod:`gateway.guard`) runs it on every request its straight pass does not take, and
+:func:`explain` runs it too when an edge refuses a request (400, or the 500 Triton 2.51
+answers for some bad JSON), then looks at the element values, and says which input is
+wrong and how; a 500 that is one of Triton's request-parsing errors becomes a 400 even
+when the explainer finds nothing more precise.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+from fedcore.strict_json import RepeatedKey, strict_decoder
 from gateway.schemas import ModelSchema, TensorSchema
 
 # Bytes per element; BYTES elements are length-prefixed and have no fixed size.
@@ -57,6 +61,7 @@ TRITON_PARSE_ERRORS = (
 )
 
 
+SHARED_MEMORY = "shared memory is not available through the gateway: send 'data' or binary data"
 MAX_DIGITS = 18
 """Longest integer header parsed (Python's ``int()`` refuses past 4,300 digits, and nothing
 the gateway counts, bytes included, comes near 10**18)."""
@@ -133,40 +138,59 @@ def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 def explain(body: bytes, header_length: int | None, schema: ModelSchema) -> str | None:
-    """What is wrong with an inference request for ``schema``, or None if nothing is found."""
+    """What is wrong with an inference request for ``schema``, or None if nothing is found:
+    the pre-forward check's problems (:func:`problem_of`), then the element values."""
     header = body if header_length is None else body[:header_length]
     payload = 0 if header_length is None else len(body) - header_length
     if len(header) > EXPLAIN_LIMIT:
         return None  # not worth parsing here: the edge's own verdict stands
-    doc, malformed = _parse_header(header, header_length)
+    doc, malformed = parse_request(header, header_length, _DECODER)
     if malformed:
         return malformed
+    problem = problem_of(doc, schema, len(body), payload)
+    if problem is None:
+        problem = next(values_problems(doc["inputs"]), None)
+    return problem
+
+
+_DECODER = strict_decoder()
+
+
+def parse_request(
+    header: bytes, header_length: int | None, decoder: json.JSONDecoder
+) -> tuple[Any, str | None]:
+    """(the request's parsed JSON, None), or (None, why it is malformed): UTF-8 only, as
+    Triton reads it, and no key repeated in one object (Python keeps the last copy,
+    Triton's parser the first). ``decoder``: a :func:`fedcore.strict_json.strict_decoder`."""
+    where = ""
+    if header_length is not None:
+        where = f" in the first {header_length} bytes (Inference-Header-Content-Length)"
+    try:
+        return decoder.decode(header.decode()), None
+    except RepeatedKey as exc:
+        return None, f"request JSON repeats the key {exc.key!r} in one object"
+    except RecursionError:
+        return None, f"malformed request JSON{where}: nested too deeply"
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"malformed request JSON{where}: {exc}"
+
+
+def problem_of(doc: Any, schema: ModelSchema, limit: int, payload: int) -> str | None:
+    """The first structural problem of a parsed request (``limit``: the body's size,
+    ``payload``: the bytes after its JSON header), in order; None if there is none.
+    Each checker yields problems in order and only the first is taken, so later checks
+    never run on a request an earlier one found broken."""
     if not isinstance(doc, dict):
         return "the request must be a JSON object with an 'inputs' list"
-    # Each checker yields problems in order; only the first is taken, so later checks
-    # never run on a request an earlier one found broken.
     for checker in (
         request_problems(doc),
-        _inputs_problems(doc.get("inputs"), schema, payload),
+        _inputs_problems(doc.get("inputs"), schema, limit, payload),
         outputs_problems(doc.get("outputs"), schema),
     ):
         problem = next(checker, None)
         if problem is not None:
             return problem
     return None
-
-
-def _parse_header(header: bytes, header_length: int | None) -> tuple[Any, str | None]:
-    """(the parsed JSON, None), or (None, why it is malformed)."""
-    where = ""
-    if header_length is not None:
-        where = f" in the first {header_length} bytes (Inference-Header-Content-Length)"
-    try:
-        return json.loads(header), None
-    except RecursionError:
-        return None, f"malformed request JSON{where}: nested too deeply"
-    except (ValueError, UnicodeDecodeError) as exc:
-        return None, f"malformed request JSON{where}: {exc}"
 
 
 def request_problems(doc: dict[str, Any]) -> Iterator[str]:
@@ -179,7 +203,7 @@ def request_problems(doc: dict[str, Any]) -> Iterator[str]:
         yield "request parameter 'binary_data_output' must be true or false"
 
 
-def _inputs_problems(inputs: Any, schema: ModelSchema, payload: int) -> Iterator[str]:
+def _inputs_problems(inputs: Any, schema: ModelSchema, limit: int, payload: int) -> Iterator[str]:
     if not isinstance(inputs, list) or not inputs:
         yield "'inputs' must be a non-empty list of tensors"
     known = {t.name: t for t in schema.inputs}
@@ -193,13 +217,13 @@ def _inputs_problems(inputs: Any, schema: ModelSchema, payload: int) -> Iterator
             yield f"inputs[{index}] has no 'name' string"
         if name not in known:
             expected = ", ".join(repr(n) for n in known)
-            yield f"unknown input '{name}' for model '{schema.name}' (it takes {expected})"
+            yield f"unknown input {name!r} for model '{schema.name}' (it takes {expected})"
         if name in seen:
             yield f"input '{name}' is given twice"
         seen.add(name)
-        for problem in _tensor_problems(item, known[name]):
+        for problem in _tensor_problems(item, known[name], schema.max_batch_size, limit):
             yield f"input '{name}': {problem}"
-        binary_total += _binary_size(item)
+        binary_total += item.get("parameters", {}).get("binary_data_size", 0)
     missing = [n for n in known if n not in seen]
     if missing:
         yield f"missing input '{missing[0]}' for model '{schema.name}'"
@@ -210,57 +234,70 @@ def _inputs_problems(inputs: Any, schema: ModelSchema, payload: int) -> Iterator
         )
 
 
-def _binary_size(item: dict[str, Any]) -> int:
-    size = item.get("parameters", {}).get("binary_data_size")
-    return size if _is_int(size) else 0
-
-
-def _tensor_problems(item: dict[str, Any], spec: TensorSchema) -> Iterator[str]:
-    datatype: Any = item.get("datatype")
-    shape: Any = item.get("shape")
+def _tensor_problems(
+    item: dict[str, Any], spec: TensorSchema, max_batch: int, limit: int
+) -> Iterator[str]:
+    datatype = item.get("datatype")
     if not isinstance(datatype, str) or datatype not in DTYPE_SIZES:
         yield f"unknown datatype {datatype!r}"
     if datatype != spec.datatype:
         yield f"datatype {datatype} does not match the model's {spec.datatype}"
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        yield f"'shape' must be a list of non-negative integers, got {shape!r}"
-    if len(shape) != len(spec.shape) or any(
-        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
-    ):
-        yield f"shape {shape} does not match the model's {list(spec.shape)} (-1: any)"
+    shape: Any = item.get("shape")
+    yield from _shape_problems(shape, spec, max_batch, limit)
     count = 1
     for dim in shape:
-        count *= dim
+        count = min(count * dim, limit + 1)  # saturates: a larger count fits nothing anyway
     params = item.get("parameters", {})
     if not isinstance(params, dict):
         yield "'parameters' must be an object"
     if "shared_memory_region" in params:
-        return  # the edge's own shared memory: nothing here to check
+        yield SHARED_MEMORY
     size = params.get("binary_data_size")
-    if "data" in item and size is not None:
-        yield "give either 'data' or parameters.binary_data_size, not both"
     if size is None and "data" not in item:
         yield "no 'data' and no parameters.binary_data_size"
     if size is None:
-        yield from _data_problems(item["data"], datatype, shape, count)
-    elif not _is_int(size) or size < 0:
+        elements = flatten(item["data"])
+        if elements is None:
+            yield f"'data' must be a list, got {type(item['data']).__name__}"
+        elif len(elements) != count:
+            yield f"'data' has {len(elements)} elements, but shape {shape} needs {count}"
+        return
+    if "data" in item:
+        yield "give either 'data' or parameters.binary_data_size, not both"
+    if not _is_int(size) or size < 0:
         yield f"binary_data_size must be a non-negative integer, got {size!r}"
-    elif (element := DTYPE_SIZES[datatype]) is not None and size != count * element:
-        need = count * element
+    element = DTYPE_SIZES.get(spec.datatype)
+    need = count * (element or 4)  # a BYTES element is at least its 4-byte length
+    if (element is not None and size != need) or size < need:
         yield f"binary_data_size is {size} bytes, but shape {shape} of {datatype} needs {need}"
 
 
-def _data_problems(data: Any, datatype: str, shape: list[int], count: int) -> Iterator[str]:
-    elements = flatten(data)
-    if elements is None:
-        yield f"'data' must be a list, got {type(data).__name__}"
-        return
-    if len(elements) != count:
-        yield f"'data' has {len(elements)} elements, but shape {shape} needs {count}"
-    for position, value in enumerate(elements):
-        problem = _element_problem(value, datatype)
-        if problem:
-            yield f"'data' element {position} ({value!r}) {problem}"
+def _shape_problems(shape: Any, spec: TensorSchema, max_batch: int, limit: int) -> Iterator[str]:
+    """Rank, fixed dimensions, no dimension beyond ``limit`` (the body's size), batch."""
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        yield f"'shape' must be a list of non-negative integers, got {shape!r}"
+    model = list(spec.shape)
+    if len(shape) != len(model):
+        yield f"shape {shape} does not match the model's {model} (-1: any): rank {len(shape)}"
+    for position, (want, got) in enumerate(zip(model, shape, strict=True)):
+        if want not in (-1, got):
+            yield f"shape {shape} does not match the model's {model} (-1: any) at {position}"
+        if got > limit:
+            yield f"shape {shape}: dimension {position} is larger than the {limit}-byte body"
+    if max_batch > 0 and shape[0] > max_batch:
+        yield f"shape {shape}: batch-size must be <= {max_batch} (the model's max_batch_size)"
+
+
+def values_problems(inputs: list[dict[str, Any]]) -> Iterator[str]:
+    """Element values of a structurally sound request's JSON ``data`` against their
+    datatype (the pre-forward check only counts them; Triton refuses a bad one)."""
+    for item in inputs:
+        if "data" not in item:
+            continue
+        for position, value in enumerate(flatten(item["data"]) or ()):
+            problem = _element_problem(value, item["datatype"])
+            if problem:
+                yield f"input '{item['name']}': 'data' element {position} ({value!r}) {problem}"
 
 
 def _element_problem(value: Any, datatype: str) -> str | None:
@@ -317,3 +354,5 @@ def outputs_problems(outputs: Any, schema: ModelSchema) -> Iterator[str]:
             yield f"output '{name}': 'parameters' must be an object"
         elif not isinstance(params.get("binary_data", False), bool):
             yield f"output '{name}': parameter 'binary_data' must be true or false"
+        elif "shared_memory_region" in params:
+            yield f"output '{name}': {SHARED_MEMORY}"

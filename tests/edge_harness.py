@@ -42,9 +42,10 @@ from gateway.feedback_token import HEADER as TOKEN_HEADER
 from gateway.settings import GatewaySettings
 from tests.conftest import NatsServer, SignedArtifacts
 from trainer.bus import ensure_transport
-from trainer.ingest import AcceptedUpdate, IngestOptions, RoundTarget, UpdateIngestor
+from trainer.ingest import AcceptedUpdate, IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
+from trainer.opener import RoundTarget
 from trainer.registry import RegistryFile, mirror_registry
 
 MODEL = "digits"

@@ -4,15 +4,17 @@ and a round announcement whose recipe binds what the edges compute."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_runtime.finetune import Control, Recipe, run_job
+from edge_runtime.finetune import Control, recipe_metrics, run_job, told
 from edge_runtime.learning import recipe_for
 from edge_runtime.rounds_watch import Plan, ServedVersion, decide, still_takes
 from edge_runtime.settings import EdgeSettings
+from edge_runtime.worker_reports import Finished, WorkerReport
 from fedcore.models import get_spec
 from fedcore.params import load_weights_file
 from fedcore.spec import TrainingRecipe
@@ -113,20 +115,21 @@ def test_precedence_announcement_over_edge_setting_over_spec() -> None:
     edge = recipe_for(settings, spec)
     assert (edge.epochs, edge.proximal_mu, edge.lr) == (3, 0.1, spec.recipe.lr)
     assert edge.max_steps is None and TrainingRecipe().proximal_mu == 0.0
-    told = edge.told(ClientRecipe(proximal_mu=2.0, batch_size=8))
-    assert (told.proximal_mu, told.batch_size, told.epochs) == (2.0, 8, 3)
-    assert edge.told(None) == edge
-    assert told.used()["recipe_mu"] == 2.0 and told.used()["recipe_batch_size"] == 8.0
+    over = told(edge, ClientRecipe(proximal_mu=2.0, batch_size=8))
+    assert (over.proximal_mu, over.batch_size, over.epochs) == (2.0, 8, 3)
+    assert told(edge, None) == edge
+    used = recipe_metrics(over)
+    assert used["recipe_mu"] == 2.0 and used["recipe_batch_size"] == 8.0
 
 
-def _delta_norm(root: Path, signed: SignedArtifacts, recipe: Recipe) -> tuple[float, int]:
+def _delta_norm(root: Path, signed: SignedArtifacts, recipe: TrainingRecipe) -> tuple[float, int]:
     root.mkdir()
-    spec = job(root, signed, **recipe.model_dump())
-    reports: list[dict[str, Any]] = []
+    spec = job(root, signed, **dataclasses.asdict(recipe))
+    reports: list[WorkerReport] = []
     run_job(spec, Control.create(spec.control), reports.append)
-    assert reports[-1]["event"] == "finished", reports[-1]
+    assert isinstance(reports[-1], Finished), reports[-1]
     local = load_weights_file(spec.output, expected=signed.params.size)
-    return float(np.linalg.norm(local - signed.params)), int(reports[-1]["batch"])
+    return float(np.linalg.norm(local - signed.params)), reports[-1].batch
 
 
 def test_the_trainers_mu_and_step_bound_change_what_the_edge_computes(
@@ -134,12 +137,12 @@ def test_the_trainers_mu_and_step_bound_change_what_the_edge_computes(
 ) -> None:
     """The edge's own setting says mu 0; the trainer's FedProx mu decides. Before, the
     announcement carried no mu and both runs trained the same."""
-    edge = Recipe(epochs=8, lr=0.05, proximal_mu=0.0)
+    edge = TrainingRecipe(epochs=8, lr=0.05, proximal_mu=0.0)
     norms = {}
     for mu in (0.0, 20.0):
         b = book(RoundPolicy(recipe=ClientRecipe(max_steps=30)), strategy="fedprox")
         b.strategy = get_strategy("fedprox", mu=mu)
         a = b.open(["edge-1"], now=0.0)
-        norms[mu], batches = _delta_norm(tmp_path / str(mu), signed_v1, edge.told(a.recipe))
+        norms[mu], batches = _delta_norm(tmp_path / str(mu), signed_v1, told(edge, a.recipe))
         assert batches == 30  # 8 epochs of ~5 batches, bounded to 30 by the trainer
     assert norms[20.0] < 0.7 * norms[0.0], norms

@@ -9,10 +9,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from trainer.books import policy_of
 from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError
 from trainer.rounds import Contribution, RoundBook, RoundPolicy
-from trainer.service import policy_of
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 
@@ -190,7 +190,7 @@ def test_colluders_arriving_first_do_not_set_the_medians(strategy: str) -> None:
     book.open(edges, now=0.0)  # round 1: everyone honest
     for i, edge in enumerate(edges):
         book.fold(Contribution(f"{i:032x}", edge, 300, 1, 0.0), honest[i])
-    book.advance(2, DIGEST, book.finalize())
+    book.release(2, DIGEST, book.finalize())
     before = book.params.copy()
     book.open(edges, now=1.0)  # round 2: edge-0 and edge-1 collude and come first
     hostile = (0.5 * attack).astype(np.float32)

@@ -44,8 +44,9 @@ def test_demo_table_shows_no_sample_count_for_secure_rounds() -> None:
         RoundRow(1, "1,2,3", 410, 0.85, 0.5, None, "v2", "promoted"),
         RoundRow(2, "1,2,3", None, 0.86, 0.46, None, "v3", "promoted"),
     ]
-    header, plain, secure = table(rows)
+    header, rule, plain, secure = table(rows)
     assert header.split()[:3] == ["round", "edges", "samples"]
+    assert set(rule) == {"-", " "}
     assert plain.split()[:3] == ["1", "1,2,3", "410"]
     assert secure.split()[:3] == ["2", "1,2,3", "-"]
 

@@ -15,15 +15,24 @@ from edge_runtime.finetune import (
     PAUSE,
     Control,
     JobSpec,
-    Recipe,
-    proximal_term,
     run_job,
     select_device,
 )
 from edge_runtime.spool import Spool, spool_path
 from edge_runtime.worker import FinetuneWorker
+from edge_runtime.worker_reports import (
+    Exited,
+    Failed,
+    Finished,
+    Paused,
+    Resumed,
+    Started,
+    WorkerReport,
+)
+from fedcore.modelrun import proximal_term
 from fedcore.models import get_spec
 from fedcore.params import load_weights_file
+from fedcore.spec import TrainingRecipe
 from tests.conftest import SignedArtifacts, processes_mentioning
 from tests.test_edge_spool import capture_module
 
@@ -53,7 +62,7 @@ def job(root: Path, signed: SignedArtifacts, **recipe: Any) -> JobSpec:
         base_weights=base,
         output=root / "local.npy",
         control=root / "control.bin",
-        recipe=Recipe(**recipe),
+        recipe=TrainingRecipe(**recipe),
         device="cpu",
         nice=0,  # normal priority: the test asserts behaviour, not scheduling
         sched_idle=False,
@@ -62,15 +71,17 @@ def job(root: Path, signed: SignedArtifacts, **recipe: Any) -> JobSpec:
 
 def test_training_improves_on_the_base(tmp_path: Path, signed_v1: SignedArtifacts) -> None:
     spec = job(tmp_path, signed_v1, epochs=20, lr=0.05, proximal_mu=0.001)
-    reports: list[dict[str, Any]] = []
+    reports: list[WorkerReport] = []
     run_job(spec, Control.create(spec.control), reports.append)
     started, finished = reports[0], reports[-1]
-    assert started["event"] == "started" and started["device"] == "cpu"
-    assert started["samples"] + started["holdout"] == 200 and started["holdout"] > 20
-    assert finished["event"] == "finished"
-    assert finished["batch"] == 20 * -(-started["samples"] // 32)
-    assert finished["accuracy"] > finished["base_accuracy"]
-    assert finished["loss"] < finished["base_loss"]
+    assert isinstance(started, Started) and started.device == "cpu"
+    assert started.samples + started.holdout == 200 and started.holdout > 20
+    assert isinstance(finished, Finished) and finished.metric == "accuracy"
+    assert finished.batch == 20 * -(-started.samples // 32)
+    assert finished.value is not None and finished.base_value is not None
+    assert finished.value > finished.base_value
+    assert finished.loss is not None and finished.base_loss is not None
+    assert finished.loss < finished.base_loss
     local = load_weights_file(spec.output, expected=signed_v1.params.size)
     assert not np.array_equal(local, signed_v1.params)
 
@@ -86,13 +97,15 @@ def test_proximal_term_and_device() -> None:
     assert str(select_device("auto")) == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-async def next_report(worker: FinetuneWorker, event: str, timeout_s: float = 30) -> dict[str, Any]:
+async def next_report(
+    worker: FinetuneWorker, kind: type[WorkerReport], timeout_s: float = 30
+) -> WorkerReport:
     async with asyncio.timeout(timeout_s):
         while True:
             report = await worker.reports.get()
-            if report["event"] == event:
+            if isinstance(report, kind):
                 return report
-            assert report["event"] not in ("failed", "exited"), report
+            assert not isinstance(report, Failed | Exited), report
 
 
 async def test_worker_pauses_between_mini_batches_resumes_and_stops(
@@ -101,24 +114,24 @@ async def test_worker_pauses_between_mini_batches_resumes_and_stops(
     spec = job(tmp_path, signed_v1, epochs=100_000, batch_size=4)
     worker = await FinetuneWorker.start(spec, tmp_path / "job")
     try:
-        await next_report(worker, "started")
+        await next_report(worker, Started)
         for _ in range(500):  # the first mini-batches (torch warms up)
             if worker.batches_done >= 10:
                 break
             await asyncio.sleep(0.02)
         at_pause = worker.pause()
         assert worker.control.command() == PAUSE
-        paused = await next_report(worker, "paused")
-        assert 0 < paused["batch"] <= at_pause + 1
+        paused = await next_report(worker, Paused)
+        assert isinstance(paused, Paused) and 0 < paused.batch <= at_pause + 1
         await asyncio.sleep(0.3)
-        assert worker.batches_done == paused["batch"]  # nothing runs while paused
+        assert worker.batches_done == paused.batch  # nothing runs while paused
         worker.resume()
-        resumed = await next_report(worker, "resumed")
-        assert resumed["batch"] == paused["batch"]
+        resumed = await next_report(worker, Resumed)
+        assert isinstance(resumed, Resumed) and resumed.batch == paused.batch
         await asyncio.sleep(0.2)
-        assert worker.batches_done > paused["batch"]
+        assert worker.batches_done > paused.batch
     finally:
         code = await worker.close()
     assert code == 0
-    assert [r["event"] for r in worker.drain()][-2:] == ["stopped", "exited"]
+    assert [r.event for r in worker.drain()][-2:] == ["stopped", "exited"]
     assert processes_mentioning(str(tmp_path)) == []

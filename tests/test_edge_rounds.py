@@ -20,6 +20,7 @@ from edge_runtime.rounds_watch import (
     served_versions,
     stage_verified,
 )
+from edge_runtime.worker_reports import Finished
 from fedcore.artifact import Manifest
 from fedcore.envelope import (
     UpdateHeader,
@@ -144,13 +145,17 @@ def test_clip_delta_and_metrics() -> None:
     assert norm == 5.0 and np.allclose(clipped, [0.6, 0.8])
     same, _ = clip_delta(delta, None)
     np.testing.assert_array_equal(same, delta)
-    metrics = local_metrics(
-        {"loss": 0.5, "metric": "accuracy", "accuracy": 0.9, "base_accuracy": None, "holdout": 7},
-        5.0,
+    counts = {"batch": 3, "samples": 40, "upto": 9}
+    accuracy = Finished(
+        **counts, holdout=7, loss=0.5, base_loss=None, metric="accuracy", value=0.9, base_value=None
     )
+    metrics = local_metrics(accuracy, 5.0)
     assert metrics == {"delta_norm": 5.0, "holdout": 7.0, "loss": 0.5, "accuracy": 0.9}
     # a regression model reports its own metric under its own name
-    mae = local_metrics({"loss": 9.0, "metric": "mae", "mae": 2.5, "base_mae": 3.0}, 1.0)
+    regression = Finished(
+        **counts, holdout=0, loss=9.0, base_loss=None, metric="mae", value=2.5, base_value=3.0
+    )
+    mae = local_metrics(regression, 1.0)
     assert mae == {"delta_norm": 1.0, "holdout": 0.0, "loss": 9.0, "mae": 2.5, "base_mae": 3.0}
 
 

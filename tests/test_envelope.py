@@ -508,7 +508,7 @@ def test_read_header_unverified_parses_without_keys() -> None:
 
 
 def test_envelope_error_refuses_unknown_reasons() -> None:
-    with pytest.raises(ValueError, match="unknown envelope rejection reason"):
+    with pytest.raises(ValueError, match="undeclared reason"):
         EnvelopeError("nope", "x")
 
 

@@ -106,7 +106,7 @@ def test_demo_table_shows_the_change_against_serving_with_its_paired_error() -> 
         RoundRow(2, "1,2,3", None, 0.86, 0.46, None, "v3", "promoted", 0.85, None),
         RoundRow(3, "1,2,3", 400, None, None, None, "failed"),
     ]
-    header, paired, unpaired, failed = table(rows)
+    header, _rule, paired, unpaired, failed = table(rows)
     assert "vs serving" in header
     assert "+2.0 ± 0.7" in paired
     assert paired.split()[4] == "+2.0" and "±" not in unpaired

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcore.wire import Heartbeat, ModelState
-from gateway import guard
+from gateway import guard, validate
 from gateway.app import build_state, create_app, retire_series
 from gateway.auth import generate_key, key_line
 from gateway.fleet import Fleet
@@ -292,9 +292,44 @@ def test_the_fast_path_accepts_only_what_the_full_checks_accept(
 ) -> None:
     doc, payload = case
     if guard._fits(doc, SCHEMA, 4096, payload):
-        assert guard.problem_of(doc, SCHEMA, 4096, payload) is None, doc
+        assert validate.problem_of(doc, SCHEMA, 4096, payload) is None, doc
 
 
 def test_the_fast_path_takes_the_usual_requests() -> None:
     for body in (GOOD, tensors({"shape": [2, 64], "data": [[0.5] * 64] * 2})):
         assert guard._fits(json.loads(body), SCHEMA, len(body), 0)
+
+
+@given(case=near_valid())
+@settings(max_examples=800, deadline=None, derandomize=True, database=None)
+def test_the_explainer_and_the_guard_name_the_same_structural_problem(
+    case: tuple[dict[str, object], int],
+) -> None:
+    """One implementation of the structural checks (gateway.validate.problem_of): before,
+    the explainer had its own copy, with other messages (no dimension or rank in a shape
+    mismatch, shared memory let through, BYTES sizes unchecked)."""
+    doc, payload = case
+    header = json.dumps(doc).encode()
+    body = header + b"\0" * payload
+    header_length = len(header) if payload else None
+    guarded = check_request(body, header_length, SCHEMA)
+    explained = validate.explain(body, header_length, SCHEMA)
+    if guarded is not None:
+        assert explained == guarded
+    else:  # structurally sound: only an element value can still be wrong
+        assert explained is None or "'data' element" in explained
+
+
+def test_the_explainer_refuses_shared_memory_as_the_guard_does() -> None:
+    body = tensors({"parameters": {"shared_memory_region": "r", "binary_data_size": 256}})
+    assert check_request(body, None, SCHEMA) == validate.explain(body, None, SCHEMA)
+    assert "shared memory" in (validate.explain(body, None, SCHEMA) or "")
+
+
+def test_a_refusal_quotes_the_float_the_client_sent() -> None:
+    """Found by the agreement test above: the guard counts floats (parse_float=len), and
+    its message said 'got 3' for a binary_data_size of 1.5."""
+    body = tensors({"parameters": {"binary_data_size": 1.5}})
+    assert check_request(body, None, SCHEMA) == (
+        "input 'pixels': binary_data_size must be a non-negative integer, got 1.5"
+    )

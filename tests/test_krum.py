@@ -12,8 +12,8 @@ import pytest
 
 from fedcore.errors import ConfigError
 from trainer.aggregate import COLUMN_BLOCK, UpdateBuffer
+from trainer.books import build_strategy
 from trainer.errors import AggregationError, StrategyConfigError, UpdateRejected
-from trainer.service import build_strategy
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 from trainer.strategies.krum import (

@@ -25,6 +25,7 @@ from edge_runtime.spool import Spool
 from fedcore.compression import CompressionSettings, ErrorFeedback, decode_update
 from fedcore.envelope import generate_recipient_key, open_update
 from fedcore.errors import TransportError
+from fedcore.models import get_spec
 from fedcore.triton_model import WEIGHTS_FILE
 from tests.conftest import SignedArtifacts
 from tests.edge_harness import announcement, v1_digest
@@ -67,6 +68,7 @@ def make_learner(
         sched_idle=False,
         compression=CompressionSettings(mode="topk", topk_fraction=FRACTION),
         window_budget_s=600.0,
+        recipe=get_spec("digits").recipe,
     )
     return Learner(
         config,

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +48,25 @@ from fedcore.transport import (
     update_subject,
     updates_filter,
 )
-from fedcore.wire import DESIRED_BUCKET, ROUNDS_BUCKET
+from fedcore.wire import (
+    DESIRED_BUCKET,
+    ROLLOUTS_BUCKET,
+    ROUND_LOG_BUCKET,
+    ROUNDS_BUCKET,
+    RoundRecord,
+    round_key,
+)
 from fedgate.keys_cmd import KeyLayout, init_keys
 from fedgate.launcher import Stack, StackConfig
 from fedgate.nats_accounts import role_permissions
-from tests.conftest import processes_mentioning
+from gateway.rollout_store import RolloutStore
+from gateway.rollouts import RolloutSpec, desired_of, new_rollout, rolled_back
+from tests.conftest import SignedArtifacts, processes_mentioning
 from trainer.bus import ensure_object_bucket, ensure_updates_stream
+from trainer.driver import RoundDriver
+from trainer.rounds import RoundBook, RoundPolicy
+from trainer.serving_watch import ServingWatch
+from trainer.strategies import get_strategy
 
 EDGES = ["edge-1", "edge-2"]
 
@@ -504,3 +518,55 @@ def test_every_client_connect_uses_its_own_inbox_prefix() -> None:
     assert [where for where, kw in calls if "inbox_prefix" not in kw] == []
     for service in ("gateway/app.py", "trainer/service.py", "edge_runtime/service.py"):
         assert "connect_service(" in (root / service).read_text(), service
+
+
+async def test_the_trainer_follows_the_desired_versions_with_its_own_permissions(
+    local_nats: LocalNats, conns: dict[str, NATS], signed_v1: SignedArtifacts, tmp_path: Path
+) -> None:
+    """The trainer reads what the gateway writes (a rolled-back rollout and the desired
+    versions), watches it, and records the round it abandons, all within the trainer's
+    permissions (trainer/serving_watch.py)."""
+    gateway_js = conns["gateway"].jetstream()
+    store = await RolloutStore.open(gateway_js)
+    now = time.time()
+    r = rolled_back(new_rollout("digits", 1, RolloutSpec(version=2), "trainer", now), now, "gate")
+    await store.replace(r, None)
+    settled = desired_of(r, now, 0.0)
+    assert settled is not None
+    await store.put_desired(settled)
+    trainer_js = conns["trainer"].jetstream()
+    book = RoundBook(
+        "digits",
+        RoundPolicy(),
+        get_strategy("fedavg"),
+        version=2,
+        digest="22" * 32,
+        params=np.zeros_like(signed_v1.params),
+    )
+    book.open([], now=now)
+    driver = RoundDriver({"digits": book}, tmp_path, {"digits": (signed_v1.params.size,)})
+    trusted = load_ed25519(signed_v1.private_key).public_key()
+    watch = ServingWatch(trainer_js, driver, signed_v1.artifacts, trusted, retry_s=0.2)
+    stop = asyncio.Event()
+    try:
+        await watch.start()  # read, rebased on version 1, round 1 recorded as abandoned
+        assert (book.version, book.newest, book.current) == (1, 2, None)
+        log = await trainer_js.key_value(ROUND_LOG_BUCKET)
+        record = RoundRecord.decode((await log.get(round_key("digits", 1))).value or b"")
+        assert record.outcome == "failed" and r.id in record.reason
+        task = asyncio.create_task(watch.run(stop))
+        later = settled.model_copy(update={"candidate": 3, "rollout": "r-000000000003"})
+        await store.put_desired(later)
+        for _ in range(50):
+            if watch.latest["digits"].candidate == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert watch.latest["digits"].candidate == 3  # watched, not only read at start
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await local_nats.no_violation(conns["trainer"], "trainer")
+    finally:
+        stop.set()
+        for bucket in (DESIRED_BUCKET, ROLLOUTS_BUCKET, ROUNDS_BUCKET, ROUND_LOG_BUCKET):
+            with contextlib.suppress(Exception):
+                await trainer_js.delete_key_value(bucket)

@@ -54,20 +54,29 @@ def test_the_step_shrinks_after_each_hold_and_grows_back_after_a_release() -> No
     def candidate() -> np.ndarray:
         book.open(["edge-1"], now=0.0)
         book.fold(Contribution("a" * 32, "edge-1", 10, 1, 0.0), np.ones(4, np.float32))
-        out = book.finalize()
-        book.abandon()
-        return out
+        return book.finalize()
 
     np.testing.assert_allclose(candidate(), 2.0)  # eta * delta
-    for scale in (0.5, 0.25, 0.125, 0.125):  # down to 1/8
-        book.after_hold()
+    book.hold()
+    assert book.step_scale == 0.5
+    for scale in (0.25, 0.125, 0.125):  # down to 1/8
+        candidate()
+        book.hold()
         assert book.step_scale == scale
     np.testing.assert_allclose(candidate(), 0.25)
-    book.after_release()
+    book.release(2, "cd" * 32, params)
     assert book.step_scale == 0.25
-    for _ in range(3):
-        book.after_release()
+    for v in range(3, 6):
+        candidate()
+        book.release(v, "cd" * 32, params)
     assert book.step_scale == 1.0
+
+
+def _hold_one(book: RoundBook) -> None:
+    book.open(["edge-1"], now=0.0)
+    book.fold(Contribution("a" * 32, "edge-1", 10, 1, 0.0), np.ones(2, np.float32))
+    book.finalize()
+    book.hold()
 
 
 def test_step_backoff_one_turns_it_off_and_a_checkpoint_keeps_the_scale(tmp_path: Path) -> None:
@@ -77,7 +86,7 @@ def test_step_backoff_one_turns_it_off_and_a_checkpoint_keeps_the_scale(tmp_path
     book = RoundBook(
         "digits", policy, get_strategy("fedavg"), version=1, digest="ab" * 32, params=np.zeros(2)
     )
-    book.after_hold()
+    _hold_one(book)
     assert book.step_scale == 1.0
     halving = RoundBook(
         "digits",
@@ -87,7 +96,7 @@ def test_step_backoff_one_turns_it_off_and_a_checkpoint_keeps_the_scale(tmp_path
         digest="ab" * 32,
         params=np.zeros(2, np.float32),
     )
-    halving.after_hold()
+    _hold_one(halving)
     checkpoint.save(tmp_path, halving)
     restored = checkpoint.load(tmp_path)
     assert restored is not None and restored.step_scale == 0.5

@@ -78,7 +78,7 @@ def test_duplicate_update_ids_fold_once() -> None:
 def test_async_staleness_weighting_by_hand() -> None:
     assert staleness_weight(8, 0, 0.5) == 8.0
     assert staleness_weight(9, 3, 0.5) == 4.5  # 9 * 4**-0.5
-    b = book(RoundPolicy(mode="async", buffer_size=2, max_staleness=2), version=5)
+    b = book(RoundPolicy(mode="async", buffer_size=2, max_staleness=2, min_updates=2), version=5)
     a = b.open(["edge-1", "edge-2"], now=0.0)
     assert a.mode == "async" and a.max_staleness == 2 and a.min_updates == 2
     assert (
@@ -114,7 +114,7 @@ def test_checkpoint_resume_gives_the_same_result(tmp_path: Path, strategy: str) 
         b = book(RoundPolicy(min_updates=1), strategy)
         b.open(["edge-1", "edge-2"], now=0.0)
         b.fold(contrib("a", "edge-1", 10), updates[0])
-        b.advance(4, DIGEST, b.finalize())  # one round done: optimiser state exists
+        b.release(4, DIGEST, b.finalize())  # one round done: optimiser state exists
         b.open(["edge-1", "edge-2"], now=1.0)
         b.fold(contrib("b", "edge-1", 10), updates[1])
         b.fold(contrib("c", "edge-2", 20), updates[2])

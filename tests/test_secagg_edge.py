@@ -19,7 +19,9 @@ from edge_runtime.learner import Job, Keys, Learner, LearnerConfig
 from edge_runtime.rounds_watch import Plan, Refusal, RoundsView, ServedVersion, decide
 from edge_runtime.secure_round import SecureParticipant, SecureRoundError
 from edge_runtime.spool import Spool
+from edge_runtime.worker_reports import Finished
 from fedcore import subjects
+from fedcore.models import get_spec
 from fedcore.secagg import (
     KeyAdvert,
     MaskedInput,
@@ -272,7 +274,9 @@ async def test_the_learner_hands_a_secure_rounds_update_over_unsealed(tmp_path: 
         raise AssertionError("not read here")
 
     sink = Sink()
-    config = LearnerConfig("edge-1", "digits", tmp_path / "work", (DIM,), secure=True)
+    config = LearnerConfig(
+        "edge-1", "digits", tmp_path / "work", (DIM,), secure=True, recipe=get_spec("digits").recipe
+    )
     keys = Keys(
         ed25519.Ed25519PrivateKey.generate(), x25519.X25519PrivateKey.generate().public_key()
     )
@@ -293,7 +297,18 @@ async def test_the_learner_hands_a_secure_rounds_update_over_unsealed(tmp_path: 
     job_dir.mkdir()
     np.save(job_dir / "local.npy", local)
     plan = Plan(announcement(), ServedVersion(1, DIGEST, job_dir / "base.npy"))
-    job = Job(plan, Worker(), base, job_dir, result={"samples": 40, "upto": 7, "loss": 0.5})  # type: ignore[arg-type]
+    result = Finished(
+        batch=2,
+        samples=40,
+        holdout=0,
+        upto=7,
+        loss=0.5,
+        base_loss=None,
+        metric="accuracy",
+        value=None,
+        base_value=None,
+    )
+    job = Job(plan, Worker(), base, job_dir, config.recipe, result=result)  # type: ignore[arg-type]
     await learner._finish(job)
     try:
         assert published == []  # no envelope at all

@@ -340,3 +340,16 @@ async def test_a_wrapped_masked_input_is_refused_logged_and_counted(
     assert registry.get_sample_value("fedgate_trainer_secagg_failed_total", labels) == 1
     labels["reason"] = "below-threshold"
     assert registry.get_sample_value("fedgate_trainer_secagg_failed_total", labels) == 0
+
+
+async def test_a_failed_secure_round_takes_its_reason_from_the_error_type() -> None:
+    """A protocol refusal keeps its declared reason; a settings problem is ``config``."""
+    refused = _bare_round()
+    refused.dim = 0  # the server refuses it: SecAggError("malformed")
+    result = await refused.run()
+    assert result.aggregate is None and result.reason == "malformed"
+    too_few = _bare_round()
+    too_few.enrolled = dict(list(too_few.enrolled.items())[:1])  # ConfigError: one edge
+    result = await too_few.run()
+    assert result.aggregate is None and result.reason == "config"
+    assert result.failure is not None and "at least" in result.failure

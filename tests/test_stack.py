@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,16 @@ def test_up_prints_the_urls(stack: RunningStack) -> None:
     text = "".join(stack.output)
     assert f"gateway:  {stack.url}" in text
     assert "edge-1:" in text and "edge-2:" in text
+    # the start-up wait, a line per step (stdout is a pipe: no live display, no escapes)
+    assert "  waiting for the stack to start\n" in text and "\x1b" not in text
+    steps = ["nats-server healthy", "version 1 of the models (the first start trains it)"]
+    steps += ["edge-1: its Triton ready", "edge-2: its Triton ready"]
+    steps += ["gateway routing to every edge", "ready"]
+    found = [
+        re.search(rf"^  the stack to start: {re.escape(s)} \(\d+s\)$", text, re.M) for s in steps
+    ]
+    assert all(found), text
+    assert [m.start() for m in found if m] == sorted(m.start() for m in found if m)
 
 
 def test_tritonclient_against_the_gateway(stack: RunningStack) -> None:

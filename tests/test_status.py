@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +16,8 @@ import pytest
 from fedcore.errors import FedgateError
 from fedcore.keys import write_secret
 from fedgate import status
-from fedgate.status import print_status, render_table, round_rows
+from fedgate.display import render_table
+from fedgate.status import print_status, round_rows
 
 KEY = "fgk_status-test"
 EDGES = [
@@ -129,19 +132,28 @@ def test_tables_of_fleet_versions_rounds_and_rollouts(gateway: str, tmp_path: Pa
     assert (
         "Fleet\n"
         "  edge    device  health      models (ready versions)  outstanding  served  seen\n"
-        "  ------  ------  ----------  -----------------------  -----------  ------  ----\n"
+        "  ------- ------- ----------- ------------------------ ------------ ------- ----\n"
         "  edge-1  cpu     ok          digits v1,v2                       1      42  0.2s\n"
         "  edge-2  cuda    ejected 5s  digits v1                          0       7  1.0s\n"
     ) in text
     assert "2 edge(s)" in text
-    assert "Versions of digits" in text
-    assert "  v2       v1          3  fedavgm       120     0.912  edge-1" in text
-    assert "  v1       -           -  -               -         -  edge-1, edge-2" in text
-    assert "Rounds of digits (last 10)" in text
-    assert "      3  sync  released  v1 -> v2      1     0.912  0.310  candidate beats serving" in (
-        text
-    )
-    assert "round 4 open (sync, from v1)" in text
+    assert (
+        "Versions of digits\n"
+        "  version  parent  round  strategy  samples  accuracy  served by\n"
+        "  -------- ------- ------ --------- -------- --------- --------------\n"
+        "  v1       -           -  -               -         -  edge-1, edge-2\n"
+        "  v2       v1          3  fedavgm       120     0.912  edge-1\n"
+        "  (accuracy: higher is better)\n"
+    ) in text
+    assert (
+        "Rounds of digits (last 10)\n"
+        "  round  mode  outcome   versions  edges  accuracy   loss  reason\n"
+        "  ------ ----- --------- --------- ------ --------- ------ -----------------------\n"
+        "      3  sync  released  v1 -> v2      1     0.912  0.310  candidate beats serving\n"
+        "  (accuracy: higher is better)\n"
+        "  round 4 open (sync, from v1)\n"
+    ) in text
+    assert "\x1b" not in text  # plain: no colour or cursor codes
     assert "Rollouts of digits\n  (needs an admin key: API key 'viewer' has role" in text
 
 
@@ -178,7 +190,52 @@ def test_default_key_prefers_the_local_admin_key(
 
 def test_render_table_aligns_numbers_right() -> None:
     lines = render_table(("name", "n", "x"), [["a", 1, 0.5], ["bbb", 10, None]])
-    assert lines == ["name   n      x", "----  --  -----", "a      1  0.500", "bbb   10      -"]
+    assert lines == ["name   n      x", "----- --- -----", "a      1  0.500", "bbb   10      -"]
+
+
+def test_plain_tables_never_wrap_and_drop_control_characters() -> None:
+    """A plain table is the same at any width (a pipe has none) and a gateway's text
+    cannot put escape codes or rich markup into it."""
+    reason = "held: " + "much worse than serving " * 10 + "\x1b[2J[bold]x[/bold]"
+    lines = render_table(("round", "reason"), [[1, reason]])
+    assert len(lines) == 3
+    assert lines[2] == "    1  held: " + "much worse than serving " * 10 + "?[2J[bold]x[/bold]"
+
+
+def test_status_drawn_for_a_terminal_shows_the_same_values_in_colour(
+    gateway: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "120")  # the terminal's width: rows fit on a line
+    key_file = tmp_path / "key"
+    write_secret(key_file, KEY)
+    lines: list[str] = []
+    assert print_status(gateway, lines.append, key_file, fancy=True) == 0
+    text = "\n".join(lines)
+    assert "\x1b[" in text and "━━━" in text  # colour codes and a heavy rule
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    assert re.search(r"edge-2 +cuda +ejected 5s +digits v1 +0 +7 +1.0s", plain), plain
+    assert "\x1b[31mejected 5s" in text and "\x1b[32mok" in text  # red and green states
+    assert "(accuracy: higher is better)" in plain
+
+
+def test_status_names_the_metric_and_its_direction(
+    gateway: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A regression's rounds and versions show its metric (mae), which is lower-better."""
+    lineage = LINEAGE | {"metric": "mae", "value": 46.78}
+    record = ROUND | {"metric": "mae", "value": 46.78}
+    answers = ANSWERS | {
+        "/v1/models/digits/versions": (200, {"model": "digits", "versions": [lineage]}),
+        "/v1/models/digits/rounds?limit=10": (200, {"rounds": [record], "open": None}),
+    }
+    monkeypatch.setattr(sys.modules[__name__], "ANSWERS", answers)
+    key_file = tmp_path / "key"
+    write_secret(key_file, KEY)
+    text = "\n".join(run(gateway, key_file))
+    assert "  round  mode  outcome   versions  edges     mae   loss  reason\n" in text
+    assert "      3  sync  released  v1 -> v2      1  46.780  0.310  candidate beats" in text
+    assert "  (mae: lower is better)\n  no round open" in text
+    assert "  v2       v1          3  fedavgm       120  46.780  edge-1\n" in text
 
 
 def test_round_rows_show_secure_rounds_with_survivors_and_dropouts() -> None:

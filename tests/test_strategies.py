@@ -11,9 +11,10 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from fedcore.modelrun import proximal_term
 from trainer.aggregate import UpdateBuffer, WeightedSum
 from trainer.errors import AggregationError, StrategyConfigError, UnknownStrategyError
-from trainer.strategies import STRATEGIES, get_strategy, proximal_term, strategy_names
+from trainer.strategies import STRATEGIES, get_strategy, strategy_names
 from trainer.strategies.base import Strategy
 from trainer.strategies.clipping import NormClipping, clip_update
 from trainer.strategies.defaults import (

@@ -192,14 +192,29 @@ def test_docs_list_every_metric_we_export() -> None:
 
 def test_edge_and_trainer_gauges_name_the_models_own_metric(tmp_path: Path) -> None:
     from edge_runtime.learner import _metric
+    from edge_runtime.worker_reports import Finished
 
     spool = Spool(spool_path(tmp_path, "diabetes"))
     try:
         events = EventLog()
         r = EdgeMetrics({"diabetes": spool}, events).registry
-        result = {"metric": "mae", "mae": 46.5, "base_mae": 56.0, "loss": 3000.0}
+        result = Finished(
+            batch=0,
+            samples=9,
+            holdout=3,
+            upto=9,
+            loss=3000.0,
+            base_loss=None,
+            metric="mae",
+            value=46.5,
+            base_value=56.0,
+        )
         events.emit(
-            "update-published", "diabetes", round=1, num_samples=9, **_metric(result, result)
+            "update-published",
+            "diabetes",
+            round=1,
+            num_samples=9,
+            **_metric(result, result.figures()),
         )
         assert value(r, "fedgate_edge_local_metric", model="diabetes", metric="mae") == 46.5
         assert value(r, "fedgate_edge_local_accuracy", model="diabetes") is None

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from fedcore.errors import ConfigError
+from trainer.books import build_strategy
 from trainer.errors import PrivacyBudgetExceeded, StrategyConfigError
-from trainer.release import epsilon_spent
 from trainer.rounds import Contribution, RoundBook, RoundPolicy
-from trainer.service import build_strategy
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 
@@ -47,14 +46,14 @@ def test_epsilon_is_recorded_and_the_budget_stops_rounds(tmp_path: Path) -> None
         digest="ab" * 32,
         params=np.zeros(4, np.float32),
     )
-    assert epsilon_spent(book) == 0.0
+    assert book.strategy.epsilon_spent() == 0.0
     spent = []
     with pytest.raises(PrivacyBudgetExceeded):
         for r in range(100):
             book.open(["edge-1"], now=float(r))
             book.fold(Contribution(f"{r:032x}", "edge-1", 10, 1, 0.0), np.ones(4, np.float32))
-            book.advance(book.version + 1, "ab" * 32, book.finalize())
-            spent.append(epsilon_spent(book))
+            book.release(book.version + 1, "ab" * 32, book.finalize())
+            spent.append(book.strategy.epsilon_spent())
     assert len(spent) >= 2 and all(b > a for a, b in itertools.pairwise(spent))
     assert spent[-1] <= 3.0
     assert (tmp_path / "state" / "privacy-ledger.json").exists()
@@ -100,5 +99,5 @@ def test_epsilon_of_sampled_rounds_is_the_no_amplification_figure(tmp_path: Path
         invited = book.open(fleet, now=float(r)).sampled
         assert invited is not None and len(invited) == 2
         book.fold(Contribution(f"{r:032x}", invited[0], 10, 1, 0.0), np.ones(4, np.float32))
-        book.advance(book.version + 1, "ab" * 32, book.finalize())
-    assert epsilon_spent(book) == pytest.approx(96.1, abs=0.05)
+        book.release(book.version + 1, "ab" * 32, book.finalize())
+    assert book.strategy.epsilon_spent() == pytest.approx(96.1, abs=0.05)

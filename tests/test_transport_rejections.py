@@ -21,8 +21,9 @@ from fedcore.transport import (
 from tests.conftest import NatsServer
 from tests.transport_harness import DIM, TARGET, Bus, open_bus, seal
 from trainer.driver import RoundDriver
-from trainer.ingest import IngestOptions, RoundTarget, UpdateIngestor, Verdict
+from trainer.ingest import IngestOptions, UpdateIngestor, Verdict
 from trainer.ingest_metrics import REJECTION_REASONS, IngestMetrics
+from trainer.opener import RoundTarget
 from trainer.registry import RegistryFile
 from trainer.rounds import RoundBook, RoundPolicy
 from trainer.strategies import get_strategy
@@ -130,7 +131,7 @@ async def test_an_async_buffer_takes_one_update_per_edge(
     open one, and the ledger's key is (model, round, edge), so edge-1's updates for rounds
     0 to 3 all went into one buffer (4 of the 3 updates it closes on). One edge, one
     update per buffer: the others are refused as ``second-update``."""
-    policy = RoundPolicy(mode="async", buffer_size=3, max_staleness=2)
+    policy = RoundPolicy(mode="async", buffer_size=3, max_staleness=2, min_updates=2)
     book = RoundBook(
         "digits",
         policy,

@@ -22,14 +22,11 @@ from fedcore.transport import StreamSpec
 from fedgate.keys_cmd import KeyLayout, init_keys, revoke_edge
 from tests.conftest import NatsServer
 from trainer.bus import ensure_transport
-from trainer.ingest import (
-    AcceptedUpdate,
-    IngestOptions,
-    RoundTarget,
-    UpdateIngestor,
-)
+from trainer.errors import UpdateRejected, UpdateRejectedReason
+from trainer.ingest import AcceptedUpdate, IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
+from trainer.opener import RoundTarget
 from trainer.registry import RegistryFile
 
 SIZES = (40, 24)
@@ -40,23 +37,18 @@ TARGET = RoundTarget("digits", 5, 3, BASE_DIGEST, SIZES)
 
 @dataclass
 class SumAggregator:
-    """Sums what it folds; refuses with ``refuse`` (a reason) when set."""
+    """Sums what it folds; refuses with ``refuse`` (a reason) when set, as the trainer's
+    aggregator does: by raising :class:`UpdateRejected`."""
 
     total: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(DIM, dtype=np.float64))
     folded: list[str] = field(default_factory=list)
-    refuse: str | None = None
+    refuse: UpdateRejectedReason | None = None
 
     def fold(self, update: AcceptedUpdate) -> None:
         if self.refuse is not None:
-            raise Refusal(self.refuse)
+            raise UpdateRejected(self.refuse, "refused by the test aggregator")
         self.total += update.vector
         self.folded.append(update.header.update_id)
-
-
-class Refusal(Exception):
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from fedcore.artifact import MANIFEST, sign_version_dir
 from fedcore.errors import ModelSpecError
 from fedcore.modelrun import make_optimizer, target_output, to_tensors
 from fedcore.params import flatten
-from fedcore.spec import ModelSpec
+from fedcore.spec import ModelSpec, TrainingRecipe
 from fedcore.task import torch_loss
 from fedcore.triton_model import MODEL_PY, WEIGHTS_FILE, render_model_py
 from fedcore.weights import dummy_batch, evaluation_data, load_initial_weights
@@ -30,8 +30,18 @@ from trainer.export_child import export_in_child
 log = logging.getLogger(__name__)
 
 
-def train_seed_model(spec: ModelSpec, fraction: float, epochs: int, seed: int) -> NDArray[Any]:
-    """Train ``spec``'s module briefly on a seed slice; return its flat parameters."""
+def train_seed_model(
+    spec: ModelSpec,
+    fraction: float,
+    epochs: int,
+    seed: int,
+    recipe: TrainingRecipe | None = None,
+) -> NDArray[Any]:
+    """Train ``spec``'s module briefly on a seed slice; return its flat parameters.
+
+    ``recipe`` (None: the spec's; the trainer passes it with its ``LOCAL_*`` settings
+    over it) gives the optimiser, its momentum and weight decay, and the batch size; the
+    learning rate is the spec's ``bootstrap_lr``."""
     import torch
 
     if spec.dataset is None or not spec.builtin:
@@ -46,11 +56,13 @@ def train_seed_model(spec: ModelSpec, fraction: float, epochs: int, seed: int) -
     inputs = to_tensors(spec, feeds)
     y = torch.from_numpy(y_train[take])
     module = spec.build_module()
-    opt = make_optimizer(spec.recipe, module, lr=spec.bootstrap_lr)
+    recipe = spec.recipe if recipe is None else recipe
+    opt = make_optimizer(recipe, module, lr=spec.bootstrap_lr)
+    batch = recipe.batch_size
     for _ in range(epochs):
         perm = torch.randperm(len(y))
-        for start in range(0, len(y), 32):
-            idx = perm[start : start + 32]
+        for start in range(0, len(y), batch):
+            idx = perm[start : start + batch]
             opt.zero_grad()
             out = target_output(spec, module, [t[idx] for t in inputs])
             torch_loss(spec.task, out, y[idx]).mean().backward()  # type: ignore[no-untyped-call]
@@ -58,11 +70,18 @@ def train_seed_model(spec: ModelSpec, fraction: float, epochs: int, seed: int) -
     return flatten(module)
 
 
-def initial_params(spec: ModelSpec, fraction: float, epochs: int, seed: int) -> NDArray[Any]:
-    """Version 1's flat parameters: the user's safetensors weights, else a bootstrap."""
+def initial_params(
+    spec: ModelSpec,
+    fraction: float,
+    epochs: int,
+    seed: int,
+    recipe: TrainingRecipe | None = None,
+) -> NDArray[Any]:
+    """Version 1's flat parameters: the user's safetensors weights, else a bootstrap
+    (:func:`train_seed_model` with ``recipe``)."""
     if spec.initial_weights is None:
         log.info("training version 1 of %s on a %.0f%% seed set", spec.name, fraction * 100)
-        return train_seed_model(spec, fraction, epochs, seed)
+        return train_seed_model(spec, fraction, epochs, seed, recipe)
     log.info("version 1 of %s from %s", spec.name, spec.initial_weights)
     module = spec.build_module()
     load_initial_weights(spec, module)
@@ -116,12 +135,14 @@ def ensure_version_one(
     fraction: float,
     epochs: int,
     seed: int,
+    recipe: TrainingRecipe | None = None,
 ) -> Path:
-    """Create version 1 of ``spec`` if it does not exist yet; return its directory."""
+    """Create version 1 of ``spec`` if it does not exist yet (a bootstrap trains with
+    ``recipe``, None: the spec's); return its directory."""
     directory = artifacts / spec.name / "1"
     if (directory / MANIFEST).exists():
         return directory
-    params = initial_params(spec, fraction, epochs, seed)
+    params = initial_params(spec, fraction, epochs, seed, recipe)
     state.mkdir(parents=True, exist_ok=True)
     np.save(state / f"{spec.name}-1.npy", params, allow_pickle=False)
     write_version(spec, params, directory, key, version=1)

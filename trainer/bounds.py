@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainer.errors import TrainerError
+from trainer.settings import trainer_default
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,11 @@ class UpdateBounds:
 
     ``None`` turns a relative bound (or the absolute norm bound) off."""
 
-    max_samples: int = 20_000
-    sample_ratio: float | None = 2.0
-    norm_ratio: float | None = 2.0
-    clip_norm: float | None = None
-    warmup: int = 3
+    max_samples: int = trainer_default("max_samples_per_update")
+    sample_ratio: float | None = trainer_default("sample_weight_ratio")
+    norm_ratio: float | None = trainer_default("update_norm_ratio")
+    clip_norm: float | None = trainer_default("update_clip_norm")
+    warmup: int = trainer_default("bounds_warmup")
 
     def __post_init__(self) -> None:
         if self.max_samples < 1 or self.warmup < 1:

@@ -173,6 +173,7 @@ def resume(book: RoundBook, restored: Restored) -> None:
     book.next_round = restored.next_round
     book.step_scale = restored.step_scale
     book.version, book.digest, book.params = restored.version, restored.digest, restored.params
+    book.history[restored.version] = restored.digest
     if restored.server_state:
         book.strategy.load_server_state(
             {k: v.astype(np.float64) for k, v in restored.server_state.items()}

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from fedcore.envelope import UpdateHeader
 from fedcore.errors import EnvelopeError
+from fedcore.wire import within_staleness
 from trainer import checkpoint
-from trainer.ingest import AcceptedUpdate, RoundTarget
+from trainer.errors import UpdateRejected
+from trainer.ingest import AcceptedUpdate
+from trainer.opener import RoundTarget
 from trainer.rounds import Contribution, RoundBook
 
 log = logging.getLogger(__name__)
@@ -24,7 +27,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AsyncTarget(RoundTarget):
     """Buffered asynchronous aggregation: a base up to ``max_staleness`` versions old is
-    welcome, as long as its digest is the one that version was released with."""
+    welcome (:func:`fedcore.wire.within_staleness`), as long as its digest is the one
+    that version was released with (the book's ``history``)."""
 
     max_staleness: int = 0
     digests: tuple[tuple[int, str], ...] = ()
@@ -36,15 +40,13 @@ class AsyncTarget(RoundTarget):
             raise EnvelopeError(
                 "wrong-round", f"update is for round {header.round}, open {self.round}"
             )
-        known = dict(self.digests)
-        lag = self.base_version - header.base_version
-        if lag < 0 or lag > self.max_staleness:
+        if not within_staleness(self.base_version, header.base_version, self.max_staleness):
             raise EnvelopeError(
                 "stale-round",
                 f"update is based on version {header.base_version}, current {self.base_version}, "
                 f"staleness limit {self.max_staleness}",
             )
-        if known.get(header.base_version) != header.base_digest:
+        if dict(self.digests).get(header.base_version) != header.base_digest:
             raise EnvelopeError(
                 "base-mismatch", f"digest of base version {header.base_version} does not match"
             )
@@ -72,7 +74,6 @@ class RoundDriver:
         self.books = books
         self.state_dir = state_dir
         self.sizes = sizes
-        self.digests: dict[str, dict[int, str]] = {m: {} for m in books}
 
     def checkpoint_dir(self, model: str) -> Path:
         return self.state_dir / "checkpoints" / model
@@ -86,8 +87,6 @@ class RoundDriver:
             return None  # none open, or the open one is being closed
         a = book.current.announcement
         if a.mode == "async":
-            digests = dict(self.digests.get(model, {}))
-            digests[book.version] = book.digest
             return AsyncTarget(
                 model,
                 a.round,
@@ -95,7 +94,7 @@ class RoundDriver:
                 book.digest,
                 self.sizes[model],
                 max_staleness=a.max_staleness,
-                digests=tuple(sorted(digests.items())),
+                digests=tuple(sorted(book.history.items())),
             )
         kind = SecureTarget if a.secure else RoundTarget
         return kind(model, a.round, a.base_version, a.base_digest, self.sizes[model])
@@ -103,6 +102,10 @@ class RoundDriver:
     def fold(self, update: AcceptedUpdate) -> None:
         h = update.header
         book = self.books[h.model]
+        if not book.accepts_base(h.base_version):  # checked against a round since rebased
+            raise UpdateRejected(
+                "stale-round", f"update is based on version {h.base_version}, now {book.version}"
+            )
         contribution = Contribution(
             h.update_id, h.edge_id, h.num_samples, h.base_version, 0.0, dict(h.metrics or {})
         )

@@ -1,25 +1,51 @@
 """The trainer's errors: one base, :class:`TrainerError`, with structured fields.
 
 Every error carries a short machine-readable ``reason`` (used as a metrics label and in
-log records) and a human ``detail``; subclasses add the fields callers act on. Callers
-never parse messages.
+log records) out of the ``Literal`` its class declares, and a human ``detail``
+(:class:`fedcore.errors.ReasonedError`); subclasses add the fields callers act on.
+Callers never parse messages.
 """
 
 from __future__ import annotations
 
-from fedcore.errors import FedgateError
+from typing import Literal
+
+from fedcore.errors import ReasonedError
+
+UpdateRejectedReason = Literal[
+    "wrong-size",
+    "wrong-dtype",
+    "non-finite",
+    "bad-weight",
+    "buffer-full",
+    "second-update",
+    "round-closed",
+    "stale-round",
+]
+AggregationReason = Literal["empty-round", "too-few-updates", "wrong-size", "wrong-state"]
+LedgerReason = Literal["ledger-corrupt", "ledger-io", "duplicate-release"]
+TrainerReason = Literal[
+    "bad-round-policy",
+    "checkpoint-corrupt",
+    "export-child",
+    "no-open-round",
+    "not-secure",
+    "unknown-strategy",
+    "bad-strategy-option",
+    "privacy-budget-exhausted",
+    "bad-rebase",
+    UpdateRejectedReason,
+    AggregationReason,
+    LedgerReason,
+]
 
 
-class TrainerError(FedgateError):
+class TrainerError(ReasonedError[TrainerReason]):
     """Base of every error the trainer raises on purpose.
 
-    ``reason`` is a short kebab-case cause; ``detail`` says what was wrong, in words.
+    ``reason`` is a short kebab-case cause (:data:`TrainerReason`, which holds the
+    subclasses' reasons too); ``detail`` says what was wrong, in words.
     """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
 
 
 class UnknownStrategyError(TrainerError):
@@ -50,12 +76,24 @@ class UpdateRejected(TrainerError):
 
     ``reason`` is one of ``wrong-size``, ``wrong-dtype``, ``non-finite``, ``bad-weight``,
     ``buffer-full``, ``second-update``, ``round-closed`` (it came while its round was
-    being closed).
+    being closed), ``stale-round`` (its base is no longer one the rounds take: they were
+    rebased meanwhile, :mod:`trainer.serving_watch`).
     """
+
+    reason: UpdateRejectedReason
+
+    def __init__(self, reason: UpdateRejectedReason, detail: str) -> None:
+        super().__init__(reason, detail)
 
 
 class AggregationError(TrainerError):
-    """A round cannot be finalised (``empty-round``, ``wrong-state``, ``wrong-size``)."""
+    """A round cannot be finalised (``empty-round``, ``too-few-updates``, ``wrong-state``,
+    ``wrong-size``)."""
+
+    reason: AggregationReason
+
+    def __init__(self, reason: AggregationReason, detail: str) -> None:
+        super().__init__(reason, detail)
 
 
 class PrivacyBudgetExceeded(TrainerError):
@@ -87,3 +125,8 @@ class LedgerError(TrainerError):
     ``reason`` is one of ``ledger-corrupt``, ``ledger-io``, ``duplicate-release``.
     A corrupt ledger is never reset silently: that would forget spent privacy.
     """
+
+    reason: LedgerReason
+
+    def __init__(self, reason: LedgerReason, detail: str) -> None:
+        super().__init__(reason, detail)

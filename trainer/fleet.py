@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from fedcore.enrollment import EdgeStatus
 from fedcore.heartbeats import REFUSALS, HeartbeatRefused, accept_heartbeat
-from trainer.ingest import EdgeDirectory
+from trainer.opener import EdgeDirectory
 
 log = logging.getLogger(__name__)
 

@@ -1,22 +1,19 @@
-"""Ingest sealed updates from JetStream: verify, decrypt, check, decode, record, fold, ack.
+"""Consume sealed updates from JetStream: fetch, open, record, fold, acknowledge.
 
 For each message of the trainer's durable pull consumer:
 
-1. the subject names the model and the edge; a pointer message is resolved from the
-   object store (size limit first, then size and SHA-256 against the pointer);
-2. a revoked edge is refused before any crypto; ``open_update`` verifies the edge's
-   signature (unknown edge, bad signature) and decrypts with the trainer's HPKE key;
-   the signed header must name the subject's model and edge;
-3. ``check_header`` against the round open now (:class:`RoundSource`), then the payload
-   is decoded at its fixed dtype (decode error, non-finite);
-4. the ledger records (model, round, edge); if a record is there already, the message is
+1. :class:`trainer.opener.UpdateOpener` opens it (resolve a pointer, verify the edge's
+   signature, decrypt, check the header against the round open now, decode), or refuses
+   it with a typed exception;
+2. the ledger records (model, round, edge); if a record is there already, the message is
    a duplicate (same update id) or a second update of that edge: acked, not folded
    (a record this trainer wrote although the reply was lost is its own: folded);
-5. the aggregator folds it; only then is the message acknowledged.
+3. the aggregator folds it; only then is the message acknowledged.
 
 A refused update is logged with its reason, counted, and terminated (``+TERM``) so it is
 not redelivered. A transient failure (NATS, the object store) leaves the message for
-redelivery with a delay. Nothing a bad input does stops the loop.
+redelivery with a delay. Nothing a bad input does stops the loop. After a restart,
+:meth:`UpdateIngestor.refold` folds again what the ledger accepted after the checkpoint.
 """
 
 from __future__ import annotations
@@ -29,70 +26,37 @@ from enum import Enum
 from typing import Protocol
 
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
-from fedcore.compression import Vector, decode_update
-from fedcore.enrollment import EdgeRegistry, EdgeStatus
-from fedcore.envelope import (
-    BytesLike,
-    RecipientPrivateKey,
-    UpdateHeader,
-    check_header,
-    open_update,
-    read_header_unverified,
-)
-from fedcore.errors import EnvelopeError, FedgateError, TransportError
+from fedcore.compression import Vector
+from fedcore.envelope import RecipientPrivateKey, UpdateHeader
+from fedcore.errors import EnvelopeError, FedgateError, ReasonedError
 from fedcore.transport import (
     TRAINER_CONSUMER,
     UPDATES_OBJECT_BUCKET,
     UPDATES_STREAM,
-    UpdatePointer,
-    is_pointer,
     parse_update_subject,
     sha256_hex,
 )
 from trainer.bus import updates_consumer_config
+from trainer.errors import TrainerError
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import Claim, LedgerRecord, UpdateLedger
+from trainer.opener import (
+    EdgeDirectory,
+    Refused,
+    RoundSource,
+    RoundTarget,
+    StoreObjects,
+    UpdateOpener,
+)
+from trainer.settings import trainer_default
 
 log = logging.getLogger(__name__)
 
 _TRANSIENT = (TimeoutError, nats.errors.Error)
-
-
-@dataclass(frozen=True)
-class RoundTarget:
-    """The round open for a model: what an update must be for, and its tensor sizes.
-
-    :meth:`check` is strict (this round, this base model); a buffered asynchronous round
-    that accepts stale bases can pass a subclass whose ``check`` says so.
-    """
-
-    model: str
-    round: int
-    base_version: int
-    base_digest: str
-    sizes: tuple[int, ...]
-
-    def check(self, header: UpdateHeader) -> None:
-        """Raise ``EnvelopeError`` (wrong-model, stale-round, wrong-round, base-mismatch)
-        unless the verified ``header`` belongs to this round."""
-        check_header(
-            header,
-            model=self.model,
-            round=self.round,
-            base_version=self.base_version,
-            base_digest=self.base_digest,
-        )
-
-
-class RoundSource(Protocol):
-    """Which round of ``model`` is open now (``None``: none is)."""
-
-    def target(self, model: str) -> RoundTarget | None: ...
 
 
 @dataclass(frozen=True)
@@ -108,19 +72,14 @@ class AcceptedUpdate:
 class Aggregator(Protocol):
     """Folds accepted updates into the running round state.
 
-    ``fold`` may refuse by raising an exception with a ``reason`` attribute; the round
-    state must then be unchanged (the ledger record is released again). Folding an update
-    id the open round holds already must change nothing: an update whose ledger claim was
-    in doubt (its reply lost) is folded when it comes again.
+    ``fold`` may refuse by raising a :class:`trainer.errors.TrainerError`, whose reason
+    becomes the rejection's; the round state must then be unchanged (the ledger record is
+    released again). Folding an update id the open round holds already must change
+    nothing: an update whose ledger claim was in doubt (its reply lost) is folded when it
+    comes again.
     """
 
     def fold(self, update: AcceptedUpdate) -> None: ...
-
-
-class EdgeDirectory(Protocol):
-    """The edge registry in force now (``trainer.registry.RegistryFile`` is one)."""
-
-    def current(self) -> EdgeRegistry: ...
 
 
 class Verdict(Enum):
@@ -143,26 +102,17 @@ class Outcome:
 class IngestOptions:
     """Limits and timings of the ingestor."""
 
-    max_update_bytes: int = 64 * 1024 * 1024
+    max_update_bytes: int = trainer_default("max_update_bytes")
     batch: int = 16
     fetch_timeout_s: float = 1.0
     ack_timeout_s: float = 5.0
     object_timeout_s: float = 60.0
     retry_delay_s: float = 2.0
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = trainer_default("updates_ack_wait_s")
     durable: str = TRAINER_CONSUMER
     stream: str = UPDATES_STREAM
     object_bucket: str = UPDATES_OBJECT_BUCKET
     model: str | None = None  # consume one model's updates only
-
-
-class Refused(FedgateError):
-    """An update is rejected for ``reason`` (internal to the ingestor)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
 
 
 class RecoveryError(FedgateError):
@@ -185,13 +135,19 @@ class UpdateIngestor:
         options: IngestOptions | None = None,
     ) -> None:
         self._js = js
-        self._recipient = recipient
-        self._edges = edges
         self._rounds = rounds
         self._aggregator = aggregator
         self._ledger = ledger
         self.metrics = metrics
-        self.options = options or IngestOptions()
+        self.options = o = options or IngestOptions()
+        self.opener = UpdateOpener(
+            recipient=recipient,
+            edges=edges,
+            objects=StoreObjects(js, o.object_timeout_s),
+            max_update_bytes=o.max_update_bytes,
+            object_bucket=o.object_bucket,
+            on_wire=self._observe_wire,
+        )
         self._sub: JetStreamContext.PullSubscription | None = None
         self._unsure: set[str] = set()
         """Update ids whose ledger claim failed in transit: the claim may have been written
@@ -268,7 +224,7 @@ class UpdateIngestor:
         context = {"subject": msg.subject, "seq": seq, "delivered": delivered}
         try:
             header = await self._accept(msg.subject, msg.data, seq)
-        except (Refused, EnvelopeError, TransportError) as exc:
+        except ReasonedError as exc:  # Refused, EnvelopeError, TransportError
             return self._rejected(exc.reason, exc.detail, context)
         except _TRANSIENT as exc:
             return self._retry(repr(exc), context)
@@ -310,91 +266,9 @@ class UpdateIngestor:
 
     # -- the pipeline ------------------------------------------------------------------
     async def _accept(self, subject: str, data: bytes, seq: int) -> UpdateHeader | Outcome:
-        model, edge_id = parse_update_subject(subject)
-        envelope, path = await self._resolve(data)
-        self.metrics.wire_bytes.labels(path=path).observe(len(envelope))
-        target = self._rounds.target(model)
-        registry = self._edges.current()
-        digest = sha256_hex(envelope)  # before _verify: it decrypts a bytearray in place
-        header, vector = await asyncio.to_thread(
-            self._verify, envelope, model, edge_id, registry, target
-        )
-        del envelope  # an object's buffer now holds the payload the vector views
-        return await self._record_and_fold(AcceptedUpdate(header, vector, digest, seq))
-
-    async def _resolve(self, data: bytes) -> tuple[BytesLike, str]:
-        """The envelope bytes of a message, fetched from the object store for a pointer."""
-        limit = self.options.max_update_bytes
-        if not is_pointer(data):
-            if len(data) > limit:
-                raise Refused("oversize", f"message is {len(data)} bytes, over {limit}")
-            return data, "inline"
-        pointer = UpdatePointer.decode(data)
-        if pointer.size > limit:
-            raise Refused("oversize", f"pointer names {pointer.size} bytes, over {limit}")
-        if pointer.bucket != self.options.object_bucket:
-            raise Refused("bad-pointer", f"pointer names bucket {pointer.bucket!r}")
-        envelope = await self._get_object(pointer)
-        pointer.check(envelope)
-        return envelope, "object"
-
-    async def _get_object(self, pointer: UpdatePointer) -> bytearray:
-        """The object's bytes, written into one buffer of the pointer's size as they come
-        (no growing buffer, no copy at the end)."""
-        store = await self._js.object_store(pointer.bucket)
-        try:
-            info = await store.get_info(pointer.name)
-        except nats.js.errors.NotFoundError:
-            raise Refused("object-missing", f"object {pointer.name} does not exist") from None
-        if info.size != pointer.size:
-            raise Refused(
-                "bad-pointer", f"object is {info.size} bytes, pointer says {pointer.size}"
-            )
-        sink = _FixedSink(pointer.size)
-        try:
-            await asyncio.wait_for(
-                store.get(pointer.name, writeinto=sink),  # type: ignore[arg-type]
-                self.options.object_timeout_s,
-            )
-        except nats.js.errors.DigestMismatchError:
-            raise Refused("bad-pointer", f"object {pointer.name} fails its digest") from None
-        except nats.js.errors.NotFoundError:
-            raise Refused("object-missing", f"object {pointer.name} does not exist") from None
-        return sink.filled()
-
-    def _verify(
-        self,
-        envelope: BytesLike,
-        model: str,
-        edge_id: str,
-        registry: EdgeRegistry,
-        target: RoundTarget | None,
-        accepted_before: bool = False,
-    ) -> tuple[UpdateHeader, Vector]:
-        """Signature, decryption, header and payload checks (CPU only, in a thread).
-
-        ``accepted_before``: the update is in the ledger already (refold), so an edge
-        revoked since then still has its key looked up.
-        """
-        claimed = read_header_unverified(envelope)
-        if registry.status(claimed.edge_id) is EdgeStatus.REVOKED and not accepted_before:
-            raise Refused("revoked-edge", f"edge {claimed.edge_id!r} is revoked")
-        header, payload = open_update(
-            envelope,
-            recipient=self._recipient,
-            edge_keys=registry.lookup_any if accepted_before else registry.lookup,
-            max_payload=self.options.max_update_bytes,
-            in_place=isinstance(envelope, bytearray),  # an object's buffer, ours alone
-        )
-        if (header.model, header.edge_id) != (model, edge_id):
-            raise Refused(
-                "subject-mismatch",
-                f"signed for {header.model}/{header.edge_id}, published as {model}/{edge_id}",
-            )
-        if target is None:
-            raise Refused("no-open-round", f"no round of {model!r} is open")
-        target.check(header)
-        return header, decode_update(payload, header.compression, target.sizes, take=True)
+        opened = await self.opener.open(subject, data, self._rounds)
+        update = AcceptedUpdate(opened.header, opened.vector, opened.digest, seq)
+        return await self._record_and_fold(update)
 
     async def _record_and_fold(self, update: AcceptedUpdate) -> UpdateHeader | Outcome:
         h = update.header
@@ -415,13 +289,13 @@ class UpdateIngestor:
             )
         try:
             self._aggregator.fold(update)
-        except Exception as exc:
-            reason = getattr(exc, "reason", None)
+        except TrainerError as exc:
             await self._release(h, claim.revision)
-            if not isinstance(reason, str):
-                log.exception("fold failed", extra={"update_id": h.update_id})
-                reason = "fold-failed"
-            raise Refused(reason, f"aggregator refused the update: {exc}") from None
+            raise Refused(exc.reason, f"aggregator refused the update: {exc}") from None
+        except Exception as exc:
+            await self._release(h, claim.revision)
+            log.exception("fold failed", extra={"update_id": h.update_id})
+            raise Refused("fold-failed", f"aggregator refused the update: {exc}") from None
         return h
 
     async def _claim(self, h: UpdateHeader, record: LedgerRecord) -> Claim:
@@ -452,6 +326,9 @@ class UpdateIngestor:
                 "ledger claim of an unfolded update not released; recover() will refold it",
                 extra={"update_id": h.update_id, "error": repr(exc)},
             )
+
+    def _observe_wire(self, size: int, path: str) -> None:
+        self.metrics.wire_bytes.labels(path=path).observe(size)
 
     def _rejected(self, reason: str, detail: str, context: dict[str, object]) -> Outcome:
         self.metrics.rejected.labels(reason=reason).inc()
@@ -490,7 +367,7 @@ class UpdateIngestor:
             raw = await self._js.get_msg(self.options.stream, record.stream_seq)
             subject, data = raw.subject or "", raw.data or b""
             model, subject_edge = parse_update_subject(subject)
-            envelope, _ = await self._resolve(data)
+            envelope, _ = await self.opener.resolve(data)
         except (FedgateError, *_TRANSIENT) as exc:
             raise RecoveryError(
                 f"update {record.update_id} (seq {record.stream_seq}) cannot be read: {exc!r}"
@@ -499,10 +376,9 @@ class UpdateIngestor:
             raise RecoveryError(
                 f"stream message {record.stream_seq} is not update {record.update_id}"
             )
-        registry = self._edges.current()
         try:
-            header, vector = await asyncio.to_thread(
-                self._verify, envelope, model, subject_edge, registry, target, True
+            header, vector = await self.opener.verify(
+                envelope, model, subject_edge, target, accepted_before=True
             )
         except (Refused, EnvelopeError) as exc:
             raise RecoveryError(f"update {record.update_id} no longer verifies: {exc}") from None
@@ -511,25 +387,3 @@ class UpdateIngestor:
                 f"stream message {record.stream_seq} is not update {record.update_id}"
             )
         return AcceptedUpdate(header, vector, record.digest, record.stream_seq)
-
-
-class _FixedSink:
-    """A write target of exactly ``size`` bytes for the object store client; an object
-    longer than its pointer says is refused rather than grown into."""
-
-    def __init__(self, size: int) -> None:
-        self._buffer = bytearray(size)
-        self._at = 0
-
-    def write(self, data: bytes) -> int:
-        end = self._at + len(data)
-        if end > len(self._buffer):
-            raise Refused("bad-pointer", f"object is longer than the {len(self._buffer)} bytes")
-        self._buffer[self._at : end] = data
-        self._at = end
-        return len(data)
-
-    def filled(self) -> bytearray:
-        if self._at != len(self._buffer):
-            raise Refused("bad-pointer", f"object is {self._at} bytes, pointer says more")
-        return self._buffer

@@ -30,12 +30,12 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from fedcore.edge_id import is_edge_id
 from fedcore.errors import FedgateError
 from fedcore.kv import kv_bucket, kv_keys
 from fedcore.transport import LEDGER_BUCKET
 
 _MODEL = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_EDGE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FIELDS = ("update_id", "digest", "stream_seq", "num_samples", "accepted_at")
@@ -102,7 +102,7 @@ class Claim:
 
 def ledger_key(model: str, round: int, edge_id: str) -> str:
     """``<model>.<round>.<edge>``; refuses names that would not be one KV key token each."""
-    if not _MODEL.fullmatch(model) or not _EDGE_ID.fullmatch(edge_id):
+    if not _MODEL.fullmatch(model) or not is_edge_id(edge_id):
         raise ValueError(f"bad ledger key parts: model {model!r}, edge {edge_id!r}")
     if type(round) is not int or round < 0:
         raise ValueError(f"round {round!r} is not a non-negative integer")

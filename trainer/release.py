@@ -93,13 +93,6 @@ class ReleaseContext:
     candidate-minus-serving difference (None: the fixed ``margin`` alone)"""
 
 
-def epsilon_spent(book: RoundBook) -> float | None:
-    """Epsilon the model has spent so far under central DP (None without a ledger)."""
-    ledger = getattr(book.strategy, "ledger", None)
-    spent = ledger.spent(book.model) if ledger is not None else None
-    return None if spent is None else float(spent)
-
-
 def version_digest(directory: Path) -> str:
     """A version's digest: the SHA-256 of its ONNX file, as its signed manifest lists it."""
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -223,7 +216,7 @@ async def close_round(
             outcome=outcome,
             reason=reason,
             base_version=a.base_version,
-            epsilon=epsilon_spent(book),
+            epsilon=book.strategy.epsilon_spent(),
             opened_ts=a.opened_ts,
             closed_ts=closed_ts,
             contributors=contributors,
@@ -263,9 +256,8 @@ async def _release_or_hold(
     round_id: int,
     record: Any,
 ) -> RoundRecord:
-    # finalize steps the server optimiser (momentum, moments): a held candidate must not
-    # leave its step behind, or every later round would carry the rejected direction
-    before = {k: v.copy() for k, v in book.strategy.server_state().items()}
+    # finalize steps the server optimiser (momentum, moments); book.hold() undoes it, so
+    # a held candidate leaves no step behind for later rounds to carry
     candidate = await asyncio.to_thread(book.finalize)
     if ctx.eval_y is None:
         decision = await _federated_gate(ctx, book, candidate, round_id)
@@ -275,16 +267,14 @@ async def _release_or_hold(
     metrics["step_scale"] = book.step_scale
 
     def hold(why: str) -> RoundRecord:
-        book.strategy.load_server_state(before)
-        book.after_hold()
-        book.abandon()
+        book.hold()
         result: RoundRecord = record("held", why, **metrics)
         return result
 
     reason, cand = decision.reason, decision.candidate
     if not decision.release or cand is None:
         return hold(reason)
-    version = book.version + 1
+    version = book.newest + 1  # after a rebase, newer numbers than the base are taken
     try:
         directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
     except ModelSpecError as exc:  # the candidate cannot be served: held, the trainer goes on
@@ -296,7 +286,28 @@ async def _release_or_hold(
         lambda: upload_version(js, book.model, version, directory, replicas=ctx.replicas),
         "version upload",
     )
-    lineage = Lineage(
+    lineage = _lineage(book, version, digest, round_id, contributors, cand)
+    key = version_key(book.model, version)
+    await retry_transient(
+        lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
+    )
+    # the new base from its file, mapped: folds do not keep it resident (the candidate goes)
+    mapped = await asyncio.to_thread(load_weights_file, directory / WEIGHTS_FILE, mapped=True)
+    book.release(version, digest, mapped)
+    released: RoundRecord = record("released", reason, released_version=version, **metrics)
+    return released
+
+
+def _lineage(
+    book: RoundBook,
+    version: int,
+    digest: str,
+    round_id: int,
+    contributors: list[Contributor],
+    cand: Metrics,
+) -> Lineage:
+    """The lineage record of ``book``'s candidate released as ``version``."""
+    return Lineage(
         model=book.model,
         version=version,
         parent_version=book.version,
@@ -309,19 +320,9 @@ async def _release_or_hold(
         value=cand.value,
         accuracy=cand.value if cand.metric == "accuracy" else None,
         loss=cand.loss,
-        epsilon=epsilon_spent(book),
+        epsilon=book.strategy.epsilon_spent(),
         created_ts=time.time(),
     )
-    key = version_key(book.model, version)
-    await retry_transient(
-        lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
-    )
-    # the new base from its file, mapped: folds do not keep it resident (the candidate goes)
-    mapped = await asyncio.to_thread(load_weights_file, directory / WEIGHTS_FILE, mapped=True)
-    book.advance(version, digest, mapped)
-    book.after_release()
-    released: RoundRecord = record("released", reason, released_version=version, **metrics)
-    return released
 
 
 async def _put(js: JetStreamContext, bucket: str, key: str, value: bytes, replicas: int) -> None:

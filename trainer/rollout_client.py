@@ -58,6 +58,12 @@ class RolloutRequester:
             self.pending[model] = version
             self._wake.set()
 
+    def withdraw(self, model: str) -> None:
+        """Forget the release of ``model`` still waiting (the rounds were rebased on an
+        older version: it descends from a version the fleet dropped)."""
+        if self.pending.pop(model, None) is not None:
+            log.warning("rollout request of %s withdrawn", model, extra={"model": model})
+
     def request_current(self, versions: Mapping[str, int]) -> None:
         """At start: ask again for every model's current version past the first. A trainer
         killed between releasing a version and handing it to the gateway would otherwise

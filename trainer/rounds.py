@@ -18,31 +18,34 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcore.wire import ClientRecipe, RoundAnnouncement
+from fedcore.wire import ClientRecipe, RoundAnnouncement, within_staleness
 from trainer.aggregate import WeightedSum, update_norm
 from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError, UpdateRejected
-from trainer.strategies.base import RoundState, Strategy
+from trainer.settings import trainer_default
+from trainer.strategies.base import RoundState, ServerState, Strategy
 
 
 @dataclass(frozen=True)
 class RoundPolicy:
-    """How rounds of a model run (from the trainer's settings)."""
+    """How rounds of a model run (from the trainer's settings: ``policy_of`` in
+    :mod:`trainer.books`; the defaults here are those settings' defaults)."""
 
-    mode: Literal["sync", "async"] = "sync"
-    min_updates: int = 2
-    deadline_s: float = 60.0
-    sample_fraction: float = 1.0
-    buffer_size: int = 3
-    max_staleness: int = 2
-    staleness_exponent: float = 0.5
-    step_backoff: float = 0.5
+    mode: Literal["sync", "async"] = trainer_default("round_mode")
+    min_updates: int = trainer_default("min_updates")
+    deadline_s: float = trainer_default("round_deadline_s")
+    sample_fraction: float = trainer_default("sample_fraction")
+    buffer_size: int = trainer_default("buffer_size")
+    max_staleness: int = trainer_default("max_staleness")
+    staleness_exponent: float = trainer_default("staleness_exponent")
+    step_backoff: float = trainer_default("step_backoff")
     """After a held round the next candidate takes this share of its server step (again
     after each hold, down to :data:`MIN_STEP_SCALE`); each release doubles it back up to
     the full step. 1.0 turns it off."""
@@ -99,6 +102,9 @@ class OpenRound:
     closing_ts: float | None = None
     """Set when the round stopped taking updates (:meth:`RoundBook.begin_close`); closing
     takes seconds (candidate, gate, export, upload) and nothing may join meanwhile."""
+    server_before: ServerState | None = None
+    """The strategy's server state before :meth:`RoundBook.finalize` stepped it (momentum,
+    moments): :meth:`RoundBook.hold` puts it back, so a held candidate leaves no step."""
 
     @property
     def round(self) -> int:
@@ -168,10 +174,13 @@ def spill(update: NDArray[np.float32]) -> NDArray[np.float32]:
 class RoundBook:
     """Round bookkeeping for one model over a strategy and the current global version.
 
-    ``step_scale`` shrinks the server step after a held candidate and grows it back after
-    a release (:meth:`after_hold`, :meth:`after_release`): a held round usually means the
-    step overshot, and the next round, trained from the same base on more data, would
-    overshoot further with the full step.
+    A round ends in one call: :meth:`release` (a new version), :meth:`hold` (the candidate
+    was not released) or :meth:`abandon` (the round failed). Each changes together what a
+    round's end changes: the base version and the digest history, the strategy's server
+    state, and ``step_scale``, which shrinks the server step after a held candidate and
+    grows it back after a release: a held round usually means the step overshot, and the
+    next round, trained from the same base on more data, would overshoot further with
+    the full step.
     """
 
     def __init__(
@@ -185,6 +194,7 @@ class RoundBook:
         params: NDArray[Any],
         next_round: int = 1,
         seed: int | None = None,
+        history: Mapping[int, str] | None = None,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -192,8 +202,17 @@ class RoundBook:
         self.version = version
         self.digest = digest
         self.params = params
+        self.newest = version
+        """The highest version number released so far: the next release is ``newest + 1``
+        even after :meth:`rebase` went back to an older base (numbers are signed and
+        published; one is never given twice)."""
         self.next_round = next_round
         self.step_scale = 1.0
+        self.history: dict[int, str] = {**(history or {}), version: digest}
+        """Digest of each version released (those before this book's from ``history``):
+        an asynchronous round takes updates based on a recent one
+        (:func:`fedcore.wire.within_staleness`) whose digest is the one it was released
+        with."""
         self.current: OpenRound | None = None
         self.reference: list[Contribution] = []
         """The last closed round's contributions: their claims and norms join every median
@@ -240,8 +259,8 @@ class RoundBook:
 
     def accepts_base(self, base_version: int) -> bool:
         """True when an update trained from ``base_version`` may join the open round."""
-        lag = self.version - base_version
-        return 0 <= lag <= (self.policy.max_staleness if self.policy.mode == "async" else 0)
+        limit = self.policy.max_staleness if self.policy.mode == "async" else 0
+        return within_staleness(self.version, base_version, limit)
 
     def fold(self, contribution: Contribution, vector: NDArray[Any]) -> Contribution:
         """Fold one accepted update within the round's bounds; returns the contribution
@@ -283,8 +302,8 @@ class RoundBook:
 
     def begin_close(self, now: float | None = None) -> float:
         """The open round takes no more updates (:meth:`fold` refuses ``round-closed``);
-        it stays :attr:`current` until :meth:`advance` or :meth:`abandon`. Returns when
-        it stopped taking them (its record's ``closed_ts``)."""
+        it stays :attr:`current` until :meth:`release`, :meth:`hold` or :meth:`abandon`.
+        Returns when it stopped taking them (its record's ``closed_ts``)."""
         rnd = self._require_open()
         if rnd.closing_ts is None:
             rnd.closing_ts = time.time() if now is None else now
@@ -366,9 +385,12 @@ class RoundBook:
 
     def finalize(self) -> NDArray[Any]:
         """The candidate parameters from the open round (the round stays open until
-        :meth:`advance` or :meth:`abandon`)."""
+        :meth:`release`, :meth:`hold` or :meth:`abandon`). Stepping the server optimiser
+        here is undone by :meth:`hold`."""
         rnd = self._require_open()
         self.settle()
+        if rnd.server_before is None:
+            rnd.server_before = {k: v.copy() for k, v in self.strategy.server_state().items()}
         out: NDArray[Any] = self.strategy.finalize(rnd.state, self.params)
         if self.step_scale != 1.0:
             base = np.asarray(self.params, dtype=np.float32)
@@ -376,22 +398,52 @@ class RoundBook:
             out = base + np.float32(self.step_scale) * step
         return out
 
-    def after_hold(self) -> None:
-        """The candidate was held: the next one takes a shorter step."""
-        self.step_scale = max(MIN_STEP_SCALE, self.step_scale * self.policy.step_backoff)
-
-    def after_release(self) -> None:
-        """The candidate was released: the step grows back towards the full one."""
-        self.step_scale = min(1.0, self.step_scale / self.policy.step_backoff)
-
-    def advance(self, version: int, digest: str, params: NDArray[Any]) -> None:
-        """The candidate was released as ``version``: it is the new base."""
+    def release(self, version: int, digest: str, params: NDArray[Any]) -> None:
+        """The candidate was released as ``version``: it is the new base (and joins the
+        digest history), the step grows back towards the full one, the round closes."""
+        self._require_open()
+        self.history[version] = digest
         self.version, self.digest, self.params = version, digest, params
+        self.newest = max(self.newest, version)
+        self.step_scale = min(1.0, self.step_scale / self.policy.step_backoff)
         self._close()
+
+    def hold(self) -> None:
+        """The candidate was held: the strategy's server state is as before
+        :meth:`finalize`, the next candidate takes a shorter step, the round closes
+        without a new version."""
+        self._require_open()
+        self._restore_server_state()
+        self.step_scale = max(MIN_STEP_SCALE, self.step_scale * self.policy.step_backoff)
+        self._close()
+
+    def rebase(self, version: int, digest: str, params: NDArray[Any]) -> OpenRound | None:
+        """Base the next rounds on ``version``, a version released before (the one the
+        fleet serves after a rollback); returns the open round, abandoned.
+
+        The strategy's server state (momentum, moments) is reset: it carries the steps
+        that led to the dropped version. The step shrinks as after a held candidate.
+        :attr:`newest` is kept: the next release still gets a fresh number."""
+        if version > self.newest:
+            raise TrainerError("bad-rebase", f"{self.model}: version {version} was never released")
+        abandoned = self.current
+        self.version, self.digest, self.params = version, digest, params
+        self.strategy.load_server_state({})
+        self.step_scale = max(MIN_STEP_SCALE, self.step_scale * self.policy.step_backoff)
+        self.current = None  # its updates came from the dropped version: not a reference
+        return abandoned
 
     def abandon(self) -> None:
-        """Close the open round without a new version."""
+        """Close the open round without a new version (it failed: the step is kept; a
+        candidate finalized meanwhile leaves no server state)."""
+        self._restore_server_state()
         self._close()
+
+    def _restore_server_state(self) -> None:
+        rnd = self.current
+        if rnd is not None and rnd.server_before is not None:
+            self.strategy.load_server_state(rnd.server_before)
+            rnd.server_before = None
 
     def _close(self) -> None:
         if self.current is not None and self.current.folded:

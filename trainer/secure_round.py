@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from numpy.typing import NDArray
 
 from fedcore import subjects
-from fedcore.errors import ConfigError, SecAggError
+from fedcore.errors import ConfigError, FedgateError, SecAggError
 from fedcore.secagg import (
     AggregateResult,
     KeyAdvert,
@@ -172,17 +172,21 @@ class SecureRound:
             )
             params = server.params
             aggregate = await self._steps(server)
-        except (SecAggError, ConfigError) as exc:
-            log.warning(
-                "secure round failed: %s", exc, extra={"model": self.model, "round": self.round_no}
-            )
-            reason = exc.reason if isinstance(exc, SecAggError) else "config"
-            return SecureResult(None, f"secure aggregation failed: {exc}", reason=reason)
+        except SecAggError as exc:
+            return self._failed(exc, exc.reason)
+        except ConfigError as exc:
+            return self._failed(exc, "config")
         finally:
             if server is not None:
                 self._name_culprits(server.culprits)
             await self._broadcast(Phase.END, b"", self.enrolled)
         return SecureResult(aggregate, None, sensitivity(params, self.dim))
+
+    def _failed(self, exc: FedgateError, reason: str) -> SecureResult:
+        log.warning(
+            "secure round failed: %s", exc, extra={"model": self.model, "round": self.round_no}
+        )
+        return SecureResult(None, f"secure aggregation failed: {exc}", reason=reason)
 
     async def _steps(self, server: SecAggServer) -> AggregateResult:
         cohort = sorted(self.enrolled)

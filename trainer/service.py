@@ -28,13 +28,12 @@ from fedcore import subjects
 from fedcore.artifact_store import models_bucket, upload_version
 from fedcore.compression import sizes_from_layout
 from fedcore.envelope import RecipientPrivateKey
-from fedcore.errors import ConfigError
 from fedcore.fed_eval import FedEvalPolicy, FedEvalResult
 from fedcore.keys import load_ed25519, load_hpke_key
 from fedcore.kv import kv_bucket
 from fedcore.models import get_spec
 from fedcore.nats_client import close_service, connect_service
-from fedcore.params import layout, load_weights_file
+from fedcore.params import layout
 from fedcore.secagg.config import MIN_PARTICIPANTS
 from fedcore.transport import INLINE_MAX_BYTES, StreamSpec
 from fedcore.weights import evaluation_data
@@ -42,11 +41,9 @@ from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
     ROUNDS_BUCKET,
-    ClientRecipe,
 )
-from trainer import checkpoint
+from trainer.books import build_book, released_versions
 from trainer.bootstrap import ensure_version_one
-from trainer.bounds import UpdateBounds
 from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
 from trainer.errors import PrivacyBudgetExceeded
@@ -56,17 +53,15 @@ from trainer.ingest import IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.registry import RegistryFile, keep_mirrored, mirror_registry
-from trainer.release import FederatedEval, ReleaseContext, close_round, version_digest
+from trainer.release import FederatedEval, ReleaseContext, close_round
 from trainer.retry import retry_transient
 from trainer.rollout_client import RolloutRequester, rollout_requester
-from trainer.rounds import RoundBook, RoundPolicy
+from trainer.rounds import RoundBook
 from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
 from trainer.secure_setup import secure_configs
+from trainer.serving_watch import ServingWatch
 from trainer.settings import TrainerSettings
-from trainer.strategies import get_strategy
-from trainer.strategies.accountant import PrivacyLedger
-from trainer.strategies.base import Strategy
 from trainer.telemetry import RoundOutcomes, start_metrics
 
 log = logging.getLogger(__name__)
@@ -76,14 +71,16 @@ def bootstrap(settings: TrainerSettings) -> None:
     """Make sure version 1 of every configured model exists and is signed."""
     key = load_ed25519(settings.signing_key_file)
     for name in settings.models:
+        spec = get_spec(name)
         ensure_version_one(
-            get_spec(name),
+            spec,
             settings.artifacts_dir,
             settings.state_dir,
             key,
             fraction=settings.bootstrap_seed_fraction,
             epochs=settings.bootstrap_epochs,
             seed=settings.seed,
+            recipe=spec.recipe.overridden(**settings.recipe_overrides()),
         )
 
 
@@ -113,101 +110,6 @@ async def prepare_transport(nc: NATS, settings: TrainerSettings, registry: Regis
     for bucket in (ROUNDS_BUCKET, ROUND_LOG_BUCKET, LINEAGE_BUCKET):
         await kv_bucket(js, bucket, replicas)
     await models_bucket(js, create=True, replicas=replicas)
-
-
-def bounds_of(settings: TrainerSettings) -> UpdateBounds:
-    """The per-update bounds of the settings; ``dp_fedavg`` keeps only the absolute ones
-    (its sensitivity bound needs each edge's part independent of the others')."""
-    dp = settings.strategy.strip().lower().replace("-", "_") == "dp_fedavg"
-    return UpdateBounds(
-        max_samples=settings.max_samples_per_update,
-        sample_ratio=None if dp else settings.sample_weight_ratio,
-        norm_ratio=None if dp else settings.update_norm_ratio,
-        clip_norm=settings.update_clip_norm,
-        warmup=settings.bounds_warmup,
-    )
-
-
-def policy_of(settings: TrainerSettings) -> RoundPolicy:
-    return RoundPolicy(
-        bounds=bounds_of(settings),
-        mode=settings.round_mode,
-        min_updates=settings.min_updates,
-        deadline_s=settings.round_deadline_s,
-        sample_fraction=settings.sample_fraction,
-        buffer_size=settings.buffer_size,
-        max_staleness=settings.max_staleness,
-        staleness_exponent=settings.staleness_exponent,
-        step_backoff=settings.step_backoff,
-        recipe=ClientRecipe(
-            proximal_mu=settings.local_proximal_mu,
-            epochs=settings.local_epochs,
-            lr=settings.local_lr,
-            batch_size=settings.local_batch_size,
-            max_steps=settings.local_max_steps,
-        ),
-    )
-
-
-def released_versions(settings: TrainerSettings, model: str) -> list[int]:
-    root = settings.artifacts_dir / model
-    return sorted(
-        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "manifest.json").exists()
-    )
-
-
-def build_strategy(settings: TrainerSettings, model: str) -> Strategy:
-    """The configured strategy; ``dp_fedavg`` gets the per-model privacy ledger."""
-    options: dict[str, Any] = dict(settings.strategy_options)
-    if settings.strategy.strip().lower().replace("-", "_") == "dp_fedavg":
-        if settings.dp_epsilon_budget is None:
-            raise ConfigError("dp_fedavg needs FEDGATE_TRAINER_DP_EPSILON_BUDGET (total epsilon)")
-        ledger_path = settings.state_dir / "privacy-ledger.json"
-        options |= {
-            "ledger": PrivacyLedger(ledger_path, settings.dp_epsilon_budget, settings.dp_delta),
-            "model": model,
-        }
-    strategy = get_strategy(settings.strategy, **options)
-    check_quorum(settings, strategy)
-    return strategy
-
-
-def check_quorum(settings: TrainerSettings, strategy: Strategy) -> None:
-    """Refuse a round size below what the strategy needs (Krum: ``2f + 3`` updates), so a
-    round never closes with too few updates to aggregate (an async buffer closes with
-    ``BUFFER_SIZE``, or at its timeout with ``MIN_UPDATES``)."""
-    needed = int(getattr(strategy, "min_round_updates", 1))
-    sizes = [("MIN_UPDATES", settings.min_updates)]
-    if settings.round_mode == "async":
-        sizes.insert(0, ("BUFFER_SIZE", settings.buffer_size))
-    for name, quorum in sizes:
-        if quorum < needed:
-            raise ConfigError(
-                f"strategy {strategy.name} {strategy.options()} needs {needed} updates per "
-                f"round; FEDGATE_TRAINER_{name} is {quorum}"
-            )
-
-
-def build_book(settings: TrainerSettings, model: str) -> RoundBook:
-    """The model's round book: from its checkpoint, else from its newest version."""
-    strategy = build_strategy(settings, model)
-    newest = released_versions(settings, model)[-1]
-    directory = settings.artifacts_dir / model / str(newest)
-    params = load_weights_file(directory / "weights.npy", mapped=True)  # read when used
-    book = RoundBook(
-        model,
-        policy_of(settings),
-        strategy,
-        version=newest,
-        digest=version_digest(directory),
-        params=params,
-        seed=settings.seed,
-    )
-    restored = checkpoint.load(settings.state_dir / "checkpoints" / model)
-    if restored is not None and restored.version <= newest:
-        checkpoint.resume(book, restored)
-        log.info("resumed from checkpoint", extra={"model": model, "round": book.next_round - 1})
-    return book
 
 
 async def announce(js: JetStreamContext, book: RoundBook, replicas: int = 1) -> None:
@@ -276,16 +178,19 @@ async def run_rounds(
     secure: SecureCoordinator | None = None,
     outcomes: RoundOutcomes | None = None,
     backlog: Callable[[], Awaitable[int]] | None = None,
+    follow: ServingWatch | None = None,
 ) -> None:
     """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds`` of
     each model); each released version is handed to ``rollouts`` (the gateway rolls it
     out); secure rounds run through ``secure``; ``outcomes`` counts how rounds ended;
     ``backlog`` (the ingestor's) holds a round past its deadline while updates wait in the
-    stream."""
+    stream; ``follow`` rebases a model's rounds on the version its fleet went back to."""
     closed = dict.fromkeys(driver.books, 0)  # per model: one model's rounds are its own
     exhausted: set[str] = set()
     while not stop.is_set():
         for model, book in driver.books.items():
+            if follow is not None:
+                await follow.apply(model)
             if book.current is None:
                 if settings.max_rounds is not None and closed[model] >= settings.max_rounds:
                     continue
@@ -313,7 +218,6 @@ async def run_rounds(
                 outcomes.observe(record)
             if rollouts is not None and record.released_version is not None:
                 rollouts.request(model, record.released_version)
-            driver.digests[model][book.version] = book.digest
             driver.save(model)
             closed[model] += 1
             await asyncio.sleep(settings.round_interval_s)
@@ -354,53 +258,26 @@ async def _run(
     js = nc.jetstream()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     books = {m: build_book(settings, m) for m in settings.models}
-    sizes = {
-        m: tuple(sizes_from_layout(layout(get_spec(m).build_module()))) for m in settings.models
-    }
-    driver = RoundDriver(books, settings.state_dir, sizes)
-    contexts: dict[str, ReleaseContext] = {}
-    for m in settings.models:
-        spec = get_spec(m)
-        x_test, y_test = evaluation_data(spec) or (None, None)  # None: the edges evaluate
-        contexts[m] = ReleaseContext(
-            spec,
-            signing,
-            settings.artifacts_dir,
-            settings.state_dir,
-            settings.gate_margin,
-            x_test,
-            y_test,
-            replicas=settings.nats_replicas,
-            federated=federated_runner(settings, nc, signing, registry),
-            gate_z=settings.gate_z,
-        )
-        for v in released_versions(settings, m):
-            driver.digests[m][v] = version_digest(settings.artifacts_dir / m / str(v))
-            await upload_version(
-                js, m, v, settings.artifacts_dir / m / str(v), replicas=settings.nats_replicas
-            )
+    driver = RoundDriver(books, settings.state_dir, model_sizes(settings))
+    federated = federated_runner(settings, nc, signing, registry)
+    contexts = {m: release_context(settings, m, signing, federated) for m in settings.models}
+    await upload_released(js, settings)
     telemetry = start_metrics(settings, books)
-    ingestor = UpdateIngestor(
-        js,
-        recipient=recipient,
-        edges=registry,
-        rounds=driver,
-        aggregator=driver,
-        ledger=await UpdateLedger.open(js, replicas=settings.nats_replicas),
-        metrics=IngestMetrics(telemetry.registry),
-        options=IngestOptions(
-            max_update_bytes=settings.max_update_bytes, ack_wait_s=settings.updates_ack_wait_s
-        ),
-    )
-    await ingestor.bind()
+    ingestor = await start_ingestor(settings, js, recipient, registry, driver, telemetry.registry)
+    rollouts = rollout_requester(settings)
+    follow = ServingWatch.for_trainer(settings, js, driver, signing, rollouts)
+    await follow.start()  # a rollback while the trainer was down: rebased before recovery
     await recover(settings, driver, ingestor, js)
     fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
-    secure = await start_secure(settings, nc, registry, sizes, fleet.alive, telemetry.registry)
+    secure = await start_secure(
+        settings, nc, registry, driver.sizes, fleet.alive, telemetry.registry
+    )
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
-    rollouts = rollout_requester(settings)
     if rollouts is not None:  # a release the last run may have died before handing over
-        rollouts.request_current({m: b.version for m, b in driver.books.items()})
+        rollouts.request_current(
+            {m: b.version for m, b in books.items() if follow.serving(m) != b.version}
+        )
     try:
         await asyncio.gather(
             ingestor.run(stop),
@@ -416,12 +293,78 @@ async def _run(
                 secure,
                 telemetry.outcomes,
                 ingestor.backlog,
+                follow,
             ),
+            follow.run(stop),
             *([rollouts.run(stop)] if rollouts is not None else []),
         )
     finally:
         if secure is not None:
             await secure.stop()
+
+
+def model_sizes(settings: TrainerSettings) -> dict[str, tuple[int, ...]]:
+    """Each model's tensor sizes, in the order its updates are flattened."""
+    return {
+        m: tuple(sizes_from_layout(layout(get_spec(m).build_module()))) for m in settings.models
+    }
+
+
+def release_context(
+    settings: TrainerSettings,
+    model: str,
+    signing: ed25519.Ed25519PrivateKey,
+    federated: FederatedEval,
+) -> ReleaseContext:
+    """What closing a round of ``model`` needs; without an evaluation set of its own the
+    trainer asks the edges to evaluate (``federated``)."""
+    spec = get_spec(model)
+    x_test, y_test = evaluation_data(spec) or (None, None)
+    return ReleaseContext(
+        spec,
+        signing,
+        settings.artifacts_dir,
+        settings.state_dir,
+        settings.gate_margin,
+        x_test,
+        y_test,
+        replicas=settings.nats_replicas,
+        federated=federated,
+        gate_z=settings.gate_z,
+    )
+
+
+async def upload_released(js: JetStreamContext, settings: TrainerSettings) -> None:
+    """Put every released version of every model into the models object store."""
+    for m in settings.models:
+        for v in released_versions(settings, m):
+            directory = settings.artifacts_dir / m / str(v)
+            await upload_version(js, m, v, directory, replicas=settings.nats_replicas)
+
+
+async def start_ingestor(
+    settings: TrainerSettings,
+    js: JetStreamContext,
+    recipient: RecipientPrivateKey,
+    registry: RegistryFile,
+    driver: RoundDriver,
+    metrics_registry: CollectorRegistry,
+) -> UpdateIngestor:
+    """The updates consumer, bound, folding into ``driver``'s books."""
+    ingestor = UpdateIngestor(
+        js,
+        recipient=recipient,
+        edges=registry,
+        rounds=driver,
+        aggregator=driver,
+        ledger=await UpdateLedger.open(js, replicas=settings.nats_replicas),
+        metrics=IngestMetrics(metrics_registry),
+        options=IngestOptions(
+            max_update_bytes=settings.max_update_bytes, ack_wait_s=settings.updates_ack_wait_s
+        ),
+    )
+    await ingestor.bind()
+    return ingestor
 
 
 async def recover(

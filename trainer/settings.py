@@ -10,7 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from fedcore.models import models_setting
 from fedcore.secagg.options import SecAggOptions
-from fedcore.settings import NatsReplicas, ServiceSettings
+from fedcore.settings import NatsReplicas, ServiceSettings, setting_default
 from fedcore.transport import StreamSpec
 
 
@@ -110,7 +110,8 @@ class TrainerSettings(ServiceSettings):
     sample_fraction: float = Field(default=1.0, gt=0, le=1, description="sync: edges invited")
     buffer_size: int = Field(default=3, ge=1, description="async: updates per aggregation")
     max_staleness: int = Field(default=2, ge=0, description="async: oldest base accepted")
-    # the local recipe every round announcement tells edges (unset: the edge's own)
+    # overrides of the model spec's training recipe (fedcore.spec.TrainingRecipe): what
+    # every round announcement tells edges (unset: the edge's own), and version 1's bootstrap
     local_epochs: int | None = Field(
         default=None, ge=1, description="edges' local epochs per round (unset: the edge's)"
     )
@@ -118,7 +119,10 @@ class TrainerSettings(ServiceSettings):
         default=None, gt=0, description="edges' local learning rate (unset: the edge's)"
     )
     local_batch_size: int | None = Field(
-        default=None, ge=1, description="edges' local mini-batch size (unset: the edge's)"
+        default=None,
+        ge=1,
+        description="edges' local mini-batch size (unset: the edge's), and version 1's "
+        "bootstrap batch (unset: the model spec's)",
     )
     local_max_steps: int | None = Field(
         default=None, ge=1, description="most mini-batches of one local run (unset: the edge's)"
@@ -221,6 +225,18 @@ class TrainerSettings(ServiceSettings):
         default=1.0, gt=0, description="secure rounds: resend a step to edges that did not answer"
     )
 
+    def recipe_overrides(self) -> dict[str, Any]:
+        """The training recipe's fields the ``LOCAL_*`` settings override (None: the
+        model spec's), by :class:`fedcore.spec.TrainingRecipe` field name: what round
+        announcements tell edges, and what version 1's bootstrap trains with."""
+        return {
+            "proximal_mu": self.local_proximal_mu,
+            "epochs": self.local_epochs,
+            "lr": self.local_lr,
+            "batch_size": self.local_batch_size,
+            "max_steps": self.local_max_steps,
+        }
+
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
@@ -228,3 +244,9 @@ class TrainerSettings(ServiceSettings):
     @property
     def state_dir(self) -> Path:
         return self.data_dir / "state"
+
+
+def trainer_default(name: str) -> Any:
+    """The default of the setting ``name``: what a component built without the settings
+    (tests, benchmarks) uses, so that it runs with the value production runs with."""
+    return setting_default(TrainerSettings, name)

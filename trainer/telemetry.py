@@ -1,7 +1,8 @@
 """The trainer's Prometheus registry: update ingestion and the state of each model's rounds.
 
 - the ingestion counters of :mod:`trainer.ingest_metrics` (registered by the caller);
-- ``fedgate_trainer_model_version{model}``: the newest global version (the round base);
+- ``fedgate_trainer_model_version{model}``: the round base (the newest release, or the
+  version the fleet went back to after a rollback);
 - ``fedgate_trainer_round{model}``: the id of the open round, else of the last one opened;
 - ``fedgate_trainer_round_open{model}``: 1 while a round is open;
 - ``fedgate_trainer_round_updates{model}``: updates accepted into the open round;
@@ -54,7 +55,10 @@ class RoundsCollector:
         def gauge(name: str, text: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"fedgate_trainer_{name}", text, labels=["model"])
 
-        version = gauge("model_version", "Newest global version of the model (the round base)")
+        version = gauge(
+            "model_version",
+            "The round base: the newest release, or the version the fleet went back to",
+        )
         current = gauge("round", "Id of the open round, else of the last round opened")
         is_open = gauge("round_open", "1 while a round of the model is open")
         updates = gauge("round_updates", "Updates accepted into the open round")

@@ -10,9 +10,10 @@ Modules: :mod:`config` (settings, compatibility check), :mod:`shamir`, :mod:`prg
 format), :mod:`agreement` (keys, signatures, share encryption), :mod:`client` (edge),
 :mod:`server` (trainer).
 
-Every refusal is a :class:`fedcore.errors.SecAggError` whose ``reason`` is one of:
+Every refusal is a :class:`fedcore.errors.SecAggError` whose ``reason`` is one of
+:data:`fedcore.errors.SecAggReason`:
 ``wrong-phase``, ``wrong-round``, ``unexpected-sender``, ``duplicate``, ``malformed``,
-``unknown-participant``, ``config-mismatch``, ``bad-signature``, ``bad-key``,
+``oversize``, ``unknown-participant``, ``config-mismatch``, ``bad-signature``, ``bad-key``,
 ``bad-share``, ``below-threshold``, ``shape-mismatch``, ``non-finite``,
 ``inconsistent-survivors``, ``inconsistent-request``, ``disconnected-survivors``,
 ``both-shares-requested``, ``reconstruction-mismatch``, ``out-of-range``. Settings problems

@@ -21,7 +21,7 @@ from trainer.strategies.clipping import NormClipping
 from trainer.strategies.dp import DPFedAvg
 from trainer.strategies.fedavg import FedAvg
 from trainer.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from trainer.strategies.fedprox import FedProx, proximal_term
+from trainer.strategies.fedprox import FedProx
 from trainer.strategies.krum import MultiKrum
 from trainer.strategies.median import Median
 from trainer.strategies.trimmed_mean import TrimmedMean
@@ -86,6 +86,5 @@ __all__ = [
     "Strategy",
     "TrimmedMean",
     "get_strategy",
-    "proximal_term",
     "strategy_names",
 ]

@@ -59,6 +59,11 @@ class Strategy(Protocol):
         """Restore what :meth:`server_state` returned."""
         ...
 
+    def epsilon_spent(self) -> float | None:
+        """Epsilon the model has spent so far under central DP, as the strategy's privacy
+        ledger says (None: the strategy keeps no privacy ledger)."""
+        ...
+
 
 def expect_sum(state: RoundState, strategy: str) -> WeightedSum:
     """Narrow a round state to :class:`WeightedSum` or raise ``wrong-state``."""
@@ -119,7 +124,14 @@ def require_fraction(
     return v
 
 
-class StatelessMixin:
+class NoAccounting:
+    """``epsilon_spent`` for strategies that keep no privacy ledger."""
+
+    def epsilon_spent(self) -> float | None:
+        return None
+
+
+class StatelessMixin(NoAccounting):
     """``server_state`` / ``load_server_state`` for strategies with nothing to carry."""
 
     def server_state(self) -> ServerState:

@@ -134,6 +134,9 @@ class DPFedAvg(StatelessMixin):
         self.model = model
         self._random_bytes = random_bytes
 
+    def epsilon_spent(self) -> float | None:
+        return None if self.ledger is None else float(self.ledger.spent(self.model))
+
     @property
     def noise_std(self) -> float:
         """Standard deviation of the noise added to each coordinate of the sum."""

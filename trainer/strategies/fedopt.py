@@ -33,6 +33,7 @@ import numpy.typing as npt
 from trainer.aggregate import F32Array, F64Array, WeightedSum
 from trainer.errors import AggregationError
 from trainer.strategies.base import (
+    NoAccounting,
     OptionValue,
     RoundState,
     ServerState,
@@ -77,7 +78,7 @@ def adam_bias_corrected_eta(eta: float, beta1: float, beta2: float, t: int) -> f
     return eta * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
 
 
-class _ServerOptimizer:
+class _ServerOptimizer(NoAccounting):
     """Streams the round's weighted mean, then takes one server optimiser step."""
 
     name: ClassVar[str] = "fedopt"

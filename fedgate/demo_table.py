@@ -1,0 +1,86 @@
+"""``fedgate demo``'s per-round table: a rich table (:mod:`fedgate.display`), drawn for a
+terminal or as plain text, with a line under it saying which way the metric is better."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedcore.task import MetricSpec
+from fedgate.display import render_table
+
+
+@dataclass
+class RoundRow:
+    round: int
+    edges: str = "-"
+    samples: int | None = 0  # None: securely aggregated, per-edge counts stay on the edges
+    value: float | None = None  # the model's metric on the trainer's evaluation
+    loss: float | None = None
+    epsilon: float | None = None
+    released: str = "-"
+    rollout: str = "-"
+    serving: float | None = None  # the serving version's metric on the same evaluation
+    se: float | None = None  # the paired standard error of value - serving (central gate)
+
+
+def _contributor(c: dict[str, Any], record: dict[str, Any]) -> str:
+    """An edge's number in the table; ``~`` when its update was trained on an older base."""
+    stale = int(c.get("base_version", 0)) < int(record.get("base_version", 0))
+    return str(c["edge_id"]).removeprefix("edge-") + ("~" if stale else "")
+
+
+def columns(metric: str) -> tuple[str, ...]:
+    """The table's headers; the metric's column is named after the model's metric."""
+    return (
+        "round",
+        "edges",
+        "samples",
+        metric,
+        "vs serving",
+        "loss",
+        "epsilon",
+        "released",
+        "rollout",
+    )
+
+
+def table(
+    rows: list[RoundRow], metric: str | MetricSpec = "accuracy", *, fancy: bool = False
+) -> list[str]:
+    """The per-round table: the header, (when plain) a rule, a line per round; then,
+    when ``metric`` is a :class:`MetricSpec`, a line saying which way it is better.
+    ``fancy``: drawn for a terminal."""
+    name = metric.name if isinstance(metric, MetricSpec) else metric
+    cells = [
+        [
+            r.round,
+            r.edges,
+            r.samples,
+            r.value,
+            change(r),
+            r.loss,
+            None if r.epsilon is None else f"{r.epsilon:.2f}",
+            r.released,
+            r.rollout,
+        ]
+        for r in rows
+    ]
+    right = {"samples", name, "vs serving", "loss", "epsilon"}
+    lines = render_table(columns(name), cells, fancy=fancy, right=right)
+    if isinstance(metric, MetricSpec):
+        lines.append(
+            f"({name}: {metric.direction} is better; vs serving: candidate minus serving, "
+            "x100, ± one paired standard error)"
+        )
+    return lines
+
+
+def change(r: RoundRow) -> str:
+    """The candidate against the serving version in points of the metric (x100), with the
+    paired standard error when the trainer's gate measured one: a change inside one or
+    two of them is noise of the evaluation set, not learning or forgetting."""
+    if r.value is None or r.serving is None:
+        return "-"
+    diff = f"{100 * (r.value - r.serving):+.1f}"
+    return diff if r.se is None else f"{diff} ± {100 * r.se:.1f}"
