@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.errors import ModelSpecError
+from fedcore.pages import file_pages
 
 if TYPE_CHECKING:
     import torch
@@ -38,25 +39,37 @@ def flatten(module: torch.nn.Module) -> NDArray[Any]:
     return out
 
 
+_COPY_SLICE = 1 << 20
+
+
 def load_flat(module: torch.nn.Module, vector: NDArray[Any]) -> None:
     """Write a flat FP32 vector back into ``module`` (shape-checked), tensor by tensor in
-    place: no second copy of the model is built on the way."""
+    place: no second copy of the model is built on the way. A read-only vector (mapped
+    from its file) is copied a slice at a time, the slice's pages given back."""
     import torch
 
     state = module.state_dict()
     total = sum(t.numel() for t in state.values() if t.is_floating_point())
     if vector.ndim != 1 or vector.size != total:
         raise ModelSpecError(f"parameter vector has {vector.size} values, model needs {total}")
-    offset = 0
+    pages, offset = file_pages(vector), 0
     with torch.no_grad():
         for t in state.values():
             if not t.is_floating_point():
                 continue
             n = t.numel()
             chunk = np.ascontiguousarray(vector[offset : offset + n], dtype=np.float32)
-            if not chunk.flags.writeable:  # torch wants a writable array to wrap
-                chunk = chunk.copy()
-            t.copy_(torch.from_numpy(chunk).reshape(t.shape))
+            if chunk.flags.writeable:
+                t.copy_(torch.from_numpy(chunk).reshape(t.shape))
+            elif not t.is_contiguous():
+                t.copy_(torch.from_numpy(chunk.copy()).reshape(t.shape))
+            else:  # torch wraps writable arrays only: a slice at a time, not the tensor
+                flat = t.view(-1)
+                for at in range(0, n, _COPY_SLICE):
+                    part = np.array(chunk[at : at + _COPY_SLICE])
+                    flat[at : at + part.size].copy_(torch.from_numpy(part))
+                    if pages is not None:
+                        pages.drop(offset + at + part.size)
             offset += n
 
 

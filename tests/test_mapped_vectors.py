@@ -5,13 +5,14 @@ time with the slice's pages given back; the results are those of in-memory vecto
 
 from __future__ import annotations
 
-import numpy as np
-
 from pathlib import Path
 
+import numpy as np
+
+from fedcore.pages import file_pages
 from fedcore.params import load_weights_file
 from trainer import checkpoint
-from trainer.aggregate import WeightedSum, file_pages, update_norm
+from trainer.aggregate import WeightedSum, update_norm
 from trainer.rounds import RoundBook, RoundPolicy, spill
 from trainer.strategies import get_strategy
 
@@ -107,3 +108,24 @@ def test_a_checkpoint_of_mapped_parameters_does_not_keep_their_pages(tmp_path: P
     assert grown < 0.25 * mapped.nbytes, f"{grown / 1e6:.1f} MB of parameters resident"
     restored = checkpoint.load(tmp_path / "ckpt")
     assert restored is not None and np.array_equal(restored.params, params)
+
+
+def test_loading_mapped_parameters_into_a_module_keeps_neither_a_copy_nor_their_pages(
+    tmp_path: Path,
+) -> None:
+    """The release gate scores the serving parameters in a torch module: from their mapped
+    file they are copied a slice at a time (a read-only array cannot be wrapped whole)."""
+    import torch
+
+    from fedcore.params import flatten, load_flat
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(1000, 10_000), torch.nn.Linear(10_000, 4))
+    params = flatten(module) + np.float32(0.5)
+    np.save(tmp_path / "weights.npy", params, allow_pickle=False)
+    mapped = load_weights_file(tmp_path / "weights.npy", mapped=True)
+    before = rss_bytes()
+    load_flat(module, mapped)
+    grown = rss_bytes() - before
+    assert np.array_equal(flatten(module), params)
+    assert grown < 0.25 * mapped.nbytes, f"{grown / 1e6:.1f} MB resident"

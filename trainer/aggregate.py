@@ -26,13 +26,13 @@ exactly as it was.
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from fedcore.pages import FilePages, file_pages
 from trainer.errors import UpdateRejected
 
 F32Array = npt.NDArray[np.float32]
@@ -95,43 +95,6 @@ def update_norm(update: npt.NDArray[Any], dim: int, pages: FilePages | None = No
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class FilePages:
-    """The file mapping under a vector read from disk (:func:`file_pages`), for one pass
-    over it: the pages are dropped from the process as the pass reads past them (the
-    kernel reads them again from the file if they are touched again), so a pass over a
-    held update or the current parameters does not map the whole file into the trainer's
-    resident set."""
-
-    def __init__(self, mapping: mmap.mmap, start: int, itemsize: int) -> None:
-        self._mapping = mapping
-        self._start = start
-        self._itemsize = itemsize
-        self._done = start // mmap.PAGESIZE * mmap.PAGESIZE
-
-    def drop(self, values: int) -> None:
-        """The first ``values`` values are read: give back their whole pages."""
-        end = (self._start + values * self._itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > self._done:
-            self._mapping.madvise(mmap.MADV_DONTNEED, self._done, end - self._done)
-            self._done = end
-
-
-def file_pages(vector: npt.NDArray[Any]) -> FilePages | None:
-    """The mapping of a vector that is a file mapped read-only (a :class:`numpy.memmap`
-    of mode ``r`` over ``mmap``: a spilled update, or ``np.load(..., mmap_mode="r")``),
-    else ``None``. Only such a mapping may drop its pages: nothing in it is lost."""
-    base = vector.base
-    if not (
-        isinstance(vector, np.memmap)
-        and vector.mode == "r"
-        and isinstance(base, mmap.mmap)
-        and vector.flags.c_contiguous
-    ):
-        return None
-    start = vector.ctypes.data - np.frombuffer(base, dtype=np.uint8).ctypes.data
-    return FilePages(base, start, vector.itemsize)
 
 
 def check_weight(weight: float) -> float:

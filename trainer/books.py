@@ -99,7 +99,8 @@ def build_book(settings: TrainerSettings, model: str) -> RoundBook:
     versions = released_versions(settings, model)
     history = {v: version_digest(settings.artifacts_dir / model / str(v)) for v in versions}
     newest = versions[-1]
-    params = load_weights_file(settings.artifacts_dir / model / str(newest) / "weights.npy")
+    weights = settings.artifacts_dir / model / str(newest) / "weights.npy"
+    params = load_weights_file(weights, mapped=True)  # read when used, not kept resident
     book = RoundBook(
         model,
         policy_of(settings),

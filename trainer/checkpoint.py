@@ -26,8 +26,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.files import write_atomic
+from fedcore.pages import file_pages
 from fedcore.wire import RoundAnnouncement
-from trainer.aggregate import WeightedSum, file_pages
+from trainer.aggregate import WeightedSum
 from trainer.errors import TrainerError
 from trainer.rounds import Contribution, OpenRound, RoundBook
 

@@ -163,9 +163,9 @@ class UpdateOpener:
         envelope, path = await self.resolve(data)
         if self._on_wire is not None:
             self._on_wire(len(envelope), path)
+        digest = sha256_hex(envelope)  # before verify: it decrypts a bytearray in place
         header, vector = await self.verify(envelope, model, edge_id, rounds.target(model))
-        digest = sha256_hex(envelope)
-        del envelope  # not held while folding: a large model's envelope is its size again
+        del envelope  # an object's buffer now holds the payload the vector views
         return OpenedUpdate(header, vector, digest)
 
     async def resolve(self, data: BytesLike) -> tuple[BytesLike, str]:
@@ -220,6 +220,7 @@ class UpdateOpener:
             recipient=self._recipient,
             edge_keys=registry.lookup_any if accepted_before else registry.lookup,
             max_payload=self.max_update_bytes,
+            in_place=isinstance(envelope, bytearray),  # an object's buffer, ours alone
         )
         if (header.model, header.edge_id) != (model, edge_id):
             raise Refused(

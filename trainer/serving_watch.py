@@ -292,7 +292,8 @@ class ServingWatch:
         """A released version's digest and parameters, its signature and files checked."""
         directory = self.artifacts_dir / model / str(version)
         verify_version_dir(directory, self.trusted, model=model, version=version)
-        return version_digest(directory), load_weights_file(directory / "weights.npy")
+        # mapped, as build_book does: the base's pages are read when used, not kept
+        return version_digest(directory), load_weights_file(directory / "weights.npy", mapped=True)
 
     # -- rebasing (in the round loop) ------------------------------------------------------
     async def apply(self, model: str) -> bool:
