@@ -129,3 +129,38 @@ def test_loading_mapped_parameters_into_a_module_keeps_neither_a_copy_nor_their_
     grown = rss_bytes() - before
     assert np.array_equal(flatten(module), params)
     assert grown < 0.25 * mapped.nbytes, f"{grown / 1e6:.1f} MB resident"
+
+
+def test_a_shorter_step_after_a_hold_is_computed_in_place(tmp_path: Path) -> None:
+    """After a held candidate the next one is ``base + scale * (candidate - base)``:
+    the same FP32 values as on whole vectors, without a step and a scaled step of the
+    model's size beside the candidate (and with the base mapped, without its pages)."""
+    import tracemalloc
+
+    dim = 2_000_000
+    params, mapped = mapped_params(tmp_path, dim)
+    books = []
+    for base in (params, mapped):
+        book = RoundBook(
+            "wide", RoundPolicy(), get_strategy("fedavg"), version=1, digest="0" * 64, params=base
+        )
+        book.step_scale = 0.35
+        book.open(["edge-1"])
+        book.strategy.fold(book.current.state, np.full(dim, 3e-3, dtype=np.float32), 5.0)
+        books.append(book)
+    full = books[0].strategy.finalize(books[0].current.state, params)
+    expected = params + np.float32(0.35) * (full - params)
+    tracemalloc.start()
+    try:
+        candidate = books[0].finalize()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(candidate, expected)
+    # the candidate and step_onto's FP64 slices: 12.2 MB; whole vectors were 3 more
+    assert peak < 1.75 * 4 * dim, f"{peak / 1e6:.1f} MB traced"
+    before = rss_bytes()
+    from_mapped = books[1].finalize()
+    grown = rss_bytes() - before - from_mapped.nbytes
+    assert np.array_equal(from_mapped, expected)
+    assert grown < 0.25 * mapped.nbytes, f"{grown / 1e6:.1f} MB of parameters resident"

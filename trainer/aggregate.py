@@ -113,6 +113,29 @@ def clip_factor(norm: float, max_norm: float | None) -> float:
     return max_norm / norm
 
 
+def scale_step(candidate: npt.NDArray[Any], base: npt.NDArray[Any], scale: float) -> F32Array:
+    """``base + scale * (candidate - base)`` in FP32, the same operations bit for bit as
+    on whole vectors, written into ``candidate`` (when it is a writable FP32 vector of its
+    own) a slice at a time: no step and scaled step of the model's size each. A ``base``
+    mapped from its file gives its pages back as it is read."""
+    own = (
+        candidate.dtype == np.float32
+        and candidate.flags.writeable
+        and not np.may_share_memory(candidate, base)
+    )
+    out: F32Array = candidate if own else np.array(candidate, dtype=np.float32)
+    factor, pages = np.float32(scale), file_pages(base)
+    for at in range(0, out.size, SCRATCH_VALUES):
+        end = min(at + SCRATCH_VALUES, out.size)
+        part, below = out[at:end], np.asarray(base[at:end], dtype=np.float32)
+        np.subtract(part, below, out=part)
+        np.multiply(factor, part, out=part)
+        np.add(below, part, out=part)
+        if pages is not None:
+            pages.drop(end)
+    return out
+
+
 class WeightedSum:
     """Running ``sum_i weight_i * scale_i * update_i``, count and total weight.
 

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.wire import ClientRecipe, RoundAnnouncement, within_staleness
-from trainer.aggregate import WeightedSum, update_norm
+from trainer.aggregate import WeightedSum, scale_step, update_norm
 from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError, UpdateRejected
 from trainer.settings import trainer_default
@@ -392,10 +392,8 @@ class RoundBook:
         if rnd.server_before is None:
             rnd.server_before = {k: v.copy() for k, v in self.strategy.server_state().items()}
         out: NDArray[Any] = self.strategy.finalize(rnd.state, self.params)
-        if self.step_scale != 1.0:
-            base = np.asarray(self.params, dtype=np.float32)
-            step = np.asarray(out, dtype=np.float32) - base
-            out = base + np.float32(self.step_scale) * step
+        if self.step_scale != 1.0:  # base + scale * (out - base), in place a slice at a time
+            out = scale_step(out, self.params, self.step_scale)
         return out
 
     def release(self, version: int, digest: str, params: NDArray[Any]) -> None:
