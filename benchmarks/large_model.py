@@ -20,7 +20,10 @@ and the trainer are separate processes (this script with ``--role``): each peak 
 Printed: seconds per step (edge steps: mean over edges; ``transfer`` = put + get per
 update); the trainer's peak RSS after ingesting and after releasing, and after releasing
 a round of twice the updates (the same edges publishing again under other ids: memory
-must not grow with the number of updates); the peak RSS of the edge that trained, sealed
+must not grow with the number of updates), and with the central release gate's scoring
+(candidate and serving version in torch on the digits test split, as ``trainer/release.py``
+``_gate`` does where the trainer has evaluation data; run after the release here, the
+round's sum still held as it is during the gate); the peak RSS of the edge that trained, sealed
 and published, and of the one that rolled the version out (no torch there: plain MB); the
 peak RSS of the trainer's export child (forked: its RSS counts pages shared with the trainer).
 Each other RSS also as (RSS - floor) over the model's FP32 size, the floor being a process
@@ -168,11 +171,13 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     from fedcore.artifact import verify_version_dir
     from fedcore.artifact_store import upload_version
     from fedcore.compression import sizes_from_layout
+    from fedcore.models.digits import train_test_split_digits
     from fedcore.models.wide import wide_spec
     from fedcore.params import flatten, layout, load_weights_file
     from fedcore.transport import UpdatePointer, is_pointer
     from trainer.bootstrap import write_version
     from trainer.driver import RoundDriver
+    from trainer.evaluate import evaluate_scores
     from trainer.ingest import IngestOptions, UpdateIngestor, Verdict
     from trainer.ingest_metrics import IngestMetrics
     from trainer.ledger import UpdateLedger
@@ -235,6 +240,12 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     )
     await upload_version(js, "wide", 2, directory)
     t4 = time.perf_counter()
+    release_rss = peak_rss_mb()
+    # the central gate (trainer/release.py _gate, where the trainer has evaluation data):
+    # candidate and serving version scored in torch, measured after the rest of the round
+    _, _, eval_x, eval_y = train_test_split_digits()
+    evaluate_scores(spec, candidate, eval_x, eval_y)
+    evaluate_scores(spec, book.params, eval_x, eval_y)
     await nc.close()
     shutil.rmtree(state)
     return {
@@ -242,7 +253,8 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
         "aggregate": handle - get,
         "release": t4 - t3,
         "ingest_rss": ingest_rss,
-        "rss": peak_rss_mb(),
+        "rss": release_rss,
+        "gate_rss": peak_rss_mb(),
         "export_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / MB,
     }
 
@@ -397,7 +409,8 @@ def one_size(millions: float, n_edges: int, root: Path, url: str, password: str)
         f"{mean['seal']:5.2f} {mean['put'] + trainer['get'] / n_edges:8.2f} "
         f"{trainer['aggregate'] / n_edges:9.2f} {trainer['release']:7.1f} "
         f"{rollout['rollout']:7.1f} | {rss(trainer['ingest_rss'])}  {rss(trainer['rss'])}  "
-        f"{rss(trainer2['rss'])} {rss(trainer['export_rss'])} | {rss(edge_rss)}    "
+        f"{rss(trainer2['rss'])} {rss(trainer['gate_rss'])} {rss(trainer['export_rss'])} | "
+        f"{rss(edge_rss)}    "
         f"{rollout['rss']:5.0f} | {floor:5.0f}",
         flush=True,
     )
@@ -426,12 +439,13 @@ def main() -> None:
     )
     print(
         "                   |             seconds per update     round  edge    |"
-        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  export child |"
+        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  with gate     "
+        "export child |"
         " edge peak RSS, MB                 |"
     )
     print(
         "params(M) MB(FP32) | train  seal transfer aggregate release rollout |"
-        "  after ingest   after release   after release   (forked)     |"
+        "  after ingest   after release   after release   (3 updates)   (forked)     |"
         "  train+seal+put   rollout         | floor"
     )
     with tempfile.TemporaryDirectory(prefix="fedgate-large-") as tmp:
