@@ -162,6 +162,17 @@ class Registry:
         return self.registry
 
 
+def central_gate(spec: Any, candidate: Any, serving: Any) -> None:
+    """The central gate's scoring (``trainer/release.py`` ``_gate``, where the trainer has
+    evaluation data): candidate and serving version in torch on the digits test split."""
+    from fedcore.models.digits import train_test_split_digits
+    from trainer.evaluate import evaluate_scores
+
+    _, _, eval_x, eval_y = train_test_split_digits()
+    evaluate_scores(spec, candidate, eval_x, eval_y)
+    evaluate_scores(spec, serving, eval_x, eval_y)
+
+
 async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     """The trainer's own ingest path (``UpdateIngestor`` into ``RoundDriver``: verify,
     decrypt, decode, bounds, fold, checkpoint) and its release steps."""
@@ -171,13 +182,11 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     from fedcore.artifact import verify_version_dir
     from fedcore.artifact_store import upload_version
     from fedcore.compression import sizes_from_layout
-    from fedcore.models.digits import train_test_split_digits
     from fedcore.models.wide import wide_spec
     from fedcore.params import flatten, layout, load_weights_file
     from fedcore.transport import UpdatePointer, is_pointer
     from trainer.bootstrap import write_version
     from trainer.driver import RoundDriver
-    from trainer.evaluate import evaluate_scores
     from trainer.ingest import IngestOptions, UpdateIngestor, Verdict
     from trainer.ingest_metrics import IngestMetrics
     from trainer.ledger import UpdateLedger
@@ -241,11 +250,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     await upload_version(js, "wide", 2, directory)
     t4 = time.perf_counter()
     release_rss = peak_rss_mb()
-    # the central gate (trainer/release.py _gate, where the trainer has evaluation data):
-    # candidate and serving version scored in torch, measured after the rest of the round
-    _, _, eval_x, eval_y = train_test_split_digits()
-    evaluate_scores(spec, candidate, eval_x, eval_y)
-    evaluate_scores(spec, book.params, eval_x, eval_y)
+    central_gate(spec, candidate, book.params)
     await nc.close()
     shutil.rmtree(state)
     return {
