@@ -5,7 +5,7 @@ a list-based FedAvg that holds every update (Flower's ``aggregate`` style).
 
 - read once: ``np.frombuffer(...).sum()`` over every update's bytes; the floor for
   anything that must look at all the data.
-- decode + validate: ``decode_update`` (zero-copy) and ``update_norm`` (one pass: the
+- decode + validate: ``np.frombuffer(b, "<f4")`` (zero-copy) and ``update_norm`` (one pass: the
   L2 norm, which also rejects NaN/Inf).
 - decode + validate + accumulate: ``FedAvg.fold`` into a ``WeightedSum``; the
   accumulate step is the difference of the two.
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from trainer.aggregate import decode_update, update_norm
+from trainer.aggregate import update_norm
 from trainer.strategies.fedavg import FedAvg
 
 MiB = 1024 * 1024
@@ -52,14 +52,14 @@ def read_once(blobs: list[bytes], weights: list[float], dim: int) -> object:
 
 
 def decode_validate(blobs: list[bytes], weights: list[float], dim: int) -> object:
-    return [update_norm(decode_update(b, dim), dim) for b in blobs]
+    return [update_norm(np.frombuffer(b, dtype="<f4"), dim) for b in blobs]
 
 
 def streaming(blobs: list[bytes], weights: list[float], dim: int) -> npt.NDArray[Any]:
     strategy = FedAvg()
     state = strategy.start(dim)
     for b, w in zip(blobs, weights, strict=True):
-        strategy.fold(state, decode_update(b, dim), w)
+        strategy.fold(state, np.frombuffer(b, dtype="<f4"), w)
     return strategy.finalize(state, np.zeros(dim, dtype=np.float32))
 
 
@@ -72,7 +72,7 @@ def streaming_phases(
     state = strategy.start(dim)
     t1 = time.perf_counter()
     for b, w in zip(blobs, weights, strict=True):
-        strategy.fold(state, decode_update(b, dim), w)
+        strategy.fold(state, np.frombuffer(b, dtype="<f4"), w)
     t2 = time.perf_counter()
     strategy.finalize(state, np.zeros(dim, dtype=np.float32))
     t3 = time.perf_counter()
@@ -138,7 +138,7 @@ def envelope_rows(blobs: list[bytes], weights: list[float], dim: int) -> None:
             header, payload = open_update(
                 env, recipient=recipient, edge_keys=lambda _e: public, max_payload=8 * dim
             )
-            strategy.fold(state, decode_update(payload, dim), float(header.num_samples))
+            strategy.fold(state, np.frombuffer(payload, dtype="<f4"), float(header.num_samples))
         return strategy.finalize(state, np.zeros(dim, dtype=np.float32))
 
     ms = best_ms(ingest)

@@ -1,4 +1,4 @@
-"""Streaming aggregation: decoding, validation, hand-computed sums, memory that stays flat."""
+"""Streaming aggregation: validation, hand-computed sums, memory that stays flat."""
 
 from __future__ import annotations
 
@@ -13,31 +13,14 @@ from trainer.aggregate import (
     UpdateBuffer,
     WeightedSum,
     clip_factor,
-    decode_update,
     update_norm,
 )
-from trainer.errors import TrainerError, UpdateRejected
+from trainer.errors import UpdateRejected
 from trainer.strategies.fedavg import weighted_average
 
 
 def f32(*values: float) -> npt.NDArray[np.float32]:
     return np.array(values, dtype=np.float32)
-
-
-def test_decode_is_little_endian_and_zero_copy() -> None:
-    data = np.array([1.5, -2.0, 3.25], dtype="<f4").tobytes()
-    out = decode_update(data, 3)
-    assert out.tolist() == [1.5, -2.0, 3.25]
-    assert out.dtype == np.dtype("<f4")
-    assert not out.flags.writeable  # a view of the received bytes, not a copy
-
-
-def test_decode_rejects_wrong_length_with_reason() -> None:
-    with pytest.raises(UpdateRejected) as err:
-        decode_update(b"\x00" * 11, 3)
-    assert err.value.reason == "wrong-size"
-    assert "11 bytes, expected 12" in err.value.detail
-    assert isinstance(err.value, TrainerError)
 
 
 def test_update_norm_hand_value() -> None:
@@ -161,7 +144,7 @@ def _peak_while_folding(blobs: list[bytes], dim: int) -> int:
         tracemalloc.reset_peak()
         acc = WeightedSum(dim)
         for b in blobs:
-            acc.fold(decode_update(b, dim), 3.0)
+            acc.fold(np.frombuffer(b, dtype="<f4"), 3.0)
         acc.mean()
         return tracemalloc.get_traced_memory()[1]
     finally:

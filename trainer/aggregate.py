@@ -38,9 +38,6 @@ from trainer.errors import UpdateRejected
 F32Array = npt.NDArray[np.float32]
 F64Array = npt.NDArray[np.float64]
 
-UPDATE_DTYPE = np.dtype("<f4")
-"""The wire dtype of an update: little-endian IEEE 754 binary32."""
-
 MAX_WEIGHT = 1e12
 """Largest accepted weight: keeps ``weight * value`` finite in the FP32 block sum."""
 
@@ -49,21 +46,6 @@ SCRATCH_VALUES = 1 << 18
 
 COLUMN_BLOCK = 1 << 15
 """Coordinates per block when robust rules walk a buffer."""
-
-
-def decode_update(data: bytes | bytearray | memoryview, dim: int) -> F32Array:
-    """Bytes of ``dim`` little-endian FP32 values -> a read-only vector (zero-copy).
-
-    Raises :class:`UpdateRejected` (``wrong-size``) when the length does not match.
-    """
-    nbytes = memoryview(data).nbytes
-    if nbytes != dim * UPDATE_DTYPE.itemsize:
-        raise UpdateRejected(
-            "wrong-size",
-            f"update has {nbytes} bytes, expected {dim * UPDATE_DTYPE.itemsize} "
-            f"({dim} float32 values)",
-        )
-    return np.frombuffer(data, dtype=UPDATE_DTYPE)
 
 
 def update_norm(update: npt.NDArray[Any], dim: int, pages: FilePages | None = None) -> float:
