@@ -42,9 +42,9 @@ from gateway.routes import (
     history,
     metrics_api,
     oip,
+    rollouts,
     routing_api,
 )
-from gateway.routes import rollouts as rollouts_api
 from gateway.routing import Router
 from gateway.schemas import SchemaCache
 from gateway.settings import GatewaySettings
@@ -254,7 +254,7 @@ def create_app(
     api.state.history = reader
     for module in (oip, health, fleet_api, routing_api, metrics_api, feedback, history, dashboard):
         api.include_router(module.router)
-    api.include_router(rollouts_api.router)
+    api.include_router(rollouts.router)
     _error_handlers(api)
     document_infer(api)
     return GatewayApp(api, state)

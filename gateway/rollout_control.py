@@ -2,7 +2,7 @@
 
 Each tick, per model with a rollout: read the record (KV), apply its traffic split (when
 the record has moved since this gateway last applied it, so an operator's routing change
-holds until the rollout moves again), decide the next state (:mod:`gateway.rollouts`) from
+holds until the rollout moves again), decide the next state (:mod:`gateway.rollout_machine`) from
 the fleet's heartbeats and the gates' observation, write it with compare-and-set, apply
 the new split, then write the desired versions edges follow. The split always moves before
 the desired versions do, so the gateway stops routing to a version before any edge drops
@@ -38,8 +38,7 @@ from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.gate_counts import Baseline, Pair, SharedCounts, version_counts
 from gateway.metrics import LATENCY_BUCKETS
 from gateway.rollout_lease import Lease
-from gateway.rollout_store import Conflict, RolloutStore
-from gateway.rollouts import (
+from gateway.rollout_machine import (
     Observation,
     Rollout,
     RolloutSpec,
@@ -56,6 +55,7 @@ from gateway.rollouts import (
     staged,
     staging_step,
 )
+from gateway.rollout_store import Conflict, RolloutStore
 from gateway.state import GatewayState
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from fedcore.artifact_store import MODELS_BUCKET, object_name
 from fedcore.kv import kv_bucket, kv_keys
 from fedcore.wire import DESIRED_BUCKET, ROLLOUTS_BUCKET, DesiredVersions, WireError
 from gateway.errors import GatewayError
-from gateway.rollouts import Rollout
+from gateway.rollout_machine import Rollout
 
 log = logging.getLogger(__name__)
 

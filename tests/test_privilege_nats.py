@@ -59,8 +59,8 @@ from fedcore.wire import (
 from fedgate.keys_cmd import KeyLayout, init_keys
 from fedgate.launcher import Stack, StackConfig
 from fedgate.nats_accounts import role_permissions
+from gateway.rollout_machine import RolloutSpec, desired_of, new_rollout, rolled_back
 from gateway.rollout_store import RolloutStore
-from gateway.rollouts import RolloutSpec, desired_of, new_rollout, rolled_back
 from tests.conftest import SignedArtifacts, processes_mentioning
 from trainer.bus import ensure_object_bucket, ensure_updates_stream
 from trainer.driver import RoundDriver

@@ -10,8 +10,7 @@ from fedcore.wire import DesiredVersions, LabelTally, ModelState
 from gateway.gate_counts import Counts, version_counts
 from gateway.metrics import LATENCY_BUCKETS, RequestStats
 from gateway.rollout_control import _commanded, label_totals, model_metric, quantile
-from gateway.rollout_store import Conflict
-from gateway.rollouts import (
+from gateway.rollout_machine import (
     Gates,
     Observation,
     Rollout,
@@ -26,6 +25,7 @@ from gateway.rollouts import (
     staged,
     staging_step,
 )
+from gateway.rollout_store import Conflict
 from gateway.routing import TrafficSplit
 
 T0 = 1000.0

@@ -12,8 +12,8 @@ from nats.aio.client import Client as NATS
 
 from fedcore.artifact_store import MODELS_BUCKET, object_name
 from fedcore.wire import DESIRED_BUCKET, ROLLOUTS_BUCKET, DesiredVersions
+from gateway.rollout_machine import RolloutSpec, new_rollout
 from gateway.rollout_store import RolloutStore
-from gateway.rollouts import RolloutSpec, new_rollout
 from tests.test_deploy_nats import ComposeNats, clients, compose_nats, tls_dir  # noqa: F401
 
 

@@ -20,8 +20,15 @@ from nats.aio.client import Client as NATS
 from edge_runtime.rounds_watch import Plan, Refusal, ServedVersion, decide
 from fedcore.wire import DesiredVersions, RoundAnnouncement
 from fedgate.keys_cmd import KeyLayout, init_keys
+from gateway.rollout_machine import (
+    Rollout,
+    RolloutSpec,
+    desired_of,
+    new_rollout,
+    promoted,
+    rolled_back,
+)
 from gateway.rollout_store import RolloutStore
-from gateway.rollouts import Rollout, RolloutSpec, desired_of, new_rollout, promoted, rolled_back
 from tests.conftest import NatsServer
 from tests.trainer_process import (
     DIM,

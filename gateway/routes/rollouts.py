@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from fedcore.wire import MODEL_NAME, ROLLOUT_ID
 from gateway.errors import BadRequest, NotFound, Unavailable
 from gateway.rollout_control import RolloutController
-from gateway.rollouts import Rollout, RolloutSpec, evaluate
+from gateway.rollout_machine import Rollout, RolloutSpec, evaluate
 from gateway.state import AdminKey
 
 log = logging.getLogger(__name__)
