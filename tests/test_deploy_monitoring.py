@@ -90,8 +90,8 @@ def service_registries() -> list[Any]:
     from edge_runtime.telemetry import EdgeMetrics
     from fedcore.enrollment import EdgeRegistry
     from fedcore.settings import ServiceSettings
-    from trainer.fleet import Fleet
     from trainer.ingest_metrics import IngestMetrics
+    from trainer.roster import Roster
     from trainer.rounds import RoundBook, RoundPolicy
     from trainer.secure_metrics import SecureMetrics
     from trainer.strategies import get_strategy
@@ -105,7 +105,7 @@ def service_registries() -> list[Any]:
     settings = ServiceSettings(nats_user="x", nats_password_file=COMPOSE_DIR / "none")
     trainer = start_metrics(settings, {"m": book}).registry
     IngestMetrics(trainer)
-    Fleet(SimpleNamespace(current=EdgeRegistry), 5.0, trainer)  # its heartbeat refusals
+    Roster(SimpleNamespace(current=EdgeRegistry), 5.0, trainer)  # its heartbeat refusals
     SecureMetrics(trainer, ["m"])  # secure rounds' failures and culprits
     # the spool families are there without spools
     edge = EdgeMetrics({}, EventLog(), [SupervisorCollector(SupervisionStats())])

@@ -24,8 +24,8 @@ from fedgate.launcher import Stack, StackConfig
 from gateway.app import GatewayApp, create_app
 from gateway.settings import GatewaySettings
 from tests.conftest import processes_mentioning
-from trainer.fleet import Fleet
 from trainer.registry import RegistryFile, keep_mirrored
+from trainer.roster import Roster
 
 EDGES = ["edge-1", "edge-2"]
 URLS = {"edge-1": "http://10.9.0.1:8000", "edge-2": "http://10.9.0.2:8000"}
@@ -75,19 +75,21 @@ def test_the_trainer_forgets_silent_edges_and_never_invites_phantoms() -> None:
     phantoms into rounds); the TTL was a fixed 5 s whatever the edges' interval."""
     now = [0.0]
     metrics = CollectorRegistry()
-    fleet = Fleet(Registry(["edge-1", "edge-2"]), ttl_s=2.0, registry=metrics, clock=lambda: now[0])
-    assert fleet.observe(subjects.heartbeat("edge-1"), beat("edge-1", URLS["edge-1"]))
-    assert fleet.observe(subjects.heartbeat("edge-2"), beat("edge-2", URLS["edge-2"]))
-    assert not fleet.observe(subjects.heartbeat("edge-2"), beat("edge-9", URLS["edge-2"]))
-    assert not fleet.observe(subjects.heartbeat("edge-9"), beat("edge-9", URLS["edge-2"]))
-    assert fleet.alive() == ["edge-1", "edge-2"]
+    roster = Roster(
+        Registry(["edge-1", "edge-2"]), ttl_s=2.0, registry=metrics, clock=lambda: now[0]
+    )
+    assert roster.observe(subjects.heartbeat("edge-1"), beat("edge-1", URLS["edge-1"]))
+    assert roster.observe(subjects.heartbeat("edge-2"), beat("edge-2", URLS["edge-2"]))
+    assert not roster.observe(subjects.heartbeat("edge-2"), beat("edge-9", URLS["edge-2"]))
+    assert not roster.observe(subjects.heartbeat("edge-9"), beat("edge-9", URLS["edge-2"]))
+    assert roster.alive() == ["edge-1", "edge-2"]
     assert refused(metrics, "subject-mismatch") == 1 and refused(metrics, "not-enrolled") == 1
     now[0] = 1.5
-    fleet.observe(subjects.heartbeat("edge-1"), beat("edge-1", URLS["edge-1"]))
+    roster.observe(subjects.heartbeat("edge-1"), beat("edge-1", URLS["edge-1"]))
     now[0] = 2.5
-    assert fleet.alive() == ["edge-1"] and set(fleet.seen) == {"edge-1"}  # edge-2 forgotten
+    assert roster.alive() == ["edge-1"] and set(roster.seen) == {"edge-1"}  # edge-2 forgotten
     now[0] = 10.0
-    assert fleet.alive() == [] and fleet.seen == {}
+    assert roster.alive() == [] and roster.seen == {}
 
 
 # -- against a real nats-server with the deployment's permissions ------------------------
@@ -157,8 +159,8 @@ async def test_an_edge_cannot_take_another_edges_traffic_or_invite_phantoms(
     stop = asyncio.Event()
     registry = RegistryFile(deployment.keys.registry)
     metrics = CollectorRegistry()
-    fleet = Fleet(registry, ttl_s=5.0, registry=metrics)
-    await trainer_nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
+    roster = Roster(registry, ttl_s=5.0, registry=metrics)
+    await trainer_nc.subscribe(subjects.HEARTBEAT_ALL, cb=roster.on_heartbeat)
     await trainer_nc.flush()
     mirror = asyncio.create_task(
         keep_mirrored(trainer_nc.jetstream(), registry, stop, interval_s=0.2)
@@ -189,7 +191,7 @@ async def test_an_edge_cannot_take_another_edges_traffic_or_invite_phantoms(
         assert set(state.fleet.edges) == {"edge-1", "edge-2"}
         assert state.fleet.edges["edge-1"].url == URLS["edge-1"]
         await until(lambda: refused(metrics, "subject-mismatch") >= 20)
-        assert fleet.alive() == ["edge-1", "edge-2"]  # no edge-9 to invite
+        assert roster.alive() == ["edge-1", "edge-2"]  # no edge-9 to invite
 
         # a revoked edge leaves the gateway's fleet and the trainer's invitations at once
         revoke_edge(deployment.keys, "edge-2")
@@ -197,7 +199,7 @@ async def test_an_edge_cannot_take_another_edges_traffic_or_invite_phantoms(
         await until(lambda: "edge-2" not in state.fleet.edges)
         await honest(20)
         await until(lambda: refused(state.metrics.registry, "not-enrolled", "gateway") >= 1)
-        assert "edge-2" not in state.fleet.edges and fleet.alive() == ["edge-1"]
+        assert "edge-2" not in state.fleet.edges and roster.alive() == ["edge-1"]
     finally:
         stop.set()
         await mirror

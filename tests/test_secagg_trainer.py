@@ -21,7 +21,7 @@ from fedcore.secagg import MaskedInput, SecAggConfig, round_params
 from fedcore.secagg.frame import Frame, Phase, masked_frame_bytes
 from trainer.driver import RoundDriver, SecureTarget
 from trainer.errors import TrainerError
-from trainer.fleet import Fleet
+from trainer.roster import Roster
 from trainer.rounds import RoundBook, RoundPolicy, SecureOutcome
 from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureRound, SecureTiming, sensitivity
@@ -104,7 +104,7 @@ def test_sealed_updates_for_a_secure_round_are_refused() -> None:
         target.check(None)  # type: ignore[arg-type]
 
 
-async def test_a_secure_round_waits_for_a_settled_fleet_of_enrolled_edges(
+async def test_a_secure_round_waits_for_a_complete_roster_of_enrolled_edges(
     tmp_path: Path,
 ) -> None:
     settings = TrainerSettings(
@@ -117,13 +117,13 @@ async def test_a_secure_round_waits_for_a_settled_fleet_of_enrolled_edges(
         min_updates=3,
         secagg={"digits": {}},
     )
-    secure, b, fleet = coordinator([]), book(), Fleet(Keys(), ttl_s=0.2)
-    fleet.seen = {"edge-1": 1e18, "edge-2": 1e18, "stranger": 1e18}
-    assert not open_round(settings, b, fleet, secure)  # the fleet is not settled yet
+    secure, b, roster = coordinator([]), book(), Roster(Keys(), ttl_s=0.2)
+    roster.seen = {"edge-1": 1e18, "edge-2": 1e18, "stranger": 1e18}
+    assert not open_round(settings, b, roster, secure)  # the roster is not complete yet
     await asyncio.sleep(0.25)
-    assert not open_round(settings, b, fleet, secure)  # two enrolled edges: too few
-    fleet.seen["edge-3"] = 1e18
-    assert open_round(settings, b, fleet, secure)
+    assert not open_round(settings, b, roster, secure)  # two enrolled edges: too few
+    roster.seen["edge-3"] = 1e18
+    assert open_round(settings, b, roster, secure)
     assert b.current is not None and b.current.announcement.sampled == EDGES[:3]
 
 

@@ -221,13 +221,13 @@ class RoundBook:
 
     def open(
         self,
-        fleet: list[str],
+        alive: list[str],
         now: float | None = None,
         *,
         secure: bool = False,
         min_sample: int = 1,
     ) -> RoundAnnouncement:
-        """Open the next round over ``fleet`` (edge ids seen alive) and announce it.
+        """Open the next round over ``alive`` (edge ids the roster has seen alive) and announce it.
 
         ``secure``: a securely aggregated (sync) round; its sample has at least
         ``min_sample`` edges and the aggregate arrives through :meth:`fold_secure`."""
@@ -236,7 +236,7 @@ class RoundBook:
         sync = p.mode == "sync"
         if secure and not sync:
             raise TrainerError("bad-round-policy", "secure aggregation needs sync rounds")
-        sampled = sample_edges(fleet, p.sample_fraction, self._rng, min_sample) if sync else None
+        sampled = sample_edges(alive, p.sample_fraction, self._rng, min_sample) if sync else None
         announcement = RoundAnnouncement(
             model=self.model,
             round=self.next_round,
@@ -375,7 +375,7 @@ class RoundBook:
         if self.policy.mode == "async":
             full = count >= a.buffer_size
             return "close" if full or (t >= a.deadline_ts and count >= a.min_updates) else "wait"
-        # invited edges all in, or no fleet known at opening: quorum is enough
+        # invited edges all in, or no edge known at opening: quorum is enough
         everyone = a.sampled is None or set(a.sampled) <= rnd.edges()
         if count >= a.min_updates and (everyone or t >= a.deadline_ts):
             return "close"

@@ -48,7 +48,6 @@ from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
 from trainer.errors import PrivacyBudgetExceeded
 from trainer.fed_eval import federated_evaluate
-from trainer.fleet import Fleet
 from trainer.ingest import IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
@@ -56,6 +55,7 @@ from trainer.registry import RegistryFile, keep_mirrored, mirror_registry
 from trainer.release import FederatedEval, ReleaseContext, close_round
 from trainer.retry import retry_transient
 from trainer.rollout_client import RolloutRequester, rollout_requester
+from trainer.roster import Roster
 from trainer.rounds import RoundBook
 from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
@@ -121,15 +121,15 @@ async def announce(js: JetStreamContext, book: RoundBook, replicas: int = 1) -> 
 
 
 def open_round(
-    settings: TrainerSettings, book: RoundBook, fleet: Fleet, secure: SecureCoordinator | None
+    settings: TrainerSettings, book: RoundBook, roster: Roster, secure: SecureCoordinator | None
 ) -> bool:
     """Open ``book``'s next round; False when it cannot open yet (a secure round waits
     for ``max(3, min_updates)`` enrolled edges alive). Raises ``PrivacyBudgetExceeded``."""
     if secure is None or not secure.handles(book.model):
-        book.open(fleet.alive())
+        book.open(roster.alive())
         return True
     minimum = max(MIN_PARTICIPANTS, settings.min_updates)
-    cohort = secure.cohort(fleet.alive(), minimum) if fleet.settled() else None
+    cohort = secure.cohort(roster.alive(), minimum) if roster.complete() else None
     if cohort is None:
         return False
     book.open(cohort, secure=True, min_sample=minimum)
@@ -172,7 +172,7 @@ async def run_rounds(
     driver: RoundDriver,
     contexts: dict[str, ReleaseContext],
     js: JetStreamContext,
-    fleet: Fleet,
+    roster: Roster,
     stop: asyncio.Event,
     rollouts: RolloutRequester | None = None,
     secure: SecureCoordinator | None = None,
@@ -197,7 +197,7 @@ async def run_rounds(
                 if model in exhausted:
                     continue
                 try:
-                    if not open_round(settings, book, fleet, secure):
+                    if not open_round(settings, book, roster, secure):
                         continue
                 except PrivacyBudgetExceeded as exc:
                     log.warning("no more rounds: %s", exc, extra={"model": model})
@@ -268,10 +268,10 @@ async def _run(
     follow = ServingWatch.for_trainer(settings, js, driver, signing, rollouts)
     await follow.start()  # a rollback while the trainer was down: rebased before recovery
     await recover(settings, driver, ingestor, js)
-    fleet = Fleet(registry, settings.heartbeat_ttl_s, telemetry.registry)
-    await nc.subscribe(subjects.HEARTBEAT_ALL, cb=fleet.on_heartbeat)
+    roster = Roster(registry, settings.heartbeat_ttl_s, telemetry.registry)
+    await nc.subscribe(subjects.HEARTBEAT_ALL, cb=roster.on_heartbeat)
     secure = await start_secure(
-        settings, nc, registry, driver.sizes, fleet.alive, telemetry.registry
+        settings, nc, registry, driver.sizes, roster.alive, telemetry.registry
     )
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
     if rollouts is not None:  # a release the last run may have died before handing over
@@ -287,7 +287,7 @@ async def _run(
                 driver,
                 contexts,
                 js,
-                fleet,
+                roster,
                 stop,
                 rollouts,
                 secure,

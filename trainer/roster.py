@@ -24,7 +24,7 @@ from trainer.opener import EdgeDirectory
 log = logging.getLogger(__name__)
 
 
-class Fleet:
+class Roster:
     """Active edges by the time of their last heartbeat, for client sampling."""
 
     def __init__(
@@ -49,7 +49,7 @@ class Fleet:
         for reason in REFUSALS:
             self.refused.labels(reason)
 
-    def settled(self) -> bool:
+    def complete(self) -> bool:
         """True once heartbeats were heard for a whole TTL: the view is complete."""
         return self.clock() - self.started >= self.ttl_s
 
