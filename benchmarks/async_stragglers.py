@@ -175,11 +175,11 @@ def run_async(fleet: Fleet, seed: int, rng: np.random.Generator) -> Trace:
     while queue and queue[0][0] < HORIZON:
         a = b.current.announcement if b.current else None
         t, edge, base = heapq.heappop(queue)
-        if a is not None and a.deadline_ts <= t and b.verdict(now=a.deadline_ts) == "close":
+        if a is not None and a.deadline_ts <= t and b.next_step(now=a.deadline_ts) == "close":
             close(a.deadline_ts)
         n += 1
         fold(edge, base, n)
-        if b.verdict(now=t) == "close":
+        if b.next_step(now=t) == "close":
             close(t)
         start(edge, t)
     return Trace(points)

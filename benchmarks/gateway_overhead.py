@@ -382,7 +382,7 @@ def paired(a: list[Run], b: list[Run], attr: str, ratio: bool) -> float:
 
 
 def report(runs: dict[Cell, list[Run]], args: argparse.Namespace, targets: list[str]) -> bool:
-    """Print the table and the verdict against the targets; True if both are met."""
+    """Print the table and whether the targets are met; True if both are met."""
     haproxy = "haproxy" in targets
     baseline = "baseline" in targets
     head = f"{'conc':>4} {'body':<6} {'direct rps':>10} {'gateway rps':>11} {'ratio':>6}"
@@ -390,14 +390,14 @@ def report(runs: dict[Cell, list[Run]], args: argparse.Namespace, targets: list[
     head += f" {'baseline':>8} {'base CPU':>8}" if baseline else ""
     head += f" | {'p50 direct':>10} {'p50 gw':>7} {'added':>6} | {'p99 direct':>10} {'p99 gw':>7}"
     print(head + f" {'added':>6} | {'gw CPU/req':>10}")
-    verdict: dict[tuple[int, str], tuple[float, float]] = {}
+    measured: dict[tuple[int, str], tuple[float, float]] = {}
     for conc in args.concurrency:
         for encoding in ("json", "binary"):
             d, g = runs[(conc, encoding, "direct")], runs[(conc, encoding, "gateway")]
             ratio = paired(g, d, "rps", ratio=True)
             added50 = paired(g, d, "p50_ms", ratio=False)
             added99 = paired(g, d, "p99_ms", ratio=False)
-            verdict[(conc, encoding)] = (ratio, added50)
+            measured[(conc, encoding)] = (ratio, added50)
             row = f"{conc:>4} {encoding:<6} {median(d, 'rps'):>10.0f} {median(g, 'rps'):>11.0f}"
             row += f" {ratio:>5.2f}x"
             if haproxy:
@@ -414,15 +414,17 @@ def report(runs: dict[Cell, list[Run]], args: argparse.Namespace, targets: list[
         "ratio and added latency: medians over rounds of gateway vs direct run back to back; "
         "rps and latency columns: medians"
     )
-    return _verdict(verdict, args) and errors == 0
+    return _meets_targets(measured, args) and errors == 0
 
 
-def _verdict(verdict: dict[tuple[int, str], tuple[float, float]], args: argparse.Namespace) -> bool:
+def _meets_targets(
+    measured: dict[tuple[int, str], tuple[float, float]], args: argparse.Namespace
+) -> bool:
     if 16 not in args.concurrency or 1 not in args.concurrency:
         return True
     ok = True
     for encoding in ("json", "binary"):
-        ratio, added = verdict[(16, encoding)][0], verdict[(1, encoding)][1]
+        ratio, added = measured[(16, encoding)][0], measured[(1, encoding)][1]
         met = ratio >= TARGET_C16 and added <= TARGET_ADDED_P50_MS
         ok = ok and met
         print(

@@ -187,7 +187,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     from fedcore.transport import UpdatePointer, is_pointer
     from trainer.bootstrap import write_version
     from trainer.driver import RoundDriver
-    from trainer.ingest import IngestOptions, UpdateIngestor, Verdict
+    from trainer.ingest import Disposition, IngestOptions, UpdateIngestor
     from trainer.ingest_metrics import IngestMetrics
     from trainer.ledger import UpdateLedger
     from trainer.rounds import RoundBook, RoundPolicy
@@ -237,7 +237,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
         t0 = time.perf_counter()
         outcome = await ingestor.handle(msg)
         handle += time.perf_counter() - t0
-        assert outcome.verdict is Verdict.ACCEPTED, outcome
+        assert outcome.disposition is Disposition.ACCEPTED, outcome
     ingest_rss = peak_rss_mb()
     t3 = time.perf_counter()
     candidate = book.finalize()

@@ -1,7 +1,7 @@
 """Is this edge idle? Decided from Triton's own metrics and the edge's recent traffic.
 
 Sans-IO: feed :meth:`IdleDetector.observe` one :class:`~edge_runtime.metrics_poll.TritonLoad`
-per poll (every ~0.25 s) and it answers with an :class:`IdleVerdict`. The edge is busy
+per poll (every ~0.25 s) and it answers with an :class:`IdleReading`. The edge is busy
 at once when any request is pending beyond ``max_pending``, when the request rate over
 the last ``window_s`` exceeds ``max_request_rate``, when a whole window's worth of
 requests arrived within one poll interval (a burst), or when requests queued longer than
@@ -31,7 +31,7 @@ class IdleThresholds:
 
 
 @dataclass(frozen=True)
-class IdleVerdict:
+class IdleReading:
     """The detector's answer; ``reason`` says why (``idle``, ``settling``, ``pending``,
     ``rate``, ``burst``, ``queue``, ``no-data``)."""
 
@@ -55,7 +55,7 @@ class IdleDetector:
         self._history.clear()
         self._quiet_since = None
 
-    def observe(self, load: TritonLoad) -> IdleVerdict:
+    def observe(self, load: TritonLoad) -> IdleReading:
         """Record one reading and judge the edge's state."""
         if self._history and load.requests < self._history[-1].requests:
             self.reset()  # counters restarted
@@ -64,23 +64,23 @@ class IdleDetector:
         while len(self._history) > 2 and load.ts - self._history[1].ts >= self.t.window_s:
             self._history.popleft()
         if previous is None:
-            return IdleVerdict(False, "no-data", pending=load.pending)
+            return IdleReading(False, "no-data", pending=load.pending)
         oldest = self._history[0]
-        verdict = IdleVerdict(
+        reading = IdleReading(
             False,
             self._busy_reason(load, previous, oldest),
             rate=load.rate_since(oldest),
             queue_us=load.queue_us_since(oldest),
             pending=load.pending,
         )
-        if verdict.reason:
+        if reading.reason:
             self._quiet_since = None
-            return verdict
+            return reading
         if self._quiet_since is None:
             self._quiet_since = load.ts
         idle = load.ts - self._quiet_since >= self.t.quiet_s
-        return IdleVerdict(
-            idle, "idle" if idle else "settling", verdict.rate, verdict.queue_us, load.pending
+        return IdleReading(
+            idle, "idle" if idle else "settling", reading.rate, reading.queue_us, load.pending
         )
 
     def _busy_reason(self, load: TritonLoad, previous: TritonLoad, oldest: TritonLoad) -> str:

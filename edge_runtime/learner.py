@@ -35,7 +35,7 @@ from edge_runtime.budget import TrainingBudget
 from edge_runtime.errors import EdgeError
 from edge_runtime.events import EventLog
 from edge_runtime.finetune import Device, JobSpec, recipe_metrics, told
-from edge_runtime.idle import IdleDetector, IdleThresholds, IdleVerdict
+from edge_runtime.idle import IdleDetector, IdleReading, IdleThresholds
 from edge_runtime.metrics_poll import TritonLoad
 from edge_runtime.rounds_watch import (
     Plan,
@@ -168,7 +168,7 @@ class Learner:
             residual_file=config.work_dir / RESIDUAL_FILE,
         )
         self.job: Job | None = None
-        self.verdict = IdleVerdict(False, "no-data")
+        self.reading = IdleReading(False, "no-data")
         self._refused: set[tuple[int, str]] = set()
         self._last_tick = time.monotonic()
         self._last_expire = 0.0
@@ -200,9 +200,9 @@ class Learner:
         """One poll: observe the load, then drive the job or maybe start one."""
         now = time.monotonic()
         elapsed, self._last_tick = now - self._last_tick, now
-        was_idle = self.verdict.idle
-        self.verdict = await self._observe()
-        if self.verdict.idle and not was_idle:
+        was_idle = self.reading.idle
+        self.reading = await self._observe()
+        if self.reading.idle and not was_idle:
             self.budget.open_window()
         if self.job is not None:
             if not self.job.worker.paused:
@@ -212,13 +212,13 @@ class Learner:
             await self._maybe_start()
         await self._expire_old(now)
 
-    async def _observe(self) -> IdleVerdict:
+    async def _observe(self) -> IdleReading:
         try:
             load = await self.read_load()
         except (OSError, ValueError) as exc:
             log.warning("Triton metrics unreadable: %r", exc, extra={"model": self.config.model})
             self.detector.reset()
-            return IdleVerdict(False, "no-data")
+            return IdleReading(False, "no-data")
         return self.detector.observe(load)
 
     async def _expire_old(self, now: float) -> None:
@@ -229,7 +229,7 @@ class Learner:
     # -- starting ------------------------------------------------------------------------
     async def _maybe_start(self) -> None:
         c = self.config
-        if not self.verdict.idle or not self.budget.allows():
+        if not self.reading.idle or not self.budget.allows():
             return
         stats = await asyncio.to_thread(self.spool.stats)
         if stats.new_labels < c.min_new_labels:
@@ -298,10 +298,10 @@ class Learner:
             await self._abandon(why)
             return
         exhausted = self.budget.exhausted()
-        if not self.verdict.idle or exhausted:
+        if not self.reading.idle or exhausted:
             if not job.worker.paused:
                 batch = job.worker.pause()
-                reason = self.verdict.reason if not self.verdict.idle else f"budget-{exhausted}"
+                reason = self.reading.reason if not self.reading.idle else f"budget-{exhausted}"
                 self.events.emit("traffic-returned", self.config.model, batch=batch, reason=reason)
         elif job.worker.paused:
             job.worker.resume()

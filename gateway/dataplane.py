@@ -214,7 +214,7 @@ class InferPlane:
     ) -> None:
         """Answer one infer request for ``target`` (model, raw version or None).
 
-        ``pre`` is :meth:`precheck`'s verdict when the caller already had it (the fast path
+        ``pre`` is :meth:`precheck`'s result when the caller already had it (the fast path
         checks before it buffers a body); the request is checked here otherwise.
         """
         start = perf_counter()
@@ -257,7 +257,7 @@ class InferPlane:
         model, raw_version = target
         version = parse_version(raw_version)
         body = await read(req.content_length, state.settings.max_body_bytes)
-        checked = self._early_verdict(req, body)
+        checked = self._early_check(req, body)
         inflight = state.metrics.stats.inflight
         try:
             edge, served, resp = await self._forward(model, version, req, checked, out)
@@ -278,7 +278,7 @@ class InferPlane:
             if out.model:  # counted in flight once routed
                 inflight[model] -= 1
 
-    def _early_verdict(self, req: _Request, body: bytes) -> _Checked:
+    def _early_check(self, req: _Request, body: bytes) -> _Checked:
         """Binary framing and JSON depth (400 if wrong); an encoded body is decoded here
         (bounded) and forwarded decoded, so that the edge parses exactly what was checked."""
         problem = check_framing(req.header_length, len(body), req.encoding is not None)

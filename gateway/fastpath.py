@@ -87,7 +87,7 @@ class _FastRequest:
         self.declared = declared
         self.body: list[bytes] = []
         self.keep = False  # the body is kept (checks passed, within the limit)
-        self.pre: Any = None  # the plane's precheck verdict: its request, or its refusal
+        self.pre: Any = None  # the plane's precheck result: its request, or its refusal
         self.size = 0
         self.received = False
         self.responded = False

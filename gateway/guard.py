@@ -73,23 +73,23 @@ def check_request(body: bytes, header_length: int | None, schema: ModelSchema) -
 
     ``body`` is decoded (no ``Content-Encoding``); ``header_length`` is its binary
     extension's ``Inference-Header-Content-Length``, already checked against the body.
-    A binary request's verdict depends only on its JSON header, the payload's length and
-    the schema, and clients repeat the same header: small headers' verdicts are kept.
+    What is wrong with a binary request depends only on its JSON header, the payload's length and
+    the schema, and clients repeat the same header: small headers' answers are kept.
     """
     if header_length is None or header_length > _CACHED_HEADER:
         return _check(body, header_length, schema)
     key = (schema.name, schema.version, body[:header_length], len(body) - header_length)
-    if key in _VERDICTS:
-        return _VERDICTS[key]
-    if len(_VERDICTS) >= _CACHED_VERDICTS:
-        _VERDICTS.clear()
-    verdict = _VERDICTS[key] = _check(body, header_length, schema)
-    return verdict
+    if key in _CHECKED:
+        return _CHECKED[key]
+    if len(_CHECKED) >= _CACHED_CHECKS:
+        _CHECKED.clear()
+    problem = _CHECKED[key] = _check(body, header_length, schema)
+    return problem
 
 
 _CACHED_HEADER = 2048
-_CACHED_VERDICTS = 1024
-_VERDICTS: dict[tuple[str, int, bytes, int], str | None] = {}
+_CACHED_CHECKS = 1024
+_CHECKED: dict[tuple[str, int, bytes, int], str | None] = {}
 
 
 def _check(body: bytes, header_length: int | None, schema: ModelSchema) -> str | None:

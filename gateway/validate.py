@@ -1,4 +1,4 @@
-"""Verdicts on inference requests: framing checks, the structural checks, an explainer.
+"""Checks of inference requests: framing checks, the structural checks, an explainer.
 
 The hot path checks the binary framing header (one integer against the body length) and
 the nesting depth. :func:`problem_of` is the one implementation of the structural checks
@@ -143,7 +143,7 @@ def explain(body: bytes, header_length: int | None, schema: ModelSchema) -> str 
     header = body if header_length is None else body[:header_length]
     payload = 0 if header_length is None else len(body) - header_length
     if len(header) > EXPLAIN_LIMIT:
-        return None  # not worth parsing here: the edge's own verdict stands
+        return None  # not worth parsing here: the edge's own answer stands
     doc, malformed = parse_request(header, header_length, _DECODER)
     if malformed:
         return malformed

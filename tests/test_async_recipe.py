@@ -73,13 +73,13 @@ def test_an_async_buffer_closes_when_full_or_at_its_timeout_with_min_updates() -
     a = b.open(["edge-1", "edge-2", "edge-3"], now=0.0)
     assert (a.min_updates, a.buffer_size, a.deadline_ts) == (2, 3, 3.0)
     b.fold(contrib("a", "edge-1", 10), np.ones(3, np.float32))
-    assert b.verdict(now=1.0) == "wait"
-    assert b.verdict(now=10.0) == "wait"  # past the timeout, short of min_updates: no fail
+    assert b.next_step(now=1.0) == "wait"
+    assert b.next_step(now=10.0) == "wait"  # past the timeout, short of min_updates: no fail
     b.fold(contrib("b", "edge-2", 10, base=2), np.ones(3, np.float32))
-    assert b.verdict(now=2.9) == "wait"
-    assert b.verdict(now=3.0) == "close"
+    assert b.next_step(now=2.9) == "wait"
+    assert b.next_step(now=3.0) == "close"
     b.fold(contrib("c", "edge-3", 10), np.ones(3, np.float32))
-    assert b.verdict(now=0.5) == "close"  # full
+    assert b.next_step(now=0.5) == "close"  # full
 
 
 def test_the_announcement_carries_the_strategy_and_recipe() -> None:

@@ -134,7 +134,7 @@ def test_the_first_updates_wait_for_the_median() -> None:
     assert rnd is not None
     first = book.fold(Contribution("1" * 32, "a", 10**12, 1, 0.0), np.array([0, 9], np.float32))
     assert first.weight == 0.0 and rnd.count() == 1 and rnd.state.count == 0
-    assert book.verdict(now=1.0) == "wait" and rnd.edges() == {"a"}
+    assert book.next_step(now=1.0) == "wait" and rnd.edges() == {"a"}
     book.fold(Contribution("2" * 32, "b", 100, 1, 0.0), np.array([1, 0], np.float32))
     book.fold(Contribution("3" * 32, "c", 300, 1, 0.0), np.array([3, 0], np.float32))
     assert rnd.held == {} and rnd.state.count == 3

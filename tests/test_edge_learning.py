@@ -23,7 +23,7 @@ from fedcore.models import get_spec
 from fedcore.transport import UPDATES_PREFIX
 from tests.conftest import NatsServer, SignedArtifacts, processes_mentioning
 from tests.edge_harness import Stack, announcement, raw_fragments, running_stack
-from trainer.ingest import Verdict
+from trainer.ingest import Disposition
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,7 @@ async def test_labelled_traffic_becomes_an_accepted_update(
             outcomes += await stack.ingestor.poll(timeout_s=1.0)
             if outcomes:
                 break
-        assert [o.verdict for o in outcomes] == [Verdict.ACCEPTED]
+        assert [o.disposition for o in outcomes] == [Disposition.ACCEPTED]
         (update,) = stack.folded.updates
         header = update.header
         assert (header.edge_id, header.round, header.base_version) == ("edge-1", 2, 1)

@@ -52,7 +52,7 @@ from tests.conftest import NatsServer, processes_mentioning
 from tests.transport_harness import DIM as TRANSPORT_DIM
 from tests.transport_harness import open_bus, trainer_env
 from tests.transport_harness import seal as transport_seal
-from trainer.ingest import IngestOptions, Outcome, Verdict
+from trainer.ingest import Disposition, IngestOptions, Outcome
 
 pytestmark = pytest.mark.slow
 
@@ -337,15 +337,15 @@ async def test_a_ledger_claim_whose_reply_was_lost_is_still_folded(
         delta = np.random.default_rng(5).standard_normal(TRANSPORT_DIM).astype(np.float32)
         update_id, envelope = transport_seal(bus.keys, delta)
         await bus.publisher.publish(envelope)
-        assert [o.verdict for o in await bus.ingestor.poll()] == [Verdict.RETRY]
+        assert [o.disposition for o in await bus.ingestor.poll()] == [Disposition.RETRY]
         assert bus.aggregator.folded == [] and lost
         outcomes: list[Outcome] = []
         deadline = time.monotonic() + 10
         while not outcomes and time.monotonic() < deadline:  # the redelivery
             outcomes = await bus.ingestor.poll()
-        assert [o.verdict for o in outcomes] == [Verdict.ACCEPTED]
+        assert [o.disposition for o in outcomes] == [Disposition.ACCEPTED]
         assert bus.aggregator.folded == [update_id]
         np.testing.assert_array_equal(bus.aggregator.total, delta.astype(np.float64))
         await bus.publisher.publish(envelope, msg_id="replayed")
-        assert [o.verdict for o in await bus.ingestor.poll()] == [Verdict.DUPLICATE]
+        assert [o.disposition for o in await bus.ingestor.poll()] == [Disposition.DUPLICATE]
         assert bus.aggregator.folded == [update_id]

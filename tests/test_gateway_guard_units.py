@@ -87,7 +87,7 @@ def test_binary_sizes_must_match_the_shape_and_add_up() -> None:
         header = tensors({"parameters": {"binary_data_size": size}})
         return check_request(header + b"\0" * payload, len(header), SCHEMA)
 
-    for _ in range(2):  # the second time from the verdicts kept per header and payload
+    for _ in range(2):  # the second time from the answers kept per header and payload
         assert binary(256, 256) is None
         assert "add up to 256" in (binary(256, 255) or "")
         assert "needs 256" in (binary(8, 8) or "")

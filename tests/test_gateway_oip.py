@@ -2,7 +2,7 @@
 
 edge-1 serves ``digits`` version 1, edge-2 version 2; ``python -m gateway`` routes between
 them with API keys on. Covers OIP v2 (health, metadata, JSON and binary inference,
-versions), verdicts on malformed requests, keys and roles, the traffic split, retries,
+versions), checks of malformed requests, keys and roles, the traffic split, retries,
 ejection and re-admission, metrics, and HTTP/1.1 corner cases of the fast path.
 """
 
@@ -150,7 +150,7 @@ def test_binary_data_output_and_headers_name_edge_and_version(stack: GatewayStac
     assert len(data) == size + 40
 
 
-# -- verdicts on bad requests ------------------------------------------------------------
+# -- checks of bad requests ------------------------------------------------------------
 
 
 def binary(declared: int, payload: int, header_length: int | None = None) -> tuple[bytes, str]:

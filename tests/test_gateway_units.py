@@ -1,4 +1,4 @@
-"""Gateway parts without processes: keys, rate limit, routing, ejection, verdicts, metrics."""
+"""Gateway parts without processes: keys, rate limit, routing, ejection, request checks, metrics."""
 
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def test_silent_edges_expire() -> None:
     assert fleet.fresh() == []
 
 
-# -- verdicts on requests ---------------------------------------------------------------
+# -- checks of requests ---------------------------------------------------------------
 
 SCHEMA = ModelSchema(
     "digits",

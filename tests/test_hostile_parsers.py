@@ -2,7 +2,7 @@
 
 Each parser gets arbitrary bytes and mutations of valid inputs (bit flips, cuts,
 insertions, splices, subtrees replaced by arbitrary JSON) and may only answer in its
-documented way: a verdict, or its own error type with a reason. Anything else (an
+documented way: a problem message, or its own error type with a reason. Anything else (an
 ``IndexError``, a ``RecursionError``, a ``KeyError``...) is a crash a client, an edge or
 a network attacker could trigger.
 
@@ -156,9 +156,9 @@ def json_depth(value: Any) -> int:
 @example(header=b"99999999999999999999999999", length=10, enc=False)
 @example(header="٣".encode(), length=10, enc=False)  # a digit to str.isdigit, not to int()
 def test_check_framing_only_answers(header: bytes | None, length: int, enc: bool) -> None:
-    verdict = check_framing(header, length, enc)
-    assert verdict is None or isinstance(verdict, str)
-    if verdict is None and header is not None and not enc:
+    problem = check_framing(header, length, enc)
+    assert problem is None or isinstance(problem, str)
+    if problem is None and header is not None and not enc:
         assert 0 < int(header) <= length
 
 
@@ -166,8 +166,8 @@ def test_check_framing_only_answers(header: bytes | None, length: int, enc: bool
 @given(doc=json_values, limit=st.integers(1, 12))
 def test_check_depth_agrees_with_the_real_depth(doc: Any, limit: int) -> None:
     body = json.dumps(doc).encode()
-    verdict = check_depth(body, len(body), limit)
-    assert (verdict is None) == (json_depth(doc) <= limit), (verdict, json_depth(doc))
+    problem = check_depth(body, len(body), limit)
+    assert (problem is None) == (json_depth(doc) <= limit), (problem, json_depth(doc))
 
 
 @FUZZ
@@ -175,22 +175,22 @@ def test_check_depth_agrees_with_the_real_depth(doc: Any, limit: int) -> None:
 @example(body=b"[" * 100_000, end=100_000)
 @example(body=b'"\\' * 1000 + b"[" * 100, end=10_000)
 def test_check_depth_never_raises(body: bytes, end: int) -> None:
-    verdict = check_depth(body, min(end, len(body)))
-    assert verdict is None or f"{MAX_JSON_DEPTH} levels" in verdict
+    problem = check_depth(body, min(end, len(body)))
+    assert problem is None or f"{MAX_JSON_DEPTH} levels" in problem
 
 
 @FUZZ
 @given(doc=mutated_document(VALID))
 def test_explain_answers_any_json_request(doc: Any) -> None:
-    verdict = explain(json.dumps(doc).encode(), None, SCHEMA)
-    assert verdict is None or isinstance(verdict, str)
+    problem = explain(json.dumps(doc).encode(), None, SCHEMA)
+    assert problem is None or isinstance(problem, str)
 
 
 @FUZZ
 @given(doc=json_values)
 def test_explain_answers_any_json_value(doc: Any) -> None:
-    verdict = explain(json.dumps(doc).encode(), None, SCHEMA)
-    assert verdict is None or isinstance(verdict, str)
+    problem = explain(json.dumps(doc).encode(), None, SCHEMA)
+    assert problem is None or isinstance(problem, str)
 
 
 @FUZZ
@@ -203,10 +203,10 @@ def test_explain_answers_any_binary_request(doc: Any, payload: int, cut: int) ->
     header = json.dumps(doc).encode()
     body = header + b"\0" * payload
     header_length = max(0, len(header) + cut)
-    verdict = explain(body, header_length, SCHEMA)
-    assert verdict is None or isinstance(verdict, str)
+    problem = explain(body, header_length, SCHEMA)
+    assert problem is None or isinstance(problem, str)
     if cut == 0 and doc == BINARY_HEADER:
-        assert (verdict is None) == (payload == 256), verdict
+        assert (problem is None) == (payload == 256), problem
 
 
 @FUZZ
@@ -214,8 +214,8 @@ def test_explain_answers_any_binary_request(doc: Any, payload: int, cut: int) ->
 @example(body=b"[" * 5000 + b"]" * 5000, header_length=None)
 @example(body='{"a":"\ud800"}'.encode("utf-8", "surrogatepass"), header_length=None)
 def test_explain_answers_any_bytes(body: bytes, header_length: int | None) -> None:
-    verdict = explain(body, header_length, SCHEMA)
-    assert verdict is None or isinstance(verdict, str)
+    problem = explain(body, header_length, SCHEMA)
+    assert problem is None or isinstance(problem, str)
 
 
 @FUZZ

@@ -27,7 +27,7 @@ from fedcore.transport import StreamSpec
 from tests.conftest import NatsServer
 from trainer.bus import ensure_transport
 from trainer.driver import RoundDriver
-from trainer.ingest import IngestOptions, UpdateIngestor, Verdict
+from trainer.ingest import Disposition, IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import UpdateLedger
 from trainer.rounds import RoundBook, RoundPolicy
@@ -76,7 +76,7 @@ async def ingest_round(
     try:
         for _ in range(n):
             (msg,) = await ingestor.fetch(1, 30.0)
-            assert (await ingestor.handle(msg)).verdict is Verdict.ACCEPTED
+            assert (await ingestor.handle(msg)).disposition is Disposition.ACCEPTED
         ingested = tracemalloc.get_traced_memory()[1]
         book.finalize()
         return ingested, tracemalloc.get_traced_memory()[1]

@@ -37,10 +37,10 @@ def test_sync_round_closes_when_every_sampled_edge_reported() -> None:
     assert a.round == 1 and a.base_version == 3 and a.deadline_ts == 160.0
     assert a.sampled == ["edge-1", "edge-2", "edge-3"]
     b.fold(contrib("a", "edge-1", 10), np.array([1.0, 0.0, 0.0], np.float32))
-    assert b.verdict(now=110.0) == "wait"
+    assert b.next_step(now=110.0) == "wait"
     b.fold(contrib("b", "edge-2", 30), np.array([0.0, 4.0, 0.0], np.float32))
-    assert b.verdict(now=110.0) == "wait"  # quorum, but edge-3 may still report
-    assert b.verdict(now=160.0) == "close"
+    assert b.next_step(now=110.0) == "wait"  # quorum, but edge-3 may still report
+    assert b.next_step(now=160.0) == "close"
     # FedAvg: (10*[1,0,0] + 30*[0,4,0]) / 40 = [0.25, 3, 0]
     np.testing.assert_allclose(b.finalize(), [0.25, 3.0, 0.0])
 
@@ -51,17 +51,17 @@ def test_sync_round_with_sampling_closes_early_and_fails_without_quorum() -> Non
     assert a.sampled is not None and len(a.sampled) == 2
     for i, edge in enumerate(a.sampled):
         b.fold(contrib(str(i), edge, 5), np.ones(3, np.float32))
-    assert b.verdict(now=1.0) == "close"
+    assert b.next_step(now=1.0) == "close"
     b.abandon()
     b.open(["edge-1", "edge-2"], now=20.0)
     b.fold(contrib("z", "edge-1", 5), np.ones(3, np.float32))
-    assert b.verdict(now=25.0) == "wait"
-    assert b.verdict(now=31.0) == "fail"
+    assert b.next_step(now=25.0) == "wait"
+    assert b.next_step(now=31.0) == "fail"
     b.abandon()
     b.open([], now=40.0)  # no fleet known: the quorum closes it
     b.fold(contrib("y", "edge-1", 5), np.ones(3, np.float32))
     b.fold(contrib("x", "edge-2", 5), np.ones(3, np.float32))
-    assert b.verdict(now=41.0) == "close"
+    assert b.next_step(now=41.0) == "close"
 
 
 def test_duplicate_update_ids_fold_once() -> None:
@@ -85,11 +85,11 @@ def test_async_staleness_weighting_by_hand() -> None:
         b.accepts_base(5) and b.accepts_base(3) and not b.accepts_base(2) and not b.accepts_base(6)
     )
     b.fold(contrib("a", "edge-1", 8, base=5), np.array([1.0, 0, 0], np.float32))  # weight 8
-    assert b.verdict() == "wait"
+    assert b.next_step() == "wait"
     b.fold(
         contrib("b", "edge-2", 9, base=2), np.array([0, 1.0, 0], np.float32)
     )  # 9 * 4**-0.5 = 4.5
-    assert b.verdict() == "close"
+    assert b.next_step() == "close"
     np.testing.assert_allclose(b.finalize(), [8 / 12.5, 4.5 / 12.5, 0.0], rtol=1e-6)
 
 

@@ -25,7 +25,7 @@ from trainer.roster import Roster
 from trainer.rounds import RoundBook, RoundPolicy, SecureOutcome
 from trainer.secure_metrics import SecureMetrics
 from trainer.secure_round import SecureCoordinator, SecureRound, SecureTiming, sensitivity
-from trainer.service import open_round, round_verdict
+from trainer.service import open_round, poll_round
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
 
@@ -132,7 +132,7 @@ async def test_a_secure_round_without_a_running_protocol_fails() -> None:
     protocol state is gone: the round is closed as failed and a new one opens."""
     b = book()
     b.open(EDGES, now=0.0, secure=True, min_sample=3)
-    ready, failed = round_verdict(b, coordinator([]))
+    ready, failed = poll_round(b, coordinator([]))
     assert ready and failed is not None and "restarted" in failed
 
 
@@ -141,9 +141,9 @@ async def test_a_round_with_no_answers_fails_and_tells_the_edges() -> None:
     secure, b = coordinator(sent), book()
     b.open(EDGES, secure=True, min_sample=3)
     secure.begin(b)
-    assert round_verdict(b, secure) == (False, None)
+    assert poll_round(b, secure) == (False, None)
     for _ in range(100):
-        ready, failed = round_verdict(b, secure)
+        ready, failed = poll_round(b, secure)
         if ready:
             break
         await asyncio.sleep(0.05)
@@ -231,7 +231,7 @@ async def run_in_process(
             if e != silent:
                 with contextlib.suppress(Exception):
                     await edges[e].submit("digits", 1, np.full(DIM, 0.1, np.float32))
-        ready, failed = round_verdict(b, secure)
+        ready, failed = poll_round(b, secure)
         if ready:
             return b, failed
     raise AssertionError("the secure round never ended")

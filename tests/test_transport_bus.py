@@ -16,7 +16,7 @@ from fedcore.transport import UPDATES_STREAM, StreamSpec
 from tests.conftest import NatsServer
 from tests.transport_harness import DIM, TARGET, SumAggregator, open_bus, seal
 from trainer.bus import ensure_transport
-from trainer.ingest import IngestOptions, Verdict
+from trainer.ingest import Disposition, IngestOptions
 from trainer.ledger import LedgerRecord
 from trainer.registry import edges_bucket, mirror_registry
 
@@ -42,14 +42,14 @@ async def test_the_same_update_is_aggregated_once(nats_server: NatsServer, tmp_p
         msgs = await bus.ingestor.fetch(batch=10)
         assert [m.metadata.sequence.stream for m in msgs] == [first.seq, late.seq]
         # The first is folded and recorded, but the trainer "crashes" before its ack.
-        assert (await bus.ingestor.process(msgs[0])).verdict is Verdict.ACCEPTED
-        assert (await bus.ingestor.handle(msgs[1])).verdict is Verdict.DUPLICATE
+        assert (await bus.ingestor.process(msgs[0])).disposition is Disposition.ACCEPTED
+        assert (await bus.ingestor.handle(msgs[1])).disposition is Disposition.DUPLICATE
 
         # After ack_wait the unacknowledged message comes back: a duplicate, acked now.
         await asyncio.sleep(1.2)
         redelivered = await bus.ingestor.fetch(batch=10, timeout_s=2.0)
         assert [m.metadata.num_delivered for m in redelivered] == [2]
-        assert (await bus.ingestor.handle(redelivered[0])).verdict is Verdict.DUPLICATE
+        assert (await bus.ingestor.handle(redelivered[0])).disposition is Disposition.DUPLICATE
         assert await bus.ingestor.poll(timeout_s=1.5) == []  # nothing left to deliver
 
         np.testing.assert_array_equal(bus.aggregator.total, delta.astype(np.float64))
@@ -69,14 +69,14 @@ async def test_a_restarted_trainer_refolds_only_what_its_checkpoint_lacks(
         deltas = {"edge-1": vector(2)}
         update_id, envelope = seal(bus.keys, deltas["edge-1"])
         await bus.publisher.publish(envelope)
-        assert [o.verdict for o in await bus.ingestor.poll()] == [Verdict.ACCEPTED]
+        assert [o.disposition for o in await bus.ingestor.poll()] == [Disposition.ACCEPTED]
 
         # A new trainer process whose checkpoint predates the update: state is empty.
         fresh = SumAggregator()
         restarted = bus.new_ingestor(fresh, IngestOptions(ack_wait_s=1.0, fetch_timeout_s=0.5))
         await restarted.bind()
         await bus.publisher.publish(envelope, msg_id="replayed-later")
-        assert [o.verdict for o in await restarted.poll()] == [Verdict.DUPLICATE]
+        assert [o.disposition for o in await restarted.poll()] == [Disposition.DUPLICATE]
         assert fresh.folded == []
         assert await restarted.refold(TARGET, folded=set()) == [update_id]
         np.testing.assert_array_equal(fresh.total, deltas["edge-1"].astype(np.float64))
@@ -105,7 +105,7 @@ async def test_an_update_over_max_payload_goes_through_the_object_store(
         raw = await bus.trainer_nc.jetstream().get_msg(UPDATES_STREAM, sent.seq)
         assert raw.data is not None and len(raw.data) < 1024 and raw.data.startswith(b"FGUP")
         outcomes = await bus.ingestor.poll()
-        assert [o.verdict for o in outcomes] == [Verdict.ACCEPTED]
+        assert [o.disposition for o in outcomes] == [Disposition.ACCEPTED]
         np.testing.assert_array_equal(bus.aggregator.total, big.astype(np.float64))
         assert bus.aggregator.folded == [update_id]
         assert (
@@ -143,11 +143,13 @@ async def test_a_refused_fold_releases_the_claim(nats_server: NatsServer, tmp_pa
         bus.aggregator.refuse = "buffer-full"
         await bus.publisher.publish(envelope)
         outcomes = await bus.ingestor.poll()
-        assert [(o.verdict, o.reason) for o in outcomes] == [(Verdict.REJECTED, "buffer-full")]
+        assert [(o.disposition, o.reason) for o in outcomes] == [
+            (Disposition.REJECTED, "buffer-full")
+        ]
         assert await bus.ledger.accepted("digits", TARGET.round) == {}
         bus.aggregator.refuse = None
         await bus.publisher.publish(envelope, msg_id="sent-again")
-        assert [o.verdict for o in await bus.ingestor.poll()] == [Verdict.ACCEPTED]
+        assert [o.disposition for o in await bus.ingestor.poll()] == [Disposition.ACCEPTED]
         assert bus.aggregator.folded == [update_id]
 
 

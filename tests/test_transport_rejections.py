@@ -21,7 +21,7 @@ from fedcore.transport import (
 from tests.conftest import NatsServer
 from tests.transport_harness import DIM, TARGET, Bus, open_bus, seal
 from trainer.driver import RoundDriver
-from trainer.ingest import IngestOptions, UpdateIngestor, Verdict
+from trainer.ingest import Disposition, IngestOptions, UpdateIngestor
 from trainer.ingest_metrics import REJECTION_REASONS, IngestMetrics
 from trainer.opener import RoundTarget
 from trainer.registry import RegistryFile
@@ -96,11 +96,11 @@ async def test_each_rejection_is_counted_and_the_ingestor_goes_on(
             reason, send = cases(bus, t)[i]
             await send()
             outcomes = await bus.ingestor.poll()
-            assert [(o.verdict, o.reason) for o in outcomes] == [(Verdict.REJECTED, reason)]
+            assert [(o.disposition, o.reason) for o in outcomes] == [(Disposition.REJECTED, reason)]
             expected[reason] = expected.get(reason, 0) + 1
             # after each bad one, a good one still goes through
             await bus.publisher.publish(seal(bus.keys, good(i), target=t)[1])
-            assert [o.verdict for o in await bus.ingestor.poll()] == [Verdict.ACCEPTED]
+            assert [o.disposition for o in await bus.ingestor.poll()] == [Disposition.ACCEPTED]
 
         for reason in REJECTION_REASONS:
             assert bus.rejected(reason) == expected.get(reason, 0), reason
@@ -113,14 +113,16 @@ async def test_second_update_and_no_open_round(nats_server: NatsServer, tmp_path
         await bus.publisher.publish(seal(bus.keys, good(1))[1])
         await bus.publisher.publish(seal(bus.keys, good(2))[1])
         outcomes = await bus.ingestor.poll()
-        assert [(o.verdict, o.reason) for o in outcomes] == [
-            (Verdict.ACCEPTED, None),
-            (Verdict.REJECTED, "second-update"),
+        assert [(o.disposition, o.reason) for o in outcomes] == [
+            (Disposition.ACCEPTED, None),
+            (Disposition.REJECTED, "second-update"),
         ]
         bus.rounds.current = None
         await bus.publisher.publish(seal(bus.keys, good(3))[1])
         outcomes = await bus.ingestor.poll()
-        assert [(o.verdict, o.reason) for o in outcomes] == [(Verdict.REJECTED, "no-open-round")]
+        assert [(o.disposition, o.reason) for o in outcomes] == [
+            (Disposition.REJECTED, "no-open-round")
+        ]
         np.testing.assert_array_equal(bus.aggregator.total, good(1).astype(np.float64))
 
 
@@ -160,8 +162,8 @@ async def test_an_async_buffer_takes_one_update_per_edge(
         outcomes = []
         while len(outcomes) < 4:
             outcomes += await ingestor.poll()
-        assert [(o.verdict, o.reason) for o in outcomes] == [(Verdict.ACCEPTED, None)] + [
-            (Verdict.REJECTED, "second-update")
+        assert [(o.disposition, o.reason) for o in outcomes] == [(Disposition.ACCEPTED, None)] + [
+            (Disposition.REJECTED, "second-update")
         ] * 3
         assert book.current is not None and book.current.edges() == {"edge-1"}
-        assert book.current.count() == 1 and book.verdict() == "wait"
+        assert book.current.count() == 1 and book.next_step() == "wait"

@@ -82,7 +82,7 @@ class Aggregator(Protocol):
     def fold(self, update: AcceptedUpdate) -> None: ...
 
 
-class Verdict(Enum):
+class Disposition(Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
@@ -93,7 +93,7 @@ class Verdict(Enum):
 class Outcome:
     """What became of one message; ``reason`` is set for rejections and retries."""
 
-    verdict: Verdict
+    disposition: Disposition
     reason: str | None = None
     update_id: str | None = None
 
@@ -245,23 +245,23 @@ class UpdateIngestor:
                 "num_samples": header.num_samples,
             },
         )
-        return Outcome(Verdict.ACCEPTED, update_id=header.update_id)
+        return Outcome(Disposition.ACCEPTED, update_id=header.update_id)
 
     async def settle(self, msg: Msg, outcome: Outcome) -> None:
         """Acknowledge as the outcome says; a failed ack only means a later duplicate."""
         try:
-            if outcome.verdict is Verdict.ACCEPTED:
+            if outcome.disposition is Disposition.ACCEPTED:
                 await msg.ack_sync(timeout=self.options.ack_timeout_s)
-            elif outcome.verdict is Verdict.DUPLICATE:
+            elif outcome.disposition is Disposition.DUPLICATE:
                 await msg.ack()
-            elif outcome.verdict is Verdict.REJECTED:
+            elif outcome.disposition is Disposition.REJECTED:
                 await msg.term()
             else:
                 await msg.nak(delay=self.options.retry_delay_s)
         except _TRANSIENT as exc:
             log.warning(
                 "acknowledgement failed; the message will come again",
-                extra={"verdict": outcome.verdict.value, "error": repr(exc)},
+                extra={"disposition": outcome.disposition.value, "error": repr(exc)},
             )
 
     # -- the pipeline ------------------------------------------------------------------
@@ -281,7 +281,7 @@ class UpdateIngestor:
                     extra={"reason": "duplicate", "update_id": h.update_id, "edge": h.edge_id},
                 )
                 self.metrics.rejected.labels(reason="duplicate").inc()
-                return Outcome(Verdict.DUPLICATE, "duplicate", h.update_id)
+                return Outcome(Disposition.DUPLICATE, "duplicate", h.update_id)
             raise Refused(
                 "second-update",
                 f"edge {h.edge_id!r} already contributed {claim.record.update_id} "
@@ -333,12 +333,12 @@ class UpdateIngestor:
     def _rejected(self, reason: str, detail: str, context: dict[str, object]) -> Outcome:
         self.metrics.rejected.labels(reason=reason).inc()
         log.warning("update rejected", extra={**context, "reason": reason, "detail": detail})
-        return Outcome(Verdict.REJECTED, reason)
+        return Outcome(Disposition.REJECTED, reason)
 
     def _retry(self, detail: str, context: dict[str, object]) -> Outcome:
         self.metrics.retried.inc()
         log.warning("update left for redelivery", extra={**context, "detail": detail})
-        return Outcome(Verdict.RETRY, "transient")
+        return Outcome(Disposition.RETRY, "transient")
 
     # -- recovery ----------------------------------------------------------------------
     async def refold(self, target: RoundTarget, folded: Collection[str]) -> list[str]:

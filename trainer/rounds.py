@@ -363,7 +363,7 @@ class RoundBook:
             update_id = f"secagg-{self.model}-{rnd.round}-{edge}"
             rnd.folded[update_id] = Contribution(update_id, edge, 0, self.version, 1.0)
 
-    def verdict(self, now: float | None = None) -> Literal["wait", "close", "fail"]:
+    def next_step(self, now: float | None = None) -> Literal["wait", "close", "fail"]:
         """``close`` when enough updates are in, ``fail`` past the deadline without them.
 
         An async buffer closes when full, or past its timeout (``deadline_ts``) with at

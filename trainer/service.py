@@ -136,7 +136,7 @@ def open_round(
     return True
 
 
-def round_verdict(book: RoundBook, secure: SecureCoordinator | None) -> tuple[bool, str | None]:
+def poll_round(book: RoundBook, secure: SecureCoordinator | None) -> tuple[bool, str | None]:
     """(time to close, failure reason) of ``book``'s open round; a finished secure round's
     aggregate is folded here."""
     rnd = book.current
@@ -145,8 +145,8 @@ def round_verdict(book: RoundBook, secure: SecureCoordinator | None) -> tuple[bo
         if result is None and secure is not None:
             return False, None
         return True, settle(book, result or SecureResult(None, "secure aggregation is off"))
-    verdict = book.verdict()
-    return verdict != "wait", "deadline passed without quorum" if verdict == "fail" else None
+    step = book.next_step()
+    return step != "wait", "deadline passed without quorum" if step == "fail" else None
 
 
 async def stream_behind(
@@ -210,7 +210,7 @@ async def run_rounds(
                 if secure is not None and book.current and book.current.announcement.secure:
                     secure.begin(book)
                 continue
-            ready, failed = round_verdict(book, secure)
+            ready, failed = poll_round(book, secure)
             if not ready or await stream_behind(book, backlog, settings.updates_ack_wait_s + 5):
                 continue
             record = await close_round(contexts[model], book, js, failed=failed)
