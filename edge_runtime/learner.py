@@ -10,7 +10,7 @@ abandons it. A finished job becomes an update: delta = local - base (flat FP32),
 optionally clipped to ``clip_norm``, compressed, sealed for the round with the local
 metrics in the signed header, and published. Only the sealed update leaves the edge. In a
 securely aggregated round the delta goes to the secure-aggregation participant instead
-(:class:`SecureSink`), which sends it only masked (``docs/secagg.md``).
+(:class:`SecAggSink`), which sends it only masked (``docs/secagg.md``).
 Everything is recorded in the :class:`~edge_runtime.events.EventLog`.
 """
 
@@ -71,9 +71,9 @@ ReadServed = Callable[[], Awaitable[Mapping[int, ServedVersion]]]
 Publish = Callable[[bytes | bytearray], Awaitable[Any]]
 
 
-class SecureSink(Protocol):
+class SecAggSink(Protocol):
     """Where an update of a securely aggregated round goes instead of an envelope
-    (:class:`edge_runtime.secure_round.SecureParticipant`)."""
+    (:class:`edge_runtime.secagg_round.SecAggParticipant`)."""
 
     async def submit(self, model: str, round_no: int, delta: NDArray[Any]) -> None: ...
 
@@ -146,10 +146,10 @@ class Learner:
         publish: Publish,
         keys: Keys,
         events: EventLog | None = None,
-        secure: SecureSink | None = None,
+        secagg: SecAggSink | None = None,
     ) -> None:
         self.config = config
-        self.secure = secure
+        self.secagg = secagg
         self.spool = spool
         self.rounds = rounds
         self.read_load = read_load
@@ -384,7 +384,7 @@ class Learner:
         delta, norm = clip_delta(local - job.base, c.clip_norm)
         metrics = local_metrics(result, norm) | recipe_metrics(job.recipe)
         if plan.announcement.secure:
-            await self._submit_secure(job, delta)
+            await self._submit_secagg(job, delta)
             self._sent(job, "update-masked", metrics)
             return
         round_no = self._landing_round(plan)
@@ -410,13 +410,13 @@ class Learner:
             return max(plan.round, current.round)
         return plan.round
 
-    async def _submit_secure(self, job: Job, delta: NDArray[Any]) -> None:
+    async def _submit_secagg(self, job: Job, delta: NDArray[Any]) -> None:
         """A secure round's update goes to the secure-aggregation participant, which sends
         it masked; no envelope, no metrics leave the edge with it."""
         c, plan = self.config, job.plan
-        if self.secure is None or not c.secure:
+        if self.secagg is None or not c.secure:
             raise EdgeError(f"round {plan.round} is securely aggregated; it is off here")
-        await self.secure.submit(c.model, plan.round, delta)
+        await self.secagg.submit(c.model, plan.round, delta)
 
     def _sent(self, job: Job, kind: str, metrics: Mapping[str, float], **extra: Any) -> None:
         """The update left (or was handed over): its samples are trained, its round sent."""

@@ -32,7 +32,7 @@ from edge_runtime.rounds_watch import (
     watch_rounds,
 )
 from edge_runtime.sealer import Keys
-from edge_runtime.secure_round import SecureParticipant
+from edge_runtime.secagg_round import SecAggParticipant
 from edge_runtime.settings import EdgeSettings
 from edge_runtime.spool import Spool, spool_path
 from fedcore.artifact import MANIFEST, Manifest
@@ -125,7 +125,7 @@ class EdgeLearning:
             settings.edge_id, self.spools, keys.signer, trusted, settings.holdout_fraction
         )
         self.learners: dict[str, Learner] = {}
-        self.secure: SecureParticipant | None = None
+        self.secagg: SecAggParticipant | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._staged: dict[tuple[str, int], tuple[int, Manifest, Path]] = {}
@@ -138,7 +138,7 @@ class EdgeLearning:
         await self.evaluation.start(nc)
         if not self.settings.learning_enabled:
             return
-        self.secure = await self._start_secure(nc)
+        self.secagg = await self._start_secagg(nc)
         self._tasks.append(
             asyncio.create_task(watch_rounds(nc.jetstream(), self.rounds, self._stop))
         )
@@ -152,12 +152,12 @@ class EdgeLearning:
                 publish=publish,
                 keys=self.keys,
                 events=self.events,
-                secure=self.secure if model in self.settings.secagg else None,
+                secagg=self.secagg if model in self.settings.secagg else None,
             )
             self.learners[model] = learner
             self._tasks.append(asyncio.create_task(learner.run(self._stop)))
 
-    async def _start_secure(self, nc: NATS) -> SecureParticipant | None:
+    async def _start_secagg(self, nc: NATS) -> SecAggParticipant | None:
         s = self.settings
         if not s.secagg or s.secagg_registry_file is None:
             return None
@@ -169,7 +169,7 @@ class EdgeLearning:
         async def send(subject: str, data: bytes) -> None:
             await nc.publish(subject, data)
 
-        participant = SecureParticipant(
+        participant = SecAggParticipant(
             s.edge_id,
             self.keys.signer,
             enrolled,

@@ -1,5 +1,5 @@
 """An edge-harness process for secure rounds: the edge runtime's secure-aggregation
-participant (:class:`edge_runtime.secure_round.SecureParticipant`), its round watcher and
+participant (:class:`edge_runtime.secagg_round.SecAggParticipant`), its round watcher and
 a heartbeat, without Triton or fine-tuning (their part is a deterministic update).
 
 ``python -m tests.secagg_edge`` with ``SECAGG_EDGE_*`` variables. In every securely
@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from numpy.typing import NDArray
 
 from edge_runtime.rounds_watch import RoundsView, watch_rounds
-from edge_runtime.secure_round import SecureParticipant, SecureRoundError, nats_request
+from edge_runtime.secagg_round import SecAggParticipant, SecAggRoundError, nats_request
 from fedcore import subjects
 from fedcore.enrollment import load_registry
 from fedcore.keys import load_ed25519, read_secret
@@ -93,7 +93,7 @@ async def main() -> None:
     async def send(subject: str, data: bytes) -> None:
         await nc.publish(subject, data if spoil_to is None else spoil_share(data, spoil_to))
 
-    participant = SecureParticipant(
+    participant = SecAggParticipant(
         edge,
         load_ed25519(Path(env["SECAGG_EDGE_KEY"])),
         lambda: load_registry(registry).active_keys(),
@@ -118,7 +118,7 @@ async def main() -> None:
     while not stop.is_set():
         a = view.get(MODEL)
         if not hold and a is not None and a.secure and a.round not in submitted:
-            with contextlib.suppress(SecureRoundError):  # setup not here yet: next tick
+            with contextlib.suppress(SecAggRoundError):  # setup not here yet: next tick
                 await participant.submit(MODEL, a.round, harness_delta(edge, a.round, dim))
                 submitted.add(a.round)
         with contextlib.suppress(TimeoutError):

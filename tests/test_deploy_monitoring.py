@@ -93,7 +93,7 @@ def service_registries() -> list[Any]:
     from trainer.ingest_metrics import IngestMetrics
     from trainer.roster import Roster
     from trainer.rounds import RoundBook, RoundPolicy
-    from trainer.secure_metrics import SecureMetrics
+    from trainer.secagg_metrics import SecAggMetrics
     from trainer.strategies import get_strategy
     from trainer.telemetry import start_metrics
 
@@ -106,7 +106,7 @@ def service_registries() -> list[Any]:
     trainer = start_metrics(settings, {"m": book}).registry
     IngestMetrics(trainer)
     Roster(SimpleNamespace(current=EdgeRegistry), 5.0, trainer)  # its heartbeat refusals
-    SecureMetrics(trainer, ["m"])  # secure rounds' failures and culprits
+    SecAggMetrics(trainer, ["m"])  # secure rounds' failures and culprits
     # the spool families are there without spools
     edge = EdgeMetrics({}, EventLog(), [SupervisorCollector(SupervisionStats())])
     edge.on_event(EventLog().emit("update-published", "m", num_samples=1, loss=1.0, accuracy=1.0))

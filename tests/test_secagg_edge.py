@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from edge_runtime.learner import Job, Keys, Learner, LearnerConfig
 from edge_runtime.rounds_watch import Plan, Refusal, RoundsView, ServedVersion, decide
-from edge_runtime.secure_round import SecureParticipant, SecureRoundError
+from edge_runtime.secagg_round import SecAggParticipant, SecAggRoundError
 from edge_runtime.spool import Spool
 from edge_runtime.worker_reports import Finished
 from fedcore import subjects
@@ -31,7 +31,7 @@ from fedcore.secagg import (
     SurvivorSignature,
     UnmaskResponse,
 )
-from fedcore.secagg.frame import Frame, Phase, secure_round_id
+from fedcore.secagg.frame import Frame, Phase, secagg_round_id
 from fedcore.wire import RoundAnnouncement
 from tests.secagg_harness import Cohort
 
@@ -100,9 +100,9 @@ class Wire:
         return self.sent[edge][-1]
 
 
-def participants(cohort: Cohort, view: RoundsView, wire: Wire) -> dict[str, SecureParticipant]:
+def participants(cohort: Cohort, view: RoundsView, wire: Wire) -> dict[str, SecAggParticipant]:
     return {
-        e: SecureParticipant(
+        e: SecAggParticipant(
             e,
             cohort.identities[e],
             lambda: cohort.enrolled,
@@ -115,7 +115,7 @@ def participants(cohort: Cohort, view: RoundsView, wire: Wire) -> dict[str, Secu
 
 
 async def ask(
-    edges: dict[str, SecureParticipant], wire: Wire, phase: Phase, bodies: dict[str, bytes]
+    edges: dict[str, SecAggParticipant], wire: Wire, phase: Phase, bodies: dict[str, bytes]
 ) -> dict[str, bytes]:
     out = {}
     for e, body in bodies.items():
@@ -131,7 +131,7 @@ async def test_participants_run_a_round_and_repeat_their_answers(tmp_path: Path)
     view, wire = RoundsView(), Wire()
     view.put(announcement(sampled=cohort.names))
     edges = participants(cohort, view, wire)
-    server = SecAggServer(CONFIG, secure_round_id("digits", 3), cohort.enrolled, DIM)
+    server = SecAggServer(CONFIG, secagg_round_id("digits", 3), cohort.enrolled, DIM)
     rng = np.random.default_rng(0)
     deltas = {e: rng.normal(0, 0.05, DIM).astype(np.float32) for e in cohort.names}
 
@@ -158,7 +158,7 @@ async def test_participants_run_a_round_and_repeat_their_answers(tmp_path: Path)
     for e in late:
         await edges[e].submit("digits", 3, deltas[e])
         masked[e] = wire.last(e).body
-    with pytest.raises(SecureRoundError, match="was handed over"):
+    with pytest.raises(SecAggRoundError, match="was handed over"):
         await edges[early].submit("digits", 3, deltas[early])
     for body in masked.values():
         server.receive_masked_input(MaskedInput.from_bytes(body))
@@ -179,7 +179,7 @@ async def test_participants_run_a_round_and_repeat_their_answers(tmp_path: Path)
     plain = np.mean([deltas[e].astype(np.float64) for e in result.survivors], axis=0)
     np.testing.assert_allclose(result.mean(), plain, atol=1e-6)
     await edges[early].handle("digits", Frame(Phase.END, 3, b""))
-    with pytest.raises(SecureRoundError, match="not in progress"):
+    with pytest.raises(SecAggRoundError, match="not in progress"):
         await edges[early].submit("digits", 3, deltas[early])
 
 
@@ -189,7 +189,7 @@ async def test_a_participant_excludes_a_neighbour_whose_share_does_not_open() ->
     view, wire = RoundsView(), Wire()
     view.put(announcement(sampled=cohort.names))
     edges = participants(cohort, view, wire)
-    server = SecAggServer(CONFIG, secure_round_id("digits", 3), cohort.enrolled, DIM)
+    server = SecAggServer(CONFIG, secagg_round_id("digits", 3), cohort.enrolled, DIM)
     setup = server.setup.to_bytes()
     for body in (await ask(edges, wire, Phase.SETUP, dict.fromkeys(cohort.names, setup))).values():
         server.receive_advert(KeyAdvert.from_bytes(body))
@@ -216,7 +216,7 @@ async def test_a_participant_ignores_rounds_not_announced_as_secure_for_it() -> 
     cohort = Cohort.make(3)
     view, wire = RoundsView(), Wire()
     edges = participants(cohort, view, wire)
-    server = SecAggServer(CONFIG, secure_round_id("digits", 3), cohort.enrolled, DIM)
+    server = SecAggServer(CONFIG, secagg_round_id("digits", 3), cohort.enrolled, DIM)
     setup = Frame(Phase.SETUP, 3, server.setup.to_bytes())
     e = cohort.names[0]
     for a in [None, announcement(secure=False), announcement(4), announcement(sampled=["x"])]:
@@ -224,7 +224,7 @@ async def test_a_participant_ignores_rounds_not_announced_as_secure_for_it() -> 
             view.put(a)
         await edges[e].handle("digits", setup)
         assert e not in wire.sent
-    with pytest.raises(SecureRoundError, match="not in progress"):
+    with pytest.raises(SecAggRoundError, match="not in progress"):
         await edges[e].submit("digits", 3, np.zeros(DIM, np.float32))
     view.put(announcement())
     await edges[e].handle("digits", setup)
@@ -241,7 +241,7 @@ async def test_a_restarted_trainers_new_setup_for_the_same_round_starts_afresh()
     e = cohort.names[0]
     adverts = []
     for _ in range(2):
-        server = SecAggServer(CONFIG, secure_round_id("digits", 3), cohort.enrolled, DIM)
+        server = SecAggServer(CONFIG, secagg_round_id("digits", 3), cohort.enrolled, DIM)
         await edges[e].handle("digits", Frame(Phase.SETUP, 3, server.setup.to_bytes()))
         advert = KeyAdvert.from_bytes(wire.last(e).body)
         server.receive_advert(advert)  # verifies against this setup's digest
@@ -289,7 +289,7 @@ async def test_the_learner_hands_a_secure_rounds_update_over_unsealed(tmp_path: 
         read_served=nothing,
         publish=publish,
         keys=keys,
-        secure=sink,
+        secagg=sink,
     )
     base = np.zeros(DIM, np.float32)
     local = np.full(DIM, 0.25, np.float32)

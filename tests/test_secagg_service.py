@@ -42,7 +42,7 @@ from tests.conftest import NatsServer, processes_mentioning, start_nats
 from tests.secagg_edge import harness_delta
 from tests.test_trainer_rounds import DIM, send, wait_kv
 from tests.transport_harness import trainer_env as base_trainer_env
-from trainer.secure_setup import secure_configs
+from trainer.secagg_setup import secagg_configs
 from trainer.settings import TrainerSettings
 
 EDGES = ["edge-1", "edge-2", "edge-3", "edge-4"]
@@ -295,14 +295,14 @@ def test_incompatible_settings_are_refused(
     tmp_path: Path, extra: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ConfigError, match=message):
-        secure_configs(settings(tmp_path, **extra))
+        secagg_configs(settings(tmp_path, **extra))
 
 
 def test_sum_strategies_and_central_dp_are_accepted(tmp_path: Path) -> None:
     for strategy in ["fedavg", "fedavgm", "fedadam", "fedprox", "dp_fedavg"]:
-        configs = secure_configs(settings(tmp_path, strategy=strategy))
+        configs = secagg_configs(settings(tmp_path, strategy=strategy))
         assert configs == {"digits": SecAggConfig(clip_norm=1.0)}
-    assert secure_configs(settings(tmp_path, secagg={})) == {}
+    assert secagg_configs(settings(tmp_path, secagg={})) == {}
 
 
 def test_the_service_exits_with_the_reason(tmp_path: Path, nats_server: NatsServer) -> None:

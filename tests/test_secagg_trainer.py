@@ -19,12 +19,12 @@ from fedcore.enrollment import EdgeRegistry
 from fedcore.errors import EnvelopeError
 from fedcore.secagg import MaskedInput, SecAggConfig, round_params
 from fedcore.secagg.frame import Frame, Phase, masked_frame_bytes
-from trainer.driver import RoundDriver, SecureTarget
+from trainer.driver import RoundDriver, SecAggTarget
 from trainer.errors import TrainerError
 from trainer.roster import Roster
-from trainer.rounds import RoundBook, RoundPolicy, SecureOutcome
-from trainer.secure_metrics import SecureMetrics
-from trainer.secure_round import SecureCoordinator, SecureRound, SecureTiming, sensitivity
+from trainer.rounds import RoundBook, RoundPolicy, SecAggOutcome
+from trainer.secagg_metrics import SecAggMetrics
+from trainer.secagg_round import SecAggCoordinator, SecAggRound, SecAggTiming, sensitivity
 from trainer.service import open_round, poll_round
 from trainer.settings import TrainerSettings
 from trainer.strategies import get_strategy
@@ -60,12 +60,12 @@ class Keys:
         return registry
 
 
-def coordinator(sent: list[tuple[str, bytes]]) -> SecureCoordinator:
+def coordinator(sent: list[tuple[str, bytes]]) -> SecAggCoordinator:
     async def send(subject: str, data: bytes) -> None:
         sent.append((subject, data))
 
-    return SecureCoordinator(
-        send, Keys(), {"digits": SecAggConfig()}, {"digits": DIM}, SecureTiming(1.0, 0.05)
+    return SecAggCoordinator(
+        send, Keys(), {"digits": SecAggConfig()}, {"digits": DIM}, SecAggTiming(1.0, 0.05)
     )
 
 
@@ -74,18 +74,18 @@ def test_a_secure_aggregate_is_the_unweighted_mean_of_the_survivors() -> None:
     a = b.open(EDGES, now=0.0, secure=True, min_sample=3)
     assert a.secure and a.sampled == EDGES
     total = np.arange(DIM, dtype=np.float64) * 3.0  # three survivors' sum
-    b.fold_secure(total, SecureOutcome(("edge-1", "edge-2", "edge-3"), ("edge-4",)), 1.0)
+    b.fold_secagg(total, SecAggOutcome(("edge-1", "edge-2", "edge-3"), ("edge-4",)), 1.0)
     np.testing.assert_allclose(b.finalize(), np.arange(DIM, dtype=np.float32))
     assert b.current is not None and [c.weight for c in b.current.folded.values()] == [1.0] * 3
     with pytest.raises(TrainerError, match="no secure sum"):  # once per round
-        b.fold_secure(total, SecureOutcome(("edge-1",), ()), 1.0)
+        b.fold_secagg(total, SecAggOutcome(("edge-1",), ()), 1.0)
 
 
 def test_central_dp_noise_is_calibrated_to_the_edges_bound() -> None:
     b = book("dp_fedavg", clip_norm=0.5, noise_multiplier=2.0)
     b.open(EDGES, now=0.0, secure=True, min_sample=3)
     assert b.current is not None
-    b.fold_secure(np.zeros(DIM), SecureOutcome(("edge-1", "edge-2", "edge-3"), ()), 1.25)
+    b.fold_secagg(np.zeros(DIM), SecAggOutcome(("edge-1", "edge-2", "edge-3"), ()), 1.25)
     strategy = b.strategy
     assert strategy.noise_std_for(b.current.state) == pytest.approx(2.0 * 1.25)  # type: ignore[attr-defined]
     noisy = b.finalize()  # noise on the sum, divided by the three survivors
@@ -99,7 +99,7 @@ def test_sealed_updates_for_a_secure_round_are_refused() -> None:
     b.open(EDGES, now=0.0, secure=True, min_sample=3)
     driver = RoundDriver({"digits": b}, Path("/nonexistent"), {"digits": (DIM,)})
     target = driver.target("digits")
-    assert isinstance(target, SecureTarget)
+    assert isinstance(target, SecAggTarget)
     with pytest.raises(EnvelopeError, match="securely aggregated"):  # whatever it says
         target.check(None)  # type: ignore[arg-type]
 
@@ -117,13 +117,13 @@ async def test_a_secure_round_waits_for_a_complete_roster_of_enrolled_edges(
         min_updates=3,
         secagg={"digits": {}},
     )
-    secure, b, roster = coordinator([]), book(), Roster(Keys(), ttl_s=0.2)
+    secagg, b, roster = coordinator([]), book(), Roster(Keys(), ttl_s=0.2)
     roster.seen = {"edge-1": 1e18, "edge-2": 1e18, "stranger": 1e18}
-    assert not open_round(settings, b, roster, secure)  # the roster is not complete yet
+    assert not open_round(settings, b, roster, secagg)  # the roster is not complete yet
     await asyncio.sleep(0.25)
-    assert not open_round(settings, b, roster, secure)  # two enrolled edges: too few
+    assert not open_round(settings, b, roster, secagg)  # two enrolled edges: too few
     roster.seen["edge-3"] = 1e18
-    assert open_round(settings, b, roster, secure)
+    assert open_round(settings, b, roster, secagg)
     assert b.current is not None and b.current.announcement.sampled == EDGES[:3]
 
 
@@ -138,12 +138,12 @@ async def test_a_secure_round_without_a_running_protocol_fails() -> None:
 
 async def test_a_round_with_no_answers_fails_and_tells_the_edges() -> None:
     sent: list[tuple[str, bytes]] = []
-    secure, b = coordinator(sent), book()
+    secagg, b = coordinator(sent), book()
     b.open(EDGES, secure=True, min_sample=3)
-    secure.begin(b)
-    assert poll_round(b, secure) == (False, None)
+    secagg.begin(b)
+    assert poll_round(b, secagg) == (False, None)
     for _ in range(100):
-        ready, failed = poll_round(b, secure)
+        ready, failed = poll_round(b, secagg)
         if ready:
             break
         await asyncio.sleep(0.05)
@@ -170,20 +170,20 @@ async def run_in_process(
     deadline_s: float = 1.0,
     heartbeats: bool = False,
     tamper: Tamper | None = None,
-    metrics: SecureMetrics | None = None,
+    metrics: SecAggMetrics | None = None,
 ) -> tuple[RoundBook, str | None]:
     """A coordinator and four edge participants wired to each other in process; the
     ``silent`` edge never trains (and, with ``heartbeats``, is not heard from either);
     ``tamper(subject, data)`` may change what an edge sends to the trainer."""
     from edge_runtime.rounds_watch import RoundsView
-    from edge_runtime.secure_round import SecureParticipant
+    from edge_runtime.secagg_round import SecAggParticipant
     from tests.secagg_harness import Cohort
 
     cohort = Cohort.make(4)
     keys = Keys()
     keys.keys = dict(cohort.enrolled)
     view = RoundsView()
-    edges: dict[str, SecureParticipant] = {}
+    edges: dict[str, SecAggParticipant] = {}
 
     async def to_edge(subject: str, data: bytes) -> None:
         edge = subject.rsplit(".", 1)[1]
@@ -192,22 +192,22 @@ async def run_in_process(
     async def to_trainer(subject: str, data: bytes) -> None:
         if tamper is not None:
             data = tamper(subject, data)
-        await secure.on_message(Msg(subject, data))  # type: ignore[arg-type]
+        await secagg.on_message(Msg(subject, data))  # type: ignore[arg-type]
 
     def alive() -> list[str]:
         return [e for e in cohort.names if e != silent]
 
-    secure = SecureCoordinator(
+    secagg = SecAggCoordinator(
         to_edge,
         keys,
         {"digits": SecAggConfig()},
         {"digits": DIM},
-        SecureTiming(2.0, 0.05),
+        SecAggTiming(2.0, 0.05),
         alive if heartbeats else None,
         metrics,
     )
     for e in cohort.names:
-        edges[e] = SecureParticipant(
+        edges[e] = SecAggParticipant(
             e,
             cohort.identities[e],
             lambda: cohort.enrolled,
@@ -224,14 +224,14 @@ async def run_in_process(
         params=np.zeros(DIM, np.float32),
     )
     view.put(b.open(cohort.names, secure=True, min_sample=3))
-    secure.begin(b)
+    secagg.begin(b)
     for _ in range(200):
         await asyncio.sleep(0.02)
         for e in cohort.names:
             if e != silent:
                 with contextlib.suppress(Exception):
                     await edges[e].submit("digits", 1, np.full(DIM, 0.1, np.float32))
-        ready, failed = poll_round(b, secure)
+        ready, failed = poll_round(b, secagg)
         if ready:
             return b, failed
     raise AssertionError("the secure round never ended")
@@ -239,8 +239,8 @@ async def run_in_process(
 
 async def test_coordinator_and_participants_agree_in_process() -> None:
     b, failed = await run_in_process(min_updates=3, silent="edge-003")
-    assert failed is None and b.current is not None and b.current.secure is not None
-    assert b.current.secure.dropped == ("edge-003",)
+    assert failed is None and b.current is not None and b.current.secagg is not None
+    assert b.current.secagg.dropped == ("edge-003",)
     np.testing.assert_allclose(b.finalize(), np.full(DIM, 0.1, np.float32), atol=1e-6)
 
 
@@ -250,24 +250,24 @@ async def test_an_edge_whose_heartbeats_stopped_is_dropped_before_the_deadline()
     b, failed = await run_in_process(
         min_updates=3, silent="edge-003", deadline_s=60.0, heartbeats=True
     )
-    assert failed is None and b.current is not None and b.current.secure is not None
-    assert b.current.secure.dropped == ("edge-003",)
+    assert failed is None and b.current is not None and b.current.secagg is not None
+    assert b.current.secagg.dropped == ("edge-003",)
     np.testing.assert_allclose(b.finalize(), np.full(DIM, 0.1, np.float32), atol=1e-6)
 
 
 async def test_fewer_masked_inputs_than_min_updates_fail_before_unmasking() -> None:
     b, failed = await run_in_process(min_updates=4, silent="edge-003")
     assert failed is not None and "MIN_UPDATES is 4" in failed
-    assert b.current is not None and b.current.secure is None  # nothing was folded
+    assert b.current is not None and b.current.secagg is None  # nothing was folded
 
 
-def _bare_round() -> SecureRound:
+def _bare_round() -> SecAggRound:
     from tests.secagg_harness import Cohort
 
     async def send(subject: str, data: bytes) -> None:
         return None
 
-    return SecureRound(
+    return SecAggRound(
         send,
         model="digits",
         round_no=3,
@@ -275,33 +275,33 @@ def _bare_round() -> SecureRound:
         enrolled=Cohort.make(4).enrolled,
         dim=DIM,
         deadline_ts=0.0,
-        timing=SecureTiming(),
+        timing=SecAggTiming(),
     )
 
 
 def test_an_edge_cannot_flood_the_answer_queue() -> None:
     """Only the awaited answer, from an edge that owes it, one at a time per edge."""
-    secure = _bare_round()
-    edges = sorted(secure.enrolled)
-    secure._awaiting, secure._pending = Phase.ADVERT, set(edges[:2])
+    secagg = _bare_round()
+    edges = sorted(secagg.enrolled)
+    secagg._awaiting, secagg._pending = Phase.ADVERT, set(edges[:2])
     for _ in range(1000):
-        secure.offer(edges[0], Frame(Phase.ADVERT, 3, b"x"))
-    secure.offer(edges[1], Frame(Phase.SHARES, 3, b"x"))  # not the awaited answer
-    secure.offer(edges[1], Frame(Phase.ADVERT, 2, b"x"))  # another round
-    secure.offer(edges[2], Frame(Phase.ADVERT, 3, b"x"))  # owes nothing
-    secure.offer(edges[1], Frame(Phase.ADVERT, 3, b"x"))
-    assert secure.inbox.qsize() == 2
-    assert secure.dropped_frames == 999 + 3
+        secagg.offer(edges[0], Frame(Phase.ADVERT, 3, b"x"))
+    secagg.offer(edges[1], Frame(Phase.SHARES, 3, b"x"))  # not the awaited answer
+    secagg.offer(edges[1], Frame(Phase.ADVERT, 2, b"x"))  # another round
+    secagg.offer(edges[2], Frame(Phase.ADVERT, 3, b"x"))  # owes nothing
+    secagg.offer(edges[1], Frame(Phase.ADVERT, 3, b"x"))
+    assert secagg.inbox.qsize() == 2
+    assert secagg.dropped_frames == 999 + 3
 
 
 def test_silence_from_everyone_is_the_trainer_cut_off_not_dropouts() -> None:
-    secure = _bare_round()
-    edges = set(secure.enrolled)
+    secagg = _bare_round()
+    edges = set(secagg.enrolled)
     pending = set(edges)
-    secure._give_up_silent(pending, set())  # NATS down: nobody heard from
+    secagg._give_up_silent(pending, set())  # NATS down: nobody heard from
     assert pending == edges
     alive = set(sorted(edges)[:3])
-    secure._give_up_silent(pending, alive)
+    secagg._give_up_silent(pending, alive)
     assert pending == alive
 
 
@@ -328,13 +328,13 @@ async def test_a_wrapped_masked_input_is_refused_logged_and_counted(
     -3.6 per coordinate, L2 norm 10.2 where 4 edges clipped to 1 reach at most 4.
     Before, the trainer released that (mean -0.9 per coordinate, honest 0.1)."""
     registry = CollectorRegistry()
-    metrics = SecureMetrics(registry, ["digits"])
-    with caplog.at_level(logging.WARNING, logger="trainer.secure_round"):
+    metrics = SecAggMetrics(registry, ["digits"])
+    with caplog.at_level(logging.WARNING, logger="trainer.secagg_round"):
         b, failed = await run_in_process(
             min_updates=3, silent=None, tamper=wrap_masked_input("edge-001"), metrics=metrics
         )
     assert failed is not None and "out-of-range" in failed
-    assert b.current is not None and b.current.secure is None  # nothing folded
+    assert b.current is not None and b.current.secagg is None  # nothing folded
     assert "L2 norm 10.18" in caplog.text and "out-of-range" in caplog.text
     labels = {"model": "digits", "reason": "out-of-range"}
     assert registry.get_sample_value("fedgate_trainer_secagg_failed_total", labels) == 1

@@ -53,7 +53,7 @@ class AsyncTarget(RoundTarget):
 
 
 @dataclass(frozen=True)
-class SecureTarget(RoundTarget):
+class SecAggTarget(RoundTarget):
     """A securely aggregated round: edges send masked inputs over the secure-aggregation
     subjects, so any sealed update for it is refused (and never folded)."""
 
@@ -96,7 +96,7 @@ class RoundDriver:
                 max_staleness=a.max_staleness,
                 digests=tuple(sorted(book.history.items())),
             )
-        kind = SecureTarget if a.secure else RoundTarget
+        kind = SecAggTarget if a.secure else RoundTarget
         return kind(model, a.round, a.base_version, a.base_digest, self.sizes[model])
 
     def fold(self, update: AcceptedUpdate) -> None:

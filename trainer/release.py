@@ -206,7 +206,7 @@ async def close_round(
     closed_ts = book.begin_close()  # no update joins while the release runs
     book.settle()  # updates held back for the round's bounds are folded now
     contributors = _contributors(book)
-    secure = rnd.secure
+    secagg = rnd.secagg
 
     def record(outcome: str, reason: str, **extra: Any) -> RoundRecord:
         return RoundRecord(
@@ -222,8 +222,8 @@ async def close_round(
             contributors=contributors,
             secure=a.secure,
             recipe=a.recipe,
-            survivors=None if secure is None else len(secure.survivors),
-            dropped=None if secure is None else len(secure.dropped),
+            survivors=None if secagg is None else len(secagg.survivors),
+            dropped=None if secagg is None else len(secagg.dropped),
             **extra,
         )
 

@@ -78,7 +78,7 @@ class Contribution:
 
 
 @dataclass(frozen=True)
-class SecureOutcome:
+class SecAggOutcome:
     """What a securely aggregated round folded: how many edges' masked updates are in
     the sum (``survivors``) and how many shared keys but sent none (``dropped``)."""
 
@@ -93,7 +93,7 @@ class OpenRound:
     announcement: RoundAnnouncement
     state: RoundState
     folded: dict[str, Contribution] = field(default_factory=dict)
-    secure: SecureOutcome | None = None
+    secagg: SecAggOutcome | None = None
     held: dict[str, tuple[Contribution, NDArray[np.float32]]] = field(default_factory=dict)
     """Updates accepted but not folded yet: the first ones of a round wait until the
     medians their bounds need are known (:mod:`trainer.bounds`). Each waits in an unlinked
@@ -230,7 +230,7 @@ class RoundBook:
         """Open the next round over ``alive`` (edge ids the roster has seen alive) and announce it.
 
         ``secure``: a securely aggregated (sync) round; its sample has at least
-        ``min_sample`` edges and the aggregate arrives through :meth:`fold_secure`."""
+        ``min_sample`` edges and the aggregate arrives through :meth:`fold_secagg`."""
         t = time.time() if now is None else now
         p = self.policy
         sync = p.mode == "sync"
@@ -346,19 +346,19 @@ class RoundBook:
         rnd.folded[recorded.update_id] = recorded
         return recorded
 
-    def fold_secure(self, total: NDArray[Any], outcome: SecureOutcome, sensitivity: float) -> None:
+    def fold_secagg(self, total: NDArray[Any], outcome: SecAggOutcome, sensitivity: float) -> None:
         """Fold a secure round's aggregate: the unweighted sum of the survivors' updates
         (example counts stay on the edges, so the mean is unweighted, as in DP-FedAvg).
 
         Each survivor is recorded as a contribution with weight 1 and no sample count."""
         rnd = self._require_open()
-        if not rnd.announcement.secure or rnd.secure is not None or rnd.count():
+        if not rnd.announcement.secure or rnd.secagg is not None or rnd.count():
             raise TrainerError("not-secure", f"{self.model}: round {rnd.round} takes no secure sum")
         state = rnd.state
         if not isinstance(state, WeightedSum):
             raise TrainerError("not-secure", f"{self.strategy.name} cannot fold a sum")
         state.fold_sum(total, len(outcome.survivors), sensitivity=sensitivity)
-        rnd.secure = outcome
+        rnd.secagg = outcome
         for edge in outcome.survivors:
             update_id = f"secagg-{self.model}-{rnd.round}-{edge}"
             rnd.folded[update_id] = Contribution(update_id, edge, 0, self.version, 1.0)

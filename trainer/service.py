@@ -57,9 +57,9 @@ from trainer.retry import retry_transient
 from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.roster import Roster
 from trainer.rounds import RoundBook
-from trainer.secure_metrics import SecureMetrics
-from trainer.secure_round import SecureCoordinator, SecureResult, SecureTiming, settle
-from trainer.secure_setup import secure_configs
+from trainer.secagg_metrics import SecAggMetrics
+from trainer.secagg_round import SecAggCoordinator, SecAggResult, SecAggTiming, settle
+from trainer.secagg_setup import secagg_configs
 from trainer.serving_watch import ServingWatch
 from trainer.settings import TrainerSettings
 from trainer.telemetry import RoundOutcomes, start_metrics
@@ -121,30 +121,30 @@ async def announce(js: JetStreamContext, book: RoundBook, replicas: int = 1) -> 
 
 
 def open_round(
-    settings: TrainerSettings, book: RoundBook, roster: Roster, secure: SecureCoordinator | None
+    settings: TrainerSettings, book: RoundBook, roster: Roster, secagg: SecAggCoordinator | None
 ) -> bool:
     """Open ``book``'s next round; False when it cannot open yet (a secure round waits
     for ``max(3, min_updates)`` enrolled edges alive). Raises ``PrivacyBudgetExceeded``."""
-    if secure is None or not secure.handles(book.model):
+    if secagg is None or not secagg.handles(book.model):
         book.open(roster.alive())
         return True
     minimum = max(MIN_PARTICIPANTS, settings.min_updates)
-    cohort = secure.cohort(roster.alive(), minimum) if roster.complete() else None
+    cohort = secagg.cohort(roster.alive(), minimum) if roster.complete() else None
     if cohort is None:
         return False
     book.open(cohort, secure=True, min_sample=minimum)
     return True
 
 
-def poll_round(book: RoundBook, secure: SecureCoordinator | None) -> tuple[bool, str | None]:
+def poll_round(book: RoundBook, secagg: SecAggCoordinator | None) -> tuple[bool, str | None]:
     """(time to close, failure reason) of ``book``'s open round; a finished secure round's
     aggregate is folded here."""
     rnd = book.current
     if rnd is not None and rnd.announcement.secure:
-        result = secure.outcome(book.model) if secure is not None else None
-        if result is None and secure is not None:
+        result = secagg.outcome(book.model) if secagg is not None else None
+        if result is None and secagg is not None:
             return False, None
-        return True, settle(book, result or SecureResult(None, "secure aggregation is off"))
+        return True, settle(book, result or SecAggResult(None, "secure aggregation is off"))
     step = book.next_step()
     return step != "wait", "deadline passed without quorum" if step == "fail" else None
 
@@ -175,14 +175,14 @@ async def run_rounds(
     roster: Roster,
     stop: asyncio.Event,
     rollouts: RolloutRequester | None = None,
-    secure: SecureCoordinator | None = None,
+    secagg: SecAggCoordinator | None = None,
     outcomes: RoundOutcomes | None = None,
     backlog: Callable[[], Awaitable[int]] | None = None,
     follow: ServingWatch | None = None,
 ) -> None:
     """Open, watch and close rounds of every model until ``stop`` (or ``max_rounds`` of
     each model); each released version is handed to ``rollouts`` (the gateway rolls it
-    out); secure rounds run through ``secure``; ``outcomes`` counts how rounds ended;
+    out); secure rounds run through ``secagg``; ``outcomes`` counts how rounds ended;
     ``backlog`` (the ingestor's) holds a round past its deadline while updates wait in the
     stream; ``follow`` rebases a model's rounds on the version its fleet went back to."""
     closed = dict.fromkeys(driver.books, 0)  # per model: one model's rounds are its own
@@ -197,7 +197,7 @@ async def run_rounds(
                 if model in exhausted:
                     continue
                 try:
-                    if not open_round(settings, book, roster, secure):
+                    if not open_round(settings, book, roster, secagg):
                         continue
                 except PrivacyBudgetExceeded as exc:
                     log.warning("no more rounds: %s", exc, extra={"model": model})
@@ -207,10 +207,10 @@ async def run_rounds(
                 await retry_transient(
                     partial(announce, js, book, settings.nats_replicas), "round announcement"
                 )
-                if secure is not None and book.current and book.current.announcement.secure:
-                    secure.begin(book)
+                if secagg is not None and book.current and book.current.announcement.secure:
+                    secagg.begin(book)
                 continue
-            ready, failed = poll_round(book, secure)
+            ready, failed = poll_round(book, secagg)
             if not ready or await stream_behind(book, backlog, settings.updates_ack_wait_s + 5):
                 continue
             record = await close_round(contexts[model], book, js, failed=failed)
@@ -228,7 +228,7 @@ async def run_rounds(
 async def serve(settings: TrainerSettings) -> None:
     """Check the settings, bootstrap, connect to NATS and run rounds until SIGTERM or
     SIGINT."""
-    secure_configs(settings)  # refuse impossible secure-aggregation settings first
+    secagg_configs(settings)  # refuse impossible secure-aggregation settings first
     recipient = load_hpke_key(settings.hpke_private_key_file, settings.hpke_kem).private
     await asyncio.to_thread(bootstrap, settings)
     signing = load_ed25519(settings.signing_key_file)
@@ -270,7 +270,7 @@ async def _run(
     await recover(settings, driver, ingestor, js)
     roster = Roster(registry, settings.heartbeat_ttl_s, telemetry.registry)
     await nc.subscribe(subjects.HEARTBEAT_ALL, cb=roster.on_heartbeat)
-    secure = await start_secure(
+    secagg = await start_secagg(
         settings, nc, registry, driver.sizes, roster.alive, telemetry.registry
     )
     log.info("trainer ready", extra={"models": ",".join(settings.models)})
@@ -290,7 +290,7 @@ async def _run(
                 roster,
                 stop,
                 rollouts,
-                secure,
+                secagg,
                 telemetry.outcomes,
                 ingestor.backlog,
                 follow,
@@ -299,8 +299,8 @@ async def _run(
             *([rollouts.run(stop)] if rollouts is not None else []),
         )
     finally:
-        if secure is not None:
-            await secure.stop()
+        if secagg is not None:
+            await secagg.stop()
 
 
 def model_sizes(settings: TrainerSettings) -> dict[str, tuple[int, ...]]:
@@ -411,18 +411,18 @@ def federated_runner(
     return run
 
 
-async def start_secure(
+async def start_secagg(
     settings: TrainerSettings,
     nc: NATS,
     registry: RegistryFile,
     sizes: dict[str, tuple[int, ...]],
     alive: Callable[[], list[str]] | None = None,
     metrics_registry: CollectorRegistry | None = None,
-) -> SecureCoordinator | None:
+) -> SecAggCoordinator | None:
     """The secure-round coordinator, listening to the edges (None: secure aggregation off);
     ``alive`` lists the edges heard from lately (a silent edge is a dropout); its failures
     and culprits are counted in ``metrics_registry``."""
-    configs = secure_configs(settings)
+    configs = secagg_configs(settings)
     if not configs:
         return None
     dims = {m: sum(sizes[m]) for m in configs}
@@ -430,9 +430,9 @@ async def start_secure(
     async def send(subject: str, data: bytes) -> None:
         await nc.publish(subject, data)
 
-    timing = SecureTiming(settings.secagg_phase_timeout_s, settings.secagg_resend_s)
-    metrics = None if metrics_registry is None else SecureMetrics(metrics_registry, configs)
-    secure = SecureCoordinator(send, registry, configs, dims, timing, alive, metrics)
-    await nc.subscribe(subjects.SECAGG_FROM_ALL, cb=secure.on_message)
+    timing = SecAggTiming(settings.secagg_phase_timeout_s, settings.secagg_resend_s)
+    metrics = None if metrics_registry is None else SecAggMetrics(metrics_registry, configs)
+    secagg = SecAggCoordinator(send, registry, configs, dims, timing, alive, metrics)
+    await nc.subscribe(subjects.SECAGG_FROM_ALL, cb=secagg.on_message)
     log.info("secure aggregation on", extra={"models": ",".join(sorted(configs))})
-    return secure
+    return secagg

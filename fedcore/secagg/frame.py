@@ -80,7 +80,7 @@ class Frame:
         return cls(phase, round_no, body)
 
 
-def secure_round_id(model: str, round_no: int) -> str:
+def secagg_round_id(model: str, round_no: int) -> str:
     """The protocol's round id for round ``round_no`` of ``model`` (bound into every
     signature, so an answer for one round is useless in another)."""
     return f"{model}/round-{round_no}"

@@ -8,7 +8,7 @@ give it those two subjects and no other edge's). A round goes:
   with the settings this edge has; a fresh :class:`SecAggClient` advertises its keys
   (peers' keys come from the edge registry file, not from the trainer);
 - ``advert bundle`` -> shares; ``delivery`` -> kept until the learner hands over its
-  update (:meth:`SecureParticipant.submit`), then the masked input goes out; an edge that
+  update (:meth:`SecAggParticipant.submit`), then the masked input goes out; an edge that
   never trains in time is a dropout; a neighbour whose share does not open is excluded
   (named in the masked input, logged, event ``secure-excluded``), not a reason to stop;
 - ``survivors`` -> signature; ``unmask request`` -> the shares it asks for; ``end``: forget.
@@ -48,7 +48,7 @@ from fedcore.secagg import (
     SurvivorList,
     UnmaskRequest,
 )
-from fedcore.secagg.frame import ANSWERS, Frame, Phase, secure_round_id
+from fedcore.secagg.frame import ANSWERS, Frame, Phase, secagg_round_id
 from fedcore.secagg.parts import PartSender, Request
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ EnrolledKeys = Callable[[], Mapping[str, ed25519.Ed25519PublicKey]]
 OnAnswer = Callable[[str, int, Phase], None]
 
 
-class SecureRoundError(EdgeError):
+class SecAggRoundError(EdgeError):
     """An update cannot go into a secure round (not in progress here, or refused)."""
 
 
@@ -77,7 +77,7 @@ class _EdgeRound:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class SecureParticipant:
+class SecAggParticipant:
     """This edge in the secure rounds of the models in ``configs``."""
 
     def __init__(
@@ -178,7 +178,7 @@ class SecureParticipant:
         client, body = state.client, frame.body
         if frame.phase is Phase.SETUP:
             setup = RoundSetup.from_bytes(body)
-            if setup.round_id != secure_round_id(model, frame.round):
+            if setup.round_id != secagg_round_id(model, frame.round):
                 raise SecAggError("wrong-round", f"setup for {setup.round_id!r}")
             return client.advertise(setup).to_bytes()
         if frame.phase is Phase.ADVERT_BUNDLE:
@@ -226,26 +226,26 @@ class SecureParticipant:
     async def submit(self, model: str, round_no: int, delta: NDArray[Any]) -> None:
         """Hand over this edge's update for round ``round_no``: it leaves the edge only
         masked, as soon as the neighbours' shares are here. Raises
-        :class:`SecureRoundError` when this edge is not in that round (any more)."""
+        :class:`SecAggRoundError` when this edge is not in that round (any more)."""
         state = self._state.get(model)
         if state is None or state.round_no != round_no:
-            raise SecureRoundError(
+            raise SecAggRoundError(
                 f"secure round {round_no} of {model} is not in progress on this edge "
                 "(its setup never came, or the round ended): the update stays here"
             )
         async with state.lock:
             if state.failed is not None:
-                raise SecureRoundError(
+                raise SecAggRoundError(
                     f"secure round {round_no} of {model} was refused here ({state.failed})"
                 )
             if state.delta is not None:
-                raise SecureRoundError(f"an update for secure round {round_no} was handed over")
+                raise SecAggRoundError(f"an update for secure round {round_no} was handed over")
             state.delta = np.asarray(delta, dtype=np.float32)
             try:
                 body = await self._masked(state)
             except SecAggError as exc:
                 self._fail(model, state, exc)
-                raise SecureRoundError(f"masking refused: {exc}") from None
+                raise SecAggRoundError(f"masking refused: {exc}") from None
             if body is not None:
                 state.answers[Phase.DELIVERY] = body
                 await self._reply(model, state, Phase.DELIVERY, body)

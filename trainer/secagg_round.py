@@ -1,7 +1,7 @@
 """Secure rounds on the trainer: drive :class:`fedcore.secagg.SecAggServer` over core NATS.
 
-When a sync round of a model with secure aggregation opens, :class:`SecureCoordinator`
-runs one :class:`SecureRound` for it. Each step sends its request to the edges that are
+When a sync round of a model with secure aggregation opens, :class:`SecAggCoordinator`
+runs one :class:`SecAggRound` for it. Each step sends its request to the edges that are
 still in (``fedgate.secagg.<model>.to.<edge>``), sends it again every ``resend_s`` to
 those that have not answered (core NATS is at most once; edges answer a repeated request
 with their first answer) and closes when everyone answered or at its deadline:
@@ -53,12 +53,12 @@ from fedcore.secagg.frame import (
     Frame,
     Phase,
     masked_frame_bytes,
-    secure_round_id,
+    secagg_round_id,
 )
 from fedcore.secagg.parts import ACK, BUSY, Reassembler
 from fedcore.secagg.quantize import edge_bound
-from trainer.rounds import RoundBook, SecureOutcome
-from trainer.secure_metrics import SecureMetrics
+from trainer.rounds import RoundBook, SecAggOutcome
+from trainer.secagg_metrics import SecAggMetrics
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class EnrolledKeys(Protocol):
 
 
 @dataclass(frozen=True)
-class SecureTiming:
+class SecAggTiming:
     """Deadlines of a secure round's steps, and how often a request is sent again."""
 
     phase_timeout_s: float = 10.0
@@ -84,7 +84,7 @@ class SecureTiming:
 
 
 @dataclass(frozen=True)
-class SecureResult:
+class SecAggResult:
     """How a secure round ended: the aggregate, or why it failed."""
 
     aggregate: AggregateResult | None
@@ -109,7 +109,7 @@ def _accept(cls: type[M], receive: Callable[[M], None]) -> Accept:
     return accept
 
 
-class SecureRound:
+class SecAggRound:
     """One secure round of one model over the ``enrolled`` cohort (edge -> Ed25519 key);
     fewer than ``quorum`` masked inputs fail it before anything is unmasked."""
 
@@ -123,7 +123,7 @@ class SecureRound:
         enrolled: Mapping[str, ed25519.Ed25519PublicKey],
         dim: int,
         deadline_ts: float,
-        timing: SecureTiming,
+        timing: SecAggTiming,
         quorum: int = 1,
         alive: Alive | None = None,
     ) -> None:
@@ -159,14 +159,14 @@ class SecureRound:
         self._queued.add(edge)
         self.inbox.put_nowait((edge, frame))
 
-    async def run(self) -> SecureResult:
+    async def run(self) -> SecAggResult:
         """Run the protocol; a failure is returned, never raised."""
         params: RoundParams | None = None
         server: SecAggServer | None = None
         try:
             server = SecAggServer(
                 self.config,
-                secure_round_id(self.model, self.round_no),
+                secagg_round_id(self.model, self.round_no),
                 self.enrolled,
                 self.dim,
             )
@@ -180,13 +180,13 @@ class SecureRound:
             if server is not None:
                 self._name_culprits(server.culprits)
             await self._broadcast(Phase.END, b"", self.enrolled)
-        return SecureResult(aggregate, None, sensitivity(params, self.dim))
+        return SecAggResult(aggregate, None, sensitivity(params, self.dim))
 
-    def _failed(self, exc: FedgateError, reason: str) -> SecureResult:
+    def _failed(self, exc: FedgateError, reason: str) -> SecAggResult:
         log.warning(
             "secure round failed: %s", exc, extra={"model": self.model, "round": self.round_no}
         )
-        return SecureResult(None, f"secure aggregation failed: {exc}", reason=reason)
+        return SecAggResult(None, f"secure aggregation failed: {exc}", reason=reason)
 
     async def _steps(self, server: SecAggServer) -> AggregateResult:
         cohort = sorted(self.enrolled)
@@ -328,11 +328,11 @@ class SecureRound:
 
 @dataclass
 class _Running:
-    round: SecureRound
-    task: asyncio.Task[SecureResult]
+    round: SecAggRound
+    task: asyncio.Task[SecAggResult]
 
 
-class SecureCoordinator:
+class SecAggCoordinator:
     """The secure rounds of every model with secure aggregation on, one at a time each."""
 
     def __init__(
@@ -341,9 +341,9 @@ class SecureCoordinator:
         registry: EnrolledKeys,
         configs: Mapping[str, SecAggConfig],
         dims: Mapping[str, int],
-        timing: SecureTiming,
+        timing: SecAggTiming,
         alive: Alive | None = None,
-        metrics: SecureMetrics | None = None,
+        metrics: SecAggMetrics | None = None,
     ) -> None:
         self._send = send
         self._alive = alive
@@ -405,7 +405,7 @@ class SecureCoordinator:
         a = rnd.announcement
         keys = self._registry.active_keys()
         enrolled = {e: keys[e] for e in a.sampled or [] if e in keys}
-        secure = SecureRound(
+        secagg = SecAggRound(
             self._send,
             model=book.model,
             round_no=a.round,
@@ -417,22 +417,22 @@ class SecureCoordinator:
             quorum=a.min_updates,
             alive=self._alive,
         )
-        self._running[book.model] = _Running(secure, asyncio.create_task(secure.run()))
+        self._running[book.model] = _Running(secagg, asyncio.create_task(secagg.run()))
 
-    def outcome(self, model: str) -> SecureResult | None:
+    def outcome(self, model: str) -> SecAggResult | None:
         """The finished round's result (forgetting it), or None while it runs."""
         running = self._running.get(model)
         if running is None:
-            return SecureResult(None, "no secure round ran (the trainer restarted?)")
+            return SecAggResult(None, "no secure round ran (the trainer restarted?)")
         if not running.task.done():
             return None
         del self._running[model]
         if running.task.cancelled():
-            return SecureResult(None, "secure round cancelled")
+            return SecAggResult(None, "secure round cancelled")
         error = running.task.exception()
         if error is not None:
             log.error("secure round crashed", exc_info=error, extra={"model": model})
-            result = SecureResult(None, f"secure aggregation failed: {error!r}", reason="crash")
+            result = SecAggResult(None, f"secure aggregation failed: {error!r}", reason="crash")
         else:
             result = running.task.result()
         if self._metrics is not None:
@@ -450,11 +450,11 @@ class SecureCoordinator:
         self._running.clear()
 
 
-def settle(book: RoundBook, result: SecureResult) -> str | None:
+def settle(book: RoundBook, result: SecAggResult) -> str | None:
     """Fold a finished secure round's aggregate into ``book``; the failure reason, if any."""
     if result.aggregate is None:
         return result.failure or "secure aggregation failed"
     agg = result.aggregate
     total: NDArray[np.float64] = agg.float_sum
-    book.fold_secure(total, SecureOutcome(agg.survivors, agg.dropped), result.sensitivity)
+    book.fold_secagg(total, SecAggOutcome(agg.survivors, agg.dropped), result.sensitivity)
     return None

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter
 FAILURE_REASONS = ("below-threshold", "out-of-range", "reconstruction-mismatch")
 
 
-class SecureMetrics:
+class SecAggMetrics:
     """How secure rounds failed, by the protocol's reason, and the edges caught
     misbehaving in them (a share that did not open, a wrong share revealed)."""
 

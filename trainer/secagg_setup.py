@@ -29,7 +29,7 @@ def check_strategy(strategy: str) -> None:
         check_compatible(strategy, trainer_clip=False)
 
 
-def secure_configs(settings: TrainerSettings) -> dict[str, SecAggConfig]:
+def secagg_configs(settings: TrainerSettings) -> dict[str, SecAggConfig]:
     """The secure-aggregation settings of each model that has them; ``ConfigError`` for a
     combination secure aggregation cannot honour."""
     configs: dict[str, SecAggConfig] = {}
