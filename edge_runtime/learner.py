@@ -444,8 +444,8 @@ class Learner:
         except (ValueError, TypeError):
             return set()
 
-    def _remember_sent(self, round_id: int) -> None:
-        rounds = sorted(self.sent_rounds() | {round_id})[-_KEEP_SENT:]
+    def _remember_sent(self, round_no: int) -> None:
+        rounds = sorted(self.sent_rounds() | {round_no})[-_KEEP_SENT:]
         self.spool.set_meta(_SENT_ROUNDS, json.dumps(rounds))
 
 

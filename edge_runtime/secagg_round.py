@@ -48,8 +48,9 @@ from fedcore.secagg import (
     SurvivorList,
     UnmaskRequest,
 )
-from fedcore.secagg.frame import ANSWERS, Frame, Phase, secagg_round_id
+from fedcore.secagg.frame import ANSWERS, Frame, Phase
 from fedcore.secagg.parts import PartSender, Request
+from fedcore.wire import round_id
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class SecAggParticipant:
         client, body = state.client, frame.body
         if frame.phase is Phase.SETUP:
             setup = RoundSetup.from_bytes(body)
-            if setup.round_id != secagg_round_id(model, frame.round):
+            if setup.round_id != round_id(model, frame.round):
                 raise SecAggError("wrong-round", f"setup for {setup.round_id!r}")
             return client.advertise(setup).to_bytes()
         if frame.phase is Phase.ADVERT_BUNDLE:

@@ -76,11 +76,11 @@ def sign_version_dir(
     model: str,
     version: int,
     parent_version: int | None = None,
-    round_id: int | None = None,
+    round_no: int | None = None,
 ) -> Manifest:
     """Hash every file in ``directory``, sign the manifest, write ``manifest.json``."""
     files = {n: sha256_file(directory / n) for n in _regular_files(directory) if n != MANIFEST}
-    manifest = Manifest(model, version, parent_version, round_id, files)
+    manifest = Manifest(model, version, parent_version, round_no, files)
     body = {"manifest": asdict(manifest), "signature": key.sign(manifest.canonical()).hex()}
     (directory / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     return manifest

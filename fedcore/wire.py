@@ -291,9 +291,16 @@ class Lineage(_Message):
     created_ts: float
 
 
-def round_key(model: str, round_id: int) -> str:
+def round_id(model: str, round_no: int) -> str:
+    """The id of round ``round_no`` of ``model``: ``<model>/round-<n>``. Bound into every
+    secure-aggregation signature (an answer for one round is useless in another) and
+    the label of the round's aggregation state (logs, the privacy ledger)."""
+    return f"{model}/round-{round_no}"
+
+
+def round_key(model: str, round_no: int) -> str:
     """KV key of a round record (zero-padded so keys sort by round)."""
-    return f"{model}.{round_id:08d}"
+    return f"{model}.{round_no:08d}"
 
 
 def version_key(model: str, version: int) -> str:

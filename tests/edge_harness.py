@@ -56,11 +56,11 @@ def v1_digest(signed: SignedArtifacts) -> str:
     return str(body["manifest"]["files"]["model.onnx"])
 
 
-def announcement(round_id: int, base_version: int, digest: str) -> RoundAnnouncement:
+def announcement(round_no: int, base_version: int, digest: str) -> RoundAnnouncement:
     now = time.time()
     return RoundAnnouncement(
         model=MODEL,
-        round=round_id,
+        round=round_no,
         mode="sync",
         base_version=base_version,
         base_digest=digest,

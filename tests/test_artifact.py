@@ -22,7 +22,7 @@ def make_version(root: Path, version: int = 3) -> Path:
     d.mkdir(parents=True)
     (d / "model.onnx").write_bytes(b"\x08\x07onnx-bytes" * 100)
     (d / "model.py").write_text("# model\n")
-    sign_version_dir(d, KEY, model="digits", version=version, parent_version=2, round_id=5)
+    sign_version_dir(d, KEY, model="digits", version=version, parent_version=2, round_no=5)
     return d
 
 

@@ -261,7 +261,7 @@ async def test_a_round_is_gated_by_the_edges_when_the_trainer_holds_no_data(
             params=serving,
         )
 
-        async def close(delta: np.ndarray[Any, Any], round_id: int) -> Any:
+        async def close(delta: np.ndarray[Any, Any], round_no: int) -> Any:
             book.open(["edge-1"], now=0.0)
             book.fold(Contribution("a" * 32, "edge-1", 10, 1, 0.0), delta.astype(np.float32))
             return await _release_or_hold(
@@ -269,7 +269,7 @@ async def test_a_round_is_gated_by_the_edges_when_the_trainer_holds_no_data(
                 book,
                 tnc.jetstream(),
                 [],
-                round_id,
+                round_no,
                 lambda outcome, reason, **kw: {"outcome": outcome, "reason": reason, **kw},
             )
 

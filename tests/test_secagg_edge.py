@@ -31,8 +31,8 @@ from fedcore.secagg import (
     SurvivorSignature,
     UnmaskResponse,
 )
-from fedcore.secagg.frame import Frame, Phase, secagg_round_id
-from fedcore.wire import RoundAnnouncement
+from fedcore.secagg.frame import Frame, Phase
+from fedcore.wire import RoundAnnouncement, round_id
 from tests.secagg_harness import Cohort
 
 DIGEST = hashlib.sha256(b"v1").hexdigest()
@@ -131,7 +131,7 @@ async def test_participants_run_a_round_and_repeat_their_answers(tmp_path: Path)
     view, wire = RoundsView(), Wire()
     view.put(announcement(sampled=cohort.names))
     edges = participants(cohort, view, wire)
-    server = SecAggServer(CONFIG, secagg_round_id("digits", 3), cohort.enrolled, DIM)
+    server = SecAggServer(CONFIG, round_id("digits", 3), cohort.enrolled, DIM)
     rng = np.random.default_rng(0)
     deltas = {e: rng.normal(0, 0.05, DIM).astype(np.float32) for e in cohort.names}
 
@@ -189,7 +189,7 @@ async def test_a_participant_excludes_a_neighbour_whose_share_does_not_open() ->
     view, wire = RoundsView(), Wire()
     view.put(announcement(sampled=cohort.names))
     edges = participants(cohort, view, wire)
-    server = SecAggServer(CONFIG, secagg_round_id("digits", 3), cohort.enrolled, DIM)
+    server = SecAggServer(CONFIG, round_id("digits", 3), cohort.enrolled, DIM)
     setup = server.setup.to_bytes()
     for body in (await ask(edges, wire, Phase.SETUP, dict.fromkeys(cohort.names, setup))).values():
         server.receive_advert(KeyAdvert.from_bytes(body))
@@ -216,7 +216,7 @@ async def test_a_participant_ignores_rounds_not_announced_as_secure_for_it() -> 
     cohort = Cohort.make(3)
     view, wire = RoundsView(), Wire()
     edges = participants(cohort, view, wire)
-    server = SecAggServer(CONFIG, secagg_round_id("digits", 3), cohort.enrolled, DIM)
+    server = SecAggServer(CONFIG, round_id("digits", 3), cohort.enrolled, DIM)
     setup = Frame(Phase.SETUP, 3, server.setup.to_bytes())
     e = cohort.names[0]
     for a in [None, announcement(secure=False), announcement(4), announcement(sampled=["x"])]:
@@ -241,7 +241,7 @@ async def test_a_restarted_trainers_new_setup_for_the_same_round_starts_afresh()
     e = cohort.names[0]
     adverts = []
     for _ in range(2):
-        server = SecAggServer(CONFIG, secagg_round_id("digits", 3), cohort.enrolled, DIM)
+        server = SecAggServer(CONFIG, round_id("digits", 3), cohort.enrolled, DIM)
         await edges[e].handle("digits", Frame(Phase.SETUP, 3, server.setup.to_bytes()))
         advert = KeyAdvert.from_bytes(wire.last(e).body)
         server.receive_advert(advert)  # verifies against this setup's digest

@@ -126,7 +126,7 @@ class WeightedSum:
     of a round, at 8 bytes a parameter instead of an FP64 total's 8 plus a block's 4.
     Memory: ``8 * dim`` bytes and two 1 MiB scratch slices, allocated once, independent of
     how many updates are folded; :meth:`reset` reuses them for the next round.
-    ``round_id`` labels the round (logs, the privacy ledger).
+    ``round_id`` (:func:`fedcore.wire.round_id`) labels the round (logs, the privacy ledger).
     """
 
     round_id: str

@@ -96,7 +96,7 @@ def write_version(
     *,
     version: int,
     parent_version: int | None = None,
-    round_id: int | None = None,
+    round_no: int | None = None,
 ) -> None:
     """Write the flat parameters, export and check the ONNX (in a short-lived child
     process: :mod:`trainer.export_child`), render ``model.py`` and sign one version
@@ -114,7 +114,7 @@ def write_version(
         model=spec.name,
         version=version,
         parent_version=parent_version,
-        round_id=round_id,
+        round_no=round_no,
     )
 
 

@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from fedcore.files import write_atomic
 from fedcore.pages import file_pages
-from fedcore.wire import RoundAnnouncement
+from fedcore.wire import RoundAnnouncement, round_id
 from trainer.aggregate import WeightedSum
 from trainer.errors import TrainerError
 from trainer.rounds import Contribution, OpenRound, RoundBook
@@ -183,7 +183,7 @@ def resume(book: RoundBook, restored: Restored) -> None:
         book.current = None
         return
     a = restored.announcement
-    state = book.strategy.start(book.params.size, round_id=f"{book.model}-{a.round}")
+    state = book.strategy.start(book.params.size, round_id=round_id(book.model, a.round))
     if restored.round_arrays and isinstance(state, WeightedSum):
-        state = WeightedSum.restore(restored.round_arrays, round_id=f"{book.model}-{a.round}")
+        state = WeightedSum.restore(restored.round_arrays, round_id=round_id(book.model, a.round))
     book.current = OpenRound(a, state, dict(restored.folded))

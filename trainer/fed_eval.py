@@ -33,7 +33,7 @@ async def federated_evaluate(
     key: ed25519.Ed25519PrivateKey,
     edge_keys: EdgeKeys,
     model: str,
-    round_id: int,
+    round_no: int,
     candidate: NDArray[Any],
     serving: NDArray[Any],
     policy: fed_eval.FedEvalPolicy,
@@ -41,7 +41,7 @@ async def federated_evaluate(
     """Both parameter vectors scored on the edges' held-out splits, combined by counts."""
     request = fed_eval.EvalRequest(
         model=model,
-        round=round_id,
+        round=round_no,
         nonce=secrets.token_hex(16),
         issued_ts=time.time(),
         candidate=fed_eval.pack(candidate),
@@ -62,7 +62,7 @@ async def federated_evaluate(
     result = fed_eval.combine(list(reports.values()), policy)
     log.info(
         "federated evaluation",
-        extra={"model": model, "round": round_id, "edges": result.edges, "count": result.samples},
+        extra={"model": model, "round": round_no, "edges": result.edges, "count": result.samples},
     )
     return result
 

@@ -138,12 +138,12 @@ def _gate(ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any]) -> Deci
 
 
 async def _federated_gate(
-    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any], round_id: int
+    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any], round_no: int
 ) -> Decision:
     """The gate on the edges' held-out splits: aggregates only, weighted by their counts."""
     if ctx.federated is None:
         raise RuntimeError("no evaluation set and no federated evaluation")
-    fed = await ctx.federated(ctx.spec.name, round_id, candidate, book.params)
+    fed = await ctx.federated(ctx.spec.name, round_no, candidate, book.params)
     if fed.shortfall is not None or fed.candidate is None or fed.serving is None:
         return Decision(None, None, False, str(fed.shortfall), "federated", fed.samples)
     name = ctx.spec.task.metric
@@ -175,7 +175,7 @@ def record_metrics(d: Decision) -> dict[str, Any]:
 
 
 def _write(
-    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any], version: int, round_id: int
+    ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any], version: int, round_no: int
 ) -> Path:
     directory = ctx.artifacts_dir / ctx.spec.name / str(version)
     write_version(
@@ -185,7 +185,7 @@ def _write(
         ctx.key,
         version=version,
         parent_version=book.version,
-        round_id=round_id,
+        round_no=round_no,
     )
     # the ONNX file was checked in the export child (a parse here is the model once more)
     verify_version_dir(
@@ -253,14 +253,14 @@ async def _release_or_hold(
     book: RoundBook,
     js: JetStreamContext,
     contributors: list[Contributor],
-    round_id: int,
+    round_no: int,
     record: Any,
 ) -> RoundRecord:
     # finalize steps the server optimiser (momentum, moments); book.hold() undoes it, so
     # a held candidate leaves no step behind for later rounds to carry
     candidate = await asyncio.to_thread(book.finalize)
     if ctx.eval_y is None:
-        decision = await _federated_gate(ctx, book, candidate, round_id)
+        decision = await _federated_gate(ctx, book, candidate, round_no)
     else:
         decision = await asyncio.to_thread(_gate, ctx, book, candidate)
     metrics = record_metrics(decision)
@@ -276,7 +276,7 @@ async def _release_or_hold(
         return hold(reason)
     version = book.newest + 1  # after a rebase, newer numbers than the base are taken
     try:
-        directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_id)
+        directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_no)
     except ModelSpecError as exc:  # the candidate cannot be served: held, the trainer goes on
         log.error("candidate not exportable", extra={"model": book.model, "error": str(exc)})
         shutil.rmtree(ctx.artifacts_dir / book.model / str(version), ignore_errors=True)
@@ -286,7 +286,7 @@ async def _release_or_hold(
         lambda: upload_version(js, book.model, version, directory, replicas=ctx.replicas),
         "version upload",
     )
-    lineage = _lineage(book, version, digest, round_id, contributors, cand)
+    lineage = _lineage(book, version, digest, round_no, contributors, cand)
     key = version_key(book.model, version)
     await retry_transient(
         lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
@@ -302,7 +302,7 @@ def _lineage(
     book: RoundBook,
     version: int,
     digest: str,
-    round_id: int,
+    round_no: int,
     contributors: list[Contributor],
     cand: Metrics,
 ) -> Lineage:
@@ -311,7 +311,7 @@ def _lineage(
         model=book.model,
         version=version,
         parent_version=book.version,
-        round=round_id,
+        round=round_no,
         digest=digest,
         strategy=book.strategy.name,
         contributors=contributors,

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcore.wire import ClientRecipe, RoundAnnouncement, within_staleness
+from fedcore.wire import ClientRecipe, RoundAnnouncement, round_id, within_staleness
 from trainer.aggregate import WeightedSum, scale_step, update_norm
 from trainer.bounds import UpdateBounds
 from trainer.errors import TrainerError, UpdateRejected
@@ -252,7 +252,9 @@ class RoundBook:
             secure=secure,
             recipe=told_recipe(self.strategy, p.recipe),
         )
-        state = self.strategy.start(self.params.size, round_id=f"{self.model}-{self.next_round}")
+        state = self.strategy.start(
+            self.params.size, round_id=round_id(self.model, self.next_round)
+        )
         self.current = OpenRound(announcement, state)
         self.next_round += 1
         return announcement

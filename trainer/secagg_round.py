@@ -53,10 +53,10 @@ from fedcore.secagg.frame import (
     Frame,
     Phase,
     masked_frame_bytes,
-    secagg_round_id,
 )
 from fedcore.secagg.parts import ACK, BUSY, Reassembler
 from fedcore.secagg.quantize import edge_bound
+from fedcore.wire import round_id
 from trainer.rounds import RoundBook, SecAggOutcome
 from trainer.secagg_metrics import SecAggMetrics
 
@@ -166,7 +166,7 @@ class SecAggRound:
         try:
             server = SecAggServer(
                 self.config,
-                secagg_round_id(self.model, self.round_no),
+                round_id(self.model, self.round_no),
                 self.enrolled,
                 self.dim,
             )

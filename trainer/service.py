@@ -402,10 +402,10 @@ def federated_runner(
     )
 
     async def run(
-        model: str, round_id: int, candidate: NDArray[Any], serving: NDArray[Any]
+        model: str, round_no: int, candidate: NDArray[Any], serving: NDArray[Any]
     ) -> FedEvalResult:
         return await federated_evaluate(
-            nc, signing, registry.active_keys, model, round_id, candidate, serving, policy
+            nc, signing, registry.active_keys, model, round_no, candidate, serving, policy
         )
 
     return run

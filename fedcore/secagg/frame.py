@@ -80,12 +80,6 @@ class Frame:
         return cls(phase, round_no, body)
 
 
-def secagg_round_id(model: str, round_no: int) -> str:
-    """The protocol's round id for round ``round_no`` of ``model`` (bound into every
-    signature, so an answer for one round is useless in another)."""
-    return f"{model}/round-{round_no}"
-
-
 def masked_frame_bytes(dim: int) -> int:
     """An upper bound on the bytes of the largest frame of a round over ``dim`` values
     (the masked input: 4 bytes a value), without names."""
