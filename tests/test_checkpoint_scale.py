@@ -56,7 +56,7 @@ def test_each_contribution_is_encoded_once_per_round(
 
 def test_the_checkpoint_holds_the_round_as_folded(tmp_path: Path) -> None:
     b = book()
-    for i in range(10):  # the first ones are held, then settled with new weights
+    for i in range(10):  # the first ones are held, then folded with new weights
         fold(b, i)
         checkpoint.save(tmp_path, b)
     restored = checkpoint.load(tmp_path)

@@ -70,7 +70,7 @@ def test_duplicate_update_ids_fold_once() -> None:
     for _ in range(3):
         b.fold(contrib("a", "edge-1", 10), np.ones(3, np.float32))
     assert b.current is not None and b.current.count() == 1
-    b.settle()
+    b.fold_held()
     b.fold(contrib("a", "edge-1", 10), np.ones(3, np.float32))
     assert b.current.state.count == 1
 

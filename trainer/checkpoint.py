@@ -42,7 +42,7 @@ contributions each time made a round of N updates cost O(N^2) (issue #17: 1,000 
 
 def _folded_json(directory: Path, folded: dict[str, Contribution]) -> str:
     """The JSON list of ``folded``, encoding only contributions not encoded before (a
-    contribution replaced under the same update id, as settling held updates does, is
+    contribution replaced under the same update id, as folding held updates does, is
     encoded again); entries of other rounds are dropped."""
     known = _encoded.get(directory, {})
     kept: dict[str, tuple[Contribution, str]] = {}

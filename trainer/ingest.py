@@ -205,15 +205,15 @@ class UpdateIngestor:
         return handled
 
     async def backlog(self) -> int:
-        """Messages of the consumer not settled yet: undelivered, or delivered and not acked
+        """Messages of the consumer not answered yet: undelivered, or delivered and not acked
         (a killed trainer's stay so until the ack wait redelivers them)."""
         info = await self._js.consumer_info(self.options.stream, self.options.durable)
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def handle(self, msg: Msg) -> Outcome:
-        """Process one message and settle it: ack, term or nak."""
+        """Process one message and acknowledge it: ack, term or nak."""
         outcome = await self.process(msg)
-        await self.settle(msg, outcome)
+        await self.acknowledge(msg, outcome)
         return outcome
 
     async def process(self, msg: Msg) -> Outcome:
@@ -247,7 +247,7 @@ class UpdateIngestor:
         )
         return Outcome(Disposition.ACCEPTED, update_id=header.update_id)
 
-    async def settle(self, msg: Msg, outcome: Outcome) -> None:
+    async def acknowledge(self, msg: Msg, outcome: Outcome) -> None:
         """Acknowledge as the outcome says; a failed ack only means a later duplicate."""
         try:
             if outcome.disposition is Disposition.ACCEPTED:

@@ -204,7 +204,7 @@ async def close_round(
         raise RuntimeError("close_round without an open round")
     a = rnd.announcement
     closed_ts = book.begin_close()  # no update joins while the release runs
-    book.settle()  # updates held back for the round's bounds are folded now
+    book.fold_held()  # updates held back for the round's bounds are folded now
     contributors = _contributors(book)
     secagg = rnd.secagg
 

@@ -296,7 +296,7 @@ class RoundBook:
         if b.relative and self.strategy.streams and rnd.count() < b.warmup:
             if rnd.count() + 1 >= b.warmup:  # the last of the warm-up folds at once
                 rnd.held[arrived.update_id] = (arrived, update)
-                self.settle()
+                self.fold_held()
             else:
                 rnd.held[arrived.update_id] = (arrived, spill(update))
             return rnd.folded.get(arrived.update_id, arrived)
@@ -311,7 +311,7 @@ class RoundBook:
             rnd.closing_ts = time.time() if now is None else now
         return rnd.closing_ts
 
-    def settle(self) -> None:
+    def fold_held(self) -> None:
         """Fold the updates held back, with the bounds of every update the round has
         (when the warm-up is complete, or the round closes with fewer)."""
         rnd = self._require_open()
@@ -390,7 +390,7 @@ class RoundBook:
         :meth:`release`, :meth:`hold` or :meth:`abandon`). Stepping the server optimiser
         here is undone by :meth:`hold`."""
         rnd = self._require_open()
-        self.settle()
+        self.fold_held()
         if rnd.server_before is None:
             rnd.server_before = {k: v.copy() for k, v in self.strategy.server_state().items()}
         out: NDArray[Any] = self.strategy.finalize(rnd.state, self.params)

@@ -450,7 +450,7 @@ class SecAggCoordinator:
         self._running.clear()
 
 
-def settle(book: RoundBook, result: SecAggResult) -> str | None:
+def fold_result(book: RoundBook, result: SecAggResult) -> str | None:
     """Fold a finished secure round's aggregate into ``book``; the failure reason, if any."""
     if result.aggregate is None:
         return result.failure or "secure aggregation failed"

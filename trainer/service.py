@@ -58,7 +58,7 @@ from trainer.rollout_client import RolloutRequester, rollout_requester
 from trainer.roster import Roster
 from trainer.rounds import RoundBook
 from trainer.secagg_metrics import SecAggMetrics
-from trainer.secagg_round import SecAggCoordinator, SecAggResult, SecAggTiming, settle
+from trainer.secagg_round import SecAggCoordinator, SecAggResult, SecAggTiming, fold_result
 from trainer.secagg_setup import secagg_configs
 from trainer.serving_watch import ServingWatch
 from trainer.settings import TrainerSettings
@@ -144,7 +144,7 @@ def poll_round(book: RoundBook, secagg: SecAggCoordinator | None) -> tuple[bool,
         result = secagg.outcome(book.model) if secagg is not None else None
         if result is None and secagg is not None:
             return False, None
-        return True, settle(book, result or SecAggResult(None, "secure aggregation is off"))
+        return True, fold_result(book, result or SecAggResult(None, "secure aggregation is off"))
     step = book.next_step()
     return step != "wait", "deadline passed without quorum" if step == "fail" else None
 
