@@ -1,4 +1,4 @@
-"""``POST /v2/models/{model}[/versions/{version}]/infer`` as a raw ASGI callable: the hot path.
+"""``POST /v2/models/{model}[/versions/{version}]/infer`` as a raw ASGI callable: the data plane.
 
 Per request: scan the headers once, check the key and its rate and refuse repeated framing
 headers (all before any body is read), read the body (413 past the limit), check the

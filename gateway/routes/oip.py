@@ -1,6 +1,6 @@
 """Open Inference Protocol v2 (KServe v2) over HTTP: health, server and model metadata.
 
-Inference itself (``POST .../infer``) is the raw-ASGI hot path in :mod:`gateway.dataplane`;
+Inference itself (``POST .../infer``) is the raw-ASGI data plane in :mod:`gateway.dataplane`;
 these routes are the rest of the protocol. Health is open to probes without a key; the
 others need a key of role ``infer`` (or ``admin``).
 """
