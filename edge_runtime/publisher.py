@@ -39,7 +39,7 @@ from fedcore.transport import (
     UPDATES_STREAM,
     UpdatePointer,
     fits_inline,
-    object_name,
+    update_object_name,
     update_subject,
 )
 
@@ -137,7 +137,7 @@ class UpdatePublisher:
         via_object = not fits_inline(len(data), self.max_payload)
         body = bytes(data) if not via_object else b""
         if via_object:
-            name = object_name(header.model, header.edge_id, header.update_id)
+            name = update_object_name(header.model, header.edge_id, header.update_id)
             pointer = await self._retry(
                 "object put", lambda: self._put_object(name, data), header.update_id
             )

@@ -28,7 +28,7 @@ MODELS_BUCKET = "fedgate_models"
 _MAX_CHUNK = 1024 * 1024
 
 
-def object_name(model: str, version: int, file: str) -> str:
+def model_object_name(model: str, version: int, file: str) -> str:
     """The object store name of one file of one version."""
     return f"{model}/{version}/{file}"
 
@@ -65,7 +65,7 @@ async def upload_version(
     total = 0
     names = await asyncio.to_thread(_regular_names, directory)
     for name in names:
-        meta = ObjectMeta(name=object_name(model, version, name))
+        meta = ObjectMeta(name=model_object_name(model, version, name))
         meta.options = ObjectMetaOptions(max_chunk_size=chunk)
         with (directory / name).open("rb") as f:
             info = await store.put(meta.name or "", f, meta=meta)
@@ -119,7 +119,7 @@ async def download_version(
 ) -> Path:
     """Fetch one version into ``dest`` (created, must not exist). Verify it afterwards."""
     store = await models_bucket(js, create=False)
-    manifest_bytes = await _get(store, object_name(model, version, MANIFEST), 64 * 1024)
+    manifest_bytes = await _get(store, model_object_name(model, version, MANIFEST), 64 * 1024)
     try:
         files = json.loads(manifest_bytes)["manifest"]["files"]
         names = [str(n) for n in files]
@@ -131,6 +131,8 @@ async def download_version(
     await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=False)
     budget = max_bytes
     for name in names:
-        budget -= await _get_file(store, object_name(model, version, name), budget, dest / name)
+        budget -= await _get_file(
+            store, model_object_name(model, version, name), budget, dest / name
+        )
     await asyncio.to_thread((dest / MANIFEST).write_bytes, manifest_bytes)
     return dest

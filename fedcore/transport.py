@@ -88,7 +88,7 @@ def parse_update_subject(subject: str) -> tuple[str, str]:
     return parts[2], parts[3]
 
 
-def object_name(model: str, edge_id: str, update_id: str) -> str:
+def update_object_name(model: str, edge_id: str, update_id: str) -> str:
     """The object store name of an envelope too large to travel inline."""
     name = f"{model}/{edge_id}/{update_id}"
     if not _OBJECT_NAME.fullmatch(name):

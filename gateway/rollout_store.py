@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from fedcore.artifact import MANIFEST
-from fedcore.artifact_store import MODELS_BUCKET, object_name
+from fedcore.artifact_store import MODELS_BUCKET, model_object_name
 from fedcore.kv import kv_bucket, kv_keys
 from fedcore.wire import DESIRED_BUCKET, ROLLOUTS_BUCKET, DesiredVersions, WireError
 from gateway.errors import GatewayError
@@ -130,7 +130,7 @@ class RolloutStore:
         """True when the signed version's manifest is in the model store."""
         try:
             store = await self.js.object_store(MODELS_BUCKET)
-            await store.get_info(object_name(model, version, MANIFEST))
+            await store.get_info(model_object_name(model, version, MANIFEST))
         except (BucketNotFoundError, NotFoundError):
             return False
         return True

@@ -9,7 +9,12 @@ import nats
 import pytest
 
 from fedcore.artifact import verify_version_dir
-from fedcore.artifact_store import download_version, models_bucket, object_name, upload_version
+from fedcore.artifact_store import (
+    download_version,
+    model_object_name,
+    models_bucket,
+    upload_version,
+)
 from fedcore.errors import ArtifactError
 from fedcore.keys import ed25519_public_from_hex
 from tests.conftest import NatsServer, SignedArtifacts
@@ -33,7 +38,7 @@ async def test_upload_download_verify(
         assert info.value.reason == "malformed"
         # a tampered object downloads but fails verification
         store = await models_bucket(js, create=False)
-        await store.put(object_name("digits", 1, "model.py"), b"import os\n")
+        await store.put(model_object_name("digits", 1, "model.py"), b"import os\n")
         bad = await download_version(js, "digits", 1, tmp_path / "bad")
         with pytest.raises(ArtifactError) as info:
             verify_version_dir(bad, ed25519_public_from_hex(signed_v1.public_hex))
@@ -41,7 +46,9 @@ async def test_upload_download_verify(
         # a manifest naming a traversal path is refused before anything is fetched
         manifest = json.loads((src / "manifest.json").read_text())
         manifest["manifest"]["files"]["../../etc/x"] = "0" * 64
-        await store.put(object_name("digits", 2, "manifest.json"), json.dumps(manifest).encode())
+        await store.put(
+            model_object_name("digits", 2, "manifest.json"), json.dumps(manifest).encode()
+        )
         with pytest.raises(ArtifactError) as info:
             await download_version(js, "digits", 2, tmp_path / "trav")
         assert info.value.reason == "unsafe-path"

@@ -15,7 +15,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from fedcore.artifact_store import MODELS_BUCKET, object_name
+from fedcore.artifact_store import MODELS_BUCKET, model_object_name
 from fedcore.kv import kv_bucket
 from fedcore.wire import ROLLOUTS_BUCKET
 from gateway.app import create_app
@@ -117,7 +117,7 @@ async def replica(server: NatsServer, keys: dict[str, str], name: str) -> tuple[
 async def replicas(nats_server: NatsServer) -> AsyncIterator[list[tuple[Api, NATS]]]:
     nc = await connect(nats_server)
     store = await nc.jetstream().create_object_store(MODELS_BUCKET)
-    await store.put(object_name(MODEL, 2, "manifest.json"), b"{}")
+    await store.put(model_object_name(MODEL, 2, "manifest.json"), b"{}")
     await nc.close()
     keys = {"admin": generate_key(), "infer": generate_key()}
     made = [await replica(nats_server, keys, name) for name in ("gw-a", "gw-b")]

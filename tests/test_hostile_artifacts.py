@@ -34,7 +34,7 @@ from fedcore.artifact import (
     sign_version_dir,
     verify_version_dir,
 )
-from fedcore.artifact_store import MODELS_BUCKET, object_name, upload_version
+from fedcore.artifact_store import MODELS_BUCKET, model_object_name, upload_version
 from fedcore.errors import ArtifactError
 from fedcore.keys import ed25519_public_from_hex, load_ed25519
 from fedcore.wire import DesiredVersions, ModelState
@@ -256,7 +256,7 @@ async def test_objects_the_manifest_does_not_list_are_never_fetched(
     await upload_version(js, MODEL, 5, good)
     store = await js.object_store(MODELS_BUCKET)
     for name in ["evil.py", "libbackdoor.so", "../../model.py"]:
-        await store.put(object_name(MODEL, 5, name), b"import os; os.system('id')\n")
+        await store.put(model_object_name(MODEL, 5, name), b"import os; os.system('id')\n")
     await applier.apply(desired(1, 5))
     assert refusals(applier) == {}
     assert recorder.loads == [[1, 5]]
@@ -268,7 +268,7 @@ async def test_objects_the_manifest_does_not_list_are_never_fetched(
     bad = write_signed(tmp_path / "w", signed_v1, 6, signed_v1.params)
     await upload_version(js, MODEL, 6, bad)
     forged = (bad / MANIFEST).read_text().replace('"model.py"', '"../model.py"')
-    await store.put(object_name(MODEL, 6, MANIFEST), forged.encode())
+    await store.put(model_object_name(MODEL, 6, MANIFEST), forged.encode())
     await applier.apply(desired(1, 6, rollout="r-00000000006a"))
     assert refusals(applier)[6].startswith("refused: unsafe-path: ")
     assert all(6 not in versions for versions in recorder.loads)

@@ -13,7 +13,7 @@ import pytest
 
 from fedcore.errors import CodecError, EnvelopeError, TransportError
 from fedcore.keys import generate_x25519
-from fedcore.transport import UpdatePointer, object_name, sha256_hex, update_subject
+from fedcore.transport import UpdatePointer, sha256_hex, update_object_name, update_subject
 from tests.transport_harness import DIM, TARGET, Keys, make_keys, seal
 from trainer.opener import FixedRound, OpenedUpdate, Refused, UpdateOpener, WireObserver
 from trainer.registry import RegistryFile
@@ -74,7 +74,7 @@ def test_a_pointer_opens_through_the_object_source(keys: Keys) -> None:
     delta = np.full(DIM, 0.5, dtype=np.float32)
     update_id, envelope = seal(keys, delta)
     objects = DictObjects()
-    name = object_name(TARGET.model, "edge-1", update_id)
+    name = update_object_name(TARGET.model, "edge-1", update_id)
     objects.objects[name] = envelope
     seen: list[tuple[int, str]] = []
     opener = _opener(keys, objects, lambda size, path: seen.append((size, path)))

@@ -14,7 +14,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from fedcore.artifact_store import MODELS_BUCKET, object_name
+from fedcore.artifact_store import MODELS_BUCKET, model_object_name
 from fedcore.wire import DESIRED_BUCKET, DesiredVersions, Heartbeat, ModelState
 from gateway.app import GatewayApp, create_app
 from gateway.auth import generate_key, key_line
@@ -74,7 +74,7 @@ async def api(nats_server: NatsServer) -> AsyncIterator[Api]:
     nc = await connect(nats_server)
     store = await nc.jetstream().create_object_store(MODELS_BUCKET)
     for version in (2, 3):  # the gateway checks that the version's manifest is in the store
-        await store.put(object_name(MODEL, version, "manifest.json"), b"{}")
+        await store.put(model_object_name(MODEL, version, "manifest.json"), b"{}")
     await nc.close()
     keys = {"admin": generate_key(), "infer": generate_key()}
     made, bus = await make_api(nats_server, keys)

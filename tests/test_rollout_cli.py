@@ -13,7 +13,7 @@ import nats
 import pytest
 import uvicorn
 
-from fedcore.artifact_store import MODELS_BUCKET, object_name
+from fedcore.artifact_store import MODELS_BUCKET, model_object_name
 from fedcore.keys import write_secret
 from fedcore.process import free_port
 from fedcore.wire import Heartbeat, ModelState
@@ -51,7 +51,7 @@ class Served:
 async def _seed_store(server: NatsServer) -> None:
     nc = await nats.connect(server.url, user="trainer", password=server.users["trainer"])
     store = await nc.jetstream().create_object_store(MODELS_BUCKET)
-    await store.put(object_name(MODEL, 2, "manifest.json"), b"{}")
+    await store.put(model_object_name(MODEL, 2, "manifest.json"), b"{}")
     await nc.close()
 
 

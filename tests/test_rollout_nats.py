@@ -10,7 +10,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from fedcore.artifact_store import MODELS_BUCKET, object_name
+from fedcore.artifact_store import MODELS_BUCKET, model_object_name
 from fedcore.wire import DESIRED_BUCKET, ROLLOUTS_BUCKET, DesiredVersions
 from gateway.rollout_machine import RolloutSpec, new_rollout
 from gateway.rollout_store import RolloutStore
@@ -23,7 +23,7 @@ async def test_gateway_owns_rollout_buckets_edges_read_desired(
 ) -> None:
     trainer_js = clients["trainer"].jetstream()
     models = await trainer_js.create_object_store(MODELS_BUCKET)
-    await models.put(object_name("digits", 2, "manifest.json"), b"{}")
+    await models.put(model_object_name("digits", 2, "manifest.json"), b"{}")
     try:
         store = await RolloutStore.open(clients["gateway"].jetstream(timeout=2))
         r = new_rollout("digits", 1, RolloutSpec(version=2), "ops", time.time())

@@ -15,7 +15,7 @@ from fedcore.transport import (
     MSG_ID_HEADER,
     UPDATES_OBJECT_BUCKET,
     UpdatePointer,
-    object_name,
+    update_object_name,
     update_subject,
 )
 from tests.conftest import NatsServer
@@ -54,7 +54,7 @@ def cases(bus: Bus, t: RoundTarget) -> list[Case]:
     nan[3] = np.nan
     subject = update_subject("digits", "edge-1")
     pointer = UpdatePointer(
-        UPDATES_OBJECT_BUCKET, object_name("digits", "edge-1", "f" * 32), "0" * 64, 10
+        UPDATES_OBJECT_BUCKET, update_object_name("digits", "edge-1", "f" * 32), "0" * 64, 10
     )
     other_trainer = x25519.X25519PrivateKey.generate().public_key()
     too_big = dataclasses.replace(pointer, size=LIMIT + 1).encode()

@@ -15,8 +15,8 @@ from fedcore.transport import (
     UpdatePointer,
     fits_inline,
     is_pointer,
-    object_name,
     parse_update_subject,
+    update_object_name,
     update_subject,
     updates_filter,
 )
@@ -59,7 +59,7 @@ def test_parse_refuses_other_subjects(subject: str) -> None:
 
 def test_pointer_round_trip_and_check() -> None:
     envelope = b"FGUE" + bytes(1000)
-    name = object_name("digits", "edge-1", UID)
+    name = update_object_name("digits", "edge-1", UID)
     pointer = UpdatePointer.for_envelope(envelope, "fedgate_updates", name)
     data = pointer.encode()
     assert data.startswith(POINTER_MAGIC) and is_pointer(data) and not is_pointer(envelope)
