@@ -12,8 +12,10 @@ For each message of the trainer's durable pull consumer:
 
 A refused update is logged with its reason, counted, and terminated (``+TERM``) so it is
 not redelivered. A transient failure (NATS, the object store) leaves the message for
-redelivery with a delay. Nothing a bad input does stops the loop. After a restart,
-:meth:`UpdateIngestor.refold` folds again what the ledger accepted after the checkpoint.
+redelivery with a delay; an object read that stalls is retried ``object_attempts``
+deliveries, then refused (``object-unreadable``). Nothing a bad input does stops the loop.
+After a restart, :meth:`UpdateIngestor.refold` folds again what the ledger accepted after
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from trainer.ingest_metrics import IngestMetrics
 from trainer.ledger import Claim, LedgerRecord, UpdateLedger
 from trainer.opener import (
     EdgeDirectory,
+    ObjectStalled,
     Refused,
     RoundSource,
     RoundTarget,
@@ -107,6 +110,7 @@ class IngestOptions:
     fetch_timeout_s: float = 1.0
     ack_timeout_s: float = 5.0
     object_timeout_s: float = 60.0
+    object_attempts: int = 3  # deliveries of a pointer whose object read stalls
     retry_delay_s: float = 2.0
     ack_wait_s: float = trainer_default("updates_ack_wait_s")
     durable: str = TRAINER_CONSUMER
@@ -226,8 +230,8 @@ class UpdateIngestor:
             header = await self._accept(msg.subject, msg.data, seq)
         except ReasonedError as exc:  # Refused, EnvelopeError, TransportError
             return self._rejected(exc.reason, exc.detail, context)
-        except _TRANSIENT as exc:
-            return self._retry(repr(exc), context)
+        except (ObjectStalled, *_TRANSIENT) as exc:
+            return self._unsettled(exc, delivered, context)
         except Exception as exc:  # a bug must not stop the trainer or lose the update
             log.exception("update handling failed unexpectedly", extra=context)
             return self._retry(f"internal error: {exc!r}", context)
@@ -335,6 +339,14 @@ class UpdateIngestor:
         log.warning("update rejected", extra={**context, "reason": reason, "detail": detail})
         return Outcome(Disposition.REJECTED, reason)
 
+    def _unsettled(self, exc: Exception, delivered: int, context: dict[str, object]) -> Outcome:
+        """A transient failure is retried; an object read that stalled only
+        ``object_attempts`` times, then it is refused: a pointer to an object that cannot
+        be read must not hold up the (one at a time) ingest for ever."""
+        if isinstance(exc, ObjectStalled) and delivered >= self.options.object_attempts:
+            return self._rejected("object-unreadable", f"{exc} ({delivered} tries)", context)
+        return self._retry(repr(exc), context)
+
     def _retry(self, detail: str, context: dict[str, object]) -> Outcome:
         self.metrics.retried.inc()
         log.warning("update left for redelivery", extra={**context, "detail": detail})
@@ -367,8 +379,8 @@ class UpdateIngestor:
             raw = await self._js.get_msg(self.options.stream, record.stream_seq)
             subject, data = raw.subject or "", raw.data or b""
             model, subject_edge = parse_update_subject(subject)
-            envelope, _ = await self.opener.resolve(data)
-        except (FedgateError, *_TRANSIENT) as exc:
+            envelope, _ = await self.opener.resolve(data, (model, subject_edge))
+        except (FedgateError, *_TRANSIENT) as exc:  # ObjectStalled is a FedgateError
             raise RecoveryError(
                 f"update {record.update_id} (seq {record.stream_seq}) cannot be read: {exc!r}"
             ) from None

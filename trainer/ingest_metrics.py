@@ -23,6 +23,7 @@ INGEST_REASONS = frozenset(
         "bad-subject",
         "bad-pointer",
         "object-missing",
+        "object-unreadable",
         "no-open-round",
         "fold-failed",
     }

@@ -23,12 +23,20 @@ the consumer's (:mod:`trainer.ingest`).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
+from nats.js.api import ObjectInfo
 
 from fedcore.compression import Vector, decode_update
 from fedcore.enrollment import EdgeRegistry, EdgeStatus
@@ -40,7 +48,7 @@ from fedcore.envelope import (
     open_update,
     read_header_unverified,
 )
-from fedcore.errors import ReasonedError
+from fedcore.errors import FedgateError, ReasonedError
 from fedcore.transport import (
     UPDATES_OBJECT_BUCKET,
     UpdatePointer,
@@ -54,6 +62,7 @@ RefusedReason = Literal[
     "oversize",
     "bad-pointer",
     "object-missing",
+    "object-unreadable",  # link, bad metadata, missing or too many chunks, stalled reads
     "revoked-edge",
     "subject-mismatch",
     "no-open-round",
@@ -160,7 +169,7 @@ class UpdateOpener:
         """Open one message of the updates stream for the round ``rounds`` has open for
         its model once the envelope is at hand. Raises the typed refusals above."""
         model, edge_id = parse_update_subject(subject)
-        envelope, path = await self.resolve(data)
+        envelope, path = await self.resolve(data, (model, edge_id))
         if self._on_wire is not None:
             self._on_wire(len(envelope), path)
         digest = sha256_hex(envelope)  # before verify: it decrypts a bytearray in place
@@ -168,9 +177,10 @@ class UpdateOpener:
         del envelope  # an object's buffer now holds the payload the vector views
         return OpenedUpdate(header, vector, digest)
 
-    async def resolve(self, data: BytesLike) -> tuple[BytesLike, str]:
+    async def resolve(self, data: BytesLike, owner: tuple[str, str]) -> tuple[BytesLike, str]:
         """The envelope bytes of a message, read from the object source for a pointer,
-        and which path it came by."""
+        and which path it came by. ``owner`` is the (model, edge) of the message's
+        subject: a pointer must name an object of that model and edge."""
         limit = self.max_update_bytes
         if not is_pointer(data):
             if len(data) > limit:
@@ -181,6 +191,8 @@ class UpdateOpener:
             raise Refused("oversize", f"pointer names {pointer.size} bytes, over {limit}")
         if pointer.bucket != self.object_bucket:
             raise Refused("bad-pointer", f"pointer names bucket {pointer.bucket!r}")
+        if tuple(pointer.name.split("/")[:2]) != owner:
+            raise Refused("bad-pointer", f"pointer names {pointer.name}, not one of {owner}")
         envelope = await self._objects.read(pointer)
         pointer.check(envelope)
         return envelope, "object"
@@ -233,8 +245,29 @@ class UpdateOpener:
         return header, decode_update(payload, header.compression, target.sizes, take=True)
 
 
+class ObjectStalled(FedgateError):
+    """An object's chunks did not all arrive within the read's time: perhaps the broker
+    is slow, perhaps they never will. The consumer retries it a bounded number of times,
+    then refuses it as ``object-unreadable``."""
+
+
+MIN_CHUNK_BYTES = 1024
+"""Fewest bytes a chunk but the last carries (edges write 4 KiB or more): an object of
+``size`` bytes has at most ``size // MIN_CHUNK_BYTES + 1`` chunks, so a flood of empty
+chunks is refused before it is read."""
+
+
 class StoreObjects:
-    """The :class:`ObjectSource` over the NATS object store."""
+    """The :class:`ObjectSource` over the NATS object store.
+
+    Every edge may write object metadata in the updates bucket, so the metadata is
+    hostile input: it is read once (:meth:`info`), checked (no link, not deleted, the
+    pointer's name and size, a digest, chunks that exist and are not too many), and the
+    chunks of that one metadata's ``nuid`` are read by this class itself, into a buffer
+    of the pointer's size, with the subscription always closed after. Unreadable objects
+    are :class:`Refused` ``object-unreadable``; a read that runs out of time is
+    :class:`ObjectStalled`.
+    """
 
     def __init__(self, js: JetStreamContext, timeout_s: float) -> None:
         self._js = js
@@ -243,45 +276,104 @@ class StoreObjects:
     async def read(self, pointer: UpdatePointer) -> bytearray:
         """The object's bytes, written into one buffer of the pointer's size as they come
         (no growing buffer, no copy at the end)."""
-        store = await self._js.object_store(pointer.bucket)
         try:
-            info = await store.get_info(pointer.name)
+            async with asyncio.timeout(self._timeout_s):
+                info = await self.info(pointer)
+                if info.size == 0:
+                    return bytearray()
+                await self._check_chunks(pointer, info)
+                return await self._read_chunks(pointer, info)
+        except TimeoutError:
+            raise ObjectStalled(
+                f"object {pointer.name} not read within {self._timeout_s} s"
+            ) from None
+
+    async def info(self, pointer: UpdatePointer) -> ObjectInfo:
+        """The object's metadata, checked against the pointer; read once, never again."""
+        stream, name = _stream(pointer.bucket), pointer.name
+        subject = f"$O.{pointer.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        try:
+            raw = await self._js.get_last_msg(stream, subject)
         except nats.js.errors.NotFoundError:
-            raise Refused("object-missing", f"object {pointer.name} does not exist") from None
+            raise Refused("object-missing", f"object {name} does not exist") from None
+        try:
+            info: ObjectInfo = ObjectInfo.from_response(json.loads(raw.data or b""))
+        except Exception:  # any shape an edge can write
+            raise _unreadable(name, "its metadata is not object metadata") from None
+        if info.deleted:
+            raise Refused("object-missing", f"object {name} is deleted")
+        if info.is_link():
+            raise _unreadable(name, "it is a link")
+        if info.name != name or info.bucket != pointer.bucket:
+            raise _unreadable(name, f"its metadata names {info.bucket}/{info.name}")
+        if not isinstance(info.nuid, str) or not _NUID.fullmatch(info.nuid):
+            raise _unreadable(name, "its metadata has no valid nuid")
         if info.size != pointer.size:
             raise Refused(
                 "bad-pointer", f"object is {info.size} bytes, pointer says {pointer.size}"
             )
-        sink = _FixedSink(pointer.size)
+        if _digest(info.digest) is None:
+            raise _unreadable(name, "its metadata has no SHA-256 digest")
+        return info
+
+    async def _check_chunks(self, pointer: UpdatePointer, info: ObjectInfo) -> None:
+        subject = _chunks_subject(pointer.bucket, info.nuid)
+        state = (await self._js.stream_info(_stream(pointer.bucket), subject)).state
+        count = (state.subjects or {}).get(subject, 0)
+        if count == 0:
+            raise _unreadable(pointer.name, "it has no chunks")
+        if count != info.chunks or count > pointer.size // MIN_CHUNK_BYTES + 1:
+            raise _unreadable(pointer.name, f"{count} chunks, its metadata says {info.chunks}")
+
+    async def _read_chunks(self, pointer: UpdatePointer, info: ObjectInfo) -> bytearray:
+        buffer, at, digest = bytearray(pointer.size), 0, hashlib.sha256()
+        sub = await self._js.subscribe(
+            _chunks_subject(pointer.bucket, info.nuid),
+            stream=_stream(pointer.bucket),
+            ordered_consumer=True,
+        )
         try:
-            await asyncio.wait_for(
-                store.get(pointer.name, writeinto=sink),  # type: ignore[arg-type]
-                self._timeout_s,
-            )
-        except nats.js.errors.DigestMismatchError:
-            raise Refused("bad-pointer", f"object {pointer.name} fails its digest") from None
-        except nats.js.errors.NotFoundError:
-            raise Refused("object-missing", f"object {pointer.name} does not exist") from None
-        return sink.filled()
+            while True:
+                msg = await sub.next_msg(timeout=None)  # the caller's deadline bounds it
+                end = at + len(msg.data)
+                if end > len(buffer):
+                    raise Refused("bad-pointer", f"object is longer than {len(buffer)} bytes")
+                buffer[at:end] = msg.data
+                digest.update(msg.data)
+                at = end
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        if at != len(buffer):
+            raise Refused("bad-pointer", f"object is {at} bytes, pointer says {len(buffer)}")
+        if digest.digest() != _digest(info.digest):
+            raise Refused("bad-pointer", f"object {pointer.name} fails its digest")
+        return buffer
 
 
-class _FixedSink:
-    """A write target of exactly ``size`` bytes for the object store client; an object
-    longer than its pointer says is refused rather than grown into."""
+_NUID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-    def __init__(self, size: int) -> None:
-        self._buffer = bytearray(size)
-        self._at = 0
 
-    def write(self, data: bytes) -> int:
-        end = self._at + len(data)
-        if end > len(self._buffer):
-            raise Refused("bad-pointer", f"object is longer than the {len(self._buffer)} bytes")
-        self._buffer[self._at : end] = data
-        self._at = end
-        return len(data)
+def _stream(bucket: str) -> str:
+    return f"OBJ_{bucket}"
 
-    def filled(self) -> bytearray:
-        if self._at != len(self._buffer):
-            raise Refused("bad-pointer", f"object is {self._at} bytes, pointer says more")
-        return self._buffer
+
+def _chunks_subject(bucket: str, nuid: str) -> str:
+    return f"$O.{bucket}.C.{nuid}"
+
+
+def _digest(value: object) -> bytes | None:
+    """The 32 bytes of a ``SHA-256=<base64url>`` digest; None for anything else."""
+    if not isinstance(value, str) or not value.upper().startswith("SHA-256="):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(value[len("SHA-256=") :])
+    except (ValueError, binascii.Error):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+def _unreadable(name: str, why: str) -> Refused:
+    return Refused("object-unreadable", f"object {name} cannot be read: {why}")
