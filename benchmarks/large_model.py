@@ -22,8 +22,9 @@ update); the trainer's peak RSS after ingesting and after releasing, and after r
 a round of twice the updates (the same edges publishing again under other ids: memory
 must not grow with the number of updates), and with the central release gate's scoring
 (candidate and serving version in torch on the digits test split, as ``trainer/release.py``
-``_gate`` does where the trainer has evaluation data; run after the release here, the
-round's sum still held as it is during the gate); the peak RSS of the edge that trained, sealed
+``_gate`` does where the trainer has evaluation data; run after the release here, with
+what the gate holds: the candidate, the round's sum given back by ``finalize``, the
+serving version mapped from its file); the peak RSS of the edge that trained, sealed
 and published, and of the one that rolled the version out (no torch there: plain MB); the
 peak RSS of the trainer's export child (forked: its RSS counts pages shared with the trainer).
 Each other RSS also as (RSS - floor) over the model's FP32 size, the floor being a process

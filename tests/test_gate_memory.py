@@ -84,3 +84,66 @@ def test_a_finalized_round_resumes_from_its_checkpoint(tmp_path: Path, strategy:
     assert np.array_equal(fresh.finalize(), candidate)
     book.hold()  # a held candidate ends the round without its sum
     assert book.current is None and book.version == 1
+
+
+def _rss() -> tuple[int, int]:
+    """(resident, peak resident since :func:`_reset_peak`) of this process, in bytes."""
+    found = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(line.split()[1]) * 1024
+    return found["VmRSS"], found["VmHWM"]
+
+
+def _reset_peak() -> int:
+    """Start a new peak (Linux: ``5`` in ``clear_refs``); the resident set now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("the peak resident set cannot be reset here")
+    return _rss()[0]
+
+
+def test_the_gate_scores_views_of_its_vectors_and_gives_mapped_pages_back(
+    tmp_path: Path,
+) -> None:
+    """Before: each scoring built a randomly initialised module and copied the vector
+    into it (peak +1.3x the model for the candidate), and a mapped serving vector's
+    pages stayed resident after. Now the candidate's module is a view of it and the
+    serving parameters' pages go back once scored; the scores are those of a module
+    loaded by copy."""
+    import torch
+
+    from fedcore.models.digits import train_test_split_digits
+    from fedcore.models.wide import parameter_count, wide_spec
+    from fedcore.params import load_flat, load_weights_file
+    from trainer.evaluate import evaluate_scores
+
+    _, _, x, y = train_test_split_digits()
+    small, spec = wide_spec(64), wide_spec(3000)  # 9.2M parameters, 37 MB
+    evaluate_scores(small, np.zeros(parameter_count(64), np.float32), x, y)  # threads
+    rng = np.random.default_rng(4)
+    candidate = rng.normal(0, 0.02, parameter_count(3000)).astype(np.float32)
+    np.save(tmp_path / "weights.npy", candidate[::-1], allow_pickle=False)
+    serving = load_weights_file(tmp_path / "weights.npy", mapped=True)
+    size = candidate.nbytes
+
+    before = _reset_peak()
+    cand, cand_scores = evaluate_scores(spec, candidate, x, y)
+    grew = _rss()[1] - before
+    assert grew < 0.5 * size, f"candidate scoring peaked {grew / size:.2f}x the model"
+
+    before = _reset_peak()
+    served, _ = evaluate_scores(spec, serving, x, y)
+    kept = _rss()[0] - before
+    assert kept < 0.25 * size, f"{kept / size:.2f}x the model resident after scoring"
+
+    module = spec.build_module()
+    load_flat(module, candidate)
+    with torch.no_grad():
+        logits = module(torch.from_numpy(x)).numpy()
+    assert np.array_equal(cand_scores, (logits.argmax(1) == y).astype(np.float64))
+    assert cand.samples == len(y) and 0.0 <= served.value <= 1.0
