@@ -24,7 +24,8 @@ must not grow with the number of updates), and with the central release gate's s
 (candidate and serving version in torch on the digits test split, as ``trainer/release.py``
 ``_gate`` does where the trainer has evaluation data; run after the release here, with
 what the gate holds: the candidate, the round's sum given back by ``finalize``, the
-serving version mapped from its file); the peak RSS of the edge that trained, sealed
+serving version mapped from its file; its own peak, ``VmHWM`` reset before it, where the
+other trainer columns are the process's peak so far); the peak RSS of the edge that trained, sealed
 and published, and of the one that rolled the version out (no torch there: plain MB); the
 peak RSS of the trainer's export child (forked: its RSS counts pages shared with the trainer).
 Each other RSS also as (RSS - floor) over the model's FP32 size, the floor being a process
@@ -58,6 +59,21 @@ MAX_PAYLOAD = 1024 * 1024  # the NATS default: every update goes through the obj
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # KiB on Linux
+
+
+def new_peak() -> None:
+    """Start a new peak of this process's resident set (``VmHWM``; Linux ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def hwm_mb() -> float:
+    """The peak resident set since :func:`new_peak` (``VmHWM``), in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MB
+    raise RuntimeError("no VmHWM")
 
 
 # -- roles (child processes) ----------------------------------------------------------
@@ -251,6 +267,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     await upload_version(js, "wide", 2, directory)
     t4 = time.perf_counter()
     release_rss = peak_rss_mb()
+    new_peak()  # the gate's own peak, not the ingest's before it
     central_gate(spec, candidate, book.params)
     await nc.close()
     shutil.rmtree(state)
@@ -260,7 +277,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
         "release": t4 - t3,
         "ingest_rss": ingest_rss,
         "rss": release_rss,
-        "gate_rss": peak_rss_mb(),
+        "gate_rss": hwm_mb(),
         "export_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / MB,
     }
 
