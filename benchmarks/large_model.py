@@ -25,7 +25,8 @@ must not grow with the number of updates), and with the central release gate's s
 ``_gate`` does where the trainer has evaluation data; run after the release here, with
 what the gate holds: the candidate, the round's sum given back by ``finalize``, the
 serving version mapped from its file; its own peak, ``VmHWM`` reset before it, where the
-other trainer columns are the process's peak so far); the peak RSS of the edge that trained, sealed
+other trainer columns are the process's peak so far, and its rise over what was resident
+when it began); the peak RSS of the edge that trained, sealed
 and published, and of the one that rolled the version out (no torch there: plain MB); the
 peak RSS of the trainer's export child (forked: its RSS counts pages shared with the trainer).
 Each other RSS also as (RSS - floor) over the model's FP32 size, the floor being a process
@@ -268,6 +269,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     t4 = time.perf_counter()
     release_rss = peak_rss_mb()
     new_peak()  # the gate's own peak, not the ingest's before it
+    pre_gate = hwm_mb()  # what is resident when the gate starts
     central_gate(spec, candidate, book.params)
     await nc.close()
     shutil.rmtree(state)
@@ -278,6 +280,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
         "ingest_rss": ingest_rss,
         "rss": release_rss,
         "gate_rss": hwm_mb(),
+        "pre_gate_rss": pre_gate,
         "export_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / MB,
     }
 
@@ -427,12 +430,16 @@ def one_size(millions: float, n_edges: int, root: Path, url: str, password: str)
     def rss(mb: float) -> str:
         return f"{mb:5.0f} ({(mb - floor) / model_mb:4.1f}x)"
 
+    def rise(mb: float) -> str:
+        return f"+{mb:3.0f} ({mb / model_mb:3.1f}x)"
+
     print(
         f"{parameter_count(hidden) / 1e6:9.1f} {model_mb:8.0f} | {mean['train']:5.1f} "
         f"{mean['seal']:5.2f} {mean['put'] + trainer['get'] / n_edges:8.2f} "
         f"{trainer['aggregate'] / n_edges:9.2f} {trainer['release']:7.1f} "
         f"{rollout['rollout']:7.1f} | {rss(trainer['ingest_rss'])}  {rss(trainer['rss'])}  "
-        f"{rss(trainer2['rss'])} {rss(trainer['gate_rss'])} {rss(trainer['export_rss'])} | "
+        f"{rss(trainer2['rss'])} {rss(trainer['gate_rss'])} "
+        f"{rise(trainer['gate_rss'] - trainer['pre_gate_rss'])} {rss(trainer['export_rss'])} | "
         f"{rss(edge_rss)}    "
         f"{rollout['rss']:5.0f} | {floor:5.0f}",
         flush=True,
@@ -462,13 +469,15 @@ def main() -> None:
     )
     print(
         "                   |             seconds per update     round  edge    |"
-        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  with gate     "
+        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  with gate, rise          "
+        "export child |"
         "export child |"
         " edge peak RSS, MB                 |"
     )
     print(
         "params(M) MB(FP32) | train  seal transfer aggregate release rollout |"
-        "  after ingest   after release   after release   (3 updates)   (forked)     |"
+        "  after ingest   after release   after release   (3 updates) (gate alone) "
+        "(forked)     |"
         "  train+seal+put   rollout         | floor"
     )
     with tempfile.TemporaryDirectory(prefix="fedgate-large-") as tmp:
