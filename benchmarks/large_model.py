@@ -469,8 +469,8 @@ def main() -> None:
     )
     print(
         "                   |             seconds per update     round  edge    |"
-        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  with gate, rise          "
-        "export child |"
+        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  "
+        "with gate, rise          "
         "export child |"
         " edge peak RSS, MB                 |"
     )
