@@ -56,6 +56,24 @@ def test_finalize_gives_the_round_sum_back() -> None:
     assert book.current is None and book.version == 2
 
 
+def test_a_discarded_sum_goes_back_to_the_system_after_large_frees() -> None:
+    """Before, the sum's buffers came from the heap: once a block of the model's size had
+    been freed (an update, as every fold frees one), glibc served the sum from its heap
+    and kept it in the process after the round let it go (0 of 32 MB given back)."""
+    from trainer.aggregate import WeightedSum
+
+    for _ in range(2):  # 32 MB blocks freed: glibc's mmap threshold rises to their size
+        block = np.ones(8_000_000, dtype=np.float32)
+        del block
+    dim = 4_000_000
+    acc = WeightedSum(dim)
+    acc.fold(np.full(dim, 1e-3, dtype=np.float32), 1.0)
+    before = _rss()[0]
+    acc.discard()
+    given = before - _rss()[0]
+    assert given > 0.75 * 8 * dim, f"{given / 1e6:.1f} of {8 * dim / 1e6:.0f} MB given back"
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "median"])
 def test_a_finalized_round_resumes_from_its_checkpoint(tmp_path: Path, strategy: str) -> None:
     """A restart during the gate: the checkpoint written at the last fold, not the sum in

@@ -26,6 +26,7 @@ exactly as it was.
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -46,6 +47,16 @@ SCRATCH_VALUES = 1 << 18
 
 COLUMN_BLOCK = 1 << 15
 """Coordinates per block when robust rules walk a buffer."""
+
+
+def mapped_zeros(size: int) -> F32Array:
+    """A zeroed FP32 vector in its own anonymous mapping, given back to the system as soon
+    as it is dropped, whatever its size: a heap block is not (glibc's mmap threshold grows
+    to 32 MiB after a large block is freed, and freed heap memory mostly stays in the
+    process)."""
+    buffer = mmap.mmap(-1, max(size, 1) * 4)
+    out: F32Array = np.frombuffer(buffer, dtype=np.float32, count=size)
+    return out
 
 
 def update_norm(update: npt.NDArray[Any], dim: int, pages: FilePages | None = None) -> float:
@@ -139,9 +150,10 @@ class WeightedSum:
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
         self.dim = dim
-        # Written here, not lazily zeroed by the OS, so the first folds pay no page faults.
-        self._sum = np.empty(dim, dtype=np.float32)
-        self._comp = np.empty(dim, dtype=np.float32)
+        # Own mappings, so discard() gives them back; written in reset(), so the first
+        # folds pay no page faults.
+        self._sum = mapped_zeros(dim)
+        self._comp = mapped_zeros(dim)
         # one slice of the update at a time: a large model's update is not copied whole
         self._scratch = np.zeros((2, min(dim, SCRATCH_VALUES)), dtype=np.float32)
         self.reset(round_id)
