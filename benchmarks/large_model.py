@@ -180,13 +180,12 @@ class Registry:
         return self.registry
 
 
-def central_gate(spec: Any, candidate: Any, serving: Any) -> None:
+def central_gate(spec: Any, candidate: Any, serving: Any, eval_x: Any, eval_y: Any) -> None:
     """The central gate's scoring (``trainer/release.py`` ``_gate``, where the trainer has
-    evaluation data): candidate and serving version in torch on the digits test split."""
-    from fedcore.models.digits import train_test_split_digits
+    evaluation data): candidate and serving version in torch on the digits test split
+    (loaded before, as the trainer holds its evaluation set from its start)."""
     from trainer.evaluate import evaluate_scores
 
-    _, _, eval_x, eval_y = train_test_split_digits()
     evaluate_scores(spec, candidate, eval_x, eval_y)
     evaluate_scores(spec, serving, eval_x, eval_y)
 
@@ -268,9 +267,12 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     await upload_version(js, "wide", 2, directory)
     t4 = time.perf_counter()
     release_rss = peak_rss_mb()
+    from fedcore.models.digits import train_test_split_digits
+
+    _, _, eval_x, eval_y = train_test_split_digits()
     new_peak()  # the gate's own peak, not the ingest's before it
     pre_gate = hwm_mb()  # what is resident when the gate starts
-    central_gate(spec, candidate, book.params)
+    central_gate(spec, candidate, book.params, eval_x, eval_y)
     await nc.close()
     shutil.rmtree(state)
     return {
