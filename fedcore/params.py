@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -77,6 +79,43 @@ def load_flat(module: torch.nn.Module, vector: NDArray[Any]) -> None:
                     if pages is not None:
                         pages.drop(offset + at + part.size)
             offset += n
+
+
+def module_over(build: Callable[[], torch.nn.Module], vector: NDArray[Any]) -> torch.nn.Module:
+    """A module from ``build`` whose floating-point tensors are views of ``vector`` (flat
+    FP32, :func:`layout` order), for scoring (under ``torch.no_grad``), never training.
+
+    Built on the meta device, so neither random initial weights nor a copy of the vector
+    are allocated: a writable vector is shared, a read-only one (mapped from its file) is
+    wrapped as it is and its pages are read when the forward pass touches them. A module
+    with tensors of another dtype, or any not in its ``state_dict``, is built and filled
+    by :func:`load_flat` instead."""
+    import torch
+
+    with torch.device("meta"):
+        module = build()
+    state = module.state_dict()
+    flat_only = all(t.dtype == torch.float32 for t in state.values())
+    total = sum(t.numel() for t in state.values() if t.is_floating_point())
+    if vector.ndim != 1 or vector.size != total:
+        raise ModelSpecError(f"parameter vector has {vector.size} values, model needs {total}")
+    if flat_only:
+        whole = np.asarray(vector)
+        if whole.dtype != np.float32 or not whole.flags.c_contiguous:
+            whole = np.ascontiguousarray(whole, dtype=np.float32)
+        with warnings.catch_warnings():  # read-only: nothing writes during scoring
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            values = torch.from_numpy(whole)
+        views, offset = {}, 0
+        for name, t in state.items():
+            views[name] = values[offset : offset + t.numel()].view(t.shape)
+            offset += t.numel()
+        module.load_state_dict(views, assign=True)
+    tensors = [*module.parameters(), *module.buffers()]
+    if not flat_only or any(t.is_meta for t in tensors):
+        module = build()
+        load_flat(module, vector)
+    return module
 
 
 def load_weights_file(
