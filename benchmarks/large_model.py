@@ -22,8 +22,11 @@ update); the trainer's peak RSS after ingesting and after releasing, and after r
 a round of twice the updates (the same edges publishing again under other ids: memory
 must not grow with the number of updates), and with the central release gate's scoring
 (candidate and serving version in torch on the digits test split, as ``trainer/release.py``
-``_gate`` does where the trainer has evaluation data; run after the release here, the
-round's sum still held as it is during the gate); the peak RSS of the edge that trained, sealed
+``_gate`` does where the trainer has evaluation data; run after the release here, with
+what the gate holds: the candidate, the round's sum given back by ``finalize``, the
+serving version mapped from its file; its own peak, ``VmHWM`` reset before it, where the
+other trainer columns are the process's peak so far, and its rise over what was resident
+when it began); the peak RSS of the edge that trained, sealed
 and published, and of the one that rolled the version out (no torch there: plain MB); the
 peak RSS of the trainer's export child (forked: its RSS counts pages shared with the trainer).
 Each other RSS also as (RSS - floor) over the model's FP32 size, the floor being a process
@@ -57,6 +60,21 @@ MAX_PAYLOAD = 1024 * 1024  # the NATS default: every update goes through the obj
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # KiB on Linux
+
+
+def new_peak() -> None:
+    """Start a new peak of this process's resident set (``VmHWM``; Linux ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def hwm_mb() -> float:
+    """The peak resident set since :func:`new_peak` (``VmHWM``), in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MB
+    raise RuntimeError("no VmHWM")
 
 
 # -- roles (child processes) ----------------------------------------------------------
@@ -162,13 +180,12 @@ class Registry:
         return self.registry
 
 
-def central_gate(spec: Any, candidate: Any, serving: Any) -> None:
+def central_gate(spec: Any, candidate: Any, serving: Any, eval_x: Any, eval_y: Any) -> None:
     """The central gate's scoring (``trainer/release.py`` ``_gate``, where the trainer has
-    evaluation data): candidate and serving version in torch on the digits test split."""
-    from fedcore.models.digits import train_test_split_digits
+    evaluation data): candidate and serving version in torch on the digits test split
+    (loaded before, as the trainer holds its evaluation set from its start)."""
     from trainer.evaluate import evaluate_scores
 
-    _, _, eval_x, eval_y = train_test_split_digits()
     evaluate_scores(spec, candidate, eval_x, eval_y)
     evaluate_scores(spec, serving, eval_x, eval_y)
 
@@ -250,7 +267,12 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     await upload_version(js, "wide", 2, directory)
     t4 = time.perf_counter()
     release_rss = peak_rss_mb()
-    central_gate(spec, candidate, book.params)
+    from fedcore.models.digits import train_test_split_digits
+
+    _, _, eval_x, eval_y = train_test_split_digits()
+    new_peak()  # the gate's own peak, not the ingest's before it
+    pre_gate = hwm_mb()  # what is resident when the gate starts
+    central_gate(spec, candidate, book.params, eval_x, eval_y)
     await nc.close()
     shutil.rmtree(state)
     return {
@@ -259,7 +281,8 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
         "release": t4 - t3,
         "ingest_rss": ingest_rss,
         "rss": release_rss,
-        "gate_rss": peak_rss_mb(),
+        "gate_rss": hwm_mb(),
+        "pre_gate_rss": pre_gate,
         "export_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / MB,
     }
 
@@ -409,12 +432,16 @@ def one_size(millions: float, n_edges: int, root: Path, url: str, password: str)
     def rss(mb: float) -> str:
         return f"{mb:5.0f} ({(mb - floor) / model_mb:4.1f}x)"
 
+    def rise(mb: float) -> str:
+        return f"+{mb:3.0f} ({mb / model_mb:3.1f}x)"
+
     print(
         f"{parameter_count(hidden) / 1e6:9.1f} {model_mb:8.0f} | {mean['train']:5.1f} "
         f"{mean['seal']:5.2f} {mean['put'] + trainer['get'] / n_edges:8.2f} "
         f"{trainer['aggregate'] / n_edges:9.2f} {trainer['release']:7.1f} "
         f"{rollout['rollout']:7.1f} | {rss(trainer['ingest_rss'])}  {rss(trainer['rss'])}  "
-        f"{rss(trainer2['rss'])} {rss(trainer['gate_rss'])} {rss(trainer['export_rss'])} | "
+        f"{rss(trainer2['rss'])} {rss(trainer['gate_rss'])} "
+        f"{rise(trainer['gate_rss'] - trainer['pre_gate_rss'])} {rss(trainer['export_rss'])} | "
         f"{rss(edge_rss)}    "
         f"{rollout['rss']:5.0f} | {floor:5.0f}",
         flush=True,
@@ -444,13 +471,15 @@ def main() -> None:
     )
     print(
         "                   |             seconds per update     round  edge    |"
-        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  with gate     "
+        f" trainer peak RSS, MB ({a.edges} updates)    ({2 * a.edges} updates)  "
+        "with gate, rise          "
         "export child |"
         " edge peak RSS, MB                 |"
     )
     print(
         "params(M) MB(FP32) | train  seal transfer aggregate release rollout |"
-        "  after ingest   after release   after release   (3 updates)   (forked)     |"
+        "  after ingest   after release   after release   (3 updates) (gate alone) "
+        "(forked)     |"
         "  train+seal+put   rollout         | floor"
     )
     with tempfile.TemporaryDirectory(prefix="fedgate-large-") as tmp:

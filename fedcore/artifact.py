@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,19 +145,15 @@ def _parse_manifest(directory: Path) -> tuple[Manifest, bytes]:
     return manifest, signature
 
 
-def verify_version_dir(
+def read_signed_manifest(
     directory: Path,
     trusted: ed25519.Ed25519PublicKey,
     *,
     model: str | None = None,
     version: int | None = None,
-    check_onnx: bool = True,
 ) -> Manifest:
-    """Verify signature, file list and every digest; return the manifest or raise.
-
-    ``check_onnx=False`` leaves out :func:`check_self_contained` (which parses each ONNX
-    file whole: the model's size in memory again), for a caller that checked its own
-    export before signing it (the trainer does, in its export child)."""
+    """The manifest of ``directory``, its signature (and model, version) checked, its
+    files not: what a version claims (its parent, its digests), not that its files hold it."""
     manifest, signature = _parse_manifest(directory)
     try:
         trusted.verify(signature, manifest.canonical())
@@ -170,6 +167,26 @@ def verify_version_dir(
         raise ArtifactError(
             "malformed", f"manifest is for version {manifest.version}, not {version}"
         )
+    return manifest
+
+
+def verify_version_dir(
+    directory: Path,
+    trusted: ed25519.Ed25519PublicKey,
+    *,
+    model: str | None = None,
+    version: int | None = None,
+    check_onnx: bool = True,
+    unhashed: frozenset[str] = frozenset(),
+) -> Manifest:
+    """Verify signature, file list and every digest; return the manifest or raise.
+
+    ``check_onnx=False`` leaves out :func:`check_self_contained` (which parses each ONNX
+    file whole: the model's size in memory again), for a caller that checked its own
+    export before signing it (the trainer does, in its export child). ``unhashed``: files
+    whose digest the caller checks itself, from the descriptor it goes on reading
+    (:func:`fedcore.params.load_signed_weights`: what it maps is what it hashed)."""
+    manifest = read_signed_manifest(directory, trusted, model=model, version=version)
     present = set(_regular_files(directory)) - {MANIFEST}
     for name in manifest.files:
         if not SAFE_NAME.match(name):
@@ -179,7 +196,7 @@ def verify_version_dir(
     if missing := sorted(set(manifest.files) - present):
         raise ArtifactError("missing-file", f"files in the manifest but absent: {missing}")
     for name, digest in manifest.files.items():
-        if sha256_file(directory / name) != digest:
+        if name not in unhashed and sha256_file(directory / name) != digest:
             raise ArtifactError("digest-mismatch", f"{name}: SHA-256 differs from the manifest")
     for name in manifest.files if check_onnx else ():
         if name.endswith(".onnx"):
@@ -254,3 +271,40 @@ def install_version(
     model_dir.mkdir(parents=True, exist_ok=True)
     staging.rename(target)
     return manifest
+
+
+def staging_dir(directory: Path) -> Path:
+    """A new empty directory beside ``directory`` to write a version in, which
+    :func:`seal_version_dir` then renames into place. A released version (its manifest
+    present) is refused: it is never written again."""
+    if (directory / MANIFEST).exists():
+        raise ArtifactError("exists", f"{directory} is a released version, never rewritten")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    name = f".{directory.name}.staging."
+    return Path(tempfile.mkdtemp(prefix=name, dir=directory.parent))
+
+
+def seal_version_dir(staging: Path, directory: Path) -> None:
+    """Make the files of the signed ``staging`` read-only (0440), rename it to
+    ``directory`` and make that 0550 (the artifacts directory's 0750 less its write bit):
+    a released version's files are new inodes, never written again in place, so a
+    reader that mapped one keeps what it verified. A
+    ``directory`` without a manifest (a write that never finished: never read) is
+    replaced; a released one refused."""
+    for entry in os.scandir(staging):
+        if not entry.is_file(follow_symlinks=False):
+            raise ArtifactError("unsafe-path", f"{entry.name!r} is not a regular file")
+        os.chmod(entry.path, 0o440)
+    if (directory / MANIFEST).exists():
+        raise ArtifactError("exists", f"{directory} is a released version, never rewritten")
+    if directory.is_symlink() or directory.is_file():
+        directory.unlink()
+    elif directory.exists():
+        shutil.rmtree(directory)
+    os.rename(staging, directory)
+    os.chmod(directory, 0o550)  # noqa: S103 (owner and group read it, as its parent)
+    dir_fd = os.open(directory.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -208,7 +208,9 @@ def open_update(
     ``in_place``: ``data`` is a writable buffer the caller hands over; each chunk is
     decrypted into it, over ciphertext already hashed for the signature, and the payload
     is a view of ``data`` (no second buffer of the payload's size). Afterwards ``data``
-    no longer holds the envelope, whatever the outcome.
+    no longer holds the envelope, whatever the outcome; chunks are decrypted into it
+    before the signature is checked, so on a refusal the payload region is zeroed (no
+    plaintext whose signature did not verify is left in the caller's buffer).
     Raises ``EnvelopeError`` with the reason: ``malformed``, ``truncated``, ``oversize``,
     ``unsupported-suite``, ``unknown-edge``, ``bad-signature`` or ``decrypt-failed``.
     """
@@ -246,12 +248,25 @@ def open_update(
             _SIG_CONTEXT + header_digest + digest.digest(),
         )
     except InvalidSignature:
-        raise EnvelopeError(
+        failure = EnvelopeError(
             "bad-signature", f"signature of edge {header.edge_id!r} does not verify"
-        ) from None
+        )
     if failure is not None:
+        if in_place:
+            _zero(payload)
         raise failure
     return header, payload
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _zero(buffer: bytearray | memoryview) -> None:
+    """Overwrite ``buffer`` with zeros, a MiB at a time (no buffer of its size)."""
+    view = memoryview(buffer).cast("B")
+    for at in range(0, len(view), len(_ZEROS)):
+        n = min(len(_ZEROS), len(view) - at)
+        view[at : at + n] = _ZEROS[:n]
 
 
 def read_header_unverified(data: BytesLike) -> UpdateHeader:

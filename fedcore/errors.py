@@ -111,6 +111,7 @@ ArtifactReason = Literal[
     "unsafe-path",
     "external-data",
     "malformed",
+    "exists",
 ]
 
 

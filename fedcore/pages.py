@@ -2,7 +2,7 @@
 
 The trainer keeps large vectors it only reads on disk: a held update of the bounds'
 warm-up (``trainer.rounds.spill``) and the current parameters (``weights.npy``, mapped by
-:func:`fedcore.params.load_weights_file`). Reading one maps its pages into the process;
+:func:`fedcore.params.load_signed_weights`). Reading one maps its pages into the process;
 a pass that gives each slice's pages back as it goes (``madvise(MADV_DONTNEED)``: the
 kernel reads them again from the file if they are touched again) leaves it on disk, so
 the pass does not add the vector's size to the resident set.

@@ -33,7 +33,17 @@ def signed_v1(tmp_path_factory: pytest.TempPathFactory) -> SignedArtifacts:
     spec = get_spec("digits")
     params = train_seed_model(spec, fraction=0.2, epochs=3, seed=0)
     write_version(spec, params, root / "artifacts" / "digits" / "1", key, version=1)
+    unseal(root / "artifacts" / "digits" / "1")  # tests copy it and tamper with the copies
     return SignedArtifacts(root / "artifacts", params, key_path, public_hex(key))
+
+
+def unseal(directory: Path) -> None:
+    """Make a version directory written by ``write_version`` (files 0440, directory 0550)
+    writable again, for tests that tamper with it or its copies (``shutil.copytree``
+    copies the modes), also when they do not run as root."""
+    os.chmod(directory, 0o750)
+    for entry in directory.iterdir():
+        entry.chmod(0o640)
 
 
 def processes_mentioning(text: str) -> list[str]:

@@ -28,7 +28,7 @@ from fedcore.keys import load_ed25519, write_public, write_secret
 from fedcore.models import get_spec
 from fedcore.process import ManagedProcess, free_port
 from fedgate.keys_cmd import init_keys
-from tests.conftest import NatsServer, SignedArtifacts, enroll_edges, start_nats
+from tests.conftest import NatsServer, SignedArtifacts, enroll_edges, start_nats, unseal
 from tests.gateway_harness import _write_keys, start_gateway
 
 MODEL = "digits"
@@ -43,6 +43,7 @@ def write_signed(
     directory = root / MODEL / str(version)
     key = load_ed25519(signed.private_key)
     write_version(get_spec(MODEL), params.astype("float32"), directory, key, version=version)
+    unseal(directory)  # its callers tamper with some
     return directory
 
 

@@ -156,3 +156,17 @@ def test_a_payload_opened_in_place_is_aligned_for_float32() -> None:
         vector = np.frombuffer(payload, dtype="<f4")
         assert vector.ctypes.data % 16 == 0 and vector.flags.aligned, edge_id
         assert vector.tobytes() == PAYLOAD[:192]
+
+
+@pytest.mark.parametrize("size", [200, 3 * 1024 * 1024 + 5])
+def test_a_refused_envelope_leaves_no_plaintext_in_the_buffer(size: int) -> None:
+    """In place, chunks are decrypted into the caller's buffer before the signature is
+    checked: on a refusal that region is zeroed (before, the plaintext stayed there)."""
+    secret = (b"plaintext-" * (size // 10 + 1))[:size]
+    data = seal(secret, chunk_size=64) if size < 1024 else seal(secret)
+    header, _, _, _ = split(data)
+    buffer = bytearray(_flip(data, 9 + len(header) + 1))  # in the signature
+    with pytest.raises(EnvelopeError, match="bad-signature"):
+        open_update(buffer, recipient=TRAINER, edge_keys=KEYS.get, max_payload=MAX,
+                    in_place=True)  # fmt: skip
+    assert b"plaintext-" not in buffer

@@ -27,7 +27,7 @@ from fedcore.models import get_spec
 from fedcore.process import ManagedProcess, free_port
 from fedcore.subjects import inbox_prefix
 from fedcore.wire import Heartbeat
-from tests.conftest import SignedArtifacts, processes_mentioning, start_nats
+from tests.conftest import SignedArtifacts, processes_mentioning, start_nats, unseal
 from tests.rollout_harness import _edge_env
 from trainer.bootstrap import train_seed_model, write_version
 
@@ -41,6 +41,7 @@ def seeds_with_a_broken_model(root: Path, signed: SignedArtifacts) -> Path:
     spec = get_spec("diabetes")
     broken = seed / "diabetes" / "1"
     write_version(spec, train_seed_model(spec, 0.1, 1, 0), broken, key, version=1)
+    unseal(broken)
     (broken / "model.onnx").write_bytes(b"not an onnx file")
     (broken / "manifest.json").unlink()
     sign_version_dir(broken, key, model="diabetes", version=1)  # signed: it installs, fails to load

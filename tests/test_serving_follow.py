@@ -18,6 +18,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from edge_runtime.rounds_watch import Plan, Refusal, ServedVersion, decide
+from fedcore.artifact import sha256_file
+from fedcore.triton_model import ONNX_FILE
 from fedcore.wire import DesiredVersions, RoundAnnouncement
 from fedgate.keys_cmd import KeyLayout, init_keys
 from gateway.rollout_machine import (
@@ -40,7 +42,6 @@ from tests.trainer_process import (
     wait_open,
     wait_record,
 )
-from trainer.release import version_digest
 
 EDGES = ["edge-1", "edge-2", "edge-3"]
 MODEL = "digits"
@@ -105,7 +106,10 @@ async def test_a_rolled_back_version_is_not_the_base_of_later_rounds(
         r3 = await rollout(nc, 3, 2, passes=False)  # the canary of version 3 fails
 
         a4 = await wait_open(js, 4, trainer)
-        assert (a4.base_version, a4.base_digest) == (2, version_digest(artifacts(tmp_path, 2)))
+        assert (a4.base_version, a4.base_digest) == (
+            2,
+            sha256_file(artifacts(tmp_path, 2) / ONNX_FILE),
+        )
         # what an edge that serves version 2 alone (after the rollback) makes of the rounds
         v2 = ServedVersion(2, a4.base_digest, artifacts(tmp_path, 2) / "weights.npy")
         refused = decide(a3, "edge-1", {2: v2}, [], time.time())
@@ -116,7 +120,10 @@ async def test_a_rolled_back_version_is_not_the_base_of_later_rounds(
         assert abandoned.outcome == "failed" and r3.id in abandoned.reason
         # an update trained on the dropped version is refused, one from version 2 counts
         stale = a4.model_copy(
-            update={"base_version": 3, "base_digest": version_digest(artifacts(tmp_path, 3))}
+            update={
+                "base_version": 3,
+                "base_digest": sha256_file(artifacts(tmp_path, 3) / ONNX_FILE),
+            }
         )
         await send(nc, keys, "edge-1", stale, np.ones(DIM, np.float32), 10)
         deltas = await release_round(nc, keys, a4, rng)
@@ -154,7 +161,10 @@ async def test_a_trainer_started_after_a_rollback_bases_its_rounds_on_the_stable
         restarted = start_trainer(tmp_path, keys, nats_server)
         try:
             a3 = await wait_open(js, 3, restarted)
-            assert (a3.base_version, a3.base_digest) == (1, version_digest(artifacts(tmp_path, 1)))
+            assert (a3.base_version, a3.base_digest) == (
+                1,
+                sha256_file(artifacts(tmp_path, 1) / ONNX_FILE),
+            )
             abandoned = await wait_record(js, 2, restarted)
             assert abandoned.outcome == "failed" and r2.id in abandoned.reason
             await release_round(nc, keys, a3, rng)

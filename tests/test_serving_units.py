@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedcore.artifact import sign_version_dir
 from fedcore.envelope_header import UpdateHeader
 from fedcore.errors import EnvelopeError
 from trainer.driver import AsyncTarget, RoundDriver
@@ -51,20 +53,29 @@ def test_follow_target(
     assert follow_target(version, newest, Settled(stable, "r-1", dropped), chain) == expected
 
 
+KEY = ed25519.Ed25519PrivateKey.generate()
+
+
 def write_manifests(model_dir: Path, parents: dict[int, int | None]) -> None:
     for version, parent in parents.items():
         (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
-        doc = {"manifest": {"version": version, "parent_version": parent}}
-        (model_dir / str(version) / "manifest.json").write_text(json.dumps(doc))
+        sign_version_dir(model_dir / str(version), KEY, model=model_dir.name, version=version,
+                         parent_version=parent)  # fmt: skip
 
 
 def test_lineage_follows_the_manifests_parents(tmp_path: Path) -> None:
     write_manifests(tmp_path, PARENTS)
-    assert lineage(tmp_path, 4) == [4, 3, 2, 1]
-    assert lineage(tmp_path, 5) == [5, 2, 1]
-    assert lineage(tmp_path, 9) == [9]  # no manifest: the version alone
+    trusted = KEY.public_key()
+    assert lineage(tmp_path, 4, trusted) == [4, 3, 2, 1]
+    assert lineage(tmp_path, 5, trusted) == [5, 2, 1]
+    assert lineage(tmp_path, 9, trusted) == [9]  # no manifest: the version alone
     write_manifests(tmp_path, {7: 8, 8: 7})  # a loop ends
-    assert lineage(tmp_path, 7) == [7, 8]
+    assert lineage(tmp_path, 7, trusted) == [7, 8]
+    doc = {"manifest": {"version": 6, "parent_version": 2}}  # unsigned: the walk ends
+    (tmp_path / "6").mkdir()
+    (tmp_path / "6" / "manifest.json").write_text(json.dumps(doc))
+    write_manifests(tmp_path, {10: 6})
+    assert lineage(tmp_path, 10, trusted) == [10, 6]
 
 
 def book() -> RoundBook:
@@ -134,7 +145,7 @@ async def test_async_rounds_after_a_rebase_take_its_ancestors_not_the_dropped(
         history={v: f"{v}{v}" * 32 for v in (1, 2, 3)},
     )
     driver = RoundDriver({"digits": b}, tmp_path / "state", {"digits": (3,)})
-    watch = ServingWatch(None, driver, artifacts, None)  # type: ignore[arg-type]
+    watch = ServingWatch(None, driver, artifacts, KEY.public_key())  # type: ignore[arg-type]
     watch.ready["digits"] = Rebase("digits", 4, 2, "22" * 32, np.full(3, 2.0), "r-3", 3)
     assert await watch.apply("digits")
     b.open([], now=0.0)

@@ -26,6 +26,7 @@ exactly as it was.
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedcore.pages import FilePages, file_pages
-from trainer.errors import UpdateRejected
+from trainer.errors import AggregationError, UpdateRejected
 
 F32Array = npt.NDArray[np.float32]
 F64Array = npt.NDArray[np.float64]
@@ -46,6 +47,16 @@ SCRATCH_VALUES = 1 << 18
 
 COLUMN_BLOCK = 1 << 15
 """Coordinates per block when robust rules walk a buffer."""
+
+
+def mapped_zeros(size: int) -> F32Array:
+    """A zeroed FP32 vector in its own anonymous mapping, given back to the system as soon
+    as it is dropped, whatever its size: a heap block is not (glibc's mmap threshold grows
+    to 32 MiB after a large block is freed, and freed heap memory mostly stays in the
+    process)."""
+    buffer = mmap.mmap(-1, max(size, 1) * 4)
+    out: F32Array = np.frombuffer(buffer, dtype=np.float32, count=size)
+    return out
 
 
 def update_norm(update: npt.NDArray[Any], dim: int, pages: FilePages | None = None) -> float:
@@ -139,9 +150,10 @@ class WeightedSum:
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
         self.dim = dim
-        # Written here, not lazily zeroed by the OS, so the first folds pay no page faults.
-        self._sum = np.empty(dim, dtype=np.float32)
-        self._comp = np.empty(dim, dtype=np.float32)
+        # Own mappings, so discard() gives them back; written in reset(), so the first
+        # folds pay no page faults.
+        self._sum = mapped_zeros(dim)
+        self._comp = mapped_zeros(dim)
         # one slice of the update at a time: a large model's update is not copied whole
         self._scratch = np.zeros((2, min(dim, SCRATCH_VALUES)), dtype=np.float32)
         self.reset(round_id)
@@ -160,6 +172,25 @@ class WeightedSum:
         """Bytes held by the accumulator buffers."""
         return self._sum.nbytes + self._comp.nbytes + self._scratch.nbytes
 
+    @property
+    def spent(self) -> bool:
+        """True once :meth:`discard` gave the buffers back."""
+        return self._sum.size != self.dim
+
+    def discard(self) -> None:
+        """Give the buffers back once the round's candidate is computed: the sum is 2x the
+        model and the release gate, export and upload that follow do not read it (a
+        restart resumes the round from its checkpoint on disk, not from memory). Any later
+        use of the sum raises ``AggregationError("round-spent")``."""
+        self._sum = self._comp = np.zeros(0, dtype=np.float32)
+        self._scratch = np.zeros((2, 0), dtype=np.float32)
+
+    def _live(self) -> None:
+        if self.spent:
+            raise AggregationError(
+                "round-spent", f"round {self.round_id or '?'}: its sum was discarded"
+            )
+
     def fold(self, update: F32Array, weight: float, *, max_norm: float | None = None) -> float:
         """Add ``weight * clip_factor * update``; returns the update's norm before clipping.
 
@@ -167,6 +198,7 @@ class WeightedSum:
         updates stays a weighted mean. Raises :class:`UpdateRejected` and leaves the
         state unchanged when the update or weight is invalid.
         """
+        self._live()
         norm = update_norm(update, self.dim, file_pages(update))
         pages = file_pages(update)  # a second pass over a spilled update: dropped again
         w = check_weight(weight)
@@ -197,6 +229,7 @@ class WeightedSum:
         quantisation error); central DP calibrates its noise to it. Raises
         :class:`UpdateRejected` and leaves the state unchanged when the sum is invalid.
         """
+        self._live()
         vector = np.asarray(total, dtype=np.float64)
         if vector.ndim != 1 or vector.size != self.dim:
             raise UpdateRejected(
@@ -224,6 +257,7 @@ class WeightedSum:
 
     def weighted_sum(self) -> F64Array:
         """The running weighted sum (a new FP64 vector)."""
+        self._live()
         total = self._sum.astype(np.float64)
         total -= self._comp
         return total
@@ -242,6 +276,7 @@ class WeightedSum:
         the whole FP64 mean: a large model's is twice its size)."""
         if self.count == 0:
             raise ValueError("mean of an empty WeightedSum")
+        self._live()
         out = np.empty(self.dim, dtype=np.float32)
         pages = file_pages(global_params)  # parameters read from disk stay there
         step = self._scratch.shape[1]
@@ -262,6 +297,7 @@ class WeightedSum:
         """The state as named arrays, for a checkpoint (``np.savez``, no pickle).
         ``sum`` and ``compensation`` are the live FP32 accumulators, not copies: write them
         out before the next fold."""
+        self._live()
         return {
             "sum": self._sum,
             "compensation": self._comp,
@@ -309,10 +345,22 @@ class UpdateBuffer:
         self.round_id = round_id
         self._rows: list[F32Array] = []
         self._weights: list[float] = []
+        self.spent = False
 
     @property
     def count(self) -> int:
         return len(self._rows)
+
+    def discard(self) -> None:
+        """Give the copies back once the round's candidate is computed (as
+        :meth:`WeightedSum.discard`); folding or reading blocks later raises ``round-spent``."""
+        self._rows, self._weights, self.spent = [], [], True
+
+    def _live(self) -> None:
+        if self.spent:
+            raise AggregationError(
+                "round-spent", f"round {self.round_id or '?'}: its updates were discarded"
+            )
 
     @property
     def total_weight(self) -> float:
@@ -328,6 +376,7 @@ class UpdateBuffer:
 
     def fold(self, update: F32Array, weight: float) -> float:
         """Keep a copy of ``update``; returns its norm. Refuses past ``capacity``."""
+        self._live()
         if len(self._rows) >= self.capacity:
             raise UpdateRejected(
                 "buffer-full", f"this round already holds {self.capacity} updates (its capacity)"
@@ -340,6 +389,7 @@ class UpdateBuffer:
 
     def column_blocks(self, block: int = COLUMN_BLOCK) -> Iterator[tuple[int, int, F32Array]]:
         """``(start, stop, matrix)`` with ``matrix[i] = update_i[start:stop]`` per block."""
+        self._live()
         for start in range(0, self.dim, block):
             stop = min(start + block, self.dim)
             yield start, stop, np.stack([r[start:stop] for r in self._rows])

@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fedcore.errors import ConfigError
-from fedcore.params import load_weights_file
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedcore.artifact import read_signed_manifest
+from fedcore.errors import ArtifactError, ConfigError
+from fedcore.params import load_signed_weights
 from fedcore.wire import ClientRecipe
 from trainer import checkpoint
 from trainer.bounds import UpdateBounds
@@ -93,21 +96,38 @@ def check_quorum(settings: TrainerSettings, strategy: Strategy) -> None:
             )
 
 
-def build_book(settings: TrainerSettings, model: str) -> RoundBook:
-    """The model's round book: from its checkpoint, else from its newest version."""
+def build_book(
+    settings: TrainerSettings, model: str, trusted: ed25519.Ed25519PublicKey
+) -> RoundBook:
+    """The model's round book: from its checkpoint, else from its newest version.
+
+    The newest version is verified against ``trusted`` (the trainer's own key) and its
+    weights mapped from the descriptor they were hashed from; a version that does not
+    verify stops the trainer. Older versions count as async bases by the digest their
+    signed manifest lists (one that does not verify is left out, with a warning)."""
     strategy = build_strategy(settings, model)
     versions = released_versions(settings, model)
-    history = {v: version_digest(settings.artifacts_dir / model / str(v)) for v in versions}
     newest = versions[-1]
-    weights = settings.artifacts_dir / model / str(newest) / "weights.npy"
-    params = load_weights_file(weights, mapped=True)  # read when used, not kept resident
+    history = _older_digests(settings, model, trusted, versions[:-1])
+    directory = settings.artifacts_dir / model / str(newest)
+    try:  # the ONNX file was checked in the export child that wrote it
+        manifest, params = load_signed_weights(
+            directory, trusted, model=model, version=newest, check_onnx=False
+        )
+        history[newest] = version_digest(manifest)
+    except ArtifactError as exc:
+        raise ArtifactError(
+            exc.reason,
+            f"{model} version {newest} ({directory}) does not verify, the trainer does not "
+            f"start from it: {exc.detail}",
+        ) from None
     book = RoundBook(
         model,
         policy_of(settings),
         strategy,
         version=newest,
         digest=history[newest],
-        params=params,
+        params=params,  # mapped: read when used, not kept resident
         seed=settings.seed,
         history=history,
     )
@@ -116,3 +136,18 @@ def build_book(settings: TrainerSettings, model: str) -> RoundBook:
         checkpoint.resume(book, restored)
         log.info("resumed from checkpoint", extra={"model": model, "round": book.next_round - 1})
     return book
+
+
+def _older_digests(
+    settings: TrainerSettings, model: str, trusted: ed25519.Ed25519PublicKey, versions: list[int]
+) -> dict[int, str]:
+    """The digests of ``versions`` from their signed manifests (unverified ones left out)."""
+    out: dict[int, str] = {}
+    for v in versions:
+        directory = settings.artifacts_dir / model / str(v)
+        try:
+            manifest = read_signed_manifest(directory, trusted, model=model, version=v)
+            out[v] = version_digest(manifest)
+        except ArtifactError as exc:
+            log.warning("version %d of %s is no async base: %s", v, model, exc)
+    return out

@@ -10,6 +10,7 @@ every later version.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from numpy.typing import NDArray
 
-from fedcore.artifact import MANIFEST, sign_version_dir
+from fedcore.artifact import MANIFEST, seal_version_dir, sign_version_dir, staging_dir
 from fedcore.errors import ModelSpecError
 from fedcore.modelrun import make_optimizer, target_output, to_tensors
 from fedcore.params import flatten
@@ -100,22 +101,29 @@ def write_version(
 ) -> None:
     """Write the flat parameters, export and check the ONNX (in a short-lived child
     process: :mod:`trainer.export_child`), render ``model.py`` and sign one version
-    directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    # the flat FP32 parameters, for edges that fine-tune from this version (no pickle);
-    # no copy when they are FP32 already
-    np.save(directory / WEIGHTS_FILE, np.asarray(params, dtype="<f4"), allow_pickle=False)
-    child_mb = export_in_child(spec, directory, _check_batch)
-    log.info("%s exported and checked in a child (peak RSS %.0f MB)", spec.name, child_mb)
-    (directory / MODEL_PY).write_text(render_model_py(spec))
-    sign_version_dir(
-        directory,
-        key,
-        model=spec.name,
-        version=version,
-        parent_version=parent_version,
-        round_no=round_no,
-    )
+    directory: written beside it, then made read-only and renamed into place
+    (:func:`fedcore.artifact.seal_version_dir`); a released version is never rewritten."""
+    staging = staging_dir(directory)
+    try:
+        # the flat FP32 parameters, for edges that fine-tune from this version (no pickle);
+        # no copy when they are FP32 already
+        weights = np.asarray(params, dtype="<f4")
+        np.save(staging / WEIGHTS_FILE, weights, allow_pickle=False)
+        child_mb = export_in_child(spec, staging, _check_batch)
+        log.info("%s exported and checked in a child (peak RSS %.0f MB)", spec.name, child_mb)
+        (staging / MODEL_PY).write_text(render_model_py(spec))
+        sign_version_dir(
+            staging,
+            key,
+            model=spec.name,
+            version=version,
+            parent_version=parent_version,
+            round_no=round_no,
+        )
+        seal_version_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _check_batch(spec: ModelSpec) -> dict[str, NDArray[Any]]:

@@ -22,7 +22,9 @@ UpdateRejectedReason = Literal[
     "round-closed",
     "stale-round",
 ]
-AggregationReason = Literal["empty-round", "too-few-updates", "wrong-size", "wrong-state"]
+AggregationReason = Literal[
+    "empty-round", "too-few-updates", "wrong-size", "wrong-state", "round-spent"
+]
 LedgerReason = Literal["ledger-corrupt", "ledger-io", "duplicate-release"]
 TrainerReason = Literal[
     "bad-round-policy",

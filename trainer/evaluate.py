@@ -16,7 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcore.modelrun import predict
-from fedcore.params import load_flat
+from fedcore.pages import file_pages
+from fedcore.params import module_over
 from fedcore.spec import ModelSpec
 from fedcore.task import METRICS, MetricSpec, sample_scores
 
@@ -49,17 +50,34 @@ def evaluate(spec: ModelSpec, params: NDArray[Any], x: Any, y: NDArray[Any]) -> 
     return evaluate_scores(spec, params, x, y)[0]
 
 
+SCORE_BATCH = 128
+"""Evaluation rows per forward pass: activations of a wide model stay a few MB."""
+
+
 def evaluate_scores(
     spec: ModelSpec, params: NDArray[Any], x: Any, y: NDArray[Any]
 ) -> tuple[Metrics, NDArray[Any]]:
-    """:func:`evaluate`, and each sample's score (its term of the metric's mean)."""
+    """:func:`evaluate`, and each sample's score (its term of the metric's mean).
+
+    The module is a view of ``params`` (:func:`fedcore.params.module_over`: no copy, no
+    random initial weights), run under ``no_grad`` :data:`SCORE_BATCH` rows at a time;
+    parameters mapped from their file give their pages back afterwards."""
     import torch
 
     from fedcore.task import torch_loss
 
-    module = spec.build_module()
-    load_flat(module, params)
-    out = predict(spec, module, spec.feeds(x))[spec.target.name]
+    module = module_over(spec.build_module, params)
+    feeds = spec.feeds(x)
+    parts = [
+        predict(spec, module, {k: v[at : at + SCORE_BATCH] for k, v in feeds.items()})
+        for at in range(0, max(len(y), 1), SCORE_BATCH)  # one (empty) pass without rows
+    ]
+    del module
+    pages = file_pages(params)
+    if pages is not None:
+        pages.drop(params.size)
+    name = spec.target.name
+    out = np.concatenate([p[name] for p in parts])
     target = torch.from_numpy(y)
     loss = float(torch_loss(spec.task, torch.from_numpy(out), target).mean().item())
     scores = sample_scores(spec.task, out, y) if len(y) else np.zeros(0)

@@ -9,7 +9,6 @@ object store, and its lineage recorded. Every closed round, released or not, lea
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import time
@@ -23,14 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.js.client import JetStreamContext
 from numpy.typing import NDArray
 
-from fedcore.artifact import verify_version_dir
+from fedcore.artifact import Manifest
 from fedcore.artifact_store import upload_version
-from fedcore.errors import ModelSpecError
+from fedcore.errors import ArtifactError, ModelSpecError
 from fedcore.fed_eval import FedEvalResult
 from fedcore.kv import kv_bucket
-from fedcore.params import load_weights_file
+from fedcore.params import load_signed_weights
 from fedcore.spec import ModelSpec
-from fedcore.triton_model import ONNX_FILE, WEIGHTS_FILE
+from fedcore.triton_model import ONNX_FILE
 from fedcore.wire import (
     LINEAGE_BUCKET,
     ROUND_LOG_BUCKET,
@@ -93,10 +92,12 @@ class ReleaseContext:
     candidate-minus-serving difference (None: the fixed ``margin`` alone)"""
 
 
-def version_digest(directory: Path) -> str:
-    """A version's digest: the SHA-256 of its ONNX file, as its signed manifest lists it."""
-    manifest = json.loads((directory / "manifest.json").read_text())
-    return str(manifest["manifest"]["files"][ONNX_FILE])
+def version_digest(manifest: Manifest) -> str:
+    """A version's digest: the SHA-256 of its ONNX file, as its manifest lists it (one
+    whose signature was checked: ``verify_version_dir`` or ``read_signed_manifest``)."""
+    if ONNX_FILE not in manifest.files:
+        raise ArtifactError("missing-file", f"version {manifest.version} lists no {ONNX_FILE}")
+    return manifest.files[ONNX_FILE]
 
 
 def _contributors(book: RoundBook) -> list[Contributor]:
@@ -176,7 +177,9 @@ def record_metrics(d: Decision) -> dict[str, Any]:
 
 def _write(
     ctx: ReleaseContext, book: RoundBook, candidate: NDArray[Any], version: int, round_no: int
-) -> Path:
+) -> tuple[Path, str, NDArray[Any]]:
+    """Write, sign and verify ``version``: its directory, digest and mapped parameters
+    (hashed from the descriptor that is mapped: :func:`fedcore.params.load_signed_weights`)."""
     directory = ctx.artifacts_dir / ctx.spec.name / str(version)
     write_version(
         ctx.spec,
@@ -188,11 +191,11 @@ def _write(
         round_no=round_no,
     )
     # the ONNX file was checked in the export child (a parse here is the model once more)
-    verify_version_dir(
+    manifest, mapped = load_signed_weights(
         directory, ctx.key.public_key(), model=ctx.spec.name, version=version, check_onnx=False
     )
     np.save(ctx.state_dir / f"{ctx.spec.name}-{version}.npy", candidate, allow_pickle=False)
-    return directory
+    return directory, version_digest(manifest), mapped
 
 
 async def close_round(
@@ -276,12 +279,13 @@ async def _release_or_hold(
         return hold(reason)
     version = book.newest + 1  # after a rebase, newer numbers than the base are taken
     try:
-        directory = await asyncio.to_thread(_write, ctx, book, candidate, version, round_no)
+        directory, digest, mapped = await asyncio.to_thread(
+            _write, ctx, book, candidate, version, round_no
+        )
     except ModelSpecError as exc:  # the candidate cannot be served: held, the trainer goes on
         log.error("candidate not exportable", extra={"model": book.model, "error": str(exc)})
         shutil.rmtree(ctx.artifacts_dir / book.model / str(version), ignore_errors=True)
         return hold(f"export failed: {exc}")
-    digest = await asyncio.to_thread(version_digest, directory)
     await retry_transient(
         lambda: upload_version(js, book.model, version, directory, replicas=ctx.replicas),
         "version upload",
@@ -291,8 +295,7 @@ async def _release_or_hold(
     await retry_transient(
         lambda: _put(js, LINEAGE_BUCKET, key, lineage.encode(), ctx.replicas), "lineage"
     )
-    # the new base from its file, mapped: folds do not keep it resident (the candidate goes)
-    mapped = await asyncio.to_thread(load_weights_file, directory / WEIGHTS_FILE, mapped=True)
+    # the new base is its file, mapped: folds do not keep it resident (the candidate goes)
     book.release(version, digest, mapped)
     released: RoundRecord = record("released", reason, released_version=version, **metrics)
     return released

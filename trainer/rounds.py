@@ -388,7 +388,9 @@ class RoundBook:
     def finalize(self) -> NDArray[Any]:
         """The candidate parameters from the open round (the round stays open until
         :meth:`release`, :meth:`hold` or :meth:`abandon`). Stepping the server optimiser
-        here is undone by :meth:`hold`."""
+        here is undone by :meth:`hold`. Once: the round's state (its running sum) is
+        discarded here, so a second call, or a checkpoint of the round, raises
+        ``round-spent`` (the checkpoint on disk still holds the sum of the last fold)."""
         rnd = self._require_open()
         self.fold_held()
         if rnd.server_before is None:
@@ -396,6 +398,10 @@ class RoundBook:
         out: NDArray[Any] = self.strategy.finalize(rnd.state, self.params)
         if self.step_scale != 1.0:  # base + scale * (out - base), in place a slice at a time
             out = scale_step(out, self.params, self.step_scale)
+        # the gate, export and upload that follow never read the sum (2x the model): a
+        # restart resumes the round from its checkpoint on disk, held updates from the
+        # ledger, and hold/release/abandon end the round without it
+        rnd.state.discard()
         return out
 
     def release(self, version: int, digest: str, params: NDArray[Any]) -> None:

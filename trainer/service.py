@@ -257,7 +257,7 @@ async def _run(
 ) -> None:
     js = nc.jetstream()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    books = {m: build_book(settings, m) for m in settings.models}
+    books = {m: build_book(settings, m, signing.public_key()) for m in settings.models}
     driver = RoundDriver(books, settings.state_dir, model_sizes(settings))
     federated = federated_runner(settings, nc, signing, registry)
     contexts = {m: release_context(settings, m, signing, federated) for m in settings.models}

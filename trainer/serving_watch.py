@@ -41,10 +41,10 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from numpy.typing import NDArray
 
-from fedcore.artifact import verify_version_dir
-from fedcore.errors import FedgateError
+from fedcore.artifact import read_signed_manifest
+from fedcore.errors import ArtifactError, FedgateError
 from fedcore.kv import kv_bucket
-from fedcore.params import load_weights_file
+from fedcore.params import load_signed_weights
 from fedcore.wire import (
     DESIRED_BUCKET,
     ROLLOUTS_BUCKET,
@@ -100,18 +100,21 @@ def follow_target(
     return stable
 
 
-def lineage(model_dir: Path, version: int) -> list[int]:
-    """``version`` and its ancestors, newest first, from the signed manifests' parents."""
+def lineage(model_dir: Path, version: int, trusted: ed25519.Ed25519PublicKey) -> list[int]:
+    """``version`` and its ancestors, newest first, from the manifests' parents: only
+    manifests signed by ``trusted`` for this model and version (the walk ends at the
+    first that is not)."""
     chain: list[int] = []
     current: int | None = version
     while current is not None and current not in chain and len(chain) < MAX_LINEAGE:
         chain.append(current)
         try:
-            doc = json.loads((model_dir / str(current) / "manifest.json").read_text())
-            parent = doc["manifest"]["parent_version"]
-        except (OSError, ValueError, KeyError, TypeError):
+            manifest = read_signed_manifest(
+                model_dir / str(current), trusted, model=model_dir.name, version=current
+            )
+        except (OSError, ArtifactError):
             break
-        current = parent if isinstance(parent, int) else None
+        current = manifest.parent_version
     return chain
 
 
@@ -245,7 +248,9 @@ class ServingWatch:
             return
         settled = Settled(desired.stable, desired.rollout, await self._dropped_by(desired))
         model_dir = self.artifacts_dir / model
-        target = follow_target(book.version, book.newest, settled, lambda v: lineage(model_dir, v))
+        target = follow_target(
+            book.version, book.newest, settled, lambda v: lineage(model_dir, v, self.trusted)
+        )
         if target is None or (model, book.version, target) in self._unloadable:
             return
         try:
@@ -291,9 +296,12 @@ class ServingWatch:
     def _load(self, model: str, version: int) -> tuple[str, NDArray[Any]]:
         """A released version's digest and parameters, its signature and files checked."""
         directory = self.artifacts_dir / model / str(version)
-        verify_version_dir(directory, self.trusted, model=model, version=version)
-        # mapped, as build_book does: the base's pages are read when used, not kept
-        return version_digest(directory), load_weights_file(directory / "weights.npy", mapped=True)
+        # mapped, as build_book does: the base's pages are read when used, not kept; from
+        # the descriptor its digest was checked from
+        manifest, params = load_signed_weights(
+            directory, self.trusted, model=model, version=version
+        )
+        return version_digest(manifest), params
 
     # -- rebasing (in the round loop) ------------------------------------------------------
     async def apply(self, model: str) -> bool:
@@ -336,7 +344,7 @@ class ServingWatch:
     def _prune(self, model: str) -> None:
         """Async bases: only the book's version and its ancestors."""
         book = self.driver.books[model]
-        keep = set(lineage(self.artifacts_dir / model, book.version))
+        keep = set(lineage(self.artifacts_dir / model, book.version, self.trusted))
         book.history = {v: d for v, d in book.history.items() if v in keep}
 
     async def _record(self, book: RoundBook, rnd: OpenRound, ready: Rebase) -> None:

@@ -85,6 +85,8 @@ def expect_buffer(state: RoundState, strategy: str) -> UpdateBuffer:
 
 def check_round(state: RoundState, global_params: F32Array, strategy: str) -> None:
     """A round can finalise only with at least one update and a matching global vector."""
+    if state.spent:
+        raise AggregationError("round-spent", f"{strategy}: this round was finalized already")
     if state.count == 0:
         raise AggregationError("empty-round", f"{strategy}: no update was folded this round")
     if global_params.ndim != 1 or global_params.size != state.dim:
