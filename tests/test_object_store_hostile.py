@@ -21,6 +21,7 @@ from pathlib import Path
 
 import nats
 import numpy as np
+import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
@@ -151,6 +152,7 @@ async def good_via_object(s: Scene, edge: str) -> str:
     return update_id
 
 
+@pytest.mark.timeout(90)  # the old code did not finish in 150 s
 async def test_a_link_is_refused_without_reading_its_target(tmp_path: Path) -> None:
     """Failed before: nats-py's get() followed the edge's link (to a 16 MiB object here,
     bypassing the pointer's 1000-byte bound) and answered ``bad-pointer``; the self-link
