@@ -5,8 +5,9 @@ an :class:`OpenedUpdate`, or refuses it with a typed exception:
 
 1. the subject names the model and the edge (``TransportError`` ``bad-subject``);
 2. a pointer message is resolved through an :class:`ObjectSource` (size limit first, then
-   size and SHA-256 against the pointer): :class:`Refused` ``oversize``, ``bad-pointer``,
-   ``object-missing``;
+   size and SHA-256 against the pointer; the pointer must name an object of the
+   subject's model and edge): :class:`Refused` ``oversize``, ``bad-pointer``,
+   ``object-missing``, ``object-unreadable`` (a link, bad metadata, missing chunks);
 3. a revoked edge is refused before any crypto (``revoked-edge``); ``open_update``
    verifies the edge's signature and decrypts with the trainer's HPKE key
    (``EnvelopeError``: ``unknown-edge``, ``bad-signature``, ``decrypt-failed``, ...);
