@@ -53,6 +53,8 @@ class MetricSpec:
 
     name: str
     higher_is_better: bool
+    share: bool = False
+    """A share in [0, 1] (accuracy): changes are shown in points, x100."""
 
     @property
     def direction(self) -> str:
@@ -64,10 +66,10 @@ class MetricSpec:
 
 
 METRICS: dict[str, MetricSpec] = {
-    "accuracy": MetricSpec("accuracy", higher_is_better=True),
+    "accuracy": MetricSpec("accuracy", higher_is_better=True, share=True),
     "mae": MetricSpec("mae", higher_is_better=False),
     "mse": MetricSpec("mse", higher_is_better=False),
-    "hamming_accuracy": MetricSpec("hamming_accuracy", higher_is_better=True),
+    "hamming_accuracy": MetricSpec("hamming_accuracy", higher_is_better=True, share=True),
 }
 """The metrics fedgate computes, by name: ``accuracy`` (argmax equals the class label),
 ``mae`` and ``mse`` (per-sample mean absolute / squared error), ``hamming_accuracy`` (share

@@ -3,6 +3,7 @@ terminal or as plain text, with a line under it saying which way the metric is b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,13 +53,14 @@ def table(
     when ``metric`` is a :class:`MetricSpec`, a line saying which way it is better.
     ``fancy``: drawn for a terminal."""
     name = metric.name if isinstance(metric, MetricSpec) else metric
+    points = metric.share if isinstance(metric, MetricSpec) else name == "accuracy"
     cells = [
         [
             r.round,
             r.edges,
             r.samples,
             r.value,
-            change(r),
+            change(r, points),
             r.loss,
             None if r.epsilon is None else f"{r.epsilon:.2f}",
             r.released,
@@ -69,18 +71,32 @@ def table(
     right = {"samples", name, "vs serving", "loss", "epsilon"}
     lines = render_table(columns(name), cells, fancy=fancy, right=right)
     if isinstance(metric, MetricSpec):
+        unit = "x100" if points else f"in {name}'s units"
         lines.append(
             f"({name}: {metric.direction} is better; vs serving: candidate minus serving, "
-            "x100, ± one paired standard error)"
+            f"{unit}, ± one paired standard error)"
         )
     return lines
 
 
-def change(r: RoundRow) -> str:
-    """The candidate against the serving version in points of the metric (x100), with the
-    paired standard error when the trainer's gate measured one: a change inside one or
-    two of them is noise of the evaluation set, not learning or forgetting."""
+def change(r: RoundRow, points: bool = True) -> str:
+    """The candidate against the serving version, in points (x100) for a share such as
+    accuracy and in the metric's own units otherwise (an MAE), with the paired standard
+    error when the trainer's gate measured one: a change inside one or two of them is
+    noise of the evaluation set, not learning or forgetting."""
     if r.value is None or r.serving is None:
         return "-"
-    diff = f"{100 * (r.value - r.serving):+.1f}"
-    return diff if r.se is None else f"{diff} ± {100 * r.se:.1f}"
+    scale = 100.0 if points else 1.0
+    diff = f"{scale * (r.value - r.serving):+.{_digits(points, r)}f}"
+    if r.se is None:
+        return diff
+    return f"{diff} ± {scale * r.se:.{_digits(points, r)}f}"
+
+
+def _digits(points: bool, r: RoundRow) -> int:
+    """Decimals: one for points; for a metric in its own units, enough for 3 significant
+    digits of the serving value (an MAE of 46.5: one; of 0.0123: four)."""
+    if points or not r.serving:
+        return 1
+    magnitude = math.floor(math.log10(abs(r.serving)))
+    return max(0, 2 - magnitude)

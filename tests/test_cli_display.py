@@ -48,6 +48,18 @@ def test_demo_table_plain_columns_values_and_the_metrics_direction() -> None:
     assert regression[-1].startswith("(mae: lower is better;")
 
 
+def test_a_metric_in_its_own_units_is_compared_in_those_units() -> None:
+    """An MAE of 46.8 against 48.1 is 1.3 better, not '-130.0' points (the change was shown
+    x100 for every metric)."""
+    row = RoundRow(1, "1,2", 400, 46.78, 3000.0, serving=48.1, se=0.52)
+    lines = table([row], METRICS["mae"])
+    assert "-1.3 ± 0.5" in lines[2]
+    assert lines[-1].startswith("(mae: lower is better; vs serving: candidate minus serving, in")
+    small = RoundRow(1, "1", 10, 0.0123, 1.0, serving=0.0150, se=0.0004)
+    assert "-0.0027 ± 0.0004" in table([small], METRICS["mse"])[2]
+    assert "+2.7 ± 1.9" in table(ROWS, METRICS["accuracy"])[2]
+
+
 def test_demo_table_for_a_terminal_has_the_same_cells_in_colour(monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "120")
     lines = table(ROWS, METRICS["accuracy"], fancy=True)
