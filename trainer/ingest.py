@@ -40,7 +40,6 @@ from fedcore.transport import (
     UPDATES_OBJECT_BUCKET,
     UPDATES_STREAM,
     parse_update_subject,
-    sha256_hex,
 )
 from trainer.bus import updates_consumer_config
 from trainer.errors import TrainerError
@@ -379,12 +378,12 @@ class UpdateIngestor:
             raw = await self._js.get_msg(self.options.stream, record.stream_seq)
             subject, data = raw.subject or "", raw.data or b""
             model, subject_edge = parse_update_subject(subject)
-            envelope, _ = await self.opener.resolve(data, (model, subject_edge))
+            envelope, _, digest = await self.opener.resolve(data, (model, subject_edge))
         except (FedgateError, *_TRANSIENT) as exc:  # ObjectStalled is a FedgateError
             raise RecoveryError(
                 f"update {record.update_id} (seq {record.stream_seq}) cannot be read: {exc!r}"
             ) from None
-        if sha256_hex(envelope) != record.digest or subject_edge != edge_id:
+        if digest != record.digest or subject_edge != edge_id:
             raise RecoveryError(
                 f"stream message {record.stream_seq} is not update {record.update_id}"
             )

@@ -170,23 +170,25 @@ class UpdateOpener:
         """Open one message of the updates stream for the round ``rounds`` has open for
         its model once the envelope is at hand. Raises the typed refusals above."""
         model, edge_id = parse_update_subject(subject)
-        envelope, path = await self.resolve(data, (model, edge_id))
+        envelope, path, digest = await self.resolve(data, (model, edge_id))
         if self._on_wire is not None:
             self._on_wire(len(envelope), path)
-        digest = sha256_hex(envelope)  # before verify: it decrypts a bytearray in place
         header, vector = await self.verify(envelope, model, edge_id, rounds.target(model))
         del envelope  # an object's buffer now holds the payload the vector views
         return OpenedUpdate(header, vector, digest)
 
-    async def resolve(self, data: BytesLike, owner: tuple[str, str]) -> tuple[BytesLike, str]:
+    async def resolve(self, data: BytesLike, owner: tuple[str, str]) -> tuple[BytesLike, str, str]:
         """The envelope bytes of a message, read from the object source for a pointer,
-        and which path it came by. ``owner`` is the (model, edge) of the message's
-        subject: a pointer must name an object of that model and edge."""
+        which path it came by, and their SHA-256 (hex; the ledger's digest: taken before
+        :meth:`verify`, which decrypts a bytearray in place). ``owner`` is the (model,
+        edge) of the message's subject: a pointer must name an object of that model and
+        edge. The bytes are hashed once: an object's are the pointer's digest once
+        :meth:`UpdatePointer.check` has compared them."""
         limit = self.max_update_bytes
         if not is_pointer(data):
             if len(data) > limit:
                 raise Refused("oversize", f"message is {len(data)} bytes, over {limit}")
-            return data, "inline"
+            return data, "inline", sha256_hex(data)
         pointer = UpdatePointer.decode(data)
         if pointer.size > limit:
             raise Refused("oversize", f"pointer names {pointer.size} bytes, over {limit}")
@@ -196,7 +198,7 @@ class UpdateOpener:
             raise Refused("bad-pointer", f"pointer names {pointer.name}, not one of {owner}")
         envelope = await self._objects.read(pointer)
         pointer.check(envelope)
-        return envelope, "object"
+        return envelope, "object", pointer.sha256
 
     async def verify(
         self,
