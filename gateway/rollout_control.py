@@ -175,7 +175,14 @@ class RolloutController:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        """Stop the tick loop. A cancellation can be lost inside a NATS call (asyncio's
+        """Stop the tick loop (:meth:`stop_loop`), then give the lease up."""
+        await self.stop_loop()
+        if self.lease is not None:
+            await self.lease.release()
+
+    async def stop_loop(self) -> None:
+        """Stop the tick loop and keep the lease (not renewed: another replica takes it
+        once it stands still). A cancellation can be lost inside a NATS call (asyncio's
         wait_for in Python 3.11 returns a result that arrived with the cancel), so the loop
         also checks ``_closing``, and the cancel is repeated until the task is done."""
         self._closing = True
@@ -186,8 +193,6 @@ class RolloutController:
         if task is not None and not task.cancelled():
             with contextlib.suppress(Exception):
                 task.result()
-        if self.lease is not None:
-            await self.lease.release()
 
     def _store(self) -> RolloutStore:
         if self.store is None:

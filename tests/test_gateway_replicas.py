@@ -176,15 +176,8 @@ async def test_acting_replica_dies_mid_canary_and_another_finishes(
     obs = (await other.call("GET", f"{url}/{r['id']}")).json()
     assert obs["state"] == "canary"
     # the acting replica dies (no clean release): its task ends, the lease is not renewed
-    task = acting.controller._task
-    assert task is not None
-    # a cancellation can be lost inside a NATS call (see RolloutController.close): stop the
-    # loop and cancel until it has ended, without close()'s clean release of the lease
-    acting.controller._closing = True
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
-    acting.controller._task = None
+    assert acting.controller._task is not None
+    await acting.controller.stop_loop()  # without close()'s clean release of the lease
     started = time.monotonic()
     survivor = "gw-b" if actor == "gw-a" else "gw-a"
     await until(lambda: _eq(lease_holder(kv), survivor), "taken over", within=10)
