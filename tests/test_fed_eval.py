@@ -245,7 +245,6 @@ async def test_a_round_is_gated_by_the_edges_when_the_trainer_holds_no_data(
             spec,
             trainer_key,
             tmp_path / "art",
-            tmp_path / "state",
             0.0,
             None,
             None,

@@ -47,7 +47,7 @@ def seeded() -> tuple[NDArray[Any], Any, NDArray[Any]]:
 
 def _context(x: Any, y: NDArray[Any], margin: float, z: float | None) -> ReleaseContext:
     key = ed25519.Ed25519PrivateKey.generate()
-    return ReleaseContext(get_spec("digits"), key, Path("."), Path("."), margin, x, y, gate_z=z)
+    return ReleaseContext(get_spec("digits"), key, Path("."), margin, x, y, gate_z=z)
 
 
 def _book(params: NDArray[Any]) -> RoundBook:

@@ -20,7 +20,7 @@ def test_held_round_restores_momentum(tmp_path: Path) -> None:
     spec = get_spec("digits")
     params = train_seed_model(spec, fraction=0.2, epochs=3, seed=0)  # serving is decent
     _, _, x, y = spec.dataset()
-    ctx = ReleaseContext(spec, ed25519.Ed25519PrivateKey.generate(), tmp_path, tmp_path, 0.0, x, y)
+    ctx = ReleaseContext(spec, ed25519.Ed25519PrivateKey.generate(), tmp_path, 0.0, x, y)
     strategy = get_strategy("fedavgm", eta=2.0, momentum=0.7)
     book = RoundBook(
         "digits", RoundPolicy(min_updates=1), strategy, version=1, digest="ab" * 32, params=params
@@ -122,7 +122,7 @@ def test_a_candidate_that_fails_its_export_check_is_held_and_the_trainer_goes_on
     spec = get_spec("digits")
     params = train_seed_model(spec, fraction=0.05, epochs=1, seed=0)
     _, _, x, y = spec.dataset()
-    ctx = ReleaseContext(spec, ed25519.Ed25519PrivateKey.generate(), tmp_path, tmp_path, 1.0, x, y)
+    ctx = ReleaseContext(spec, ed25519.Ed25519PrivateKey.generate(), tmp_path, 1.0, x, y)
     book = RoundBook(
         "digits", RoundPolicy(min_updates=1), get_strategy("fedavg"), version=1,
         digest="ab" * 32, params=params,

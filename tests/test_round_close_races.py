@@ -53,7 +53,7 @@ async def test_an_update_arriving_while_its_round_closes_is_refused_not_lost(
     key = ed25519.Ed25519PrivateKey.generate()
     state = tmp_path / "state"
     state.mkdir()
-    ctx = ReleaseContext(spec, key, tmp_path / "artifacts", state, 1.0, x, y)
+    ctx = ReleaseContext(spec, key, tmp_path / "artifacts", 1.0, x, y)
     policy, strategy = RoundPolicy(min_updates=1), get_strategy("fedavg")
     book = RoundBook("digits", policy, strategy, version=1, digest="ab" * 32, params=params)
     driver = RoundDriver({"digits": book}, state, {"digits": SIZES})

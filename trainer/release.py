@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.js.client import JetStreamContext
 from numpy.typing import NDArray
@@ -77,7 +76,6 @@ class ReleaseContext:
     spec: ModelSpec
     key: ed25519.Ed25519PrivateKey
     artifacts_dir: Path
-    state_dir: Path
     margin: float
     eval_x: Any
     """the evaluation inputs: an array (one-input models) or arrays by input name; None
@@ -194,7 +192,6 @@ def _write(
     manifest, mapped = load_signed_weights(
         directory, ctx.key.public_key(), model=ctx.spec.name, version=version, check_onnx=False
     )
-    np.save(ctx.state_dir / f"{ctx.spec.name}-{version}.npy", candidate, allow_pickle=False)
     return directory, version_digest(manifest), mapped
 
 

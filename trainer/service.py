@@ -324,7 +324,6 @@ def release_context(
         spec,
         signing,
         settings.artifacts_dir,
-        settings.state_dir,
         settings.gate_margin,
         x_test,
         y_test,
