@@ -157,14 +157,6 @@ async def edge_role(a: argparse.Namespace) -> dict[str, float]:
     return out | {"rss": peak_rss_mb()}
 
 
-class Discard:
-    """A write target that keeps nothing: the timed transfer must not leave a copy of the
-    update in the trainer's heap (it would count in the trainer's peak)."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
 class Registry:
     """The enrolled edges (the trainer's ``EdgeDirectory``)."""
 
@@ -207,6 +199,7 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     from trainer.ingest import Disposition, IngestOptions, UpdateIngestor
     from trainer.ingest_metrics import IngestMetrics
     from trainer.ledger import UpdateLedger
+    from trainer.opener import StoreObjects
     from trainer.rounds import RoundBook, RoundPolicy
     from trainer.strategies import get_strategy
 
@@ -246,11 +239,14 @@ async def trainer_role(a: argparse.Namespace) -> dict[str, float]:
     for _ in range(a.updates):
         (msg,) = await ingestor.fetch(1, 120.0)
         if is_pointer(msg.data):  # the transfer alone, timed apart from the pipeline
+            # with the trainer's own reader (what ingest.handle reads with), so that
+            # aggregate = handle - get is the pipeline without the transfer; the buffer is
+            # freed (unmapped: far above the mmap threshold) before handle reads it again
             pointer = UpdatePointer.decode(msg.data)
             t0 = time.perf_counter()
-            store = await js.object_store(pointer.bucket)
-            await store.get(pointer.name, writeinto=Discard())  # type: ignore[arg-type]
+            read = await StoreObjects(js, 120.0).read(pointer)
             get += time.perf_counter() - t0
+            del read
         t0 = time.perf_counter()
         outcome = await ingestor.handle(msg)
         handle += time.perf_counter() - t0
